@@ -1,0 +1,38 @@
+# splitlearn-studio: `make test` installs what the tests need into .venv and runs them.
+
+PYTHON ?= python3.11
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+# The install stamp records what was installed; it is rebuilt when a pin changes.
+INSTALL_STAMP := $(VENV)/.installed
+PIP := $(VENV_PYTHON) -m pip install --disable-pip-version-check --quiet --constraint constraints.txt
+
+# Models and other state; the default model is prepared here once and reused.
+export SPLITLEARN_DATA_DIR ?= $(CURDIR)/data
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+PYTEST_ARGS ?=
+
+.PHONY: install test prepare-model clean
+
+$(VENV_PYTHON):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch resolved by another package pulls CUDA wheels.
+$(INSTALL_STAMP): pyproject.toml constraints.txt | $(VENV_PYTHON)
+	$(PIP) torch==2.13.0
+	$(PIP) --editable ".[test]"
+	@touch $@
+
+install: $(INSTALL_STAMP)
+
+prepare-model: install
+	$(VENV_PYTHON) -m splitcore prepare-model
+
+test: install
+	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

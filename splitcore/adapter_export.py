@@ -1,0 +1,78 @@
+"""One ordinary PEFT adapter for the whole model, from the parts' LoRA weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .architectures import ArchitectureFamily
+from .lora import LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def part_adapter_state(peft_part: PeftModel) -> dict[str, torch.Tensor]:
+    """The part's LoRA weights under full-model keys (``base_model.model.model.layers.N...``)."""
+    return {key: value.detach().cpu() for key, value in get_peft_model_state_dict(peft_part).items()}
+
+
+def merge_adapter_states(states: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Union of the parts' adapter states; the parts own disjoint layers, so keys never clash."""
+    merged: dict[str, torch.Tensor] = {}
+    for state in states:
+        clash = merged.keys() & state.keys()
+        if clash:
+            raise ValueError(f"two parts hold the same adapter weight: {sorted(clash)[0]}")
+        merged.update(state)
+    if not merged:
+        raise ValueError("no LoRA weights to export: none of the parts has an adapter")
+    return merged
+
+
+def export_adapter(
+    states: Iterable[Mapping[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    family: ArchitectureFamily,
+    settings: LoraSettings,
+    base_model_name_or_path: str,
+) -> Path:
+    """Write a standard PEFT adapter directory for the unsplit model.
+
+    It holds ``adapter_config.json`` (``task_type: CAUSAL_LM``) and
+    ``adapter_model.safetensors`` and loads with
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)``.
+    Files are written to temporary names and renamed, so a crash leaves no half file.
+    """
+    merged = merge_adapter_states(states)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = settings.peft_config(family, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
+    # Every adapted module of every part; a custom target list may name modules absent in some parts.
+    config.target_modules = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in merged})
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as staging:
+        config.save_pretrained(staging)
+        tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in merged.items()}
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            os.replace(os.path.join(staging, name), out / name)
+    return out
+
+
+def export_parts_adapter(
+    peft_parts: Iterable[PeftModel],
+    out_dir: str | os.PathLike,
+    family: ArchitectureFamily,
+    settings: LoraSettings,
+    base_model_name_or_path: str,
+) -> Path:
+    """``export_adapter`` for parts held in this process."""
+    return export_adapter(
+        (part_adapter_state(p) for p in peft_parts), out_dir, family, settings, base_model_name_or_path
+    )

@@ -1,0 +1,42 @@
+"""Registry of supported model families, keyed by ``config.model_type``."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .base import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily
+from .gpt2 import GPT2
+from .llama import LLAMA
+
+FAMILIES: tuple[ArchitectureFamily, ...] = (GPT2, LLAMA)
+
+_BY_MODEL_TYPE: dict[str, ArchitectureFamily] = {
+    model_type: family for family in FAMILIES for model_type in family.model_types
+}
+
+
+def supported_families_text() -> str:
+    """E.g. "gpt2 (gpt2), llama (llama, mistral, qwen2)", for error messages."""
+    return ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES)
+
+
+def family_for(config: PretrainedConfig) -> ArchitectureFamily:
+    """The family that knows how to split a model with this config, or ValueError."""
+    model_type = getattr(config, "model_type", None)
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: supported model families are "
+            f"{supported_families_text()}"
+        )
+    return family
+
+
+__all__ = [
+    "FAMILIES",
+    "FULL_ATTENTION",
+    "SLIDING_ATTENTION",
+    "ArchitectureFamily",
+    "family_for",
+    "supported_families_text",
+]
