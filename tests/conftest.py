@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models on disk, a tokenised batch, the default model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
+
+from splitcore import default_model
+from splitcore.tiny_models import TinyModelSpec, build_tokenizer, write_tiny_model
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Every family the registry claims; GPT-2 and Llama also exist as tiny models on disk.
+ARCHS = ("gpt2", "llama", "mistral", "qwen2")
+
+SENTENCES = [
+    "hello there",
+    "The quick brown fox jumps over the lazy dog, twice.",
+    "Split learning keeps the data with its owner.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: write_tiny_model(root / arch, TinyModelSpec(arch=arch)) for arch in ("gpt2", "llama")}
+
+
+def _in_memory_config(arch: str, tokenizer):
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        # A window shorter than the test sentences, so sliding-window masks really cut.
+        return MistralConfig(sliding_window=4, **common)
+    # Qwen2 with alternating full and sliding layers: each part must build both masks.
+    return Qwen2Config(
+        use_sliding_window=True, sliding_window=4, max_window_layers=6,
+        layer_types=["full_attention", "sliding_attention"] * 3, **common,
+    )
+
+
+@pytest.fixture(scope="session")
+def load_model(tiny_dirs):
+    """load_model(arch, attn="sdpa") -> a fresh (model, tokenizer), identical weights each call."""
+
+    def load(arch: str, attn: str = "sdpa"):
+        if arch in tiny_dirs:
+            model = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], attn_implementation=attn)
+            tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[arch])
+        else:
+            tokenizer = build_tokenizer()
+            config = _in_memory_config(arch, tokenizer)
+            config._attn_implementation = attn
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        return model, tokenizer
+
+    return load
+
+
+def tokenize(tokenizer, padding_side: str = "right", sentences=SENTENCES):
+    tokenizer.padding_side = padding_side
+    batch = tokenizer(list(sentences), return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return batch.input_ids, batch.attention_mask, labels
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The real default model, prepared once through the CLI (cached in $SPLITLEARN_DATA_DIR)."""
+    env = dict(os.environ)
+    if not env.get(default_model.DATA_DIR_ENV):
+        env[default_model.DATA_DIR_ENV] = str(tmp_path_factory.mktemp("data"))
+    result = subprocess.run(
+        [sys.executable, "-m", "splitcore", "prepare-model"],
+        capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    directory = Path(result.stdout.strip().splitlines()[-1])
+    assert directory == default_model.default_model_dir(env[default_model.DATA_DIR_ENV])
+    return directory
