@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: install test prepare-model clean
+.PHONY: install test proto prepare-model clean
 
 $(VENV_PYTHON):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -27,6 +27,10 @@ $(INSTALL_STAMP): pyproject.toml constraints.txt | $(VENV_PYTHON)
 	@touch $@
 
 install: $(INSTALL_STAMP)
+
+# Regenerate splitcore/proto/*_pb2*.py{,i} from trunk.proto (checked in; a test checks they are fresh).
+proto: install
+	$(VENV_PYTHON) -m splitcore.proto.codegen
 
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model

@@ -101,13 +101,14 @@ def _stable_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _canonical_name(name: str) -> str:
-    """Parameter path relative to the full model, the same in a part and in the unsplit model."""
-    return name.removeprefix("base_model.model.")
+def _canonical_name(name: str, adapter_name: str) -> str:
+    """Parameter path relative to the full model without the adapter name: the same in a
+    part, in the unsplit model and in a trunk server session."""
+    return name.removeprefix("base_model.model.").replace(f".lora_A.{adapter_name}.", ".lora_A.")
 
 
 @torch.no_grad()
-def init_lora_weights(model: nn.Module, seed: int) -> None:
+def init_lora_weights(model: nn.Module, seed: int, adapter_name: str = "default") -> None:
     """Re-draw every LoRA A matrix from a generator seeded by ``seed`` and the module path.
 
     peft draws A from the global RNG in module order, so the same adapter created as
@@ -115,9 +116,12 @@ def init_lora_weights(model: nn.Module, seed: int) -> None:
     Seeding per path makes them start identical; the distribution is peft's own
     (Kaiming-uniform with a = sqrt(5)) and B stays zero, so the adapter starts as a no-op.
     """
+    marker = f".lora_A.{adapter_name}."
     for name, param in model.named_parameters():
-        if ".lora_A." in name:
-            generator = torch.Generator(device="cpu").manual_seed(_stable_seed(seed, _canonical_name(name)))
+        if marker in name:
+            generator = torch.Generator(device="cpu").manual_seed(
+                _stable_seed(seed, _canonical_name(name, adapter_name))
+            )
             values = torch.empty(param.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
             param.copy_(values.to(param.dtype))

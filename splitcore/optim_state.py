@@ -1,0 +1,57 @@
+"""AdamW state as a flat dict of named tensors (for safetensors), and back.
+
+The optimizer's own ``state_dict`` is keyed by parameter position and holds Python
+objects; this keys the state by parameter name so it survives a new process, a new
+parameter order and the wire, without pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def adamw_state_tensors(optimizer: torch.optim.Optimizer, named_params: Mapping[str, torch.nn.Parameter],
+                        prefix: str = "optimizer.") -> dict[str, torch.Tensor]:
+    by_param = {id(p): name for name, p in named_params.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for param, state in optimizer.state.items():
+        name = by_param.get(id(param))
+        if name is None:
+            continue
+        for key in _STATE_KEYS:
+            if key in state:
+                value = state[key]
+                value = value if torch.is_tensor(value) else torch.tensor(float(value))
+                tensors[f"{prefix}{name}.{key}"] = value.detach().to("cpu").clone()
+    return tensors
+
+
+def load_adamw_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str, torch.nn.Parameter],
+                     tensors: Mapping[str, torch.Tensor], prefix: str = "optimizer.") -> None:
+    """Restore what ``adamw_state_tensors`` produced; ValueError names the first mismatch."""
+    expected_names = set(named_params)
+    seen: set[str] = set()
+    for key in tensors:
+        if not key.startswith(prefix):
+            continue
+        name, _, field = key[len(prefix):].rpartition(".")
+        if field not in _STATE_KEYS or name not in expected_names:
+            raise ValueError(f"optimizer state {key!r} does not belong to any trainable parameter")
+        seen.add(name)
+    optimizer.state.clear()
+    for name in seen:
+        param = named_params[name]
+        state = {}
+        for field in _STATE_KEYS:
+            value = tensors.get(f"{prefix}{name}.{field}")
+            if value is None:
+                raise ValueError(f"optimizer state for {name!r} lacks {field!r}")
+            if field != "step" and value.shape != param.shape:
+                raise ValueError(f"optimizer state {name}.{field} has shape {list(value.shape)}, "
+                                 f"the parameter has {list(param.shape)}")
+            state[field] = value.to(torch.float32).clone() if field == "step" else value.to(param).clone()
+        optimizer.state[param] = state

@@ -1,0 +1,121 @@
+"""The wire format: encodings, validation before allocation, chunked streams, fresh generated code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitcore.proto import codegen
+from splitcore.proto import trunk_pb2 as pb
+from splitcore.wire import (
+    FLOAT_ENCODINGS,
+    WireError,
+    decode_tensor,
+    encode_mask,
+    encode_tensor,
+    join_messages,
+    split_message,
+)
+
+
+def test_generated_code_is_fresh():
+    fresh = codegen.generate_fresh_copy()
+    proto_dir = codegen.PROJECT_ROOT / codegen.PROTO_RELATIVE.parent
+    for name, content in fresh.items():
+        assert (proto_dir / name).read_bytes() == content, f"{name} is stale: run `make proto`"
+
+
+@pytest.mark.parametrize("encoding,bytes_per_value,tolerance", [
+    ("fp32", 4, 0.0), ("bf16", 2, 1e-2), ("fp16", 2, 1e-3), ("int8", 1, 2e-2),
+])
+def test_float_encodings_round_trip(encoding, bytes_per_value, tolerance):
+    torch.manual_seed(0)
+    values = torch.randn(3, 17, 40)
+    message = encode_tensor(values, encoding)
+    assert message.encoding == encoding and list(message.shape) == [3, 17, 40]
+    assert len(message.data) == values.numel() * bytes_per_value
+    decoded = decode_tensor(message)
+    assert decoded.dtype == torch.float32 and decoded.shape == values.shape
+    assert (decoded - values).abs().max().item() <= tolerance * values.abs().max().item()
+
+
+def test_int8_keeps_small_blocks_accurate():
+    values = torch.cat([torch.full((64,), 1000.0), torch.linspace(-1e-3, 1e-3, 64)])
+    decoded = decode_tensor(encode_tensor(values, "int8"))
+    # Blockwise scales: the tiny block is not crushed by the large one.
+    assert (decoded[64:] - values[64:]).abs().max().item() < 1e-5
+
+
+def test_masks_round_trip_and_reject_other_values():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(decode_tensor(encode_mask(mask)), mask)
+    with pytest.raises(WireError, match="may only hold 0 and 1"):
+        encode_mask(torch.tensor([[2, 1]]))
+    bad = pb.Tensor(dtype="int64", shape=[2], encoding="u8", data=bytes([1, 7]))
+    with pytest.raises(WireError, match="mask: an attention mask may only hold 0 and 1"):
+        decode_tensor(bad, "mask")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda m: setattr(m, "encoding", "fp8"), "hidden: unknown encoding 'fp8'"),
+    (lambda m: setattr(m, "dtype", "complex64"), "hidden: unknown dtype 'complex64'"),
+    (lambda m: setattr(m, "data", m.data[:-1]), r"hidden: 95 data bytes do not match shape \[2, 3, 4\]"),
+    (lambda m: m.shape.__setitem__(0, -2), "negative dimension"),
+    (lambda m: m.shape.extend([1 << 20, 1 << 20]), "exceeds the limit"),
+    (lambda m: setattr(m, "data", b"\x00\x00\xc0\x7f" * 24), "NaN or infinite"),
+])
+def test_malformed_tensors_are_refused_with_a_reason(mutate, message):
+    tensor = encode_tensor(torch.randn(2, 3, 4))
+    mutate(tensor)
+    with pytest.raises(WireError, match=message):
+        decode_tensor(tensor, "hidden")
+
+
+def test_expected_shape_is_enforced():
+    tensor = encode_tensor(torch.randn(2, 3, 4))
+    assert decode_tensor(tensor, expected_shape=(None, None, 4)).shape == (2, 3, 4)
+    with pytest.raises(WireError, match=r"shape \[2, 3, 4\] does not match the expected \['\*', '\*', 8\]"):
+        decode_tensor(tensor, expected_shape=(None, None, 8))
+
+
+def test_int8_scales_are_validated():
+    tensor = encode_tensor(torch.randn(100), "int8")
+    tensor.scales = tensor.scales[:-4]
+    with pytest.raises(WireError, match="scale bytes"):
+        decode_tensor(tensor)
+
+
+def test_unknown_encoding_is_refused_when_sending():
+    with pytest.raises(WireError, match="unknown wire encoding 'fp64'"):
+        encode_tensor(torch.randn(2), "fp64")
+
+
+@pytest.mark.parametrize("encoding", FLOAT_ENCODINGS)
+def test_large_messages_stream_in_chunks_and_join_back(encoding):
+    request = pb.BackwardRequest(
+        session_id="abc", step=7, micro_batch=2,
+        grad_output=encode_tensor(torch.randn(4, 300, 64), encoding),
+        hidden=encode_tensor(torch.randn(4, 300, 64), encoding),
+        attention_mask=encode_mask(torch.ones(4, 300, dtype=torch.long)),
+    )
+    chunks = list(split_message(request, chunk_bytes=16_384))
+    assert len(chunks) > 4
+    assert all(chunk.ByteSize() < 16_384 + 200 for chunk in chunks)
+    assert join_messages(chunks, max_total_bytes=10**8) == request
+
+
+def test_join_refuses_streams_beyond_the_limit():
+    request = pb.ForwardRequest(session_id="s", hidden=encode_tensor(torch.randn(100, 100)))
+    chunks = list(split_message(request, chunk_bytes=4096))
+    with pytest.raises(WireError, match="exceeds the limit of 20000 bytes"):
+        join_messages(chunks, max_total_bytes=20_000)
+    with pytest.raises(WireError, match="empty request stream"):
+        join_messages([], max_total_bytes=20_000)
+
+
+def test_state_bytes_stream_in_chunks():
+    payload = bytes(range(256)) * 1000
+    chunks = list(split_message(pb.ExportStateResponse(step=3, safetensors=payload), chunk_bytes=10_000))
+    assert len(chunks) == 26
+    joined = join_messages(chunks, max_total_bytes=10**6)
+    assert joined.step == 3 and joined.safetensors == payload
