@@ -116,6 +116,6 @@ def test_join_refuses_streams_beyond_the_limit():
 def test_state_bytes_stream_in_chunks():
     payload = bytes(range(256)) * 1000
     chunks = list(split_message(pb.ExportStateResponse(step=3, safetensors=payload), chunk_bytes=10_000))
-    assert len(chunks) == 26
+    assert len(chunks) == 27  # a header, then 26 slices of 10 000 bytes
     joined = join_messages(chunks, max_total_bytes=10**6)
     assert joined.step == 3 and joined.safetensors == payload

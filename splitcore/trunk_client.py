@@ -1,0 +1,222 @@
+"""TrunkClient: the data owner's side of the trunk protocol.
+
+Adds the bearer token to every call, sets deadlines, retries UNAVAILABLE and
+DEADLINE_EXCEEDED with exponential backoff (safe: the server's steps are idempotent),
+streams large tensors in chunks, and counts the bytes that cross the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import torch
+
+from .lora import LoraSettings
+from .proto import trunk_pb2 as pb
+from .proto import trunk_pb2_grpc as pb_grpc
+from .protocol import OptimizerSettings, lora_to_proto, optimizer_to_proto
+from .wire import check_encoding, decode_tensor, encode_mask, encode_tensor, encoded_size, join_messages, split_message
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class TrunkError(RuntimeError):
+    """A trunk call failed for good; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"trunk {code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+    def delays(self):
+        delay = self.initial_backoff_s
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(self.max_backoff_s, delay * self.multiplier)
+
+
+class TrunkClient:
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        wire_encoding: str = "fp32",
+        timeout_s: float = 120.0,
+        retry: RetryPolicy = RetryPolicy(),
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 8 << 20,
+    ) -> None:
+        self.address = address
+        self.wire_encoding = check_encoding(wire_encoding)
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.chunk_bytes = max_message_bytes // 2
+        self._max_message_bytes = max_message_bytes
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if root_certificates is not None:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
+        else:
+            self._channel = grpc.insecure_channel(address, options)
+        self._stub = pb_grpc.TrunkStub(self._channel)
+        self.session_id: str | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -------------------------------------------------------------- plumbing
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        delays = self.retry.delays()
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                code = error.code()
+                delay = next(delays, None) if code in RETRYABLE else None
+                if delay is None:
+                    raise TrunkError(code, error.details() or "") from None
+                log.warning("%s: trunk %s (%s); retrying in %.1fs", what, code.name, error.details(), delay)
+                time.sleep(delay)
+
+    def _unary(self, method, request):
+        return self._call(type(request).__name__,
+                          lambda: method(request, timeout=self.timeout_s, metadata=self._metadata))
+
+    def _streaming(self, method, request):
+        chunks = list(split_message(request, self.chunk_bytes))
+
+        def call():
+            replies = method(iter(chunks), timeout=self.timeout_s, metadata=self._metadata)
+            return join_messages(replies, max_total_bytes=1 << 32)
+
+        return self._call(type(request).__name__, call)
+
+    def _require_session(self) -> str:
+        if self.session_id is None:
+            raise RuntimeError("no open trunk session: call open_session() first")
+        return self.session_id
+
+    def _tensor(self, tensor: torch.Tensor) -> pb.Tensor:
+        message = encode_tensor(tensor, self.wire_encoding)
+        self.bytes_sent += encoded_size(message)
+        return message
+
+    def _mask(self, mask: torch.Tensor) -> pb.Tensor:
+        message = encode_mask(mask)
+        self.bytes_sent += encoded_size(message)
+        return message
+
+    def _received(self, message: pb.Tensor, field: str, shape) -> torch.Tensor:
+        self.bytes_received += encoded_size(message)
+        return decode_tensor(message, field, expected_shape=shape)
+
+    # -------------------------------------------------------------- RPCs
+
+    def info(self) -> pb.InfoResponse:
+        return self._unary(self._stub.Info, pb.InfoRequest())
+
+    def open_session(self, lora: LoraSettings | None, seed: int = 0, optimizer: OptimizerSettings = OptimizerSettings(),
+                     inference: bool = False, label: str = "") -> pb.OpenSessionResponse:
+        request = pb.OpenSessionRequest(
+            mode=pb.SESSION_MODE_INFERENCE if inference else pb.SESSION_MODE_TRAIN,
+            optimizer=optimizer_to_proto(optimizer), wire_encoding=self.wire_encoding, client_label=label,
+        )
+        if lora is not None:
+            request.lora.CopyFrom(lora_to_proto(lora, seed))
+        reply = self._unary(self._stub.OpenSession, request)
+        self.session_id = reply.session_id
+        if reply.info.max_message_bytes:
+            self.chunk_bytes = min(self._max_message_bytes, reply.info.max_message_bytes) // 2
+        return reply
+
+    def forward(self, step: int, micro_batch: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        request = pb.ForwardRequest(session_id=self._require_session(), step=step, micro_batch=micro_batch,
+                                    hidden=self._tensor(hidden), attention_mask=self._mask(attention_mask))
+        reply = self._streaming(self._stub.Forward, request)
+        return self._received(reply.hidden, "hidden", tuple(hidden.shape)).to(hidden.dtype)
+
+    def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
+                 hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Send the output gradient; resend the inputs only if the server lost the activations."""
+        request = pb.BackwardRequest(session_id=self._require_session(), step=step, micro_batch=micro_batch,
+                                     grad_output=self._tensor(grad_output))
+        try:
+            reply = self._streaming(self._stub.Backward, request)
+        except TrunkError as error:
+            if error.code != grpc.StatusCode.FAILED_PRECONDITION or "resend" not in error.details:
+                raise
+            log.info("trunk lost the activations of step %s micro-batch %s; resending inputs", step, micro_batch)
+            request.hidden.CopyFrom(self._tensor(hidden))
+            request.attention_mask.CopyFrom(self._mask(attention_mask))
+            reply = self._streaming(self._stub.Backward, request)
+        grad_input = self._received(reply.grad_input, "grad_input", tuple(hidden.shape)).to(hidden.dtype)
+        return grad_input, reply.trunk_grad_sq_norm
+
+    def step(self, step: int, lr: float, clip_coef: float = 1.0) -> int:
+        request = pb.StepRequest(session_id=self._require_session(), step=step, lr=lr, clip_coef=clip_coef)
+        return self._unary(self._stub.Step, request).applied_step
+
+    def infer(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Inference session: append ``hidden`` to the trunk's KV cache and return its output."""
+        return self.forward(step, 0, hidden, attention_mask)
+
+    def export_state(self) -> tuple[int, bytes]:
+        request = pb.ExportStateRequest(session_id=self._require_session())
+
+        def call():
+            replies = self._stub.ExportState(request, timeout=self.timeout_s, metadata=self._metadata)
+            return join_messages(replies, max_total_bytes=1 << 34)
+
+        reply = self._call("ExportStateRequest", call)
+        self.bytes_received += len(reply.safetensors)
+        return reply.step, reply.safetensors
+
+    def import_state(self, step: int, data: bytes) -> int:
+        request = pb.ImportStateRequest(session_id=self._require_session(), step=step, safetensors=data)
+        self.bytes_sent += len(data)
+        return self._streaming_unary(self._stub.ImportState, request).step
+
+    def _streaming_unary(self, method, request):
+        chunks = list(split_message(request, self.chunk_bytes))
+        return self._call(type(request).__name__,
+                          lambda: method(iter(chunks), timeout=self.timeout_s, metadata=self._metadata))
+
+    def close_session(self) -> None:
+        if self.session_id is None:
+            return
+        try:
+            self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id))
+        except TrunkError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        finally:
+            self.session_id = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TrunkClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.close_session()
+        finally:
+            self.close()

@@ -1,0 +1,87 @@
+"""``python -m trunk_server --model DIR --bottom-layers K --top-layers M --port P``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import TrunkServerConfig
+
+TOKEN_ENV = "TRUNK_TOKEN"
+
+
+def read_token(token_file: str | None) -> str:
+    if token_file:
+        try:
+            return Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ValueError(f"no token: pass --token-file FILE or set {TOKEN_ENV}")
+    return token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trunk_server", description=__doc__)
+    parser.add_argument("--model", required=True, help="model directory (the same base model as the clients')")
+    parser.add_argument("--model-id", help="name reported by Info (default: the directory name)")
+    parser.add_argument("--bottom-layers", type=int, required=True, help="decoder layers the clients run first")
+    parser.add_argument("--top-layers", type=int, required=True, help="decoder layers the clients run last")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
+    parser.add_argument("--token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-cert", type=Path)
+    parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--max-sessions", type=int, default=8)
+    parser.add_argument("--session-ttl", type=int, default=1800, help="seconds an idle session is kept")
+    parser.add_argument("--max-message-mb", type=int, default=8, help="largest single gRPC message")
+    parser.add_argument("--max-saved-activations", type=int, default=64,
+                        help="micro-batches of activations kept per session (older ones are recomputed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = TrunkServerConfig(
+            model_dir=Path(args.model), n_bottom=args.bottom_layers, n_top=args.top_layers,
+            token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
+            tls_key=args.tls_key, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
+            max_message_bytes=args.max_message_mb << 20, max_saved_activations=args.max_saved_activations,
+        )
+        from .host import TrunkHost
+        from .server import create_server
+
+        host = TrunkHost(config, model_id=args.model_id)
+        running = create_server(config, host)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stopped = threading.Event()
+
+    def on_signal(signum, _frame):
+        logging.getLogger("trunk_server").info("signal %s: shutting down", signum)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"trunk server listening on {config.host}:{running.port} "
+          f"(layers {host.trunk_start}-{host.trunk_end - 1} of {host.num_layers}, model {host.model_id})",
+          flush=True)
+    # Poll: a bare wait() in the main thread may not wake up for the signal handler.
+    while not stopped.wait(0.5):
+        pass
+    running.stop()
+    print("trunk server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``create_server``: the one place where the gRPC server's options are set."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from splitcore.proto import trunk_pb2_grpc as pb_grpc
+
+from .auth import BearerTokenInterceptor
+from .config import TrunkServerConfig
+from .host import TrunkHost
+from .servicer import TrunkServicer
+from .sessions import SessionRegistry
+
+log = logging.getLogger("trunk_server")
+SERVICE_NAME = "splitlearn.trunk.v1.Trunk"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    registry: SessionRegistry
+    _sweeper_stop: threading.Event
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Report NOT_SERVING, finish in-flight RPCs (up to ``grace_s``), drop every session."""
+        self.health.enter_graceful_shutdown()
+        self._sweeper_stop.set()
+        self.server.stop(grace_s).wait()
+        self.registry.close_all()
+
+
+def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
+    registry = SessionRegistry(host, config.max_sessions, config.session_ttl_s, config.max_saved_activations)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="trunk-rpc"),
+        interceptors=[BearerTokenInterceptor(config.token)],
+        options=[
+            # One message is at most this big; larger tensors arrive as chunked streams.
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Notice dead clients on idle connections without flooding live ones.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ],
+        # Beyond this many RPCs in flight, new calls get RESOURCE_EXHAUSTED instead of queueing.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    pb_grpc.add_TrunkServicer_to_server(TrunkServicer(config, host, registry), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert is not None:
+        credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = threading.Event()
+
+    def sweep() -> None:
+        interval = max(1.0, min(30.0, config.session_ttl_s / 4))
+        while not stop.wait(interval):
+            for session_id in registry.expire():
+                log.info("session %s expired after %ss idle", session_id[:8], config.session_ttl_s)
+
+    threading.Thread(target=sweep, name="session-sweeper", daemon=True).start()
+    return RunningServer(server=server, port=port, health=health_servicer, registry=registry, _sweeper_stop=stop)

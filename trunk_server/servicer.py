@@ -1,0 +1,186 @@
+"""The gRPC servicer: decode, call the session registry, encode, map errors to codes.
+
+Every malformed request ends with INVALID_ARGUMENT (or NOT_FOUND, FAILED_PRECONDITION,
+RESOURCE_EXHAUSTED) and a reason; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from splitcore import __version__
+from splitcore.proto import trunk_pb2 as pb
+from splitcore.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.protocol import lora_from_proto, optimizer_from_proto
+from splitcore.wire import (
+    WireError,
+    check_encoding,
+    decode_tensor,
+    encode_tensor,
+    join_messages,
+    split_message,
+)
+
+from .config import TrunkServerConfig
+from .host import TrunkHost
+from .sessions import ActivationsGone, CapacityExceeded, SessionNotFound, SessionRegistry, StepConflict
+
+log = logging.getLogger("trunk_server")
+
+_STATUS = (
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ActivationsGone, grpc.StatusCode.FAILED_PRECONDITION),
+    (StepConflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (WireError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def _mapped_errors(method):
+    """Translate exceptions into status codes, in one place."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            for kind, code in _STATUS:
+                if isinstance(exc, kind):
+                    context.abort(code, str(exc))
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return wrapper
+
+
+class TrunkServicer(pb_grpc.TrunkServicer):
+    def __init__(self, config: TrunkServerConfig, host: TrunkHost, registry: SessionRegistry) -> None:
+        self.config = config
+        self.host = host
+        self.registry = registry
+
+    # -------------------------------------------------------------- helpers
+
+    def _hidden(self, message: pb.Tensor, field: str, batch_seq: tuple[int, int] | None = None):
+        expected = (None, None, self.host.hidden_size) if batch_seq is None else (*batch_seq, self.host.hidden_size)
+        if not message.ByteSize():
+            raise WireError(f"{field} is missing")
+        return decode_tensor(message, field, expected_shape=expected).to(self.host.dtype)
+
+    def _mask(self, message: pb.Tensor, batch: int, min_length: int):
+        if not message.ByteSize():
+            raise WireError("attention_mask is missing")
+        mask = decode_tensor(message, "attention_mask", expected_shape=(batch, None))
+        if mask.dtype.is_floating_point or mask.shape[1] < min_length:
+            raise WireError(f"attention_mask must be 0/1 of shape ({batch}, >= {min_length}), "
+                            f"got {list(mask.shape)}")
+        return mask
+
+    def _join(self, request_iterator):
+        return join_messages(request_iterator, self.config.max_request_bytes)
+
+    def _stream(self, reply):
+        return iter(list(split_message(reply, self.config.chunk_bytes)))
+
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint,
+            model_type=self.host.config.model_type, num_layers=self.host.num_layers,
+            trunk_start=self.host.trunk_start, trunk_end=self.host.trunk_end, hidden_size=self.host.hidden_size,
+            dtype=str(self.host.dtype).removeprefix("torch."), max_sessions=self.registry.max_sessions,
+            active_sessions=self.registry.active_count(), version=__version__,
+            max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_ttl_s,
+        )
+
+    # -------------------------------------------------------------- RPCs
+
+    @_mapped_errors
+    def Info(self, request, context):
+        return self.info()
+
+    @_mapped_errors
+    def OpenSession(self, request, context):
+        if request.mode == pb.SESSION_MODE_UNSPECIFIED:
+            raise ValueError("mode must be SESSION_MODE_TRAIN or SESSION_MODE_INFERENCE")
+        encoding = check_encoding(request.wire_encoding or "fp32")
+        lora = lora_from_proto(request.lora) if request.HasField("lora") else None
+        session = self.registry.open(
+            inference=request.mode == pb.SESSION_MODE_INFERENCE, lora=lora,
+            optimizer=optimizer_from_proto(request.optimizer), wire_encoding=encoding,
+            label=request.client_label[:200],
+        )
+        log.info("opened session %s (%s, trunk LoRA %s) for %r", session.id[:8],
+                 "inference" if session.inference else "training", "on" if lora else "off", session.label)
+        return pb.OpenSessionResponse(session_id=session.id, info=self.info())
+
+    @_mapped_errors
+    def Forward(self, request_iterator, context):
+        request = self._join(request_iterator)
+        session = self.registry.get(request.session_id)
+        hidden = self._hidden(request.hidden, "hidden")
+        batch, seq = hidden.shape[:2]
+
+        def encode(output):
+            return pb.ForwardResponse(hidden=encode_tensor(output, session.wire_encoding))
+
+        if session.inference:
+            mask = self._mask(request.attention_mask, batch, seq)
+            reply = self.registry.infer(session, request.step, hidden, mask, encode)
+        else:
+            mask = self._mask(request.attention_mask, batch, seq)
+            if mask.shape[1] != seq:
+                raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
+            reply = self.registry.forward(session, request.step, request.micro_batch, hidden, mask, encode)
+        return self._stream(reply)
+
+    @_mapped_errors
+    def Backward(self, request_iterator, context):
+        request = self._join(request_iterator)
+        session = self.registry.get(request.session_id)
+        resent = None
+        if request.HasField("hidden"):
+            hidden = self._hidden(request.hidden, "hidden")
+            batch, seq = hidden.shape[:2]
+            mask = self._mask(request.attention_mask, batch, seq)
+            resent = (hidden, mask)
+
+        def grad_output(shape):
+            if not request.grad_output.ByteSize():
+                raise WireError("grad_output is missing")
+            return decode_tensor(request.grad_output, "grad_output", expected_shape=shape).to(self.host.dtype)
+
+        def encode(grad_input, sq_norm):
+            return pb.BackwardResponse(grad_input=encode_tensor(grad_input, session.wire_encoding),
+                                       trunk_grad_sq_norm=sq_norm)
+
+        reply = self.registry.backward(session, request.step, request.micro_batch, grad_output, resent, encode)
+        return self._stream(reply)
+
+    @_mapped_errors
+    def Step(self, request, context):
+        session = self.registry.get(request.session_id)
+        applied = self.registry.step(session, request.step, request.lr, request.clip_coef)
+        return pb.StepResponse(applied_step=applied)
+
+    @_mapped_errors
+    def ExportState(self, request, context):
+        session = self.registry.get(request.session_id)
+        data = self.registry.export_state(session)
+        return self._stream(pb.ExportStateResponse(step=session.applied_step, safetensors=data))
+
+    @_mapped_errors
+    def ImportState(self, request_iterator, context):
+        request = self._join(request_iterator)
+        session = self.registry.get(request.session_id)
+        if request.step < 0:
+            raise ValueError(f"step must be >= 0, got {request.step}")
+        return pb.ImportStateResponse(step=self.registry.import_state(session, request.step, request.safetensors))
+
+    @_mapped_errors
+    def CloseSession(self, request, context):
+        self.registry.close(request.session_id)
+        return pb.CloseSessionResponse()
