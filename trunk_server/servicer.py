@@ -127,11 +127,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         def encode(output):
             return pb.ForwardResponse(hidden=encode_tensor(output, session.wire_encoding))
 
+        mask = self._mask(request.attention_mask, batch, seq)
         if session.inference:
-            mask = self._mask(request.attention_mask, batch, seq)
             reply = self.registry.infer(session, request.step, hidden, mask, encode)
         else:
-            mask = self._mask(request.attention_mask, batch, seq)
             if mask.shape[1] != seq:
                 raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
             reply = self.registry.forward(session, request.step, request.micro_batch, hidden, mask, encode)
