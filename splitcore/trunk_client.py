@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Upper bound of one reassembled reply stream (an exported trunk state can be large).
+MAX_REPLY_BYTES = 1 << 34
 
 
 class TrunkError(RuntimeError):
@@ -100,13 +102,20 @@ class TrunkClient:
                           lambda: method(request, timeout=self.timeout_s, metadata=self._metadata))
 
     def _streaming(self, method, request):
+        """Stream in, stream out: the request in chunks, the reply joined back."""
         chunks = list(split_message(request, self.chunk_bytes))
 
         def call():
             replies = method(iter(chunks), timeout=self.timeout_s, metadata=self._metadata)
-            return join_messages(replies, max_total_bytes=1 << 32)
+            return join_messages(replies, max_total_bytes=MAX_REPLY_BYTES)
 
         return self._call(type(request).__name__, call)
+
+    def _streaming_unary(self, method, request):
+        """Stream in, one reply out."""
+        chunks = list(split_message(request, self.chunk_bytes))
+        return self._call(type(request).__name__,
+                          lambda: method(iter(chunks), timeout=self.timeout_s, metadata=self._metadata))
 
     def _require_session(self) -> str:
         if self.session_id is None:
@@ -182,7 +191,7 @@ class TrunkClient:
 
         def call():
             replies = self._stub.ExportState(request, timeout=self.timeout_s, metadata=self._metadata)
-            return join_messages(replies, max_total_bytes=1 << 34)
+            return join_messages(replies, max_total_bytes=MAX_REPLY_BYTES)
 
         reply = self._call("ExportStateRequest", call)
         self.bytes_received += len(reply.safetensors)
@@ -192,11 +201,6 @@ class TrunkClient:
         request = pb.ImportStateRequest(session_id=self._require_session(), step=step, safetensors=data)
         self.bytes_sent += len(data)
         return self._streaming_unary(self._stub.ImportState, request).step
-
-    def _streaming_unary(self, method, request):
-        chunks = list(split_message(request, self.chunk_bytes))
-        return self._call(type(request).__name__,
-                          lambda: method(iter(chunks), timeout=self.timeout_s, metadata=self._metadata))
 
     def close_session(self) -> None:
         if self.session_id is None:

@@ -51,7 +51,6 @@ class StepConflict(ValueError):
 class Saved:
     input: torch.Tensor  # (batch, seq, hidden), requires grad
     output: torch.Tensor  # (batch, seq, hidden), part of the autograd graph
-    attention_mask: torch.Tensor  # (batch, seq)
 
 
 @dataclass
@@ -240,7 +239,7 @@ class SessionRegistry:
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
             output = self.host.forward(session.adapter, leaf, mask)
-        return Saved(input=leaf, output=output, attention_mask=mask)
+        return Saved(input=leaf, output=output)
 
     # -------------------------------------------------------------- inference
 
