@@ -161,6 +161,13 @@ class TrunkClient:
         reply = self._streaming(self._stub.Forward, request)
         return self._received(reply.hidden, "hidden", tuple(hidden.shape)).to(hidden.dtype)
 
+    def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Training session: a validation forward (no gradient, nothing kept on the trunk)."""
+        request = pb.ForwardRequest(session_id=self._require_session(), evaluate=True,
+                                    hidden=self._tensor(hidden), attention_mask=self._mask(attention_mask))
+        reply = self._streaming(self._stub.Forward, request)
+        return self._received(reply.hidden, "hidden", tuple(hidden.shape)).to(hidden.dtype)
+
     def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
                  hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Send the output gradient; resend the inputs only if the server lost the activations."""

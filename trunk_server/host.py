@@ -9,7 +9,6 @@ interleave between sessions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 from pathlib import Path
 
@@ -19,18 +18,10 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache
 
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
+from splitcore.fingerprint import weights_fingerprint
 from splitcore.lora import present_targets
 
 from .config import TrunkServerConfig
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over names, shapes, dtypes and bytes of the module's weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class TrunkHost:
@@ -124,9 +115,13 @@ class TrunkHost:
             yield self._peft
 
     def forward(self, adapter: str | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                past_key_values: Cache | None = None) -> torch.Tensor:
-        """Run the trunk; the caller decides whether autograd records (torch.no_grad or not)."""
+                past_key_values: Cache | None = None, training: bool = False) -> torch.Tensor:
+        """Run the trunk; the caller decides whether autograd records (torch.no_grad or not).
+
+        ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts.
+        """
         with self.lock, self._adapter(adapter) as module:
+            module.train(training)
             use_cache = past_key_values is not None
             return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache)
 

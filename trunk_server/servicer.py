@@ -128,12 +128,15 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             return pb.ForwardResponse(hidden=encode_tensor(output, session.wire_encoding))
 
         mask = self._mask(request.attention_mask, batch, seq)
-        if session.inference:
+        if session.inference and not request.evaluate:
             reply = self.registry.infer(session, request.step, hidden, mask, encode)
         else:
             if mask.shape[1] != seq:
                 raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
-            reply = self.registry.forward(session, request.step, request.micro_batch, hidden, mask, encode)
+            if request.evaluate:
+                reply = encode(self.registry.evaluate(session, hidden, mask))
+            else:
+                reply = self.registry.forward(session, request.step, request.micro_batch, hidden, mask, encode)
         return self._stream(reply)
 
     @_mapped_errors

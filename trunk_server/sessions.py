@@ -238,8 +238,15 @@ class SessionRegistry:
     def _run_forward(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> Saved:
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
-            output = self.host.forward(session.adapter, leaf, mask)
+            output = self.host.forward(session.adapter, leaf, mask, training=True)
         return Saved(input=leaf, output=output)
+
+    def evaluate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Validation forward of a training session: no gradient, nothing kept."""
+        if session.inference:
+            raise StepConflict("evaluation forwards are for training sessions; this is an inference session")
+        with session.lock, torch.no_grad():
+            return self.host.forward(session.adapter, hidden, mask)
 
     # -------------------------------------------------------------- inference
 

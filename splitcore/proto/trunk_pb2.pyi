@@ -119,18 +119,20 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., info: _Optional[_Union[InfoResponse, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "micro_batch", "hidden", "attention_mask")
+    __slots__ = ("session_id", "step", "micro_batch", "hidden", "attention_mask", "evaluate")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     micro_batch: int
     hidden: Tensor
     attention_mask: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    evaluate: bool
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden",)

@@ -1,0 +1,66 @@
+"""The trunk as seen from the data owner: an autograd seam and a compatibility check.
+
+``RemoteTrunk.apply(hidden, mask, link, step, micro)`` runs the trunk's Forward RPC and,
+when autograd reaches it, the Backward RPC: the Bottom and Top parts train with
+ordinary ``loss.backward()`` as if the trunk were local.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from .architectures import ArchitectureFamily
+from .fingerprint import weights_fingerprint
+from .proto import trunk_pb2 as pb
+from .split_spec import SplitSpec
+from .trunk_client import TrunkClient
+
+
+@dataclass
+class TrunkLink:
+    """A training session's client and what its last Backward reported."""
+
+    client: TrunkClient
+    grad_sq_norm: float = 0.0
+
+
+class RemoteTrunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, attention_mask: torch.Tensor, link: TrunkLink, step: int,
+                micro_batch: int) -> torch.Tensor:
+        ctx.link, ctx.step, ctx.micro_batch = link, step, micro_batch
+        ctx.save_for_backward(hidden, attention_mask)
+        return link.client.forward(step, micro_batch, hidden.detach(), attention_mask)  # (batch, seq, hidden)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, attention_mask = ctx.saved_tensors
+        grad_input, trunk_sq = ctx.link.client.backward(ctx.step, ctx.micro_batch, grad_output.contiguous(),
+                                                        hidden.detach(), attention_mask)
+        # The trunk reports the squared norm of its gradients accumulated so far in this step.
+        ctx.link.grad_sq_norm = trunk_sq
+        return grad_input, None, None, None, None
+
+
+def spec_from_info(info: pb.InfoResponse) -> SplitSpec:
+    """The split a trunk serves: its layer range fixes the Bottom and Top sizes."""
+    return SplitSpec(num_layers=info.num_layers, n_bottom=info.trunk_start, n_top=info.num_layers - info.trunk_end)
+
+
+def check_trunk_serves(info: pb.InfoResponse, config: PretrainedConfig, family: ArchitectureFamily,
+                       trunk_part: torch.nn.Module | None = None) -> None:
+    """ValueError unless the trunk runs the same model as ``config`` (and ``trunk_part``'s weights)."""
+    num_layers = family.num_layers(config)
+    where = f"the trunk ({info.model_id!r})"
+    if info.model_type != config.model_type:
+        raise ValueError(f"{where} serves a {info.model_type} model; this model is {config.model_type}")
+    if info.num_layers != num_layers or info.hidden_size != config.hidden_size:
+        raise ValueError(f"{where} serves a model with {info.num_layers} layers and hidden size {info.hidden_size}; "
+                         f"this model has {num_layers} layers and hidden size {config.hidden_size}")
+    if trunk_part is not None and info.weights_fingerprint:
+        if weights_fingerprint(trunk_part) != info.weights_fingerprint:
+            raise ValueError(f"{where} serves layers {info.trunk_start}-{info.trunk_end - 1} with different weights "
+                             "than this model's; use the same base model on both sides")

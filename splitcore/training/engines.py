@@ -1,0 +1,203 @@
+"""Where the model runs during training: split over gRPC, or whole in this process.
+
+Both engines expose the same small surface to the training loop: a differentiable
+loss for a micro-batch, the parameters trained in this process, the remote part of
+the gradient norm and of the optimizer step, the trunk's state for checkpoints, and
+the adapter weights for export. The loop itself does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load as load_safetensors
+from transformers import PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from ..adapter_export import part_adapter_state
+from ..architectures import ArchitectureFamily, family_for
+from ..lora import add_lora, init_lora_weights, present_targets
+from ..parts import positions_from_mask, split_model
+from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, spec_from_info
+from ..split_spec import SplitSpec
+from ..trunk_client import TrunkClient
+from .batches import Batch
+from .config import TrainConfig
+
+TRUNK_ADAPTER_PREFIX = "adapter."
+
+
+class Engine(ABC):
+    """One run's model; ``params`` are the LoRA weights this process trains."""
+
+    family: ArchitectureFamily
+    params: dict[str, torch.nn.Parameter]
+
+    @abstractmethod
+    def loss(self, batch: Batch, step: int, micro_batch: int, num_items_in_batch: int) -> torch.Tensor:
+        """Training loss of a micro-batch: token losses summed and divided by the step's labelled tokens."""
+
+    @abstractmethod
+    def eval_loss_sum(self, batch: Batch) -> float:
+        """Sum of the token losses of a batch, without gradient and with dropout off."""
+
+    @abstractmethod
+    def train(self, mode: bool) -> None: ...
+
+    def remote_grad_sq_norm(self) -> float:
+        return 0.0
+
+    def remote_step(self, step: int, lr: float, clip_coef: float) -> None:
+        """Apply the optimizer step of the parameters trained elsewhere."""
+
+    def remote_state(self) -> bytes | None:
+        return None
+
+    def restore_remote_state(self, step: int, data: bytes | None) -> None:
+        if data:
+            raise ValueError("the checkpoint holds trunk state, but this run has no remote trunk")
+
+    @abstractmethod
+    def adapter_states(self) -> list[dict[str, torch.Tensor]]:
+        """LoRA weights under full-model PEFT keys, for ``export_adapter``."""
+
+    def wire_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _freeze(model: PreTrainedModel) -> None:
+    model.requires_grad_(False)
+
+
+class LocalEngine(Engine):
+    """The unsplit model with one monolithic peft adapter: the baseline.
+
+    Without trunk LoRA, the adapter covers only the Bottom and Top layers of ``spec``,
+    as a split run with a frozen trunk would train.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None) -> None:
+        _freeze(model)
+        self.family = family_for(model.config)
+        self.vocab_size = model.config.vocab_size
+        targets = present_targets(model, config.lora.targets_for(self.family))
+        if not config.train_trunk_lora:
+            if spec is None:
+                raise ValueError("a local run without trunk LoRA needs the split (bottom and top layers)")
+            targets = self._client_layer_modules(model, targets, spec)
+        peft_config = config.lora.peft_config(self.family, tuple(targets))
+        self.model: PeftModel = get_peft_model(model, peft_config)
+        init_lora_weights(self.model, config.seed)
+        self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _client_layer_modules(self, model, targets, spec: SplitSpec) -> list[str]:
+        layers = set(spec.bottom_layers) | set(spec.top_layers)
+        prefix = f"{self.family.backbone_attr}.{self.family.layers_attr}."
+        names = []
+        for name, _ in model.named_modules():
+            if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets:
+                if int(name[len(prefix):].split(".", 1)[0]) in layers:
+                    names.append(name)
+        return names
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        positions = positions_from_mask(batch.attention_mask, batch.input_ids.shape[1])
+        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=positions).logits  # (batch, seq, vocab)
+
+    def loss(self, batch, step, micro_batch, num_items_in_batch):
+        return ForCausalLMLoss(self._logits(batch), batch.labels, vocab_size=self.vocab_size,
+                               num_items_in_batch=num_items_in_batch)
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch):
+        return float(ForCausalLMLoss(self._logits(batch), batch.labels, vocab_size=self.vocab_size,
+                                     num_items_in_batch=1))
+
+    def train(self, mode):
+        self.model.train(mode)
+
+    def adapter_states(self):
+        return [part_adapter_state(self.model)]
+
+
+class SplitEngine(Engine):
+    """Bottom and Top here with their peft LoRA; the Trunk behind a gRPC session."""
+
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, client: TrunkClient, label: str = "") -> None:
+        _freeze(model)
+        self.family = family_for(model.config)
+        info = client.info()
+        spec = spec_from_info(info)
+        bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
+        check_trunk_serves(info, model.config, self.family, trunk)
+        del trunk  # the trunk's blocks stay on the trunk server
+        self.spec = spec
+        self.bottom = add_lora(bottom, self.family, config.lora, seed=config.seed)
+        self.top = add_lora(top, self.family, config.lora, seed=config.seed)
+        self.params = {}
+        for part in (self.bottom, self.top):
+            self.params.update({name: p for name, p in part.named_parameters() if p.requires_grad})
+        self.client = client
+        self.trains_trunk = config.train_trunk_lora
+        client.open_session(config.lora if config.train_trunk_lora else None, seed=config.seed,
+                            optimizer=config.optimizer, label=label)
+        self.link = TrunkLink(client)
+
+    def loss(self, batch, step, micro_batch, num_items_in_batch):
+        mask = batch.attention_mask
+        hidden = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
+        hidden = RemoteTrunk.apply(hidden, mask, self.link, step, micro_batch)  # (batch, seq, hidden)
+        return self.top(hidden, mask, labels=batch.labels, num_items_in_batch=num_items_in_batch).loss
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch):
+        mask = batch.attention_mask
+        hidden = self.client.evaluate(self.bottom(batch.input_ids, mask), mask)
+        return float(self.top(hidden, mask, labels=batch.labels, num_items_in_batch=1).loss)
+
+    def train(self, mode):
+        self.bottom.train(mode)
+        self.top.train(mode)
+
+    def remote_grad_sq_norm(self):
+        return self.link.grad_sq_norm
+
+    def remote_step(self, step, lr, clip_coef):
+        self.client.step(step, lr, clip_coef)
+        self.link.grad_sq_norm = 0.0
+
+    def remote_state(self):
+        if not self.trains_trunk:
+            return None
+        _, data = self.client.export_state()
+        return data
+
+    def restore_remote_state(self, step, data):
+        if bool(data) != self.trains_trunk:
+            raise ValueError("the checkpoint and this run disagree on whether the trunk has LoRA")
+        self.client.import_state(step, data or b"")
+
+    def adapter_states(self):
+        states = [part_adapter_state(self.bottom), part_adapter_state(self.top)]
+        if self.trains_trunk:
+            states.append(trunk_adapter_state(self.client.export_state()[1]))
+        return states
+
+    def wire_bytes(self):
+        return self.client.bytes_sent + self.client.bytes_received
+
+    def close(self):
+        self.client.close_session()
+
+
+def trunk_adapter_state(exported: bytes) -> dict[str, torch.Tensor]:
+    """The trunk LoRA weights (full-model PEFT keys) from an ``ExportState`` reply."""
+    tensors = load_safetensors(exported)
+    return {k[len(TRUNK_ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRUNK_ADAPTER_PREFIX)}
+
