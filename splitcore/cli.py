@@ -1,4 +1,4 @@
-"""``python -m splitcore``: prepare the default model, make tiny models, generate."""
+"""``python -m splitcore``: prepare the default model, make tiny models, train, generate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from . import default_model
-from .generation import GenerationSettings, generate_text, load_for_inference
+from .cli_train import add_train_parser
+from .cli_trunk import add_trunk_arguments, connect_trunk
+from .generation import GenerationSettings, encode_prompt, generate_text, load_for_inference
 from .tiny_models import TINY_ARCHS, TinyModelSpec, write_tiny_model
 
 
@@ -35,11 +37,37 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
+    if args.trunk:
+        return _generate_split(args, model_dir, settings)
     model, tokenizer = load_for_inference(model_dir, args.adapter)
     stream = sys.stdout.isatty()
     text = generate_text(model, tokenizer, args.prompt, settings, chat=args.chat, stream=stream)
     if not stream:
         print(text)
+    return 0
+
+
+def _generate_split(args: argparse.Namespace, model_dir, settings: GenerationSettings) -> int:
+    from transformers import AutoTokenizer
+
+    from .split_generation import SplitGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = encode_prompt(tokenizer, args.prompt, args.chat)
+    with connect_trunk(args) as client:
+        generator = SplitGenerator(model_dir, client, args.adapter)
+        tokens: list[int] = []
+        shown = ""
+        for token in generator.generate(input_ids, tokenizer, settings):
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if sys.stdout.isatty():
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    if sys.stdout.isatty():
+        print()
+    else:
+        print(tokenizer.decode(tokens, skip_special_tokens=True))
     return 0
 
 
@@ -60,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(handler=_cmd_make_tiny)
 
-    gen = commands.add_parser("generate", help="generate text locally with a model and an optional adapter")
+    gen = commands.add_parser("generate", help="generate text with a model and an optional adapter, locally or "
+                                               "with the trunk on a trunk server (--trunk)")
     gen.add_argument("--model", help="model directory (default: the prepared default model)")
     gen.add_argument("--adapter", help="PEFT adapter directory to load on top of the model")
     gen.add_argument("--prompt", required=True)
@@ -70,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--data-dir", help="data directory holding the default model")
+    add_trunk_arguments(gen)
     gen.set_defaults(handler=_cmd_generate)
+
+    add_train_parser(commands)
     return parser
 
 

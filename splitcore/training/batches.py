@@ -15,7 +15,9 @@ from functools import lru_cache
 
 import torch
 
-from ..examples import IGNORE_INDEX, TokenizedExample
+from ..data_formats import Example
+from ..examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from .config import TrainConfig
 
 
 def _generator(seed: int, purpose: str) -> torch.Generator:
@@ -114,3 +116,8 @@ class MicroBatches:
 
 def evaluation_batches(examples: Sequence[TokenizedExample], batch_size: int, pad_token_id: int) -> list[Batch]:
     return [collate(examples[i:i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+
+
+def prepare_training_data(tokenizer, examples: Sequence[Example], config: TrainConfig) -> TrainingData:
+    """Tokenize with label masking, truncate to ``config.seq_len`` and hold out the validation share."""
+    return split_train_val(tokenize_examples(tokenizer, examples, config.seq_len), config.val_fraction, config.seed)

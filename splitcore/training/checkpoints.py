@@ -103,18 +103,27 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    path = find_checkpoint(path)
+def read_checkpoint_state(path: str | os.PathLike) -> CheckpointState:
+    """The ``trainer_state.json`` of a checkpoint (or of the newest under ``path``)."""
+    return _read_state(find_checkpoint(path))
+
+
+def _read_state(path: Path) -> CheckpointState:
     try:
         raw = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"checkpoint {path}: unreadable {STATE_FILE}: {exc}") from exc
-    if raw.pop("format", None) != FORMAT:
+    if not isinstance(raw, dict) or raw.pop("format", None) != FORMAT:
         raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint")
     try:
-        state = CheckpointState(**raw)
+        return CheckpointState(**raw)
     except TypeError as exc:
         raise ValueError(f"checkpoint {path}: {STATE_FILE} does not match {FORMAT}: {exc}") from exc
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = find_checkpoint(path)
+    state = _read_state(path)
     client_file = path / CLIENT_FILE
     if not client_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} lacks {CLIENT_FILE}")

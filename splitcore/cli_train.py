@@ -1,0 +1,144 @@
+"""``python -m splitcore train``: fine-tune with the trunk on a trunk server, or locally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .cli_trunk import add_trunk_arguments, connect_trunk
+from .lora import LoraSettings
+from .protocol import OptimizerSettings
+from .split_spec import SplitSpec
+from .training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
+from .training.batches import prepare_training_data
+from .training.checkpoints import read_checkpoint_state
+from .training.metrics_log import MetricsJsonl, ProgressReporter
+from .wire import FLOAT_ENCODINGS
+
+TRAINING_ARGS = "training_args.json"
+
+
+def add_train_parser(commands) -> None:
+    train = commands.add_parser(
+        "train", help="fine-tune LoRA adapters on a dataset, split over a trunk server or locally",
+        description="Fine-tune a causal LM with LoRA. With --trunk the middle blocks run on a trunk server and "
+                    "only hidden states and their gradients leave this machine; --local runs the unsplit model "
+                    "here (the baseline). Writes one PEFT adapter for the whole model to --out.")
+    train.add_argument("--model", required=True, help="base model directory")
+    train.add_argument("--data", required=True, help="dataset file: .jsonl, .csv or .txt")
+    train.add_argument("--out", required=True, help="directory for the merged PEFT adapter")
+    train.add_argument("--local", action="store_true", help="train the unsplit model in this process "
+                                                            "(instead of --trunk)")
+    add_trunk_arguments(train)
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the training examples (default 1)")
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--seq-len", type=int, default=512, help="examples are truncated to this many tokens")
+    train.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    train.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    train.add_argument("--schedule", choices=SCHEDULES, default="linear")
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--lora-r", type=int, default=8)
+    train.add_argument("--lora-alpha", type=float, default=16.0)
+    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument("--lora-targets", help="comma-separated module names (default: every projection)")
+    train.add_argument("--no-trunk-lora", action="store_true", help="keep the trunk frozen; train Bottom and Top")
+    train.add_argument("--wire", choices=FLOAT_ENCODINGS, default="fp32", help="encoding of tensors on the wire")
+    train.add_argument("--val-fraction", type=float, default=0.0, help="share of examples held out for validation")
+    train.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    train.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT/checkpoints)")
+    train.add_argument("--resume", metavar="CHECKPOINT_DIR", help="resume from a checkpoint (or its parent)")
+    train.add_argument("--metrics-jsonl", metavar="FILE", help="append one JSON object per step and evaluation")
+    train.add_argument("--bottom-layers", type=int, default=2, help="--local without trunk LoRA: Bottom blocks")
+    train.add_argument("--top-layers", type=int, default=2, help="--local without trunk LoRA: Top blocks")
+    train.set_defaults(handler=run_train)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else ()
+    return TrainConfig(
+        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets),
+        train_trunk_lora=not args.no_trunk_lora,
+        optimizer=OptimizerSettings(weight_decay=args.weight_decay),
+        learning_rate=args.lr, max_steps=args.steps, epochs=args.epochs if args.steps is None else None,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup_steps=args.warmup,
+        schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.epochs is None and args.steps is None:
+        args.epochs = 1.0
+    if args.local == bool(args.trunk):
+        raise ValueError("choose where the trunk runs: either --trunk HOST:PORT or --local")
+    config = train_config(args)
+    out = Path(args.out)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
+    resume = read_checkpoint_state(args.resume) if args.resume else None
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data_formats import load_dataset_file
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {model_dir} has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = prepare_training_data(tokenizer, load_dataset_file(args.data).examples, config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if args.local:
+        spec = SplitSpec(num_layers=model.config.num_hidden_layers, n_bottom=args.bottom_layers,
+                         n_top=args.top_layers)
+        engine = LocalEngine(model, config, spec)
+    else:
+        engine = SplitEngine(model, config, connect_trunk(args, config.wire_encoding), label=f"cli:{out.name}")
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: _request_cancel(cancel, previous))
+    metrics = MetricsJsonl(args.metrics_jsonl, resume_step=resume.step if resume else None) if args.metrics_jsonl else None
+    progress = ProgressReporter(sys.stderr)
+    callbacks = [progress] + ([metrics] if metrics else [])
+    trainer = SplitTrainer(engine, config, data, tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                           else tokenizer.eos_token_id, checkpoint_dir=checkpoint_dir, callbacks=callbacks,
+                           should_cancel=cancel.is_set)
+    try:
+        print(f"{len(data.train)} training and {len(data.val)} validation examples"
+              + (f" ({data.dropped} without a trained token dropped)" if data.dropped else "")
+              + f"; {trainer.total_steps} steps", file=sys.stderr)
+        result = trainer.run(resume_from=args.resume)
+        progress.close()
+        if result.status == "cancelled":
+            print(f"cancelled after step {result.step}; resume with --resume {result.checkpoint}", file=sys.stderr)
+            return 130
+        trainer.export_adapter(out, str(model_dir))
+        (out / TRAINING_ARGS).write_text(json.dumps(
+            {"base_model": str(model_dir), "data": str(args.data), "mode": trainer.mode,
+             "trunk": args.trunk, **config.to_dict()}, indent=2))
+    finally:
+        progress.close()
+        if metrics:
+            metrics.close()
+        engine.close()
+        signal.signal(signal.SIGINT, previous)
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"trained {result.step} steps: loss {result.loss:.4f}{val}; adapter written to {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _request_cancel(cancel: threading.Event, previous) -> None:
+    if cancel.is_set():
+        signal.signal(signal.SIGINT, previous)
+        raise KeyboardInterrupt
+    print("\nstopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+    cancel.set()

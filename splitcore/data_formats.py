@@ -1,0 +1,422 @@
+"""Uploaded dataset files (JSONL, CSV or plain text) parsed into training examples.
+
+Every file holds one kind of example:
+
+* text: ``{"text": ...}`` rows, a CSV ``text`` column, or blank-line-separated blocks
+  of a ``.txt`` file; the loss covers the whole text.
+* prompt/completion: ``{"prompt": ..., "completion": ...}`` rows or CSV columns; the
+  loss covers the completion only.
+* messages: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rows, rendered with
+  the model's chat template; the loss covers the assistant turns only.
+
+A rejected file raises :class:`DatasetFormatError`, which names the file, the line or
+row, and what to change.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+ExampleKind = Literal["text", "prompt_completion", "messages"]
+FileFormat = Literal["jsonl", "csv", "txt"]
+
+MAX_EXAMPLES = 1_000_000
+# csv refuses fields over 128 KiB by default; a long document in one cell is normal here.
+CSV_FIELD_SIZE_LIMIT = 16 * 1024 * 1024
+CHAT_ROLES = ("system", "user", "assistant")
+
+FILE_FORMATS: dict[str, FileFormat] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
+
+_KIND_LABELS: dict[str, str] = {"text": "text", "prompt_completion": "prompt/completion", "messages": "chat messages"}
+
+_FORMAT_HINTS: dict[str, str] = {
+    "jsonl": 'a JSONL file needs one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} '
+    'or {"messages": [{"role": ..., "content": ...}, ...]}',
+    "csv": "a CSV file needs a header row with a 'text' column, or 'prompt' and 'completion' columns, "
+    "and then one row per example",
+    "txt": "a text file needs one example per block of lines, with a blank line between blocks",
+}
+
+
+@dataclass(frozen=True)
+class TextExample:
+    text: str
+
+    @property
+    def kind(self) -> ExampleKind:
+        return "text"
+
+
+@dataclass(frozen=True)
+class PromptCompletionExample:
+    prompt: str
+    completion: str
+
+    @property
+    def kind(self) -> ExampleKind:
+        return "prompt_completion"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    messages: tuple[ChatMessage, ...]
+
+    @property
+    def kind(self) -> ExampleKind:
+        return "messages"
+
+
+Example = Union[TextExample, PromptCompletionExample, ChatExample]
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    filename: str
+    file_format: FileFormat
+    kind: ExampleKind
+    examples: tuple[Example, ...]
+
+
+class DatasetFormatError(ValueError):
+    """A rejected upload: ``location`` is e.g. "line 7" or "row 3", "" for the whole file."""
+
+    def __init__(self, filename: str, location: str, reason: str) -> None:
+        self.filename = filename
+        self.location = location
+        self.reason = reason
+        where = f"{filename}: {location}" if location else filename
+        super().__init__(f"{where}: {reason}")
+
+
+class _Invalid(Exception):
+    """Raised by the parsers, which do not know the file name; becomes a DatasetFormatError."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(location, reason)
+        self.location = location
+        self.reason = reason
+
+
+Located = Iterator[tuple[str, Example]]
+
+
+def load_dataset_file(path: str | Path) -> ParsedDataset:
+    path = Path(path)
+    return parse_dataset(path.read_bytes(), path.name)
+
+
+def parse_dataset(data: bytes, filename: str) -> ParsedDataset:
+    """Parse an uploaded file; the extension of ``filename`` picks the format."""
+    try:
+        file_format = _file_format(filename)
+        text = _decode_utf8(data)
+        kind, examples = _collect(_PARSERS[file_format](text), file_format)
+    except _Invalid as problem:
+        raise DatasetFormatError(filename, problem.location, problem.reason) from None
+    return ParsedDataset(filename=filename, file_format=file_format, kind=kind, examples=examples)
+
+
+def _file_format(filename: str) -> FileFormat:
+    suffix = Path(filename).suffix.lower()
+    if suffix in FILE_FORMATS:
+        return FILE_FORMATS[suffix]
+    found = f"the extension {suffix!r}" if suffix else "no extension"
+    raise _Invalid("", f"unsupported file type ({found}); upload a .jsonl (or .ndjson), .csv or .txt file")
+
+
+def _decode_utf8(data: bytes) -> str:
+    """UTF-8 text with any BOM removed and CRLF line ends turned into LF."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8")) + 1
+        raise _Invalid(
+            f"line {line}",
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); save the file as UTF-8",
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line_start = text.rfind("\n", 0, nul) + 1
+        line = text.count("\n", 0, nul) + 1
+        raise _Invalid(
+            f"line {line}",
+            f"contains a NUL byte (column {nul - line_start + 1}); this looks like a binary or UTF-16 file, "
+            "save it as UTF-8 text",
+        )
+    return text.replace("\r\n", "\n")
+
+
+def _collect(located: Located, file_format: FileFormat) -> tuple[ExampleKind, tuple[Example, ...]]:
+    """Gather the examples, checking that the file holds one kind and not too many."""
+    examples: list[Example] = []
+    first_location = ""
+    for location, example in located:
+        if not examples:
+            first_location = location
+        elif example.kind != examples[0].kind:
+            raise _Invalid(
+                location,
+                f"this row is {_KIND_LABELS[example.kind]} but {first_location} is "
+                f"{_KIND_LABELS[examples[0].kind]}; use one format per file",
+            )
+        examples.append(example)
+        if len(examples) > MAX_EXAMPLES:
+            raise _Invalid("", f"more than {MAX_EXAMPLES:,} examples; split the data into smaller files")
+    if not examples:
+        raise _Invalid("", f"no examples found; {_FORMAT_HINTS[file_format]}")
+    return examples[0].kind, tuple(examples)
+
+
+# --- JSONL ---------------------------------------------------------------------------
+
+_JSON_SCHEMAS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+}
+
+
+def _parse_jsonl(text: str) -> Located:
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            location = f"line {number}"
+            yield location, _example_from_json(_load_json_object(line, location), location)
+
+
+def _load_json_object(line: str, location: str) -> dict:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _Invalid(location, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise _Invalid(location, "invalid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        reason = f"expected a JSON object, got {_json_type(value)}"
+        if isinstance(value, list):
+            reason += "; JSONL needs one object per line, not one JSON array for the whole file"
+        raise _Invalid(location, reason)
+    return value
+
+
+def _example_from_json(row: dict, location: str) -> Example:
+    kinds = [kind for kind, fields in _JSON_SCHEMAS.items() if any(field in row for field in fields)]
+    if len(kinds) > 1:
+        present = " and ".join(json.dumps(field) for kind in kinds for field in _JSON_SCHEMAS[kind] if field in row)
+        raise _Invalid(location, f"ambiguous row: it has {present}; use exactly one format per row")
+    if not kinds:
+        found = ", ".join(json.dumps(key) for key in row) or "none"
+        raise _Invalid(location, f'no "text", "prompt"/"completion" or "messages" field (keys found: {found})')
+    return _JSON_ROW_BUILDERS[kinds[0]](row, location)
+
+
+def _text_row(row: dict, location: str) -> TextExample:
+    return TextExample(_json_string(row, "text", location, allow_empty=False))
+
+
+def _prompt_completion_row(row: dict, location: str) -> PromptCompletionExample:
+    for field in ("prompt", "completion"):
+        if field not in row:
+            raise _Invalid(location, f'missing field "{field}"; a prompt/completion row needs both')
+    return PromptCompletionExample(
+        prompt=_json_string(row, "prompt", location, allow_empty=True),
+        completion=_json_string(row, "completion", location, allow_empty=False),
+    )
+
+
+def _messages_row(row: dict, location: str) -> ChatExample:
+    items = row["messages"]
+    if not isinstance(items, list):
+        raise _Invalid(location, f'"messages" must be a list, got {_json_type(items)}')
+    if not items:
+        raise _Invalid(location, '"messages" is an empty list')
+    messages = tuple(_chat_message(item, f'"messages"[{index}]', location) for index, item in enumerate(items))
+    _check_conversation(messages, location)
+    return ChatExample(messages)
+
+
+def _chat_message(item: object, name: str, location: str) -> ChatMessage:
+    if not isinstance(item, dict):
+        raise _Invalid(location, f"{name} must be an object, got {_json_type(item)}")
+    for field in ("role", "content"):
+        if field not in item:
+            raise _Invalid(location, f'{name} has no "{field}"')
+        if not isinstance(item[field], str):
+            raise _Invalid(location, f"{name}.{field} must be a string, got {_json_type(item[field])}")
+    role = item["role"]
+    if role not in CHAT_ROLES:
+        raise _Invalid(location, f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+    if role == "assistant" and not item["content"].strip():
+        raise _Invalid(location, f"{name}.content is empty; an assistant message needs text to train on")
+    return ChatMessage(role=role, content=item["content"])
+
+
+def _check_conversation(messages: tuple[ChatMessage, ...], location: str) -> None:
+    for index, message in enumerate(messages):
+        if message.role == "system" and index > 0:
+            raise _Invalid(location, f'"messages"[{index}] is a system message; only the first message may be one')
+    if messages[0].role == "assistant":
+        # Chat templates cannot render the empty conversation before it, so the start of
+        # this turn in the rendered text could not be found.
+        raise _Invalid(location, '"messages"[0] is an assistant message; start with a system or user message')
+    if not any(message.role == "assistant" for message in messages):
+        raise _Invalid(location, '"messages" has no assistant message; there is nothing to train on')
+
+
+def _json_string(row: dict, field: str, location: str, *, allow_empty: bool) -> str:
+    value = row[field]
+    if not isinstance(value, str):
+        raise _Invalid(location, f'"{field}" must be a string, got {_json_type(value)}')
+    if not allow_empty and not value.strip():
+        raise _Invalid(location, f'"{field}" is empty')
+    return value
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+_JSON_ROW_BUILDERS: dict[str, Callable[[dict, str], Example]] = {
+    "text": _text_row,
+    "prompt_completion": _prompt_completion_row,
+    "messages": _messages_row,
+}
+
+
+# --- CSV -----------------------------------------------------------------------------
+
+_CSV_COLUMNS: dict[str, tuple[str, ...]] = {"text": ("text",), "prompt_completion": ("prompt", "completion")}
+# Columns whose value may be empty; every other required column needs text.
+_CSV_MAY_BE_EMPTY = frozenset({"prompt"})
+
+
+@dataclass(frozen=True)
+class _CsvHeader:
+    kind: ExampleKind
+    positions: dict[str, int]  # required column name -> index in each row
+    width: int  # number of header columns
+
+
+def _parse_csv(text: str) -> Located:
+    if csv.field_size_limit() < CSV_FIELD_SIZE_LIMIT:
+        csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
+    rows = _csv_rows(text)
+    first = next(rows, None)
+    if first is None:
+        return
+    header = _csv_header(*first)
+    for number, fields in rows:
+        yield f"row {number}", _csv_example(header, fields, f"row {number}")
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Non-empty rows numbered as a spreadsheet shows them (the first row is row 1)."""
+    # strict: an unclosed quote is an error instead of swallowing the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    number = 0
+    while True:
+        number += 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _Invalid(
+                f"row {number}",
+                f"malformed CSV: {exc}; put fields that contain commas, quotes or line breaks in double "
+                'quotes and write a quote inside them as ""',
+            ) from None
+        if any(field.strip() for field in fields):
+            yield number, fields
+
+
+def _csv_header(number: int, fields: list[str]) -> _CsvHeader:
+    names = [field.strip() for field in fields]
+    location = f"row {number}"
+    found = ", ".join(repr(name) for name in names)
+    kinds = [kind for kind, columns in _CSV_COLUMNS.items() if any(column in names for column in columns)]
+    if len(kinds) > 1:
+        raise _Invalid(
+            location,
+            f"the header has both 'text' and 'prompt'/'completion' columns; keep one format (columns found: {found})",
+        )
+    if not kinds:
+        raise _Invalid(
+            location,
+            f"missing column 'text' (or columns 'prompt' and 'completion'); columns found: {found}; "
+            "the first row must be a header and column names are lowercase",
+        )
+    required = _CSV_COLUMNS[kinds[0]]
+    for column in required:
+        if column not in names:
+            raise _Invalid(location, f"missing column {column!r}; columns found: {found}")
+        if names.count(column) > 1:
+            raise _Invalid(location, f"column {column!r} appears {names.count(column)} times; keep one")
+    return _CsvHeader(kind=kinds[0], positions={column: names.index(column) for column in required}, width=len(names))
+
+
+def _csv_example(header: _CsvHeader, fields: list[str], location: str) -> Example:
+    if len(fields) > header.width:
+        raise _Invalid(
+            location,
+            f"{len(fields)} fields but the header has {header.width} columns; put fields that contain commas "
+            "in double quotes",
+        )
+    values = {}
+    for column, position in header.positions.items():
+        if position >= len(fields):
+            raise _Invalid(location, f"missing column {column!r} (the row has {len(fields)} of {header.width} fields)")
+        if column not in _CSV_MAY_BE_EMPTY and not fields[position].strip():
+            raise _Invalid(location, f"column {column!r} is empty")
+        values[column] = fields[position]
+    if header.kind == "text":
+        return TextExample(values["text"])
+    return PromptCompletionExample(prompt=values["prompt"], completion=values["completion"])
+
+
+# --- plain text ----------------------------------------------------------------------
+
+
+def _parse_txt(text: str) -> Located:
+    block: list[str] = []
+    block_number = start_line = 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip()
+        if line:
+            if not block:
+                block_number, start_line = block_number + 1, number
+            block.append(line)
+        elif block:
+            yield f"block {block_number} (line {start_line})", TextExample("\n".join(block))
+            block = []
+    if block:
+        yield f"block {block_number} (line {start_line})", TextExample("\n".join(block))
+
+
+_PARSERS: dict[str, Callable[[str], Located]] = {"jsonl": _parse_jsonl, "csv": _parse_csv, "txt": _parse_txt}

@@ -1,0 +1,136 @@
+"""Text generation with the trunk on a trunk server: Bottom and Top here, each with a KV cache,
+and the trunk's own KV cache in an inference session. Each new token costs one position
+on every side.
+
+With a merged adapter, Bottom and Top get their LoRA from ``peft`` and the trunk's LoRA
+weights are sent to the inference session, so the answer is the one the unsplit model
+with the adapter gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from .adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .architectures import family_for
+from .generation import GenerationSettings
+from .lora import LoraSettings
+from .parts import split_model
+from .remote_trunk import check_trunk_serves, spec_from_info
+from .trunk_client import TrunkClient
+
+TRUNK_ADAPTER_PREFIX = "adapter."
+
+
+def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
+    """The LoraSettings of a PEFT adapter directory (for the trunk's share of it)."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the adapter config {path}: {exc}") from exc
+    targets = config.get("target_modules") or ()
+    if isinstance(targets, str):
+        raise ValueError(f"{path}: target_modules is a pattern ({targets!r}); split inference needs a list of "
+                         "module names")
+    return LoraSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]),
+                        dropout=float(config.get("lora_dropout", 0.0)),
+                        target_modules=tuple(sorted(t.rsplit(".", 1)[-1] for t in targets)),
+                        use_dora=bool(config.get("use_dora", False)), use_rslora=bool(config.get("use_rslora", False)))
+
+
+def _layer_of(key: str, layers_marker: str) -> int | None:
+    head, found, tail = key.partition(layers_marker)
+    if not found:
+        return None
+    index = tail.split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+class SplitGenerator:
+    """Generate through a trunk server; one inference session per ``generate`` call."""
+
+    def __init__(self, model_dir: str | os.PathLike, client: TrunkClient,
+                 adapter_dir: str | os.PathLike | None = None) -> None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model.eval()
+        self.config = model.config
+        self.family = family_for(model.config)
+        info = client.info()
+        spec = spec_from_info(info)
+        bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
+        check_trunk_serves(info, model.config, self.family, trunk)
+        del trunk
+        self.trunk_lora: LoraSettings | None = None
+        self.trunk_weights: bytes | None = None
+        if adapter_dir is not None:
+            # peft injects the LoRA layers into the modules the parts share with ``model``.
+            PeftModel.from_pretrained(model, adapter_dir).eval()
+            self._trunk_share(adapter_dir, range(info.trunk_start, info.trunk_end))
+        self.bottom, self.top = bottom, top
+        self.client = client
+        self.generation_config = model.generation_config
+
+    def _trunk_share(self, adapter_dir, trunk_layers: range) -> None:
+        weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+        marker = f".{self.family.layers_attr}."
+        trunk = {k: v for k, v in weights.items() if _layer_of(k, marker) in trunk_layers}
+        if trunk:
+            self.trunk_lora = adapter_lora_settings(adapter_dir)
+            self.trunk_weights = save({TRUNK_ADAPTER_PREFIX + k: v for k, v in trunk.items()})
+
+    def _eos_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        eos = self.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return ids
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                 settings: GenerationSettings = GenerationSettings()) -> Iterator[int]:
+        """Yield new token ids one by one for a (1, seq) prompt; stops at an end-of-sequence token."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"generate takes one prompt of shape (1, seq), got {tuple(input_ids.shape)}")
+        eos_ids = self._eos_ids(tokenizer)
+        generator = torch.Generator().manual_seed(settings.seed)
+        top_p = TopPLogitsWarper(settings.top_p) if settings.top_p < 1.0 else None
+        bottom_cache, top_cache = DynamicCache(config=self.config), DynamicCache(config=self.config)
+        self.client.open_session(self.trunk_lora, inference=True, label="generate")
+        try:
+            if self.trunk_weights is not None:
+                self.client.import_state(0, self.trunk_weights)
+            mask = torch.ones_like(input_ids)
+            new_ids = input_ids
+            for position in range(settings.max_new_tokens):
+                hidden = self.bottom(new_ids, mask, past_key_values=bottom_cache, use_cache=True)
+                hidden = self.client.infer(position, hidden, mask)  # (1, new, hidden)
+                logits = self.top(hidden, mask, past_key_values=top_cache, use_cache=True,
+                                  logits_to_keep=1).logits[:, -1, :]  # (1, vocab)
+                token = self._choose(logits, settings, top_p, generator)
+                yield token
+                if token in eos_ids:
+                    return
+                new_ids = torch.tensor([[token]])
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        finally:
+            self.client.close_session()
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, settings: GenerationSettings, top_p, generator) -> int:
+        if settings.temperature == 0:
+            return int(logits.argmax(dim=-1))
+        scores = logits.float() / settings.temperature
+        if top_p is not None:
+            scores = top_p(None, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
