@@ -226,8 +226,15 @@ class TrunkClient:
     def __enter__(self) -> TrunkClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close_session_quietly(self) -> None:
+        """Close the session if the trunk can be reached; otherwise it expires on the trunk by itself."""
         try:
             self.close_session()
+        except TrunkError as error:
+            log.warning("could not close the trunk session (%s); it will expire on the trunk", error)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.close_session_quietly()
         finally:
             self.close()

@@ -16,10 +16,10 @@ from splitcore import LoraSettings, export_parts_adapter
 from splitcore.generation import GenerationSettings, generate_text
 
 
-def splitcore_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def splitcore_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the CLI; output decoded without newline translation (generated text may hold a bare \\r)."""
     result = subprocess.run([sys.executable, "-m", "splitcore", *args], capture_output=True,
-                            cwd=PROJECT_ROOT, timeout=timeout)
+                            cwd=PROJECT_ROOT, timeout=timeout, env=env)
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 

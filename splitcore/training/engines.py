@@ -193,7 +193,7 @@ class SplitEngine(Engine):
         return self.client.bytes_sent + self.client.bytes_received
 
     def close(self):
-        self.client.close_session()
+        self.client.close_session_quietly()
 
 
 def trunk_adapter_state(exported: bytes) -> dict[str, torch.Tensor]:

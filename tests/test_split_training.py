@@ -1,0 +1,252 @@
+"""Split training and generation against a real trunk server process on a loopback port.
+
+The split run must train exactly what the local (monolithic peft) run trains, survive a
+trunk that dies mid-run (resume from the last checkpoint on a new trunk), and its
+adapter must generate through the trunk what the unsplit model with the adapter generates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_cli import splitcore_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trunk_process import start_trunk
+
+from splitcore import LoraSettings
+from splitcore.data_formats import load_dataset_file
+from splitcore.generation import GenerationSettings, encode_prompt
+from splitcore.split_generation import SplitGenerator
+from splitcore.split_spec import SplitSpec
+from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
+from splitcore.training.batches import prepare_training_data
+from splitcore.trunk_client import RetryPolicy, TrunkClient, TrunkError
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def trunk(tiny_dirs, tmp_path_factory):
+    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "6")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
+    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def train_cli(tiny_dirs, dataset, out, *where, extra=()):
+    metrics = out / "metrics.jsonl"
+    result = splitcore_cli(
+        "train", "--model", str(tiny_dirs["llama"]), "--data", str(dataset), "--out", str(out), *where,
+        "--steps", str(STEPS), "--batch-size", "3", "--grad-accum", "2", "--seq-len", "32", "--lr", "2e-2",
+        "--warmup", "2", "--schedule", "cosine", "--max-grad-norm", "0.5", "--lora-r", "4", "--lora-alpha", "8",
+        "--lora-dropout", "0", "--val-fraction", "0.2", "--eval-every", "5", "--metrics-jsonl", str(metrics),
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def trunk_args(trunk):
+    return ("--trunk", trunk.address, "--token", trunk.token)
+
+
+@pytest.mark.parametrize("trunk_lora", [True, False], ids=["trunk-lora", "frozen-trunk"])
+def test_split_training_over_grpc_equals_local_training(tiny_dirs, dataset, trunk, tmp_path, trunk_lora):
+    extra = () if trunk_lora else ("--no-trunk-lora",)
+    local_steps, local_val = train_cli(tiny_dirs, dataset, tmp_path / "local", "--local", extra=extra)
+    split_steps, split_val = train_cli(tiny_dirs, dataset, tmp_path / "split", *trunk_args(trunk), extra=extra)
+
+    assert [r["step"] for r in split_steps] == list(range(1, STEPS + 1))
+    assert any(r["grad_norm"] > 0.5 for r in split_steps), "clipping must take part"
+    for ours, theirs in zip(split_steps, local_steps, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), ours["step"]
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5), ours["step"]
+        assert ours["lr"] == theirs["lr"]
+        assert ours["wire_bytes"] > 0 and theirs["wire_bytes"] == 0
+        assert set(ours) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "wire_bytes", "elapsed_s"}
+    assert split_steps[-1]["loss"] < split_steps[0]["loss"]
+    assert [r["step"] for r in split_val] == [5, 10]
+    assert [r["val_loss"] for r in split_val] == pytest.approx([r["val_loss"] for r in local_val], rel=1e-5)
+
+    ours = load_file(str(tmp_path / "split" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "local" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+    trunk_keys = [k for k in ours if any(f".layers.{i}." in k for i in (2, 3))]
+    assert bool(trunk_keys) == trunk_lora
+    args = json.loads((tmp_path / "split" / "training_args.json").read_text())
+    assert args["mode"] == "split" and args["train_trunk_lora"] is trunk_lora and args["batch_size"] == 3
+
+
+def make_run(tiny_dirs, dataset, client=None, seed=0, checkpoint_dir=None, callbacks=()):
+    config = TrainConfig(lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_steps=STEPS, batch_size=3, grad_accum=2,
+                         seq_len=32, learning_rate=2e-2, max_grad_norm=0.5, seed=seed, checkpoint_every=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    data = prepare_training_data(tokenizer, load_dataset_file(dataset).examples, config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    engine = SplitEngine(model, config, client) if client else LocalEngine(model, config, SplitSpec(6, 2, 2))
+    return SplitTrainer(engine, config, data, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
+                        callbacks=callbacks)
+
+
+def losses_of(events):
+    return {e.step: e.loss for e in events if isinstance(e, StepMetrics)}
+
+
+def test_trunk_killed_mid_run_then_resumed_on_a_new_trunk_equals_an_uninterrupted_run(tiny_dirs, dataset,
+                                                                                      tmp_path):
+    straight = []
+    make_run(tiny_dirs, dataset, callbacks=[straight.append]).run()
+
+    doomed = start_trunk(tiny_dirs["llama"], tmp_path)
+    before = []
+
+    def kill_after_step_5(event):
+        before.append(event)
+        if isinstance(event, StepMetrics) and event.step == 5:
+            doomed.process.kill()  # SIGKILL: no goodbye to the client
+            doomed.process.wait()
+
+    fast_fail = RetryPolicy(attempts=2, initial_backoff_s=0.1)
+    with TrunkClient(doomed.address, doomed.token, retry=fast_fail) as client:
+        with pytest.raises(TrunkError, match="UNAVAILABLE"):
+            make_run(tiny_dirs, dataset, client, checkpoint_dir=tmp_path / "ckpt",
+                     callbacks=[kill_after_step_5]).run()
+    assert max(losses_of(before)) == 5
+
+    fresh = start_trunk(tiny_dirs["llama"], tmp_path)
+    try:
+        after = []
+        with TrunkClient(fresh.address, fresh.token) as client:
+            trainer = make_run(tiny_dirs, dataset, client, checkpoint_dir=tmp_path / "ckpt",
+                               callbacks=[after.append])
+            result = trainer.run(resume_from=tmp_path / "ckpt")
+            assert sorted(losses_of(after)) == list(range(4, STEPS + 1)), "resumed from the step-3 checkpoint"
+            trainer.export_adapter(tmp_path / "adapter", str(tiny_dirs["llama"]))
+    finally:
+        fresh.stop()
+    expected = losses_of(straight)
+    assert result.status == "completed" and result.step == STEPS
+    assert result.loss == pytest.approx(expected[STEPS], rel=1e-5)
+    for step, loss in losses_of(after).items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_two_concurrent_split_runs_on_one_trunk_each_equal_their_local_runs(tiny_dirs, dataset, trunk):
+    local = {}
+    for seed in (1, 2):
+        events = []
+        make_run(tiny_dirs, dataset, seed=seed, callbacks=[events.append]).run()
+        local[seed] = losses_of(events)
+    # Models load one after the other: transformers' from_pretrained is not thread-safe.
+    clients = {seed: TrunkClient(trunk.address, trunk.token) for seed in (1, 2)}
+    events = {seed: [] for seed in (1, 2)}
+    trainers = {seed: make_run(tiny_dirs, dataset, clients[seed], seed=seed, callbacks=[events[seed].append])
+                for seed in (1, 2)}
+    errors = []
+
+    def worker(seed):
+        try:
+            with clients[seed]:
+                trainers[seed].run()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors
+    assert local[1] != local[2]
+    split = {seed: losses_of(events[seed]) for seed in (1, 2)}
+    for seed in (1, 2):
+        assert list(split[seed]) == list(range(1, STEPS + 1))
+        assert [split[seed][s] for s in split[seed]] == pytest.approx([local[seed][s] for s in split[seed]],
+                                                                      rel=1e-5)
+
+
+def test_split_generation_gives_the_greedy_tokens_of_the_unsplit_model_with_the_adapter(tiny_dirs, dataset, trunk,
+                                                                                        tmp_path):
+    train_cli(tiny_dirs, dataset, tmp_path / "run", *trunk_args(trunk))
+    adapter = tmp_path / "run"
+    model_dir = tiny_dirs["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    settings = GenerationSettings(max_new_tokens=12)
+    prompt = "Q: what is 4 plus 4?\nA:"
+    input_ids = encode_prompt(tokenizer, prompt, chat=False)
+
+    def local_tokens(with_adapter):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if with_adapter:
+            model = PeftModel.from_pretrained(model, adapter)
+        output = model.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return output[0, input_ids.shape[1]:].tolist()
+
+    with TrunkClient(trunk.address, trunk.token) as client:
+        split_adapted = list(SplitGenerator(model_dir, client, adapter).generate(input_ids, tokenizer, settings))
+        split_base = list(SplitGenerator(model_dir, client).generate(input_ids, tokenizer, settings))
+    assert split_adapted == local_tokens(True)
+    assert split_base == local_tokens(False)
+    assert split_adapted != split_base, "the adapter must change the answer for the comparison to mean something"
+
+    env_token = {**os.environ, "TRUNK_TOKEN": trunk.token}
+    result = splitcore_cli("generate", "--model", str(model_dir), "--adapter", str(adapter), "--prompt", prompt,
+                           "--max-new-tokens", "12", "--trunk", trunk.address, env=env_token)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.rstrip("\n") == tokenizer.decode(split_adapted, skip_special_tokens=True)
+
+
+def test_train_cli_reports_what_is_wrong(tiny_dirs, dataset, trunk, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
+    common = ("train", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path / "out"), "--steps", "1")
+    cases = [
+        ((*common, "--data", str(bad), "--local"), "bad.jsonl: line 2: invalid JSON"),
+        ((*common, "--data", str(dataset), "--local", "--trunk", trunk.address), "either --trunk HOST:PORT or --local"),
+        ((*common, "--data", str(dataset), "--trunk", "no-port"), "--trunk must be HOST:PORT"),
+        ((*common, "--data", str(dataset), "--trunk", trunk.address, "--token", "not-the-token"),
+         "UNAUTHENTICATED"),
+        ((*common, "--data", str(dataset), "--local", "--lora-r", "0"), "LoRA rank r must be an integer"),
+        ((*common, "--data", str(dataset), "--local", "--resume", str(tmp_path)), "holds no step-* checkpoint"),
+        (("train", "--model", str(tiny_dirs["gpt2"]), "--out", str(tmp_path / "out"), "--steps", "1",
+          "--data", str(dataset), "--trunk", trunk.address, "--token", trunk.token),
+         "serves a llama model; this model is gpt2"),
+    ]
+    for args, message in cases:
+        result = splitcore_cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr, (message, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_train_cli_resume_rewrites_the_metrics_after_the_checkpoint(tiny_dirs, dataset, tmp_path):
+    out = tmp_path / "run"
+    steps, _ = train_cli(tiny_dirs, dataset, out, "--local", extra=("--checkpoint-every", "4"))
+    metrics = out / "metrics.jsonl"
+    full = metrics.read_text()
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    resumed_steps, _ = train_cli(tiny_dirs, dataset, out, "--local",
+                                 extra=("--checkpoint-every", "4", "--resume", str(out / "checkpoints" / "step-00000008")))
+    assert [r["step"] for r in resumed_steps] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed_steps] == pytest.approx([r["loss"] for r in steps], rel=1e-5)
+    assert len(metrics.read_text().splitlines()) == len(full.splitlines())
+    resumed = load_file(str(out / "adapter_model.safetensors"))
+    assert resumed.keys() == adapter.keys()
+    assert max((resumed[k] - adapter[k]).abs().max().item() for k in adapter) <= 1e-6
