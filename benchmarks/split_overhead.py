@@ -1,0 +1,162 @@
+"""What splitting costs: step time split vs local, bytes on the wire, encoding drift, trunk memory.
+
+Runs the default model (SmolLM2-135M-Instruct) with a batch of 8 x 256 tokens by default:
+the local baseline in this process, then split runs against a trunk server in its own
+process on loopback, one per wire encoding. Prints
+
+- median local and split (fp32) step times and their ratio (target: <= 1.05);
+- wire bytes per optimizer step for each encoding;
+- how far the bf16 / fp16 / int8 losses drift from the fp32 losses after the run;
+- the trunk's resident memory with 1 and with 8 open training sessions.
+
+    .venv/bin/python benchmarks/split_overhead.py [--steps 20] [--batch-size 8] [--seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from splitcore import LoraSettings, default_model  # noqa: E402
+from splitcore.examples import TokenizedExample  # noqa: E402
+from splitcore.remote_trunk import spec_from_info  # noqa: E402
+from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig  # noqa: E402
+from splitcore.training.batches import TrainingData  # noqa: E402
+from splitcore.trunk_client import TrunkClient  # noqa: E402
+from splitcore.wire import FLOAT_ENCODINGS  # noqa: E402
+from trunk_server.launcher import start_trunk  # noqa: E402
+
+WORDS = ("split learning keeps every token of the data with its owner while a remote trunk computes the middle "
+         "layers of the model and returns hidden states and gradients").split()
+
+
+def synthetic_data(tokenizer, batch_size: int, seq_len: int, seed: int = 0) -> TrainingData:
+    """``batch_size`` examples of exactly ``seq_len`` tokens: one full batch per micro-batch."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(batch_size):
+        ids: list[int] = []
+        while len(ids) < seq_len:
+            ids += tokenizer(" ".join(rng.choices(WORDS, k=64)), add_special_tokens=False).input_ids
+        ids = ids[:seq_len]
+        examples.append(TokenizedExample(input_ids=tuple(ids), labels=tuple(ids), full_length=seq_len))
+    return TrainingData(train=tuple(examples), val=(), dropped=0)
+
+
+def run(engine, config, data, pad_id) -> list[StepMetrics]:
+    steps: list[StepMetrics] = []
+    SplitTrainer(engine, config, data, pad_id, callbacks=[lambda e: steps.append(e) if isinstance(
+        e, StepMetrics) else None]).run()
+    engine.close()
+    return steps
+
+
+def median_step_s(steps: list[StepMetrics]) -> float:
+    durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:])]  # the first step warms up
+    return statistics.median(durations)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc")
+
+
+def trunk_memory(model_dir: Path, log_dir: Path, lora: LoraSettings, sessions: int) -> float:
+    """Trunk RSS after opening ``sessions`` training sessions and running one step in each."""
+    trunk = start_trunk(model_dir, log_dir, "--max-sessions", str(max(sessions, 1)))
+    clients = []
+    try:
+        for seed in range(sessions):
+            client = TrunkClient(trunk.address, trunk.token)
+            clients.append(client)
+            client.open_session(lora, seed=seed)
+            info = client.info()
+            hidden = torch.randn(1, 16, info.hidden_size)
+            mask = torch.ones(1, 16, dtype=torch.long)
+            client.forward(1, 0, hidden, mask)
+            client.backward(1, 0, torch.randn_like(hidden), hidden, mask)
+            client.step(1, 1e-4)
+        return rss_mib(trunk.pid)
+    finally:
+        for client in clients:
+            client.close_session_quietly()
+            client.close()
+        trunk.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model directory (default: the prepared default model)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--bottom-layers", type=int, default=2)
+    parser.add_argument("--top-layers", type=int, default=2)
+    args = parser.parse_args()
+    model_dir = args.model or default_model.prepare_default_model()
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = synthetic_data(tokenizer, args.batch_size, args.seq_len)
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    print(f"model {model_dir.name}, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
+          f"split {args.bottom_layers}/{args.top_layers}, {torch.get_num_threads()} torch threads", flush=True)
+
+    def config(encoding: str) -> TrainConfig:
+        return TrainConfig(lora=lora, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           learning_rate=2e-4, wire_encoding=encoding)
+
+    local = run(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config("fp32")), config("fp32"),
+                data, pad_id)
+    print(f"local: median step {median_step_s(local):.3f} s, final loss {local[-1].loss:.5f}", flush=True)
+
+    split: dict[str, list[StepMetrics]] = {}
+    with tempfile.TemporaryDirectory() as log_dir:
+        trunk = start_trunk(model_dir, Path(log_dir), n_bottom=args.bottom_layers, n_top=args.top_layers)
+        try:
+            for encoding in FLOAT_ENCODINGS:
+                client = TrunkClient(trunk.address, trunk.token, wire_encoding=encoding)
+                spec = spec_from_info(client.info())
+                assert (spec.n_bottom, spec.n_top) == (args.bottom_layers, args.top_layers)
+                model = AutoModelForCausalLM.from_pretrained(model_dir)
+                split[encoding] = run(SplitEngine(model, config(encoding), client), config(encoding), data, pad_id)
+                client.close()
+                print(f"split {encoding}: median step {median_step_s(split[encoding]):.3f} s, "
+                      f"final loss {split[encoding][-1].loss:.5f}", flush=True)
+        finally:
+            trunk.stop()
+        one = trunk_memory(model_dir, Path(log_dir), lora, 1)
+        eight = trunk_memory(model_dir, Path(log_dir), lora, 8)
+
+    local_s, split_s = median_step_s(local), median_step_s(split["fp32"])
+    print()
+    print(f"step time: local {local_s:.3f} s, split (fp32) {split_s:.3f} s, split/local = {split_s / local_s:.3f}")
+    fp32 = split["fp32"]
+    print(f"fp32 split vs local, max relative loss difference: "
+          f"{max(abs(a.loss - b.loss) / b.loss for a, b in zip(fp32, local)):.2e}")
+    print(f"{'encoding':>8} {'MiB/step':>9} {'vs fp32':>8} {'final loss':>11} {'drift@last':>11} {'max drift':>10}")
+    for encoding, steps in split.items():
+        per_step = statistics.median(s.wire_bytes for s in steps)
+        drift_last = abs(steps[-1].loss - fp32[-1].loss) / fp32[-1].loss
+        drift_max = max(abs(a.loss - b.loss) / b.loss for a, b in zip(steps, fp32))
+        print(f"{encoding:>8} {per_step / 2**20:9.2f} {per_step / statistics.median(s.wire_bytes for s in fp32):8.3f} "
+              f"{steps[-1].loss:11.5f} {drift_last:11.2e} {drift_max:10.2e}")
+    print(f"trunk resident memory: {one:.0f} MiB with 1 session, {eight:.0f} MiB with 8 sessions "
+          f"(+{(eight - one) / 7:.1f} MiB per extra session)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
