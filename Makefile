@@ -35,8 +35,10 @@ proto: install
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model
 
+# The web settings need a SECRET_KEY outside debug; tests get a fresh one per run.
 test: install
-	$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+	SECRET_KEY="$${SECRET_KEY:-$$($(VENV_PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')}" \
+		$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -63,7 +63,9 @@ class TrunkClient:
         retry: RetryPolicy = RetryPolicy(),
         root_certificates: bytes | None = None,
         max_message_bytes: int = 8 << 20,
+        use_tls: bool = False,
     ) -> None:
+        """TLS when ``use_tls`` or ``root_certificates`` (PEM of the CA; None: the system's roots)."""
         self.address = address
         self.wire_encoding = check_encoding(wire_encoding)
         self.timeout_s = timeout_s
@@ -73,7 +75,7 @@ class TrunkClient:
         self._metadata = (("authorization", f"Bearer {token}"),)
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        if root_certificates is not None:
+        if use_tls or root_certificates is not None:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
         else:
             self._channel = grpc.insecure_channel(address, options)

@@ -16,6 +16,8 @@ from splitcore.tiny_models import TinyModelSpec, build_tokenizer, write_tiny_mod
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["web_fixtures"]
+
 # Every family the registry claims; GPT-2 and Llama also exist as tiny models on disk.
 ARCHS = ("gpt2", "llama", "mistral", "qwen2")
 

@@ -1,0 +1,223 @@
+"""Training jobs end to end: a real Redis, a real Celery worker process, a real trunk server.
+
+Upload -> job -> the worker trains it through the trunk -> metrics rows -> the adapter zip
+loads with peft. Cancel and resume; a trunk that is down fails the job with a message; a
+redelivered task never runs a job twice; other users see nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel
+from rest_framework.test import APIClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
+
+from webapp.datasets.models import Dataset
+from webapp.training import runner
+from webapp.training.models import Job, MetricPoint
+from webapp.training.tasks import run_job
+from webapp.trunks.models import TrunkServer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(24)]
+
+
+def jsonl_file(name="sums.jsonl"):
+    data = ("\n".join(json.dumps(r) for r in ROWS) + "\n").encode()
+    return io.BytesIO(data), name
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_user("owner", password="owner-pass-123")
+
+
+@pytest.fixture
+def other(django_user_model):
+    return django_user_model.objects.create_user("other", password="other-pass-123")
+
+
+@pytest.fixture
+def api(owner):
+    client = APIClient()
+    client.force_authenticate(owner)
+    return client
+
+
+def upload(api) -> int:
+    content, name = jsonl_file()
+    content.name = name
+    response = api.post("/api/datasets/", {"file": content, "name": "sums"}, format="multipart")
+    assert response.status_code == 201, response.content
+    return response.json()["id"]
+
+
+JOB = {"base_model": TINY_MODEL_ID, "max_steps": 6, "batch_size": 2, "grad_accum_steps": 2, "max_seq_length": 32,
+       "learning_rate": 0.02, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "val_fraction": 0.2}
+
+
+def test_upload_train_download_and_load_the_adapter(client, owner, registered_trunk, celery_worker, tmp_path):
+    client.force_login(owner)
+    api = APIClient()
+    api.force_authenticate(owner)
+    dataset_id = upload(api)
+
+    response = client.post("/jobs/new/", {**JOB, "dataset": dataset_id, "train_trunk_lora": "on",
+                                          "lr_schedule": "cosine", "wire_encoding": "fp32", "seed": 0,
+                                          "warmup_steps": 1})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    job = Job.objects.get(owner=owner)
+    assert response["Location"] == f"/jobs/{job.pk}/"
+
+    job = wait_for_job(job.pk, worker=celery_worker)
+    assert job.status == "succeeded", job.error_message
+    assert job.current_step == job.total_steps == 6 and job.attempts == 1
+    assert job.trunk == registered_trunk and job.started_at and job.finished_at
+    steps = list(MetricPoint.objects.filter(job=job, kind="train").values_list("step", flat=True))
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert MetricPoint.objects.filter(job=job, kind="eval").exists()
+    assert all(p.wire_bytes > 0 for p in MetricPoint.objects.filter(job=job, kind="train"))
+
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "succeeded" in page and f"/jobs/{job.pk}/adapter/" in page
+
+    response = client.get(f"/jobs/{job.pk}/adapter/")
+    assert response.status_code == 200 and response["Content-Type"] == "application/zip"
+    bundle = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    assert sorted(bundle.namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                         "metrics.csv", "training_args.json"]
+    card = bundle.read("README.md").decode()
+    assert TINY_MODEL_ID in card and "PeftModel.from_pretrained" in card and "sums" in card
+    assert json.loads(bundle.read("training_args.json"))["max_steps"] == 6
+    assert bundle.read("metrics.csv").decode().splitlines()[0].startswith("step,kind,loss")
+    bundle.extractall(tmp_path / "adapter")
+
+    model_dir = registered_trunk_model_dir()
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("Q: what is 3 plus 3?\nA:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(ids).logits
+    assert (adapted - before).abs().max().item() > 1e-3
+
+
+def registered_trunk_model_dir():
+    from django.conf import settings
+
+    return settings.MODELS_DIR / TINY_MODEL_ID
+
+
+def test_api_creates_lists_and_reports_field_errors(api, owner, other, registered_trunk, celery_worker):
+    dataset_id = upload(api)
+    foreign = Dataset.objects.create(owner=other, name="theirs", file="x.jsonl", original_filename="x.jsonl",
+                                     file_format="jsonl", kind="text", num_examples=1, size_bytes=1, sha256="0")
+
+    bad = api.post("/api/jobs/", {"dataset": dataset_id, "batch_size": 0, "lr_schedule": "step"}, format="json")
+    assert bad.status_code == 400
+    errors = bad.json()
+    assert "batch_size" in errors and "lr_schedule" in errors
+    assert api.post("/api/jobs/", {}, format="json").json()["dataset"] == ["This field is required."]
+    not_mine = api.post("/api/jobs/", {**JOB, "dataset": foreign.pk}, format="json")
+    assert not_mine.status_code == 400 and "dataset" in not_mine.json()
+    assert not Job.objects.exists(), "nothing is stored for a rejected job"
+
+    created = api.post("/api/jobs/", {**JOB, "dataset": dataset_id}, format="json")
+    assert created.status_code == 201, created.content
+    job_id = created.json()["id"]
+    assert created.json()["train_trunk_lora"] is True, "omitted fields take the form's defaults"
+    assert [j["id"] for j in api.get("/api/jobs/").json()["results"]] == [job_id]
+    job = wait_for_job(job_id, worker=celery_worker)
+    assert job.status == "succeeded", job.error_message
+
+    detail = api.get(f"/api/jobs/{job_id}/").json()
+    assert detail["status"] == "succeeded" and detail["adapter_url"] == f"/api/jobs/{job_id}/adapter/"
+    metrics = api.get(f"/api/jobs/{job_id}/metrics/").json()
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    later = api.get(f"/api/jobs/{job_id}/metrics/?after=4").json()
+    assert [m["step"] for m in later if m["kind"] == "train"] == [5, 6] and all(m["step"] > 4 for m in later)
+    assert api.get(f"/api/jobs/{job_id}/metrics/?after=x").status_code == 400
+    assert api.get(f"/api/jobs/{job_id}/adapter/").status_code == 200
+    assert api.post(f"/api/jobs/{job_id}/cancel/").status_code == 409
+
+
+def test_cancel_a_running_job_then_resume_it_from_its_checkpoint(api, owner, registered_trunk, celery_worker):
+    dataset_id = upload(api)
+    job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "max_steps": 40}, format="json").json()["id"]
+    wait_for_job(job_id, condition=lambda j: j.current_step >= 3, worker=celery_worker)
+    assert api.post(f"/api/jobs/{job_id}/cancel/").json()["cancel_requested"] is True
+    job = wait_for_job(job_id, worker=celery_worker)
+    assert job.status == "cancelled" and job.current_step < 40
+    assert "resume" in job.error_message
+    stopped_at = job.current_step
+    assert (job.checkpoint_dir / f"step-{stopped_at:08d}").is_dir(), "cancel keeps a checkpoint"
+
+    assert api.post(f"/api/jobs/{job_id}/resume/").json()["status"] == "queued"
+    job = wait_for_job(job_id, worker=celery_worker)
+    assert job.status == "succeeded", job.error_message
+    steps = list(MetricPoint.objects.filter(job=job, kind="train").values_list("step", flat=True))
+    assert steps == list(range(1, 41)), "every step once: no gap, no repeat"
+    assert job.attempts == 2
+
+
+def test_a_job_whose_trunk_is_down_fails_with_a_clear_message(api, owner, celery_worker, web_trunk):
+    dead = TrunkServer.objects.create(name="dead", address="127.0.0.1:9", token=web_trunk.token,
+                                      status=TrunkServer.Status.UP, model_id=TINY_MODEL_ID, max_sessions=4,
+                                      active_sessions=0)
+    dataset_id = upload(api)
+    job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": dead.pk}, format="json").json()["id"]
+    job = wait_for_job(job_id, timeout=120, worker=celery_worker)
+    assert job.status == "failed"
+    assert f"the trunk server dead at 127.0.0.1:9 could not be reached after waiting {WORKER_TRUNK_WAIT_S} s" \
+        in job.error_message
+    assert "resume" in job.error_message
+
+
+def test_a_redelivered_task_never_runs_a_job_twice(api, owner, registered_trunk, celery_worker):
+    dataset_id = upload(api)
+    job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id}, format="json").json()["id"]
+    run_job.delay(job_id)  # the same message delivered again
+    run_job.delay(job_id)
+    job = wait_for_job(job_id, worker=celery_worker)
+    assert job.status == "succeeded"
+    assert job.attempts == 1
+    assert list(MetricPoint.objects.filter(job=job, kind="train").values_list("step", flat=True)) == list(range(1, 7))
+    assert runner.claim(job_id) is False, "a finished job cannot be claimed"
+
+
+def test_other_users_and_anonymous_clients_see_nothing(client, owner, other, registered_trunk, celery_worker):
+    api = APIClient()
+    api.force_authenticate(owner)
+    dataset_id = upload(api)
+    job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id}, format="json").json()["id"]
+    wait_for_job(job_id, worker=celery_worker)
+
+    client.force_login(other)
+    for url in (f"/jobs/{job_id}/", f"/jobs/{job_id}/adapter/"):
+        assert client.get(url).status_code == 404, url
+    for url in (f"/jobs/{job_id}/cancel/", f"/jobs/{job_id}/resume/"):
+        assert client.post(url).status_code == 404, url
+    assert f"/jobs/{job_id}/" not in client.get("/jobs/").content.decode()
+    intruder = APIClient()
+    intruder.force_authenticate(other)
+    for url in (f"/api/jobs/{job_id}/", f"/api/jobs/{job_id}/metrics/", f"/api/jobs/{job_id}/adapter/"):
+        assert intruder.get(url).status_code == 404, url
+    for url in (f"/api/jobs/{job_id}/cancel/", f"/api/jobs/{job_id}/resume/"):
+        assert intruder.post(url).status_code == 404, url
+    assert intruder.get("/api/jobs/").json()["results"] == []
+
+    anonymous = APIClient()
+    for url in (f"/api/jobs/{job_id}/", "/api/jobs/", f"/api/jobs/{job_id}/adapter/"):
+        assert anonymous.get(url).status_code in (401, 403), url
+    client.logout()
+    for url in ("/jobs/", f"/jobs/{job_id}/", f"/jobs/{job_id}/adapter/", "/jobs/new/"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/"), url
+    assert Job.objects.get(pk=job_id).status == "succeeded", "nothing the others did changed the job"

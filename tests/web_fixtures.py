@@ -1,0 +1,102 @@
+"""Fixtures for the web tests: data directories, a real Redis, a real Celery worker, a real trunk.
+
+Loaded as a pytest plugin from conftest.py. The worker is a separate process that reads
+the same (file) test database and the same directories as the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from web_services import start_redis, start_worker
+
+from trunk_server.launcher import start_trunk
+
+TINY_MODEL_ID = "tiny-llama"
+WORKER_TRUNK_WAIT_S = 4
+
+
+@pytest.fixture(scope="session")
+def web_dirs(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
+    """Media, jobs and models directories for the whole session, set in the settings too."""
+    from django.conf import settings
+
+    root = tmp_path_factory.mktemp("web")
+    dirs = {name: root / name for name in ("media", "jobs", "models", "logs")}
+    for path in dirs.values():
+        path.mkdir()
+    shutil.copytree(tiny_dirs["llama"], dirs["models"] / TINY_MODEL_ID)
+    settings.MEDIA_ROOT = str(dirs["media"])
+    settings.JOBS_DIR = dirs["jobs"]
+    settings.MODELS_DIR = dirs["models"]
+    settings.DEFAULT_BASE_MODEL = TINY_MODEL_ID
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from webapp.celery import app
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    app.conf.broker_url = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(django_db_setup, django_db_blocker, web_dirs, redis_server):
+    from django.conf import settings
+
+    env = {
+        "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        "CELERY_BROKER_URL": redis_server.url,
+        "SPLITLEARN_MODELS_DIR": str(web_dirs["models"]),
+        "SPLITLEARN_JOBS_DIR": str(web_dirs["jobs"]),
+        "MEDIA_ROOT": str(web_dirs["media"]),
+        "TRUNK_WAIT_S": str(WORKER_TRUNK_WAIT_S),
+        "JOB_CHECKPOINT_EVERY": "2",
+        "SECRET_KEY": os.environ.get("SECRET_KEY", settings.SECRET_KEY),
+    }
+    worker = start_worker(env, web_dirs["logs"] / "worker.log")
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+def web_trunk(web_dirs):
+    process = start_trunk(web_dirs["models"] / TINY_MODEL_ID, web_dirs["logs"], "--max-sessions", "4")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def registered_trunk(web_trunk, db):
+    """The session's trunk registered in this test's database, checked and up."""
+    from webapp.trunks.health import check_trunk
+    from webapp.trunks.models import TrunkServer
+
+    trunk = TrunkServer.objects.create(name="local", address=web_trunk.address, token=web_trunk.token)
+    check_trunk(trunk)
+    assert trunk.status == TrunkServer.Status.UP, trunk.last_error
+    return trunk
+
+
+def wait_for_job(job_id: int, statuses=("succeeded", "failed", "cancelled"), timeout: float = 180,
+                 condition=None, worker=None):
+    """Poll the database until the job reaches one of ``statuses`` (or ``condition(job)`` holds)."""
+    from webapp.training.models import Job
+
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = Job.objects.get(pk=job_id)
+        if (condition(job) if condition else job.status in statuses):
+            return job
+        time.sleep(0.2)
+    log = worker.log()[-4000:] if worker else ""
+    raise AssertionError(f"job {job_id} is still {job.status if job else '?'} at step "
+                         f"{job.current_step if job else '?'} after {timeout} s\n{log}")

@@ -1,0 +1,81 @@
+"""The jobs API. Creation validates with the same JobForm as the page."""
+
+from __future__ import annotations
+
+from rest_framework import status
+from rest_framework.decorators import api_view
+from rest_framework.exceptions import ValidationError
+from rest_framework.generics import ListCreateAPIView, RetrieveAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from ..ownership import get_owned_or_404, owned
+from . import services
+from .forms import JobForm
+from .models import Job, MetricPoint
+from .serializers import JobSerializer, MetricPointSerializer
+from .views import adapter_response
+
+
+class JobList(ListCreateAPIView):
+    serializer_class = JobSerializer
+
+    def get_queryset(self):
+        return owned(Job, self.request.user).select_related("trunk")
+
+    def create(self, request: Request, *args, **kwargs) -> Response:
+        if not hasattr(request.data, "get"):
+            raise ValidationError({"non_field_errors": ["send a JSON object"]})
+        given = request.data.dict() if hasattr(request.data, "dict") else dict(request.data)
+        defaults = JobForm(user=request.user).fields
+        data = {name: field.initial for name, field in defaults.items() if field.initial is not None}
+        form = JobForm(data={**data, **given}, user=request.user)
+        if not form.is_valid():
+            errors = {("non_field_errors" if k == "__all__" else k): v for k, v in form.errors.items()}
+            return Response(errors, status=status.HTTP_400_BAD_REQUEST)
+        job = services.create_job(form.save())
+        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class JobDetail(RetrieveAPIView):
+    serializer_class = JobSerializer
+
+    def get_queryset(self):
+        return owned(Job, self.request.user).select_related("trunk")
+
+
+def _state_action(action, request: Request, pk: int) -> Response:
+    job = get_owned_or_404(Job, request.user, pk=pk)
+    try:
+        job = action(job)
+    except services.JobStateError as exc:
+        return Response({"non_field_errors": [str(exc)]}, status=status.HTTP_409_CONFLICT)
+    return Response(JobSerializer(job).data)
+
+
+@api_view(["POST"])
+def job_cancel(request: Request, pk: int) -> Response:
+    return _state_action(services.cancel_job, request, pk)
+
+
+@api_view(["POST"])
+def job_resume(request: Request, pk: int) -> Response:
+    return _state_action(services.resume_job, request, pk)
+
+
+@api_view(["GET"])
+def job_metrics(request: Request, pk: int) -> Response:
+    job = get_owned_or_404(Job, request.user, pk=pk)
+    points = MetricPoint.objects.filter(job=job).order_by("step", "kind")
+    after = request.query_params.get("after")
+    if after is not None:
+        try:
+            points = points.filter(step__gt=int(after))
+        except ValueError:
+            return Response({"after": ["must be an integer step"]}, status=status.HTTP_400_BAD_REQUEST)
+    return Response(MetricPointSerializer(points, many=True).data)
+
+
+@api_view(["GET"])
+def job_adapter(request: Request, pk: int):
+    return adapter_response(get_owned_or_404(Job, request.user, pk=pk))

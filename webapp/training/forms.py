@@ -1,0 +1,83 @@
+"""The job form: one validation for the page and the API, with a message per field."""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+
+from ..datasets.models import Dataset
+from ..ownership import owned
+from ..trunks.models import TrunkServer
+from ..trunks.selection import healthy_trunks, served_models
+from .models import Job
+
+FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
+          "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum_steps", "max_seq_length",
+          "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding"]
+
+
+class JobForm(forms.ModelForm):
+    base_model = forms.ChoiceField(help_text="models served by a healthy trunk server")
+    trunk = forms.ModelChoiceField(queryset=TrunkServer.objects.none(), required=False, empty_label="auto",
+                                   help_text="auto: the healthy trunk with the most free sessions")
+    lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8, label="LoRA rank r")
+    lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0, label="LoRA alpha")
+    lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05, label="LoRA dropout")
+    train_trunk_lora = forms.BooleanField(required=False, initial=True, label="Train LoRA on the trunk too")
+    learning_rate = forms.FloatField(min_value=1e-7, max_value=1.0, initial=2e-4)
+    epochs = forms.FloatField(min_value=0.01, max_value=1000, required=False, initial=1.0,
+                              help_text="passes over the data (ignored when max steps is set)")
+    max_steps = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
+    batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4)
+    grad_accum_steps = forms.IntegerField(min_value=1, max_value=512, initial=1, label="Gradient accumulation")
+    max_seq_length = forms.IntegerField(min_value=16, max_value=32768, initial=512, label="Max sequence length")
+    warmup_steps = forms.IntegerField(min_value=0, max_value=100_000, initial=0)
+    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0)
+    val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1, label="Validation fraction")
+
+    class Meta:
+        model = Job
+        fields = FIELDS
+
+    def __init__(self, *args, user, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.fields["dataset"].queryset = owned(Dataset, user)
+        self.fields["dataset"].empty_label = None if self.fields["dataset"].queryset.exists() else "no datasets yet"
+        models = served_models()
+        self.fields["base_model"].choices = [(m, m) for m in models]
+        if settings.DEFAULT_BASE_MODEL in models:
+            self.fields["base_model"].initial = settings.DEFAULT_BASE_MODEL
+        elif models:
+            self.fields["base_model"].initial = models[0]
+        self.fields["trunk"].queryset = healthy_trunks()
+        for name in ("lr_schedule", "wire_encoding"):
+            self.fields[name].required = False
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        if not self.fields["base_model"].choices:
+            raise forms.ValidationError("no trunk server is up: an administrator must add or start one")
+        trunk = data.get("trunk")
+        if trunk is not None and trunk.model_id != data.get("base_model"):
+            self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")
+        data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
+        data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
+        if data.get("max_steps"):
+            data["epochs"] = None
+        elif not data.get("epochs"):
+            data["epochs"] = 1.0
+        probe = Job(**{name: data.get(name) for name in FIELDS if name not in ("dataset", "trunk")})
+        try:
+            probe.train_config()  # the library's own checks, as a last line
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return data
+
+    def save(self, commit: bool = False) -> Job:
+        job = super().save(commit=False)
+        job.owner = self.user
+        job.trunk_auto = job.trunk is None
+        return job

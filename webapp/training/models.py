@@ -1,0 +1,163 @@
+"""Training jobs and the metric points they produce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+
+from splitcore import LoraSettings
+from splitcore.training import TrainConfig
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+        CANCELLED = "cancelled", "cancelled"
+
+    class Schedule(models.TextChoices):
+        LINEAR = "linear", "linear"
+        COSINE = "cosine", "cosine"
+
+    class Wire(models.TextChoices):
+        FP32 = "fp32", "fp32 (exact)"
+        BF16 = "bf16", "bf16 (half the bytes)"
+        FP16 = "fp16", "fp16 (half the bytes)"
+        INT8 = "int8", "int8 (a quarter of the bytes)"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    dataset = models.ForeignKey("datasets.Dataset", on_delete=models.SET_NULL, null=True, related_name="jobs")
+    dataset_name = models.CharField(max_length=200)  # kept when the dataset is deleted
+    base_model = models.CharField(max_length=200)
+    trunk = models.ForeignKey("trunks.TrunkServer", on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="jobs")
+    trunk_auto = models.BooleanField(default=True, help_text="pick the healthy trunk with the most free sessions")
+
+    lora_r = models.PositiveIntegerField(default=8)
+    lora_alpha = models.FloatField(default=16.0)
+    lora_dropout = models.FloatField(default=0.05)
+    train_trunk_lora = models.BooleanField(default=True)
+    learning_rate = models.FloatField(default=2e-4)
+    epochs = models.FloatField(null=True, blank=True)
+    max_steps = models.PositiveIntegerField(null=True, blank=True)
+    batch_size = models.PositiveIntegerField(default=4)
+    grad_accum_steps = models.PositiveIntegerField(default=1)
+    max_seq_length = models.PositiveIntegerField(default=512)
+    warmup_steps = models.PositiveIntegerField(default=0)
+    lr_schedule = models.CharField(max_length=10, choices=Schedule.choices, default=Schedule.LINEAR)
+    seed = models.PositiveIntegerField(default=0)
+    val_fraction = models.FloatField(default=0.1)
+    wire_encoding = models.CharField(max_length=8, choices=Wire.choices, default=Wire.FP32)
+
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    error_message = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)
+    current_step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(null=True, blank=True)
+    train_examples = models.PositiveIntegerField(null=True, blank=True)
+    val_examples = models.PositiveIntegerField(null=True, blank=True)
+    last_loss = models.FloatField(null=True, blank=True)
+    last_val_loss = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} ({self.dataset_name}, {self.status})"
+
+    # ------------------------------------------------------------ files
+
+    @property
+    def directory(self) -> Path:
+        return Path(settings.JOBS_DIR) / str(self.pk)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.directory / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.directory / "adapter"
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.status == self.Status.SUCCEEDED and (self.adapter_dir / "adapter_model.safetensors").is_file()
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING) and not self.cancel_requested
+
+    @property
+    def can_resume(self) -> bool:
+        return self.status in (self.Status.CANCELLED, self.Status.FAILED)
+
+    # ------------------------------------------------------------ settings
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            lora=self.lora_settings(), train_trunk_lora=self.train_trunk_lora, learning_rate=self.learning_rate,
+            max_steps=self.max_steps, epochs=None if self.max_steps else (self.epochs or 1.0),
+            batch_size=self.batch_size, grad_accum=self.grad_accum_steps, seq_len=self.max_seq_length,
+            warmup_steps=self.warmup_steps, schedule=self.lr_schedule, seed=self.seed,
+            val_fraction=self.val_fraction, eval_every=0, checkpoint_every=settings.JOB_CHECKPOINT_EVERY,
+            wire_encoding=self.wire_encoding,
+        )
+
+    def hyperparameters(self) -> dict:
+        """What a user set, for the model card, training_args.json and run comparison."""
+        return {
+            "base_model": self.base_model, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout, "train_trunk_lora": self.train_trunk_lora,
+            "learning_rate": self.learning_rate, "epochs": self.epochs, "max_steps": self.max_steps,
+            "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
+            "max_seq_length": self.max_seq_length, "warmup_steps": self.warmup_steps,
+            "lr_schedule": self.lr_schedule, "seed": self.seed, "val_fraction": self.val_fraction,
+            "wire_encoding": self.wire_encoding,
+        }
+
+
+class MetricPoint(models.Model):
+    class Kind(models.TextChoices):
+        TRAIN = "train", "train"
+        EVAL = "eval", "eval"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metrics")
+    step = models.PositiveIntegerField()
+    kind = models.CharField(max_length=5, choices=Kind.choices)
+    loss = models.FloatField(null=True)
+    val_loss = models.FloatField(null=True)
+    lr = models.FloatField(null=True)
+    grad_norm = models.FloatField(null=True)
+    tokens_per_s = models.FloatField(null=True)
+    wire_bytes = models.PositiveBigIntegerField(null=True)
+    elapsed_s = models.FloatField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["step", "kind"]
+        constraints = [models.UniqueConstraint(fields=["job", "step", "kind"], name="one_point_per_step_and_kind")]
+
+    def as_dict(self) -> dict:
+        if self.kind == self.Kind.EVAL:
+            return {"step": self.step, "kind": self.kind, "val_loss": self.val_loss}
+        return {"step": self.step, "kind": self.kind, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
+                "tokens_per_s": self.tokens_per_s, "wire_bytes": self.wire_bytes, "elapsed_s": self.elapsed_s}

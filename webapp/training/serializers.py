@@ -1,0 +1,28 @@
+from rest_framework import serializers
+
+from .models import Job, MetricPoint
+
+
+class JobSerializer(serializers.ModelSerializer):
+    dataset = serializers.PrimaryKeyRelatedField(read_only=True)
+    trunk = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    adapter_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = ["id", "dataset", "dataset_name", "base_model", "trunk", "trunk_auto", "lora_r", "lora_alpha",
+                  "lora_dropout", "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
+                  "grad_accum_steps", "max_seq_length", "warmup_steps", "lr_schedule", "seed", "val_fraction",
+                  "wire_encoding", "status", "error_message", "cancel_requested", "current_step", "total_steps",
+                  "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at", "started_at",
+                  "finished_at", "adapter_url"]
+        read_only_fields = fields
+
+    def get_adapter_url(self, job: Job) -> str | None:
+        return f"/api/jobs/{job.pk}/adapter/" if job.has_adapter else None
+
+
+class MetricPointSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = MetricPoint
+        fields = ["step", "kind", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "wire_bytes", "elapsed_s"]

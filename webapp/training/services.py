@@ -1,0 +1,56 @@
+"""What users do with jobs: create, cancel, resume. Views and the API call these."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Job
+
+
+class JobStateError(Exception):
+    """The job is not in a state that allows this action; the message says why."""
+
+
+def enqueue(job: Job) -> None:
+    from .tasks import run_job
+
+    transaction.on_commit(lambda: run_job.delay(job.pk))
+
+
+def create_job(job: Job) -> Job:
+    """Save a validated (unsaved) job as queued and send it to the workers."""
+    job.status = Job.Status.QUEUED
+    job.dataset_name = job.dataset.name if job.dataset else job.dataset_name
+    with transaction.atomic():
+        job.save()
+        enqueue(job)
+    return job
+
+
+def cancel_job(job: Job) -> Job:
+    """A queued job is cancelled at once; a running one stops after its current step (keeping a checkpoint)."""
+    now = timezone.now()
+    if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+            status=Job.Status.CANCELLED, finished_at=now, error_message="cancelled before it started",
+            updated_at=now):
+        job.refresh_from_db()
+        return job
+    if not Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True, updated_at=now):
+        job.refresh_from_db()
+        raise JobStateError(f"job {job.pk} is {job.status}; only queued or running jobs can be cancelled")
+    job.refresh_from_db()
+    return job
+
+
+def resume_job(job: Job) -> Job:
+    """Queue a cancelled or failed job again; it continues from its last checkpoint."""
+    with transaction.atomic():
+        resumed = Job.objects.filter(pk=job.pk, status__in=[Job.Status.CANCELLED, Job.Status.FAILED]).update(
+            status=Job.Status.QUEUED, cancel_requested=False, error_message="", finished_at=None,
+            updated_at=timezone.now())
+        job.refresh_from_db()
+        if not resumed:
+            raise JobStateError(f"job {job.pk} is {job.status}; only cancelled or failed jobs can be resumed")
+        enqueue(job)
+    return job

@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+app_name = "training"
+urlpatterns = [
+    path("", views.job_list, name="job-list"),
+    path("new/", views.job_new, name="job-new"),
+    path("<int:pk>/", views.job_detail, name="job-detail"),
+    path("<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("<int:pk>/resume/", views.job_resume, name="job-resume"),
+    path("<int:pk>/adapter/", views.job_adapter, name="job-adapter"),
+]

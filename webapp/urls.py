@@ -1,0 +1,14 @@
+"""URLs: pages per app, the JSON API under /api/, the admin."""
+
+from django.contrib import admin
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="training:job-list", permanent=False)),
+    path("accounts/", include("webapp.accounts.urls")),
+    path("datasets/", include("webapp.datasets.urls")),
+    path("jobs/", include("webapp.training.urls")),
+    path("api/", include("webapp.api_urls")),
+    path("admin/", admin.site.urls),
+]
