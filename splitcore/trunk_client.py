@@ -84,6 +84,11 @@ class TrunkClient:
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    @property
+    def channel(self) -> grpc.Channel:
+        """The client's channel (auth-free services such as gRPC health use it too)."""
+        return self._channel
+
     # -------------------------------------------------------------- plumbing
 
     def _call(self, what: str, call: Callable[[], T]) -> T:

@@ -17,15 +17,33 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 _lock = threading.Lock()
 
 
-def model_dir(model_id: str) -> Path:
-    """The directory of a base model; ValueError for unknown ids (and never a path outside MODELS_DIR)."""
+class BaseModelUnavailable(ValueError):
+    """The requested base model is not installed in MODELS_DIR."""
+
+
+def installed_models() -> list[str]:
+    """Model ids present here: directories of MODELS_DIR holding a config.json."""
     root = Path(settings.MODELS_DIR)
-    if not model_id or "/" in model_id or "\\" in model_id or model_id in (".", ".."):
-        raise ValueError(f"unknown base model {model_id!r}")
-    directory = root / model_id
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"the base model {model_id!r} is not installed on this worker (looked in {root})")
-    return directory
+    if not root.is_dir():
+        return []
+    return sorted(entry.name for entry in root.iterdir()
+                  if not entry.name.startswith(".") and entry.is_dir() and (entry / "config.json").is_file())
+
+
+def default_model_id() -> str | None:
+    """DEFAULT_BASE_MODEL when it is installed, else the first installed model, else None."""
+    models = installed_models()
+    if settings.DEFAULT_BASE_MODEL in models:
+        return settings.DEFAULT_BASE_MODEL
+    return models[0] if models else None
+
+
+def model_dir(model_id: str) -> Path:
+    """The directory of an installed base model; only listed ids match, so no path escapes MODELS_DIR."""
+    if model_id not in installed_models():
+        raise BaseModelUnavailable(f"the base model {model_id!r} is not installed on this server "
+                                   f"(looked in {settings.MODELS_DIR})")
+    return (Path(settings.MODELS_DIR) / model_id).resolve()
 
 
 @lru_cache(maxsize=4)

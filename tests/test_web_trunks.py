@@ -1,0 +1,339 @@
+"""Trunk servers in the web app: health checks against real trunk processes, the Celery
+tasks, trunk selection, served models, the admin (token never shown) and the JSON API."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+import pytest
+from django.urls import reverse
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from trunk_process import start_trunk
+
+from webapp.trunks.health import check_trunk
+from webapp.trunks.models import TrunkServer
+from webapp.trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
+from webapp.trunks.tasks import check_all, check_one
+
+pytestmark = pytest.mark.django_db
+
+MODEL_ID = "llama"  # the tiny model directory's name, which the trunk reports as its model id
+SECRET = "never-show-this-token-7f3a9c1e5b"
+
+
+@pytest.fixture(scope="module")
+def trunk_process(tiny_dirs, tmp_path_factory):
+    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "4")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def live_trunk(trunk_process) -> TrunkServer:
+    return TrunkServer.objects.create(name="live", address=trunk_process.address, token=trunk_process.token)
+
+
+def make_trunk(name: str, *, status=TrunkServer.Status.UP, model_id=MODEL_ID, max_sessions=4, active=0,
+               latency=10.0, enabled=True) -> TrunkServer:
+    return TrunkServer.objects.create(
+        name=name, address=f"{name}.example:50051", token=f"token-of-{name}", status=status, model_id=model_id,
+        max_sessions=max_sessions, active_sessions=active, latency_ms=latency, enabled=enabled,
+    )
+
+
+# ------------------------------------------------------------------ health checks
+
+
+def test_check_marks_a_running_trunk_up_with_its_info(live_trunk):
+    trunk = check_trunk(live_trunk)
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.UP and trunk.last_error == ""
+    assert trunk.model_id == MODEL_ID and trunk.model_type == "llama"
+    assert (trunk.num_layers, trunk.trunk_start, trunk.trunk_end) == (6, 2, 4)
+    assert trunk.layer_range == "2-3 of 6"
+    assert trunk.hidden_size == 64 and trunk.max_sessions == 4 and trunk.active_sessions == 0
+    assert trunk.free_sessions == 4
+    assert len(trunk.weights_fingerprint) == 64 and trunk.version
+    assert trunk.latency_ms > 0 and trunk.last_checked_at is not None
+
+
+def test_stopped_then_restarted_trunk_goes_down_then_up(tiny_dirs, tmp_path):
+    first = start_trunk(tiny_dirs["llama"], tmp_path, token=SECRET)
+    try:
+        trunk = TrunkServer.objects.create(name="restarts", address=first.address, token=SECRET)
+        assert check_trunk(trunk).status == TrunkServer.Status.UP
+    finally:
+        first.stop()
+
+    trunk = check_trunk(TrunkServer.objects.get(pk=trunk.pk))
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.DOWN and trunk.latency_ms is None
+    assert trunk.last_error.startswith(f"cannot reach {first.address} (UNAVAILABLE")
+    assert "is the trunk server running" in trunk.last_error and SECRET not in trunk.last_error
+    assert trunk.model_id == MODEL_ID  # what it served is kept for the admin
+    checked_down_at = trunk.last_checked_at
+
+    second = start_trunk(tiny_dirs["llama"], tmp_path, token=SECRET)
+    try:
+        trunk.address = second.address
+        trunk.save()
+        trunk = check_trunk(trunk)
+        trunk.refresh_from_db()
+        assert trunk.status == TrunkServer.Status.UP and trunk.last_error == ""
+        assert trunk.last_checked_at > checked_down_at
+    finally:
+        second.stop()
+
+
+def test_a_wrong_token_is_reported_without_the_token(trunk_process):
+    trunk = TrunkServer.objects.create(name="bad-token", address=trunk_process.address, token=SECRET)
+    check_trunk(trunk)
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.DOWN
+    assert trunk.last_error.startswith("the token was refused (UNAUTHENTICATED)")
+    assert SECRET not in trunk.last_error and trunk_process.token not in trunk.last_error
+
+
+def test_nothing_listening_is_reported_as_unreachable():
+    trunk = TrunkServer.objects.create(name="nowhere", address="127.0.0.1:5", token=SECRET)
+    check_trunk(trunk, timeout_s=2.0)
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.DOWN and trunk.last_checked_at is not None
+    assert trunk.last_error.startswith("cannot reach 127.0.0.1:5 (UNAVAILABLE")
+
+
+def test_a_trunk_that_is_not_serving_is_down():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        trunk = TrunkServer.objects.create(name="draining", address=f"127.0.0.1:{port}", token=SECRET)
+        check_trunk(trunk)
+        trunk.refresh_from_db()
+        assert trunk.status == TrunkServer.Status.DOWN
+        assert trunk.last_error.startswith("health service reports NOT_SERVING")
+
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)  # serving, but no trunk service
+        check_trunk(trunk)
+        assert "does not offer the trunk service (UNIMPLEMENTED)" in trunk.last_error
+    finally:
+        server.stop(0)
+
+
+def test_the_check_only_writes_health_fields(live_trunk):
+    stale = TrunkServer.objects.get(pk=live_trunk.pk)
+    TrunkServer.objects.filter(pk=live_trunk.pk).update(name="renamed meanwhile", enabled=False)
+    check_trunk(stale)
+    live_trunk.refresh_from_db()
+    assert (live_trunk.name, live_trunk.enabled, live_trunk.status) == ("renamed meanwhile", False, "up")
+
+
+# ------------------------------------------------------------------ tasks
+
+
+def test_check_all_checks_enabled_trunks_and_skips_disabled_ones(live_trunk):
+    unreachable = TrunkServer.objects.create(name="unreachable", address="127.0.0.1:5", token="x" * 20)
+    disabled = TrunkServer.objects.create(name="disabled", address=live_trunk.address, token=live_trunk.token,
+                                          enabled=False)
+
+    assert check_all() == {"up": 1, "down": 1}
+
+    live_trunk.refresh_from_db()
+    unreachable.refresh_from_db()
+    disabled.refresh_from_db()
+    assert live_trunk.status == "up" and live_trunk.model_id == MODEL_ID
+    assert unreachable.status == "down" and "cannot reach 127.0.0.1:5" in unreachable.last_error
+    assert disabled.status == "unknown" and disabled.last_checked_at is None
+
+
+def test_check_all_is_registered_under_the_beat_schedules_name(settings):
+    from webapp.celery import app
+
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert "trunks.check_all" in scheduled
+    assert {"trunks.check_all", "trunks.check_one"} <= set(app.tasks)
+
+
+def test_check_one_checks_by_id_and_ignores_a_deleted_trunk(live_trunk):
+    assert check_one(live_trunk.pk) == "up"
+    assert check_one.run(live_trunk.pk + 1000) is None
+    json.dumps(check_all())  # results are JSON
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_pick_trunk_prefers_free_sessions_then_latency_then_name():
+    make_trunk("busy", active=3, latency=1.0)
+    make_trunk("slow", active=1, latency=50.0)
+    make_trunk("fast", active=1, latency=5.0)
+    make_trunk("other-model", model_id="gpt2", active=0)
+    make_trunk("down", status=TrunkServer.Status.DOWN, active=0)
+    make_trunk("disabled", enabled=False, active=0)
+    assert pick_trunk(MODEL_ID).name == "fast"
+    assert {t.name for t in healthy_trunks(MODEL_ID)} == {"busy", "slow", "fast"}
+
+    make_trunk("also-fast", active=1, latency=5.0)
+    assert pick_trunk(MODEL_ID).name == "also-fast"  # a full tie goes to the name
+
+
+def test_pick_trunk_explains_what_to_do_when_none_is_available():
+    with pytest.raises(NoTrunkAvailable, match="no trunk server is registered: add one in the admin"):
+        pick_trunk(MODEL_ID)
+
+    make_trunk("sleeping", status=TrunkServer.Status.DOWN)
+    with pytest.raises(NoTrunkAvailable, match="sleeping served it but is down or disabled; start the trunk"):
+        pick_trunk(MODEL_ID)
+
+    make_trunk("gpt2-box", model_id="gpt2")
+    with pytest.raises(NoTrunkAvailable, match=r"no trunk serves 'mistral' \(the healthy trunks serve gpt2\)"):
+        pick_trunk("mistral")
+
+
+def test_served_models_need_a_healthy_trunk_and_the_local_model(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path
+    for model_id in ("llama", "gpt2", "not-served"):
+        (tmp_path / model_id).mkdir()
+        (tmp_path / model_id / "config.json").write_text("{}")
+    (tmp_path / "no-config").mkdir()
+
+    make_trunk("a", model_id="llama", active=1)
+    make_trunk("b", model_id="llama", active=2)
+    make_trunk("c", model_id="gpt2", status=TrunkServer.Status.DOWN)
+    make_trunk("d", model_id="no-config")
+    make_trunk("e", model_id="not-local")
+    make_trunk("f", model_id="..")
+    assert served_models() == ["llama"]
+
+    TrunkServer.objects.filter(name="c").update(status=TrunkServer.Status.UP)
+    assert served_models() == ["gpt2", "llama"]
+
+
+# ------------------------------------------------------------------ admin
+
+
+def admin_page(client, name: str, *args) -> str:
+    response = client.get(reverse(f"admin:trunks_trunkserver_{name}", args=args))
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def test_admin_pages_never_show_the_token(admin_client):
+    trunk = make_trunk("shown", status=TrunkServer.Status.DOWN)
+    trunk.token = SECRET
+    trunk.last_error = "cannot reach shown.example:50051 (UNAVAILABLE: refused)"
+    trunk.save()
+    # A change through the admin, so the history has an entry.
+    response = admin_client.post(reverse("admin:trunks_trunkserver_change", args=[trunk.pk]), {
+        "name": "shown", "address": "shown.example:50052", "token": "", "tls_ca_certificate": "", "enabled": "on",
+    })
+    assert response.status_code == 302
+
+    pages = [admin_page(admin_client, "changelist"), admin_page(admin_client, "change", trunk.pk),
+             admin_page(admin_client, "history", trunk.pk), admin_page(admin_client, "add")]
+    for html in pages:
+        assert SECRET not in html
+    changelist = pages[0]
+    assert "shown.example:50052" in changelist and ">unknown</span>" in changelist
+    assert "leave this blank to keep the current token" in pages[1]
+    assert "Changed token" not in pages[2]
+
+
+def test_admin_add_requires_a_token(admin_client):
+    data = {"name": "new", "address": "127.0.0.1:50051", "token": "", "tls_ca_certificate": "", "enabled": "on"}
+    response = admin_client.post(reverse("admin:trunks_trunkserver_add"), data)
+    assert response.status_code == 200 and "Enter the trunk server&#x27;s token" in response.content.decode()
+    assert not TrunkServer.objects.exists()
+
+    response = admin_client.post(reverse("admin:trunks_trunkserver_add"), {**data, "token": SECRET})
+    assert response.status_code == 302
+    assert TrunkServer.objects.get(name="new").token == SECRET
+
+
+def test_admin_edit_keeps_or_replaces_the_token(admin_client):
+    trunk = make_trunk("edited")
+    url = reverse("admin:trunks_trunkserver_change", args=[trunk.pk])
+    data = {"name": "edited", "address": trunk.address, "tls_ca_certificate": "", "enabled": "on"}
+
+    assert admin_client.post(url, {**data, "name": "edited-2", "token": ""}).status_code == 302
+    trunk.refresh_from_db()
+    assert (trunk.name, trunk.token, trunk.status) == ("edited-2", "token-of-edited", "up")
+
+    assert admin_client.post(url, {**data, "token": SECRET}).status_code == 302
+    trunk.refresh_from_db()
+    assert trunk.token == SECRET
+    assert trunk.status == "unknown"  # new connection settings: the old check no longer counts
+
+
+def test_admin_check_now_action_updates_the_status(admin_client, live_trunk):
+    broken = TrunkServer.objects.create(name="broken", address="127.0.0.1:5", token=SECRET)
+    response = admin_client.post(reverse("admin:trunks_trunkserver_changelist"), {
+        "action": "check_now", "_selected_action": [live_trunk.pk, broken.pk],
+    }, follow=True)
+    html = response.content.decode()
+    assert response.status_code == 200
+    live_trunk.refresh_from_db()
+    broken.refresh_from_db()
+    assert live_trunk.status == "up" and broken.status == "down"
+    assert "Trunk live: up" in html and f"model {MODEL_ID}, layers 2-3 of 6, sessions 0/4" in html
+    assert "Trunk broken: down: cannot reach 127.0.0.1:5" in html
+    assert SECRET not in html and live_trunk.token not in html
+
+
+def test_admin_enable_and_disable_actions(admin_client):
+    trunk = make_trunk("toggled")
+    url = reverse("admin:trunks_trunkserver_changelist")
+    admin_client.post(url, {"action": "disable", "_selected_action": [trunk.pk]})
+    trunk.refresh_from_db()
+    assert not trunk.enabled
+    admin_client.post(url, {"action": "enable", "_selected_action": [trunk.pk]})
+    trunk.refresh_from_db()
+    assert trunk.enabled
+
+
+# ------------------------------------------------------------------ API
+
+
+def test_api_lists_trunks_without_tokens(client, django_user_model):
+    trunk = make_trunk("listed", active=1)
+    trunk.token = SECRET
+    trunk.tls_ca_certificate = "-----BEGIN CERTIFICATE-----\nMIIBca\n-----END CERTIFICATE-----"
+    trunk.save()
+    client.force_login(django_user_model.objects.create_user("someone", password="pw-123456789"))
+
+    response = client.get(reverse("api-trunk-list"))
+    assert response.status_code == 200
+    assert SECRET.encode() not in response.content and b"CERTIFICATE" not in response.content
+    [row] = response.json()["results"]
+    assert "token" not in row and "tls_ca_certificate" not in row
+    assert row["name"] == "listed" and row["status"] == "up" and row["model_id"] == MODEL_ID
+    assert (row["max_sessions"], row["active_sessions"], row["free_sessions"]) == (4, 1, 3)
+
+
+def test_api_needs_a_signed_in_user(client):
+    make_trunk("hidden")
+    for name in ("api-trunk-list", "api-model-list"):
+        response = client.get(reverse(name))
+        assert response.status_code in (401, 403)
+        assert b"hidden" not in response.content
+
+
+def test_api_models_lists_trainable_base_models(client, django_user_model, settings, tmp_path):
+    settings.MODELS_DIR = tmp_path
+    for model_id in ("llama", "gpt2"):
+        (tmp_path / model_id).mkdir()
+        (tmp_path / model_id / "config.json").write_text("{}")
+    make_trunk("a", model_id="llama", active=1)
+    make_trunk("b", model_id="llama", active=0, max_sessions=2)
+    make_trunk("c", model_id="gpt2", status=TrunkServer.Status.DOWN)
+    make_trunk("d", model_id="qwen")
+    client.force_login(django_user_model.objects.create_user("someone", password="pw-123456789"))
+
+    response = client.get(reverse("api-model-list"))
+    assert response.status_code == 200
+    assert response.json() == [{"id": "llama", "trunks": 2, "free_sessions": 5}]

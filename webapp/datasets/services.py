@@ -1,0 +1,185 @@
+"""Datasets: accept an upload, delete it, and describe it with a base model's tokenizer.
+
+No HTTP here: the pages and the API both call these functions. A rejected upload raises
+``django.core.exceptions.ValidationError({"file": [message]})`` and leaves nothing behind
+(no row, no file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import PurePath
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from splitcore.data_formats import DatasetFormatError, ParsedDataset, parse_dataset
+from splitcore.examples import TokenStats, preview_segments, token_stats, tokenize_examples
+
+from .. import base_models
+from .models import Dataset
+
+NAME_MAX_LENGTH = Dataset._meta.get_field("name").max_length
+ORIGINAL_FILENAME_MAX_LENGTH = Dataset._meta.get_field("original_filename").max_length
+MIN_MAX_LENGTH = 2  # one token to read, one to predict
+MAX_MAX_LENGTH = 32768
+DEFAULT_MAX_LENGTH = 512
+PREVIEW_EXAMPLES = 3
+# Token statistics kept per dataset; the oldest (model, max length) pair is dropped first.
+STATS_CACHE_ENTRIES = 32
+
+Segments = list[tuple[str, bool]]
+
+
+# ---------------------------------------------------------------- upload and delete
+
+
+def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
+    """Validate an uploaded file and store it as a dataset of ``owner``.
+
+    ``uploaded_file`` is a Django ``UploadedFile`` (or anything with ``name``, ``size``
+    and ``chunks()``). The size is checked before a byte is read.
+    """
+    original_filename = _original_filename(uploaded_file.name)
+    _check_size(original_filename, uploaded_file.size)
+    data = b"".join(uploaded_file.chunks())
+    _check_size(original_filename, len(data))  # the declared size is the client's word
+    try:
+        parsed = parse_dataset(data, original_filename)
+    except DatasetFormatError as exc:
+        raise ValidationError({"file": [str(exc)]}) from exc
+
+    dataset = Dataset(
+        owner=owner,
+        name=_dataset_name(name, original_filename),
+        original_filename=original_filename,
+        file_format=parsed.file_format,
+        kind=parsed.kind,
+        num_examples=len(parsed.examples),
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    try:
+        with transaction.atomic():
+            # The storage name comes from Dataset.file's upload_to, never from the user.
+            dataset.file.save(f"upload.{parsed.file_format}", ContentFile(data), save=False)
+            dataset.save()
+    except BaseException:
+        _delete_file(dataset)
+        raise
+    return dataset
+
+
+def delete_dataset(dataset: Dataset) -> None:
+    """Delete the row, then its file once the deletion is committed."""
+    storage, file_name = dataset.file.storage, dataset.file.name
+    with transaction.atomic():
+        dataset.delete()
+        if file_name:
+            transaction.on_commit(lambda: storage.delete(file_name))
+
+
+def _original_filename(raw_name: str | None) -> str:
+    # Browsers send a bare name; some clients send a path. Keep the last part only.
+    filename = PurePath((raw_name or "").replace("\\", "/")).name
+    # Control characters (a NUL breaks PostgreSQL) have no place in a name shown on pages.
+    filename = "".join(char for char in filename if char.isprintable()).strip()
+    if not filename:
+        raise ValidationError({"file": ["the upload has no file name; upload a .jsonl, .csv or .txt file"]})
+    if len(filename) > ORIGINAL_FILENAME_MAX_LENGTH:
+        # Keep the extension: it decides how the file is read.
+        suffix = PurePath(filename).suffix[:16]
+        filename = filename[: ORIGINAL_FILENAME_MAX_LENGTH - len(suffix)] + suffix
+    return filename
+
+
+def _check_size(filename: str, size: int) -> None:
+    limit = settings.DATASET_MAX_UPLOAD_BYTES
+    if size > limit:
+        size_text, limit_text = format_megabytes(size), format_megabytes(limit)
+        if size_text == limit_text:  # just over the limit: rounding would hide the difference
+            size_text, limit_text = f"{size:,} bytes", f"{limit:,} bytes"
+        raise ValidationError({"file": [
+            f"{filename}: the file is {size_text}, over the upload limit of {limit_text}; split it into smaller files"
+        ]})
+
+
+def format_megabytes(size: int) -> str:
+    """A byte count for people: "50 MB", "3.2 MB"; exact bytes below 0.1 MB."""
+    megabytes = size / (1024 * 1024)
+    if megabytes < 0.1:
+        return f"{size:,} bytes"
+    return f"{megabytes:,.1f}".removesuffix(".0") + " MB"
+
+
+def _dataset_name(name: str | None, original_filename: str) -> str:
+    name = (name or "").strip() or PurePath(original_filename).stem.strip() or "dataset"
+    return name[:NAME_MAX_LENGTH].strip()
+
+
+def _delete_file(dataset: Dataset) -> None:
+    if dataset.file.name:
+        dataset.file.storage.delete(dataset.file.name)
+
+
+# ---------------------------------------------------------------- base models
+
+
+# ---------------------------------------------------------------- statistics and preview
+
+
+def dataset_statistics(dataset: Dataset, model_id: str, max_length: int) -> TokenStats:
+    """Token counts of every example with ``model_id``'s tokenizer (cached on the dataset).
+
+    Raises ``ValueError`` (``BaseModelUnavailable`` for an unknown model) with a message
+    for the user, e.g. when chat rows meet a tokenizer without a chat template.
+    """
+    _check_max_length(max_length)
+    base_models.model_dir(model_id)  # an unknown model is an error even when statistics were cached for it
+    key = f"{model_id}|{max_length}"
+    cached = (dataset.stats_cache or {}).get(key)
+    if cached is not None:
+        try:
+            return TokenStats(**cached)
+        except TypeError:
+            pass  # written with other fields: compute again
+    tokenizer = base_models.tokenizer(model_id)
+    stats = token_stats(tokenize_examples(tokenizer, _parse(dataset).examples, max_length), max_length)
+    _remember(dataset, key, dataclasses.asdict(stats))
+    return stats
+
+
+def dataset_preview(
+    dataset: Dataset, model_id: str, max_length: int, count: int = PREVIEW_EXAMPLES
+) -> list[Segments]:
+    """The first ``count`` examples as the model reads them: runs of (text, trained)."""
+    _check_max_length(max_length)
+    tokenizer = base_models.tokenizer(model_id)
+    examples = _parse(dataset).examples[:count]
+    return [preview_segments(tokenizer, tokenized) for tokenized in tokenize_examples(tokenizer, examples, max_length)]
+
+
+def _check_max_length(max_length: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"max length must be a whole number, got {max_length!r}")
+    if not MIN_MAX_LENGTH <= max_length <= MAX_MAX_LENGTH:
+        raise ValueError(f"max length must be between {MIN_MAX_LENGTH} and {MAX_MAX_LENGTH}, got {max_length}")
+
+
+def _parse(dataset: Dataset) -> ParsedDataset:
+    try:
+        with dataset.file.open("rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise ValueError("the stored file of this dataset is missing; delete the dataset and upload it again") from None
+    return parse_dataset(data, dataset.original_filename)
+
+
+def _remember(dataset: Dataset, key: str, value: dict) -> None:
+    cache = {k: v for k, v in (dataset.stats_cache or {}).items() if k != key}
+    cache[key] = value
+    dataset.stats_cache = dict(list(cache.items())[-STATS_CACHE_ENTRIES:])
+    Dataset.objects.filter(pk=dataset.pk).update(stats_cache=dataset.stats_cache)

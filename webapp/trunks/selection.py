@@ -1,0 +1,73 @@
+"""Which trunks can take a job, which one gets it, and which base models can be trained."""
+
+from __future__ import annotations
+
+import math
+
+from django.db.models import QuerySet
+
+from webapp.base_models import installed_models
+
+from .models import TrunkServer
+
+
+class NoTrunkAvailable(Exception):
+    """No enabled trunk that passed its last health check serves the requested model."""
+
+
+def healthy_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
+    """Enabled trunks whose last check found them up (serving ``model_id`` when given)."""
+    trunks = TrunkServer.objects.filter(enabled=True, status=TrunkServer.Status.UP)
+    if model_id is not None:
+        trunks = trunks.filter(model_id=model_id)
+    return trunks
+
+
+def pick_trunk(model_id: str) -> TrunkServer:
+    """The healthy trunk for ``model_id`` with the most free sessions; ties go to the lower latency, then the name.
+
+    A trunk that looked full at its last check is still a candidate when nothing better exists:
+    its session count is up to one check interval old, and a job waits for a free session.
+    """
+    candidates = list(healthy_trunks(model_id))
+    if not candidates:
+        raise NoTrunkAvailable(_why_none(model_id))
+    return min(candidates, key=lambda trunk: (
+        -trunk.free_sessions,
+        trunk.latency_ms if trunk.latency_ms is not None else math.inf,
+        trunk.name,
+    ))
+
+
+def served_models() -> list[str]:
+    """Base models that can be trained: served by a healthy trunk AND installed in ``MODELS_DIR``."""
+    served = set(healthy_trunks().values_list("model_id", flat=True))
+    # Only listed directory names match, so a trunk's self-reported id never turns into a path here.
+    return [model_id for model_id in installed_models() if model_id in served]
+
+
+def served_model_summaries() -> list[dict]:
+    """``served_models()`` with how many healthy trunks serve each and their free sessions in total."""
+    models = served_models()
+    summaries = {model_id: {"id": model_id, "trunks": 0, "free_sessions": 0} for model_id in models}
+    for trunk in healthy_trunks().filter(model_id__in=models):
+        summaries[trunk.model_id]["trunks"] += 1
+        summaries[trunk.model_id]["free_sessions"] += trunk.free_sessions
+    return [summaries[model_id] for model_id in models]
+
+
+def _why_none(model_id: str) -> str:
+    trunks = TrunkServer.objects.all()
+    if not trunks.exists():
+        return "no trunk server is registered: add one in the admin (Trunk servers), then run 'Check now'"
+    for_model = trunks.filter(model_id=model_id)
+    if for_model.exists():
+        names = ", ".join(trunk.name for trunk in for_model)
+        return (f"no healthy trunk serves '{model_id}': {names} served it but "
+                f"{'is' if for_model.count() == 1 else 'are'} down or disabled; start the trunk server, "
+                f"enable it in the admin and run 'Check now', or try again later")
+    others = sorted(set(healthy_trunks().exclude(model_id="").values_list("model_id", flat=True)))
+    serving = f"the healthy trunks serve {', '.join(others)}" if others else "no trunk is healthy right now"
+    return (f"no trunk serves '{model_id}' ({serving}): start a trunk server with this base model "
+            f"(python -m trunk_server --model <dir of {model_id}> ...) and add it in the admin, "
+            f"or choose another base model")

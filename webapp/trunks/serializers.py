@@ -1,0 +1,25 @@
+"""JSON shapes of the trunk API. The token and the CA certificate are never part of them."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from .models import TrunkServer
+
+
+class TrunkServerSerializer(serializers.ModelSerializer):
+    layer_range = serializers.CharField(read_only=True)
+    free_sessions = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = TrunkServer
+        # An explicit list, never "__all__": a new secret column must not appear here by itself.
+        fields = ["id", "name", "address", "enabled", "status", "latency_ms", "model_id", "layer_range",
+                  "max_sessions", "active_sessions", "free_sessions", "last_checked_at", "last_error"]
+        read_only_fields = fields
+
+
+class ServedModelSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    trunks = serializers.IntegerField()
+    free_sessions = serializers.IntegerField()
