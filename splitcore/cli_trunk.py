@@ -21,18 +21,23 @@ def add_trunk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of a trunk that uses TLS")
 
 
-def trunk_token(args: argparse.Namespace) -> str:
-    if args.token:
-        return args.token.strip()
-    if args.token_file:
+def resolve_token(token: str | None, token_file: str | None, how: str = "--token-file FILE") -> str:
+    """The bearer token: given directly, from a file, or from $TRUNK_TOKEN; ValueError says how to pass one."""
+    if token:
+        return token.strip()
+    if token_file:
         try:
-            return Path(args.token_file).read_text().strip()
+            return Path(token_file).read_text().strip()
         except OSError as exc:
-            raise ValueError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from exc
+            raise ValueError(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
-        raise ValueError(f"the trunk needs a token: pass --token, --token-file FILE or set {TOKEN_ENV}")
+        raise ValueError(f"no token: pass {how} or set {TOKEN_ENV}")
     return token
+
+
+def trunk_token(args: argparse.Namespace) -> str:
+    return resolve_token(args.token, args.token_file, how="--token, --token-file FILE")
 
 
 def connect_trunk(args: argparse.Namespace, wire_encoding: str = "fp32") -> TrunkClient:

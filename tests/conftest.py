@@ -91,3 +91,23 @@ def default_model_dir(tmp_path_factory) -> Path:
     directory = Path(result.stdout.strip().splitlines()[-1])
     assert directory == default_model.default_model_dir(env[default_model.DATA_DIR_ENV])
     return directory
+
+
+def run_concurrently(work: dict) -> list[BaseException]:
+    """Run each callable of ``work`` in its own thread; returns the exceptions they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(function):
+        try:
+            function()
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(function,)) for function in work.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return errors

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-
 import pytest
 import torch
+from conftest import run_concurrently
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_cli import splitcore_cli
@@ -157,20 +156,11 @@ def test_two_concurrent_split_runs_on_one_trunk_each_equal_their_local_runs(tiny
     events = {seed: [] for seed in (1, 2)}
     trainers = {seed: make_run(tiny_dirs, dataset, clients[seed], seed=seed, callbacks=[events[seed].append])
                 for seed in (1, 2)}
-    errors = []
+    def work(seed):
+        with clients[seed]:
+            trainers[seed].run()
 
-    def worker(seed):
-        try:
-            with clients[seed]:
-                trainers[seed].run()
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (1, 2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
+    errors = run_concurrently({seed: (lambda seed=seed: work(seed)) for seed in (1, 2)})
     assert not errors, errors
     assert local[1] != local[2]
     split = {seed: losses_of(events[seed]) for seed in (1, 2)}

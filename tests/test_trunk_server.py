@@ -3,14 +3,13 @@ recompute, state export/import, KV-cache inference, malformed requests, shutdown
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_safetensors
 from transformers import AutoModelForCausalLM
+from conftest import run_concurrently
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings, add_lora, family_for, split_model
@@ -144,21 +143,14 @@ def test_concurrent_sessions_equal_their_solo_runs(trunk):
         with TrunkClient(trunk.address, trunk.token) as c:
             c.open_session(LORA, seed=seed)
             solo[seed] = (run_steps(c, 3), c.export_state()[1])
-    together, errors = {}, []
+    together = {}
 
-    def worker(seed):
-        try:
-            with TrunkClient(trunk.address, trunk.token) as c:
-                c.open_session(LORA, seed=seed)
-                together[seed] = (run_steps(c, 3), c.export_state()[1])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+    def work(seed):
+        with TrunkClient(trunk.address, trunk.token) as c:
+            c.open_session(LORA, seed=seed)
+            together[seed] = (run_steps(c, 3), c.export_state()[1])
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (5, 6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_concurrently({seed: (lambda seed=seed: work(seed)) for seed in (5, 6)})
     assert not errors
     for seed in (5, 6):
         diffs = [(a - b).abs().max().item() for a, b in zip(solo[seed][0], together[seed][0])]

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .config import TrunkServerConfig
+from splitcore.cli_trunk import TOKEN_ENV, resolve_token
 
-TOKEN_ENV = "TRUNK_TOKEN"
+from .config import TrunkServerConfig
 
 
 def read_token(token_file: str | None) -> str:
-    if token_file:
-        try:
-            return Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read --token-file {token_file}: {exc.strerror}") from exc
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    if not token:
-        raise ValueError(f"no token: pass --token-file FILE or set {TOKEN_ENV}")
-    return token
+    return resolve_token(None, token_file)
 
 
 def build_parser() -> argparse.ArgumentParser:
