@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 
 import pytest
@@ -86,7 +87,9 @@ def test_upload_train_download_and_load_the_adapter(client, owner, registered_tr
     assert all(p.wire_bytes > 0 for p in MetricPoint.objects.filter(job=job, kind="train"))
 
     page = client.get(f"/jobs/{job.pk}/").content.decode()
-    assert "succeeded" in page and f"/jobs/{job.pk}/adapter/" in page
+    download = re.search(r'<a id="download-link"[^>]*>', page).group(0)
+    assert "succeeded" in page and f'href="/jobs/{job.pk}/adapter/"' in download and "hidden" not in download
+    assert 'id="resume-form"' in page and re.search(r'<form id="cancel-form"[^>]*hidden', page)
 
     response = client.get(f"/jobs/{job.pk}/adapter/")
     assert response.status_code == 200 and response["Content-Type"] == "application/zip"

@@ -39,10 +39,15 @@ def web_dirs(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
+    from channels.layers import channel_layers
+    from django.conf import settings
+
     from webapp.celery import app
 
     server = start_redis(tmp_path_factory.mktemp("redis"))
     app.conf.broker_url = server.url
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [server.url]
+    channel_layers.backends.clear()  # layers built before this point would talk to another Redis
     yield server
     server.stop()
 
@@ -54,6 +59,7 @@ def celery_worker(django_db_setup, django_db_blocker, web_dirs, redis_server):
     env = {
         "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
         "CELERY_BROKER_URL": redis_server.url,
+        "REDIS_URL": redis_server.url,
         "SPLITLEARN_MODELS_DIR": str(web_dirs["models"]),
         "SPLITLEARN_JOBS_DIR": str(web_dirs["jobs"]),
         "MEDIA_ROOT": str(web_dirs["media"]),

@@ -37,6 +37,8 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] + (["testse
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
+    "daphne",  # runserver serves HTTP and WebSockets (ASGI)
+    "channels",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -49,6 +51,7 @@ INSTALLED_APPS = [
     "webapp.datasets",
     "webapp.trunks",
     "webapp.training",
+    "webapp.playground",
 ]
 
 MIDDLEWARE = [
@@ -153,6 +156,15 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_S", 43200, minimum=60)}
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
+}
+
+# ---------------------------------------------------------------- Channels (live pages)
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [env_str("CHANNEL_LAYER_URL") or REDIS_URL], "capacity": 1000, "expiry": 60},
+    }
 }
 
 # ---------------------------------------------------------------- REST API

@@ -161,3 +161,23 @@ class MetricPoint(models.Model):
             return {"step": self.step, "kind": self.kind, "val_loss": self.val_loss}
         return {"step": self.step, "kind": self.kind, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
                 "tokens_per_s": self.tokens_per_s, "wire_bytes": self.wire_bytes, "elapsed_s": self.elapsed_s}
+
+
+class JobLog(models.Model):
+    """What happened to a job, in words a user reads in the log tail."""
+
+    class Level(models.TextChoices):
+        INFO = "info", "info"
+        WARNING = "warning", "warning"
+        ERROR = "error", "error"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="logs")
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    message = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def as_dict(self) -> dict:
+        return {"id": self.pk, "level": self.level, "message": self.message, "time": self.created_at.isoformat()}

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable
 
 import grpc
 from django.conf import settings
@@ -37,16 +36,21 @@ from splitcore.trunk_client import TrunkClient, TrunkError
 from .. import base_models
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, pick_trunk
-from .models import Job, MetricPoint
+from . import events
+from .models import Job, JobLog, MetricPoint
 
 log = logging.getLogger(__name__)
 
-# Published to listeners (the live view subscribes here); each gets (job, event).
-event_listeners: list[Callable[[Job, TrainerEvent], None]] = []
-
-
 class JobFailed(Exception):
     """Ends a job as failed with this message for the user."""
+
+
+class JobCancelled(Exception):
+    """The user cancelled the job before training started (e.g. while it waited for a trunk)."""
+
+
+def _cancel_requested(job: Job) -> bool:
+    return Job.objects.filter(pk=job.pk, cancel_requested=True).exists()
 
 
 def claim(job_id: int) -> bool:
@@ -63,10 +67,14 @@ def run_job(job_id: int) -> str | None:
         log.info("job %s is not queued (taken by another worker, cancelled or gone); skipping", job_id)
         return None
     job = Job.objects.get(pk=job_id)
+    events.publish_status(job)
+    events.job_log(job, f"started on worker {job.worker} (attempt {job.attempts})")
     try:
         status = _train(job)
     except JobFailed as failure:
         status = _finish(job, Job.Status.FAILED, str(failure))
+    except JobCancelled:
+        status = _finish(job, Job.Status.CANCELLED, "cancelled while waiting for a trunk server")
     except Exception as exc:  # noqa: BLE001 - any crash must end the job with a message, not leave it running
         log.exception("job %s crashed", job_id)
         status = _finish(job, Job.Status.FAILED, f"unexpected error in the worker: {type(exc).__name__}: {exc}")
@@ -77,6 +85,9 @@ def _finish(job: Job, status: str, message: str = "") -> str:
     Job.objects.filter(pk=job.pk).update(status=status, error_message=message, finished_at=timezone.now(),
                                          cancel_requested=False, updated_at=timezone.now())
     job.refresh_from_db()
+    level = JobLog.Level.ERROR if status == Job.Status.FAILED else JobLog.Level.INFO
+    events.job_log(job, f"{status}: {message}" if message else status, level)
+    events.publish_status(job)
     return status
 
 
@@ -92,20 +103,25 @@ def _train(job: Job) -> str:
     config = dataclasses.replace(config, eval_every=max(1, total // 10) if data.val else 0)
     Job.objects.filter(pk=job.pk).update(total_steps=total, train_examples=len(data.train),
                                          val_examples=len(data.val))
+    job.refresh_from_db()
+    events.publish_status(job)
+    events.job_log(job, f"{len(data.train)} training and {len(data.val)} validation examples"
+                        + (f" ({data.dropped} without a trained token dropped)" if data.dropped else "")
+                        + f"; {total} steps")
 
     checkpoints = list_checkpoints(job.checkpoint_dir)
     resume = checkpoints[-1] if checkpoints else None
     if resume is not None:
         step = read_checkpoint_state(resume).step
         MetricPoint.objects.filter(job=job, step__gt=step).delete()
-        log.info("job %s resumes from step %s", job.pk, step)
+        events.job_log(job, f"resuming from the checkpoint of step {step}")
 
     trunk, client = _connect(job, config.wire_encoding)
     engine = _open_engine(job, config, trunk, client)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                            callbacks=[lambda event: _record(job, event)],
-                           should_cancel=lambda: Job.objects.filter(pk=job.pk, cancel_requested=True).exists())
+                           should_cancel=lambda: _cancel_requested(job))
     try:
         result = trainer.run(resume_from=resume)
         if result.status == "cancelled":
@@ -154,14 +170,17 @@ def _connect(job: Job, wire_encoding: str) -> tuple[TrunkServer, TrunkClient]:
             if job.trunk_id != trunk.pk:
                 Job.objects.filter(pk=job.pk).update(trunk=trunk)
                 job.trunk = trunk
+            events.job_log(job, f"connected to the trunk server {trunk.name} (layers {trunk.layer_range})")
             return trunk, client
         except (NoTrunkAvailable, TrunkError) as error:
             if isinstance(error, TrunkError) and error.code == grpc.StatusCode.UNAUTHENTICATED:
                 raise JobFailed(f"the trunk server {job.trunk or ''} refused the token; an administrator must "
                                 "update it") from error
+            if _cancel_requested(job):
+                raise JobCancelled from error
             if time.monotonic() >= deadline:
                 raise JobFailed(_unreachable(job, error)) from error
-            log.info("job %s waits for a trunk: %s", job.pk, error)
+            events.job_log(job, f"waiting for a trunk server: {error}", JobLog.Level.WARNING)
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 15.0)
 
@@ -179,6 +198,7 @@ def _unreachable(job: Job, error: Exception) -> str:
 def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> SplitEngine:
     """Open the trunk session; a trunk at its session cap makes the job wait, not fail."""
     deadline = time.monotonic() + settings.TRUNK_WAIT_S
+    told = False
     while True:
         try:
             return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}")
@@ -186,7 +206,12 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> S
             if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= deadline:
                 client.close()
                 raise JobFailed(_trunk_failure(trunk, error, job)) from error
-            log.info("job %s waits for a free session on %s", job.pk, trunk.name)
+            if not told:
+                events.job_log(job, f"{trunk.name} is at its session capacity; waiting", JobLog.Level.WARNING)
+                told = True
+            if _cancel_requested(job):
+                client.close()
+                raise JobCancelled from error
             time.sleep(2.0)
         except ValueError as exc:  # the trunk serves another model, or the split does not fit
             client.close()
@@ -213,17 +238,20 @@ def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
 
 
 def _record(job: Job, event: TrainerEvent) -> None:
+    """Store the event as a row first (the history), then send it live."""
     if isinstance(event, StepMetrics):
-        MetricPoint.objects.update_or_create(job=job, step=event.step, kind=MetricPoint.Kind.TRAIN, defaults=dict(
-            loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens_per_s=event.tokens_per_s,
-            wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
+        point, _ = MetricPoint.objects.update_or_create(
+            job=job, step=event.step, kind=MetricPoint.Kind.TRAIN, defaults=dict(
+                loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens_per_s=event.tokens_per_s,
+                wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
         Job.objects.filter(pk=job.pk).update(current_step=event.step, last_loss=event.loss,
                                              updated_at=timezone.now())
+        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps})
     elif isinstance(event, EvalMetrics):
-        MetricPoint.objects.update_or_create(job=job, step=event.step, kind=MetricPoint.Kind.EVAL,
-                                             defaults=dict(val_loss=event.val_loss))
+        point, _ = MetricPoint.objects.update_or_create(job=job, step=event.step, kind=MetricPoint.Kind.EVAL,
+                                                        defaults=dict(val_loss=event.val_loss))
         Job.objects.filter(pk=job.pk).update(last_val_loss=event.val_loss)
+        events.publish(job, events.point_event(point))
+        events.job_log(job, f"step {event.step}: validation loss {event.val_loss:.4f}")
     elif isinstance(event, CheckpointSaved):
-        log.info("job %s: checkpoint at step %s", job.pk, event.step)
-    for listener in event_listeners:
-        listener(job, event)
+        events.job_log(job, f"step {event.step}: checkpoint saved")

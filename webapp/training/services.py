@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from . import events
 from .models import Job
 
 
@@ -25,6 +26,8 @@ def create_job(job: Job) -> Job:
     with transaction.atomic():
         job.save()
         enqueue(job)
+    events.job_log(job, "queued")
+    events.publish_status(job)
     return job
 
 
@@ -35,11 +38,15 @@ def cancel_job(job: Job) -> Job:
             status=Job.Status.CANCELLED, finished_at=now, error_message="cancelled before it started",
             updated_at=now):
         job.refresh_from_db()
+        events.job_log(job, "cancelled before it started")
+        events.publish_status(job)
         return job
     if not Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(cancel_requested=True, updated_at=now):
         job.refresh_from_db()
         raise JobStateError(f"job {job.pk} is {job.status}; only queued or running jobs can be cancelled")
     job.refresh_from_db()
+    events.job_log(job, "cancel requested: stopping after the current step")
+    events.publish_status(job)
     return job
 
 
@@ -53,4 +60,6 @@ def resume_job(job: Job) -> Job:
         if not resumed:
             raise JobStateError(f"job {job.pk} is {job.status}; only cancelled or failed jobs can be resumed")
         enqueue(job)
+    events.job_log(job, "queued again: continues from the last checkpoint")
+    events.publish_status(job)
     return job

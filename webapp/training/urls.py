@@ -6,6 +6,7 @@ app_name = "training"
 urlpatterns = [
     path("", views.job_list, name="job-list"),
     path("new/", views.job_new, name="job-new"),
+    path("compare/", views.job_compare, name="job-compare"),
     path("<int:pk>/", views.job_detail, name="job-detail"),
     path("<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("<int:pk>/resume/", views.job_resume, name="job-resume"),

@@ -12,13 +12,32 @@ from ..ownership import get_owned_or_404, owned
 from . import services
 from .adapter_package import build_adapter_zip, zip_name
 from .forms import JobForm
-from .models import Job, MetricPoint
+from .consumers import LOG_TAIL
+from .models import Job, JobLog, MetricPoint
 
 
 @login_required
 def job_list(request: HttpRequest) -> HttpResponse:
     jobs = owned(Job, request.user).select_related("trunk")
     return render(request, "training/job_list.html", {"jobs": jobs})
+
+
+@login_required
+def job_compare(request: HttpRequest) -> HttpResponse:
+    """Loss curves of several of the user's jobs on one chart, hyper-parameters side by side."""
+    ids = [int(part) for part in request.GET.getlist("ids") + request.GET.get("id", "").split(",") if part.isdigit()]
+    jobs = list(owned(Job, request.user).filter(pk__in=ids).order_by("pk")) if ids else []
+    curves = {job.pk: {"train": [], "val": []} for job in jobs}
+    for point in MetricPoint.objects.filter(job__in=jobs).order_by("step"):
+        if point.kind == MetricPoint.Kind.TRAIN:
+            curves[point.job_id]["train"].append([point.step, point.loss])
+        else:
+            curves[point.job_id]["val"].append([point.step, point.val_loss])
+    names = sorted({name for job in jobs for name in job.hyperparameters()})
+    rows = [(name, [job.hyperparameters().get(name) for job in jobs]) for name in names]
+    series = [{"id": job.pk, "label": f"#{job.pk} {job.dataset_name}", **curves[job.pk]} for job in jobs]
+    return render(request, "training/job_compare.html", {
+        "jobs": jobs, "rows": rows, "series": series, "candidates": owned(Job, request.user)[:100]})
 
 
 @login_required
@@ -35,7 +54,8 @@ def job_new(request: HttpRequest) -> HttpResponse:
 def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_owned_or_404(Job.objects.select_related("trunk", "dataset"), request.user, pk=pk)
     points = list(MetricPoint.objects.filter(job=job).order_by("-step", "kind")[:30])
-    return render(request, "training/job_detail.html", {"job": job, "points": points,
+    logs = reversed(JobLog.objects.filter(job=job).order_by("-id")[:LOG_TAIL])
+    return render(request, "training/job_detail.html", {"job": job, "points": points, "logs": logs,
                                                          "hyperparameters": job.hyperparameters()})
 
 

@@ -1,0 +1,53 @@
+// Overlaid loss curves of several jobs (data embedded in the page by the server).
+(function () {
+  "use strict";
+  const source = document.getElementById("compare-series");
+  const container = document.getElementById("compare-chart");
+  if (!source || !container) return;
+  const runs = JSON.parse(source.textContent);
+  const colors = ["#2f6fdd", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#0b7285", "#e67700", "#495057"];
+  let plot = null;
+
+  function smoothed(values, weight) {
+    const out = [];
+    let last = 0, count = 0;
+    for (const v of values) {
+      if (v == null) { out.push(null); continue; }
+      last = last * weight + (1 - weight) * v;
+      count += 1;
+      out.push(last / (1 - Math.pow(weight, count)));
+    }
+    return out;
+  }
+
+  function data() {
+    const steps = new Set();
+    runs.forEach((r) => { r.train.forEach(([s]) => steps.add(s)); r.val.forEach(([s]) => steps.add(s)); });
+    const xs = Array.from(steps).sort((a, b) => a - b);
+    const columns = [xs];
+    runs.forEach((r) => {
+      const train = new Map(r.train), val = new Map(r.val);
+      const raw = xs.map((s) => (train.has(s) ? train.get(s) : null));
+      columns.push(smoothed(raw, 0.8));
+      columns.push(xs.map((s) => (val.has(s) ? val.get(s) : null)));
+    });
+    return columns;
+  }
+
+  function draw(logScale) {
+    if (plot) plot.destroy();
+    const series = [{ label: "step" }];
+    runs.forEach((r, i) => {
+      const color = colors[i % colors.length];
+      series.push({ label: r.label + " train", stroke: color, width: 2, spanGaps: true });
+      series.push({ label: r.label + " val", stroke: color, width: 2, dash: [6, 4], spanGaps: true,
+                    points: { show: true, size: 5 } });
+    });
+    plot = new uPlot({ width: Math.max(320, container.clientWidth || 800), height: 340,
+                       scales: { x: { time: false }, y: logScale ? { distr: 3 } : {} },
+                       axes: [{ label: "step" }, { label: "loss" }], series: series }, data(), container);
+  }
+
+  document.getElementById("log-scale").addEventListener("change", (e) => draw(e.target.checked));
+  draw(false);
+})();

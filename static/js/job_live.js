@@ -1,0 +1,222 @@
+// Live job page: the chart, progress and log tail, fed by /ws/jobs/<id>/.
+// On (re)connect the server replays the stored history (after ?after=STEP), then streams
+// new events. Points are keyed by (kind, step), so a replay never duplicates a point.
+(function () {
+  "use strict";
+  const root = document.getElementById("job-live");
+  if (!root || typeof WebSocket === "undefined") return;
+  const jobId = root.dataset.job;
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    metrics: new Map(), // step -> metric event
+    evals: new Map(), // step -> eval event
+    logs: new Map(), // id -> log event
+    status: null,
+    done: false,
+    logScale: false,
+    retries: 0,
+    socket: null,
+  };
+  window.jobLive = state; // for tests and the console
+
+  // ------------------------------------------------------------------ chart
+
+  let plot = null;
+  let redrawPending = false;
+
+  function smoothed(values, weight) {
+    // Exponential moving average with bias correction (as TensorBoard's smoothing).
+    const out = [];
+    let last = 0;
+    let count = 0;
+    for (const v of values) {
+      if (v == null) { out.push(null); continue; }
+      last = last * weight + (1 - weight) * v;
+      count += 1;
+      out.push(last / (1 - Math.pow(weight, count)));
+    }
+    return out;
+  }
+
+  function chartData() {
+    const steps = Array.from(new Set([...state.metrics.keys(), ...state.evals.keys()])).sort((a, b) => a - b);
+    const loss = steps.map((s) => (state.metrics.has(s) ? state.metrics.get(s).loss : null));
+    const val = steps.map((s) => (state.evals.has(s) ? state.evals.get(s).val_loss : null));
+    const lr = steps.map((s) => (state.metrics.has(s) ? state.metrics.get(s).lr : null));
+    return [steps, loss, smoothed(loss, 0.8), val, lr];
+  }
+
+  function makePlot() {
+    const container = $("loss-chart");
+    if (plot) plot.destroy();
+    const width = Math.max(320, container.clientWidth || 800);
+    const opts = {
+      width: width,
+      height: 320,
+      scales: { x: { time: false }, y: state.logScale ? { distr: 3 } : {}, lr: {} },
+      axes: [
+        { label: "step" },
+        { label: "loss", scale: "y" },
+        { label: "learning rate", scale: "lr", side: 1, grid: { show: false },
+          values: (u, ticks) => ticks.map((t) => t.toExponential(1)) },
+      ],
+      series: [
+        { label: "step" },
+        { label: "train loss", stroke: "rgba(47,111,221,0.35)", width: 1, scale: "y", spanGaps: true },
+        { label: "train loss (smoothed)", stroke: "#2f6fdd", width: 2, scale: "y", spanGaps: true },
+        { label: "validation loss", stroke: "#d9480f", width: 2, scale: "y", spanGaps: true,
+          points: { show: true, size: 6 } },
+        { label: "learning rate", stroke: "#2b8a3e", width: 1, dash: [4, 4], scale: "lr", spanGaps: true },
+      ],
+    };
+    plot = new uPlot(opts, chartData(), container);
+  }
+
+  function redraw() {
+    if (redrawPending) return;
+    redrawPending = true;
+    requestAnimationFrame(() => {
+      redrawPending = false;
+      if (!plot) makePlot();
+      else plot.setData(chartData());
+      $("chart-points").textContent = String(state.metrics.size);
+    });
+  }
+
+  // ------------------------------------------------------------------ progress, facts, log
+
+  function formatSeconds(s) {
+    if (s == null || !isFinite(s)) return "–";
+    s = Math.round(s);
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+    return (h ? h + "h " : "") + (h || m ? m + "m " : "") + sec + "s";
+  }
+
+  function formatBytes(n) {
+    if (n == null) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return n.toFixed(i ? 1 : 0) + " " + units[i];
+  }
+
+  function updateProgress() {
+    const status = state.status || {};
+    const steps = Array.from(state.metrics.keys());
+    const step = steps.length ? Math.max(...steps) : status.current_step || 0;
+    const total = status.total_steps;
+    const last = state.metrics.get(step);
+    $("progress-bar").max = total || 1;
+    $("progress-bar").value = Math.min(step, total || step);
+    $("progress-text").textContent = total ? `${step} / ${total}` : String(step);
+    const elapsed = last ? last.elapsed_s : null;
+    $("elapsed").textContent = formatSeconds(elapsed);
+    const running = status.status === "running";
+    $("eta").textContent = running && elapsed && step && total ? formatSeconds(elapsed / step * (total - step)) : "–";
+    $("tokens-per-s").textContent = last && last.tokens_per_s != null ? Math.round(last.tokens_per_s).toLocaleString() : "–";
+    let wire = 0;
+    state.metrics.forEach((m) => { wire += m.wire_bytes || 0; });
+    $("wire-bytes").textContent = last ? `${formatBytes(last.wire_bytes)} per step, ${formatBytes(wire)} in all` : "–";
+  }
+
+  function updateStatus(event) {
+    state.status = event;
+    const badge = $("job-status");
+    badge.textContent = event.status_display || event.status;
+    badge.className = "status status-" + event.status;
+    const error = $("job-error");
+    error.textContent = event.error_message || "";
+    error.hidden = !event.error_message;
+    $("cancel-form").hidden = !event.can_cancel;
+    $("resume-form").hidden = !event.can_resume;
+    $("cancel-pending").hidden = !(event.cancel_requested && event.status === "running");
+    const download = $("download-link");
+    if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
+    updateProgress();
+  }
+
+  function addLog(entry) {
+    if (state.logs.has(entry.id)) return;
+    state.logs.set(entry.id, entry);
+    const list = $("log-tail");
+    const line = document.createElement("div");
+    line.className = "log-" + entry.level;
+    line.dataset.id = entry.id;
+    const time = new Date(entry.time);
+    line.textContent = `${time.toLocaleTimeString()}  ${entry.message}`;
+    list.appendChild(line);
+    while (list.childElementCount > 200) list.removeChild(list.firstChild);
+    list.scrollTop = list.scrollHeight;
+  }
+
+  // ------------------------------------------------------------------ events
+
+  function handle(event) {
+    switch (event.type) {
+      case "status":
+        updateStatus(event);
+        break;
+      case "history":
+        event.metrics.forEach((p) => (p.type === "eval" ? state.evals : state.metrics).set(p.step, p));
+        event.logs.forEach(addLog);
+        redraw();
+        updateProgress();
+        break;
+      case "metric":
+        state.metrics.set(event.step, event);
+        if (state.status && event.total_steps) state.status.total_steps = event.total_steps;
+        redraw();
+        updateProgress();
+        break;
+      case "eval":
+        state.evals.set(event.step, event);
+        redraw();
+        break;
+      case "log":
+        addLog(event);
+        break;
+      case "done":
+        state.done = true;
+        break;
+    }
+  }
+
+  function lastStep() {
+    const steps = Array.from(state.metrics.keys());
+    // One step back: an evaluation of the last step may not have arrived before a drop.
+    return steps.length ? Math.max(0, Math.max(...steps) - 1) : null;
+  }
+
+  function connect() {
+    const params = new URLSearchParams();
+    const after = lastStep();
+    if (after !== null) params.set("after", String(after));
+    if (state.logs.size) params.set("log_after", String(Math.max(...state.logs.keys())));
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/jobs/${jobId}/?${params}`);
+    state.socket = socket;
+    $("connection").textContent = "connecting…";
+    socket.onopen = () => { state.retries = 0; $("connection").textContent = "live"; };
+    socket.onmessage = (message) => handle(JSON.parse(message.data));
+    socket.onclose = (close) => {
+      if (close.code === 4401 || close.code === 4404) {
+        $("connection").textContent = "not allowed: reload the page";
+        return;
+      }
+      const finished = state.status && ["succeeded", "failed", "cancelled"].includes(state.status.status);
+      const delay = Math.min(30000, 500 * Math.pow(2, state.retries)) * (0.75 + Math.random() / 2);
+      state.retries += 1;
+      $("connection").textContent = finished ? "finished" : `reconnecting in ${Math.round(delay / 1000)} s…`;
+      // A finished job may still be resumed: keep listening, but less eagerly.
+      setTimeout(connect, finished ? Math.max(delay, 5000) : delay);
+    };
+  }
+
+  // Lines the server rendered into the page are already shown.
+  $("log-tail").querySelectorAll("[data-id]").forEach((line) => state.logs.set(Number(line.dataset.id), null));
+  $("log-scale").addEventListener("change", (e) => { state.logScale = e.target.checked; makePlot(); });
+  window.addEventListener("resize", () => { if (plot) plot.setSize({ width: $("loss-chart").clientWidth, height: 320 }); });
+  makePlot();
+  connect();
+})();

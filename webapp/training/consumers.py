@@ -1,0 +1,100 @@
+"""WebSocket consumers: they authenticate, authorise, replay the stored history, then forward.
+
+``/ws/jobs/<id>/``: for the job's owner only. On connect: the job's status, every stored
+metric and evaluation (only those after ``?after=STEP`` on a reconnect) and the log tail
+(after ``?log_after=ID``), then live events from the job's group. The group is joined
+before the history is read, so nothing published in between is lost; clients drop
+repeated points by step.
+
+``/ws/jobs/``: status changes of the user's jobs.
+
+Refusals close with 4401 (not logged in) or 4404 (no such job of this user).
+"""
+
+from __future__ import annotations
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from . import events
+from .models import Job, JobLog, MetricPoint
+
+LOG_TAIL = 200
+NOT_AUTHENTICATED = 4401
+NOT_FOUND = 4404
+
+
+def _int_param(query: str, name: str) -> int | None:
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class JobConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=NOT_AUTHENTICATED)
+            return
+        self.job_id = self.scope["url_route"]["kwargs"]["job_id"]
+        if not await self._owns_job(user, self.job_id):
+            await self.close(code=NOT_FOUND)
+            return
+        self.group = events.job_group(self.job_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        query = self.scope.get("query_string", b"").decode()
+        for event in await self._history(_int_param(query, "after"), _int_param(query, "log_after")):
+            await self.send_json(event)
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        """Clients only listen; anything they send is ignored."""
+
+    async def job_event(self, message: dict) -> None:
+        await self.send_json(message["event"])
+
+    @database_sync_to_async
+    def _owns_job(self, user, job_id: int) -> bool:
+        return Job.objects.filter(pk=job_id, owner=user).exists()
+
+    @database_sync_to_async
+    def _history(self, after: int | None, log_after: int | None) -> list[dict]:
+        job = Job.objects.get(pk=self.job_id)
+        points = MetricPoint.objects.filter(job=job).order_by("step", "kind")
+        if after is not None:
+            points = points.filter(step__gt=after)
+        logs = JobLog.objects.filter(job=job)
+        logs = logs.filter(pk__gt=log_after) if log_after is not None else logs.order_by("-id")[:LOG_TAIL]
+        history = {"type": "history", "metrics": [events.point_event(p) for p in points],
+                   "logs": sorted((events.log_event(entry) for entry in logs), key=lambda e: e["id"])}
+        return [events.status_event(job), history]
+
+
+class JobListConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=NOT_AUTHENTICATED)
+            return
+        self.group = events.user_jobs_group(user.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        """Clients only listen."""
+
+    async def job_event(self, message: dict) -> None:
+        await self.send_json(message["event"])

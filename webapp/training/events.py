@@ -1,0 +1,92 @@
+"""Typed job events, sent to the job's channel-layer group and to its owner's job-list group.
+
+Every event is a JSON object with a ``type``:
+
+- ``status``: the job's status, progress and timestamps (also sent to the job list);
+- ``metric``: one training step (step, loss, lr, grad_norm, tokens_per_s, wire_bytes, elapsed_s);
+- ``eval``: one evaluation (step, val_loss);
+- ``log``: one line of the job's log (id, level, message, time);
+- ``done``: the job ended (status, and the download URL when it succeeded).
+
+The consumer replays the stored history first, so a publish that fails (Redis away) costs
+a live update, never data: training goes on and the history is in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.urls import reverse
+
+from .models import Job, JobLog, MetricPoint
+
+log = logging.getLogger(__name__)
+
+
+def job_group(job_id: int) -> str:
+    return f"job-{job_id}"
+
+
+def user_jobs_group(user_id: int) -> str:
+    return f"user-{user_id}-jobs"
+
+
+def status_event(job: Job) -> dict:
+    return {
+        "type": "status", "job": job.pk, "status": job.status, "status_display": job.get_status_display(),
+        "error_message": job.error_message, "cancel_requested": job.cancel_requested,
+        "current_step": job.current_step, "total_steps": job.total_steps, "last_loss": job.last_loss,
+        "last_val_loss": job.last_val_loss, "can_cancel": job.can_cancel, "can_resume": job.can_resume,
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "download_url": reverse("training:job-adapter", args=[job.pk]) if job.has_adapter else None,
+    }
+
+
+def point_event(point: MetricPoint) -> dict:
+    data = point.as_dict()
+    data["type"] = "metric" if point.kind == MetricPoint.Kind.TRAIN else "eval"
+    del data["kind"]
+    return data
+
+
+def log_event(entry: JobLog) -> dict:
+    return {"type": "log", **entry.as_dict()}
+
+
+def done_event(job: Job) -> dict:
+    status = status_event(job)
+    return {"type": "done", "job": job.pk, "status": job.status, "error_message": job.error_message,
+            "download_url": status["download_url"]}
+
+
+def _send(group: str, event: dict) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(group, {"type": "job.event", "event": event})
+    except Exception as exc:  # noqa: BLE001 - a live update is not worth a failed job
+        log.warning("could not publish a %s event to %s: %s", event.get("type"), group, exc)
+
+
+def publish(job: Job, event: dict) -> None:
+    _send(job_group(job.pk), event)
+
+
+def publish_status(job: Job) -> None:
+    event = status_event(job)
+    _send(job_group(job.pk), event)
+    _send(user_jobs_group(job.owner_id), event)
+    if job.is_finished:
+        _send(job_group(job.pk), done_event(job))
+
+
+def job_log(job: Job, message: str, level: str = JobLog.Level.INFO) -> JobLog:
+    """Store a log line for the job's page and send it live."""
+    entry = JobLog.objects.create(job=job, level=level, message=message)
+    publish(job, log_event(entry))
+    return entry
