@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: install test proto prepare-model clean
+.PHONY: install browser test proto prepare-model clean
 
 $(VENV_PYTHON):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -35,8 +35,14 @@ proto: install
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model
 
+# Browser tests drive Debian's chromium: installed here when missing (needs root, as on CI machines).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "chromium is missing and needs root to install (apt-get install chromium): browser tests will fail"
+
 # The web settings need a SECRET_KEY outside debug; tests get a fresh one per run.
-test: install
+test: install browser
 	SECRET_KEY="$${SECRET_KEY:-$$($(VENV_PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')}" \
 		$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from web_services import start_redis, start_worker
+from web_services import start_redis, start_web_server, start_worker
 
 from trunk_server.launcher import start_trunk
 
@@ -53,23 +53,37 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def celery_worker(django_db_setup, django_db_blocker, web_dirs, redis_server):
+def service_env(django_db_setup, web_dirs, redis_server) -> dict[str, str]:
+    """The environment of the worker and web processes: the test database, Redis and directories."""
     from django.conf import settings
 
-    env = {
+    return {
         "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
         "CELERY_BROKER_URL": redis_server.url,
         "REDIS_URL": redis_server.url,
         "SPLITLEARN_MODELS_DIR": str(web_dirs["models"]),
         "SPLITLEARN_JOBS_DIR": str(web_dirs["jobs"]),
         "MEDIA_ROOT": str(web_dirs["media"]),
+        "DEFAULT_BASE_MODEL": TINY_MODEL_ID,
         "TRUNK_WAIT_S": str(WORKER_TRUNK_WAIT_S),
         "JOB_CHECKPOINT_EVERY": "2",
         "SECRET_KEY": os.environ.get("SECRET_KEY", settings.SECRET_KEY),
     }
-    worker = start_worker(env, web_dirs["logs"] / "worker.log")
+
+
+@pytest.fixture(scope="session")
+def celery_worker(service_env, web_dirs):
+    worker = start_worker(service_env, web_dirs["logs"] / "worker.log")
     yield worker
     worker.stop()
+
+
+@pytest.fixture(scope="session")
+def web_server(service_env, web_dirs):
+    """daphne serving the ASGI application (HTTP and WebSockets) on a free loopback port."""
+    server = start_web_server(service_env, web_dirs["logs"] / "daphne.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -92,3 +92,45 @@ def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker")
         time.sleep(0.2)
     worker.stop()
     raise RuntimeError(f"celery worker did not start:\n{worker.log()[-3000:]}")
+
+
+@dataclass
+class WebServer:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_web_server(env: dict[str, str], log_path: Path) -> WebServer:
+    port = free_port()
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "webapp.asgi:application"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=open(log_path, "a"),
+                               stderr=subprocess.STDOUT)
+    server = WebServer(process=process, port=port, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"daphne did not start:\n{server.log()[-3000:]}")

@@ -131,6 +131,11 @@
     $("cancel-form").hidden = !event.can_cancel;
     $("resume-form").hidden = !event.can_resume;
     $("cancel-pending").hidden = !(event.cancel_requested && event.status === "running");
+    $("fact-progress").textContent = `step ${event.current_step}` + (event.total_steps ? ` of ${event.total_steps}` : "");
+    $("fact-loss").textContent = event.last_loss != null ? event.last_loss.toFixed(4) : "–";
+    $("fact-val-loss").textContent = event.last_val_loss != null ? event.last_val_loss.toFixed(4) : "–";
+    $("fact-started").textContent = event.started_at ? new Date(event.started_at).toLocaleString() : "–";
+    $("fact-finished").textContent = event.finished_at ? new Date(event.finished_at).toLocaleString() : "–";
     const download = $("download-link");
     if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
     updateProgress();
@@ -165,12 +170,15 @@
         break;
       case "metric":
         state.metrics.set(event.step, event);
+        $("fact-progress").textContent = `step ${event.step}` + (event.total_steps ? ` of ${event.total_steps}` : "");
+        $("fact-loss").textContent = event.loss.toFixed(4);
         if (state.status && event.total_steps) state.status.total_steps = event.total_steps;
         redraw();
         updateProgress();
         break;
       case "eval":
         state.evals.set(event.step, event);
+        $("fact-val-loss").textContent = event.val_loss.toFixed(4);
         redraw();
         break;
       case "log":
@@ -213,6 +221,8 @@
     };
   }
 
+  // The chart replaces the static table of the page without JavaScript.
+  $("static-metrics").hidden = true;
   // Lines the server rendered into the page are already shown.
   $("log-tail").querySelectorAll("[data-id]").forEach((line) => state.logs.set(Number(line.dataset.id), null));
   $("log-scale").addEventListener("change", (e) => { state.logScale = e.target.checked; makePlot(); });

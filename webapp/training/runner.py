@@ -254,4 +254,4 @@ def _record(job: Job, event: TrainerEvent) -> None:
         events.publish(job, events.point_event(point))
         events.job_log(job, f"step {event.step}: validation loss {event.val_loss:.4f}")
     elif isinstance(event, CheckpointSaved):
-        events.job_log(job, f"step {event.step}: checkpoint saved")
+        log.info("job %s: checkpoint of step %s saved", job.pk, event.step)  # too frequent for the user's log

@@ -1,0 +1,140 @@
+"""The whole experience in a real headless Chromium against daphne, a Celery worker and a trunk.
+
+Log in, upload a dataset, start a job, watch points arrive without a reload, reload
+mid-job and see the whole history, cancel and resume, download the adapter. Screenshots
+of the pages go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import zipfile
+
+import pytest
+from conftest import PROJECT_ROOT
+from playwright.sync_api import expect, sync_playwright
+from web_fixtures import TINY_MODEL_ID
+
+from webapp.training import services
+from webapp.training.models import Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # Playwright's sync API keeps an event loop in this thread; the ORM calls of the test
+    # itself are still plain synchronous code.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-background-networking", "--disable-component-update"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, web_server):
+    context = browser.new_context(base_url=web_server.url, viewport={"width": 1280, "height": 1000},
+                                  accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    context.close()
+
+
+def log_in(page, django_user_model):
+    django_user_model.objects.create_user("ada", password="ada-long-password-1")
+    page.goto("/accounts/login/")
+    page.fill("input[name=username]", "ada")
+    page.fill("input[name=password]", "ada-long-password-1")
+    page.click("button[type=submit]")
+    expect(page).to_have_url("/jobs/")
+
+
+def live_steps(page) -> list[int]:
+    return page.evaluate("Array.from(window.jobLive.metrics.keys()).sort((a, b) => a - b)")
+
+
+def test_train_watch_reload_cancel_resume_download(page, django_user_model, registered_trunk, celery_worker,
+                                                   tmp_path):
+    log_in(page, django_user_model)
+
+    dataset = tmp_path / "sums.jsonl"
+    dataset.write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
+    page.goto("/datasets/")
+    page.set_input_files("input[type=file]", str(dataset))
+    page.click("form[enctype='multipart/form-data'] button[type=submit]")
+    expect(page.locator("body")).to_contain_text("40")  # examples, on the dataset page
+
+    page.goto("/jobs/new/")
+    page.select_option("select[name=base_model]", TINY_MODEL_ID)
+    page.fill("input[name=max_steps]", "400")
+    page.fill("input[name=batch_size]", "2")
+    page.fill("input[name=max_seq_length]", "32")
+    page.fill("input[name=learning_rate]", "0.01")
+    page.fill("input[name=val_fraction]", "0.1")
+    page.click("text=Start training")
+    expect(page.locator("#job-live")).to_be_visible()
+    job = Job.objects.get()
+    expect(page).to_have_url(f"/jobs/{job.pk}/")
+
+    # Points arrive without a reload.
+    page.wait_for_function("window.jobLive && window.jobLive.metrics.size >= 3")
+    first = len(live_steps(page))
+    page.wait_for_function(f"window.jobLive.metrics.size > {first}")
+    expect(page.locator("#job-status")).to_have_text("running")
+
+    # A reload mid-job draws the whole history at once, with no gaps.
+    seen = live_steps(page)
+    page.reload()
+    page.wait_for_function(f"window.jobLive && window.jobLive.metrics.size >= {len(seen)}")
+    after_reload = live_steps(page)
+    assert after_reload[: len(seen)] == seen == list(range(1, len(seen) + 1))
+    assert page.locator("#loss-chart canvas").count() >= 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "job-page-running.png"), full_page=True)
+
+    # Cancel, then resume from the checkpoint; the live page follows both.
+    page.click("#cancel-form button")
+    expect(page.locator("#job-status")).to_have_text("cancelled", timeout=60_000)
+    stopped = Job.objects.get(pk=job.pk).current_step
+    assert 0 < stopped < 400
+    page.click("#resume-form button")
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+    steps = live_steps(page)
+    assert steps == list(range(1, 401)), "no gaps and no duplicates across reload, cancel and resume"
+    assert page.evaluate("window.jobLive.evals.size") >= 1
+    expect(page.locator("#log-tail")).to_contain_text(f"resuming from the checkpoint of step {stopped}")
+    page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+
+    with page.expect_download() as info:
+        page.click("#download-link")
+    download = info.value
+    assert download.suggested_filename == f"adapter-job-{job.pk}.zip"
+    bundle = zipfile.ZipFile(io.BytesIO(open(download.path(), "rb").read()))
+    assert "adapter_model.safetensors" in bundle.namelist() and "README.md" in bundle.namelist()
+
+
+def test_job_list_updates_statuses_live(page, django_user_model, registered_trunk, celery_worker, tmp_path):
+    log_in(page, django_user_model)
+    owner = django_user_model.objects.get(username="ada")
+    job = Job.objects.create(owner=owner, dataset_name="sums", base_model=TINY_MODEL_ID, max_steps=3,
+                             status=Job.Status.QUEUED)
+    page.goto("/jobs/")
+    row = page.locator(f"tr[data-job='{job.pk}']")
+    expect(row.locator(".status")).to_have_text("queued")
+    page.wait_for_timeout(500)  # the socket is open
+    # From another thread, as a web process would: this one runs Playwright's event loop.
+    canceller = threading.Thread(target=services.cancel_job, args=(job,))
+    canceller.start()
+    canceller.join(30)
+    expect(row.locator(".status")).to_have_text("cancelled", timeout=20_000)
