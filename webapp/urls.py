@@ -9,6 +9,7 @@ urlpatterns = [
     path("accounts/", include("webapp.accounts.urls")),
     path("datasets/", include("webapp.datasets.urls")),
     path("jobs/", include("webapp.training.urls")),
+    path("playground/", include("webapp.playground.urls")),
     path("api/", include("webapp.api_urls")),
     path("admin/", admin.site.urls),
 ]

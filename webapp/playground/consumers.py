@@ -1,0 +1,58 @@
+"""``/ws/generations/<id>/``: one generation's text as it is written, for its owner only.
+
+On connect: the group is joined first, then the row is read and sent as a ``snapshot``
+(status and the text so far), then live ``status``/``token``/``done`` events are forwarded
+(see events.py). Refusals close with 4401 (not logged in) or 4404 (no such generation of
+this user), like the job consumers.
+"""
+
+from __future__ import annotations
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from . import events
+from .models import Generation
+
+NOT_AUTHENTICATED = 4401
+NOT_FOUND = 4404
+
+
+class GenerationConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=NOT_AUTHENTICATED)
+            return
+        self.generation_id = self.scope["url_route"]["kwargs"]["generation_id"]
+        if not await self._owns(user):
+            await self.close(code=NOT_FOUND)
+            return
+        self.group = events.generation_group(self.generation_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        snapshot = await self._snapshot()
+        if snapshot is None:  # deleted in between
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.close(code=NOT_FOUND)
+            return
+        await self.accept()
+        await self.send_json(snapshot)
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        """Clients only listen; anything they send is ignored."""
+
+    async def generation_event(self, message: dict) -> None:
+        await self.send_json(message["event"])
+
+    @database_sync_to_async
+    def _owns(self, user) -> bool:
+        return Generation.objects.filter(pk=self.generation_id, owner=user).exists()
+
+    @database_sync_to_async
+    def _snapshot(self) -> dict | None:
+        generation = Generation.objects.filter(pk=self.generation_id).first()
+        return events.snapshot_event(generation) if generation is not None else None

@@ -1,0 +1,75 @@
+"""The playground form: which model (a job's adapter or the bare base model), the prompt, how to decode."""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+
+from ..ownership import owned
+from ..training.models import Job
+from ..trunks.selection import served_models
+from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE
+from .services import has_chat_template
+
+
+class JobChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, job: Job) -> str:
+        return f"Job {job.pk}: {job.dataset_name} on {job.base_model}"
+
+
+class PlaygroundForm(forms.Form):
+    job = JobChoiceField(queryset=Job.objects.none(), required=False, empty_label="Base model only",
+                         label="Adapter", help_text="a succeeded job: its answer is shown next to the base model's")
+    base_model = forms.ChoiceField(required=False, help_text="for 'base model only' (a job uses the model it "
+                                                             "was trained on); models served by a healthy trunk")
+    prompt = forms.CharField(strip=False, widget=forms.Textarea(attrs={"rows": 6, "maxlength": MAX_PROMPT_CHARS}),
+                             help_text=f"at most {MAX_PROMPT_CHARS} characters")
+    chat = forms.BooleanField(required=False, label="Apply the chat template",
+                              help_text="send the prompt as a user message of a chat (for chat models)")
+    max_new_tokens = forms.IntegerField(min_value=1, max_value=MAX_NEW_TOKENS, initial=64)
+    temperature = forms.FloatField(min_value=0.0, max_value=MAX_TEMPERATURE, initial=0.0,
+                                   help_text="0: greedy (always the most likely token)")
+    seed = forms.IntegerField(min_value=0, max_value=MAX_SEED, initial=0, help_text="of the sampling (temperature > 0)")
+
+    def __init__(self, *args, user, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        self.fields["job"].queryset = owned(Job, user).filter(status=Job.Status.SUCCEEDED)
+        self.served = served_models()
+        self.fields["base_model"].choices = [(model_id, model_id) for model_id in self.served]
+        if "base_model" not in self.initial and self.served:
+            self.initial["base_model"] = (settings.DEFAULT_BASE_MODEL if settings.DEFAULT_BASE_MODEL in self.served
+                                          else self.served[0])
+        if "chat" not in self.initial and self.initial.get("base_model"):
+            self.initial["chat"] = has_chat_template(self.initial["base_model"])
+
+    def clean_prompt(self) -> str:
+        # Browsers send a textarea's line breaks as CRLF; the model should see what the user typed.
+        prompt = self.cleaned_data["prompt"].replace("\r\n", "\n").replace("\r", "\n")
+        if not prompt.strip():
+            raise forms.ValidationError("Type a prompt.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise forms.ValidationError(f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} "
+                                        "are allowed.")
+        return prompt
+
+    def clean(self):
+        data = super().clean()
+        job = data.get("job")
+        if job is not None:
+            if job.base_model not in self.served:
+                self.add_error("job", f"No healthy trunk serves {job.base_model}, the base model of job {job.pk}: "
+                                      "start a trunk server for it (or ask an administrator), then try again.")
+        elif not self.served:
+            raise forms.ValidationError("No trunk server is up: an administrator must add or start one.")
+        elif "base_model" in data and not data["base_model"]:
+            self.add_error("base_model", "Choose a base model.")
+        return data
+
+    def comparison_arguments(self) -> dict:
+        """The keyword arguments of ``services.start_comparison`` (after ``is_valid()``)."""
+        data = self.cleaned_data
+        job = data["job"]
+        return dict(prompt=data["prompt"], job=job, base_model=None if job is not None else data["base_model"],
+                    max_new_tokens=data["max_new_tokens"], temperature=data["temperature"], seed=data["seed"],
+                    chat=data["chat"])

@@ -1,0 +1,137 @@
+"""Running one generation in a worker: claim it, generate through a trunk, stream and store the text.
+
+A generation is claimed with a conditional UPDATE (queued -> running), so a redelivered
+task message never runs it twice. Bottom and Top run here (with the job's adapter for the
+adapter side), the trunk runs on a trunk server in an inference session; both keep a KV
+cache. The text so far is stored before each live event, so a page that connects late
+gets it in its snapshot. Every failure ends the generation as ``failed`` with a message
+that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from django.conf import settings
+from django.utils import timezone
+
+from splitcore.generation import encode_prompt
+from splitcore.split_generation import SplitGenerator
+from splitcore.trunk_client import RetryPolicy, TrunkError
+
+from .. import base_models
+from ..trunks.models import TrunkServer
+from ..trunks.selection import NoTrunkAvailable, pick_trunk
+from . import events
+from .decoding import IncrementalDecoder
+from .models import Generation
+
+log = logging.getLogger(__name__)
+
+# Someone is waiting at the page: give up on an unreachable trunk after seconds, not minutes.
+TRUNK_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.5, max_backoff_s=2.0)
+
+
+class GenerationFailed(Exception):
+    """Ends a generation as failed with this message for the user."""
+
+
+def claim(generation_id: int) -> bool:
+    return bool(Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
+        status=Generation.Status.RUNNING, started_at=timezone.now()))
+
+
+def run_generation(generation_id: int) -> str | None:
+    """Run a queued generation to its end; returns the final status (None when it was not claimable)."""
+    if not claim(generation_id):
+        log.info("generation %s is not queued (taken by another worker or gone); skipping", generation_id)
+        return None
+    generation = Generation.objects.select_related("job").filter(pk=generation_id).first()
+    if generation is None:  # deleted right after the claim
+        return None
+    events.publish(generation.pk, events.status_event(generation))
+    decoder = None
+    try:
+        tokenizer = base_models.tokenizer(generation.base_model)
+        decoder = IncrementalDecoder(tokenizer)
+        _generate(generation, tokenizer, decoder)
+    except GenerationFailed as failure:
+        return _finish(generation, decoder, Generation.Status.FAILED, str(failure))
+    except base_models.BaseModelUnavailable as exc:
+        return _finish(generation, decoder, Generation.Status.FAILED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - any crash must end the generation with a message
+        log.exception("generation %s crashed", generation_id)
+        return _finish(generation, decoder, Generation.Status.FAILED,
+                       f"unexpected error in the worker: {type(exc).__name__}: {exc}")
+    return _finish(generation, decoder, Generation.Status.SUCCEEDED)
+
+
+def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) -> None:
+    try:
+        input_ids = encode_prompt(tokenizer, generation.prompt, generation.chat)  # (1, seq)
+    except ValueError as exc:  # a chat prompt for a tokenizer without a chat template
+        raise GenerationFailed(f"the tokenizer of {generation.base_model} has no chat template; "
+                               "try again with the prompt as plain text") from exc
+    adapter_dir = _adapter_dir(generation)
+    try:
+        trunk = pick_trunk(generation.base_model)
+    except NoTrunkAvailable as exc:
+        raise GenerationFailed(str(exc)) from exc
+    try:
+        with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
+            generator = SplitGenerator(base_models.model_dir(generation.base_model), client, adapter_dir)
+            for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
+                _stream(generation, decoder, token_id)
+    except TrunkError as error:
+        raise GenerationFailed(_trunk_failure(trunk, error)) from error
+    except (ValueError, OSError) as exc:  # the trunk serves another model or split; an unreadable adapter
+        raise GenerationFailed(str(exc)) from exc
+
+
+def _adapter_dir(generation: Generation):
+    job = generation.job
+    if job is None:
+        return None
+    if not job.has_adapter:
+        raise GenerationFailed(f"the adapter of job {job.pk} is not on this server (looked in {job.adapter_dir}); "
+                               "the worker needs the jobs directory the training worker wrote to")
+    return job.adapter_dir
+
+
+def _stream(generation: Generation, decoder: IncrementalDecoder, token_id: int) -> None:
+    """Store the text so far, then send what is new (in this order: see events.py)."""
+    change = decoder.push(token_id)
+    if change is None:
+        return
+    offset, delta = change
+    Generation.objects.filter(pk=generation.pk).update(output=decoder.text, token_count=len(decoder.token_ids))
+    events.publish(generation.pk, events.token_event(delta, offset))
+
+
+def _finish(generation: Generation, decoder: IncrementalDecoder | None, status: str, message: str = "") -> str:
+    fields = dict(status=status, error_message=message, finished_at=timezone.now())
+    if decoder is not None:
+        fields.update(output=decoder.final_text(), token_count=len(decoder.token_ids))
+    if not Generation.objects.filter(pk=generation.pk).update(**fields):
+        log.info("generation %s was deleted while it ran", generation.pk)
+        return status
+    generation.refresh_from_db()
+    if message:
+        log.info("generation %s %s: %s", generation.pk, status, message)
+    events.publish(generation.pk, events.done_event(generation))
+    return status
+
+
+def _trunk_failure(trunk: TrunkServer, error: TrunkError) -> str:
+    where = f"the trunk server {trunk.name} at {trunk.address}"
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return (f"{where} could not be reached ({error.code.name}: {error.details}); check that it is running, "
+                "then try again")
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{where} refused the token; an administrator must update it"
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"{where} is at its session capacity; try again in a moment"
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return f"{where} lost the generation's session (it restarted or the session expired); try again"
+    return f"{where} answered {error.code.name}: {error.details}"

@@ -1,0 +1,82 @@
+"""Starting generations: validate the request, store the rows, send them to the workers."""
+
+from __future__ import annotations
+
+import math
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from .. import base_models
+from ..training.models import Job
+from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE, Generation
+
+
+def has_chat_template(model_id: str) -> bool:
+    """Whether the tokenizer of an installed base model has a chat template (False when not installed)."""
+    try:
+        return bool(base_models.tokenizer(model_id).chat_template)
+    except (base_models.BaseModelUnavailable, OSError):
+        return False
+
+
+def start_comparison(owner, prompt: str, job: Job | None = None, *, base_model: str | None = None,
+                     max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                     chat: bool | None = None) -> list[Generation]:
+    """Queue the answers to ``prompt``: the bare base model's, and the adapter's when ``job`` is given.
+
+    With a job the base model is the job's and two generations are created (base first,
+    then adapter) with the same settings, for a side-by-side comparison. ``chat`` None
+    means: apply the chat template when the tokenizer has one. Raises ``ValidationError``
+    with a message per field (the names of the playground form's fields).
+    """
+    errors: dict[str, str] = {}
+    if not isinstance(prompt, str) or not prompt.strip():
+        errors["prompt"] = "Type a prompt."
+    elif len(prompt) > MAX_PROMPT_CHARS:
+        errors["prompt"] = f"The prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed."
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        errors["max_new_tokens"] = f"Max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}."
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+        errors["temperature"] = f"Temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}."
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        errors["seed"] = f"The seed must be a whole number from 0 to {MAX_SEED}."
+
+    if job is not None:
+        if job.owner_id != owner.pk:
+            errors["job"] = "No such job."
+        elif not job.has_adapter:
+            errors["job"] = f"Job {job.pk} has no adapter (only succeeded jobs have one)."
+        elif base_model and base_model != job.base_model:
+            errors["base_model"] = f"Job {job.pk} was trained on {job.base_model}, not {base_model}."
+        base_model = job.base_model
+    else:
+        base_model = base_model or base_models.default_model_id()
+    if not base_model or base_model not in base_models.installed_models():
+        errors.setdefault("job" if job is not None else "base_model",
+                          f"The base model {base_model!r} is not installed on this server." if base_model
+                          else "No base model is installed on this server.")
+    elif chat is None:
+        chat = has_chat_template(base_model)
+    elif chat and not has_chat_template(base_model):
+        errors["chat"] = f"The tokenizer of {base_model} has no chat template; send the prompt as plain text."
+    if errors:
+        raise ValidationError(errors)
+
+    common = dict(owner=owner, base_model=base_model, prompt=prompt, chat=bool(chat),
+                  max_new_tokens=max_new_tokens, temperature=float(temperature), seed=seed)
+    with transaction.atomic():
+        generations = [Generation.objects.create(job=None, **common)]
+        if job is not None:
+            generations.append(Generation.objects.create(job=job, **common))
+        for generation in generations:
+            enqueue(generation)
+    return generations
+
+
+def enqueue(generation: Generation) -> None:
+    from .tasks import generate
+
+    transaction.on_commit(lambda: generate.delay(generation.pk))
