@@ -131,5 +131,7 @@
     }
   }
 
-  document.querySelectorAll(".panel[data-socket-path]").forEach(watch);
+  if (typeof WebSocket !== "undefined") {
+    document.querySelectorAll(".panel[data-socket-path]").forEach(watch);
+  }
 })();
