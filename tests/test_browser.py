@@ -123,6 +123,39 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     bundle = zipfile.ZipFile(io.BytesIO(open(download.path(), "rb").read()))
     assert "adapter_model.safetensors" in bundle.namelist() and "README.md" in bundle.namelist()
 
+    # The playground streams the base model's and the adapter's answers side by side.
+    token_frames: dict[str, int] = {}
+
+    def watch(socket):
+        token_frames.setdefault(socket.url, 0)
+
+        def on_frame(payload):
+            if '"type": "token"' in str(payload) or '"type":"token"' in str(payload):
+                token_frames[socket.url] += 1
+
+        socket.on("framereceived", on_frame)
+
+    page.on("websocket", watch)
+    page.click("text=Try in the playground")
+    page.fill("textarea[name=prompt]", "Q: what is 7 plus 7?\nA:")
+    page.fill("input[name=max_new_tokens]", "24")
+    page.click("text=Generate")
+    panels = page.locator(".panel")
+    expect(panels).to_have_count(2)
+    for index in range(2):
+        expect(panels.nth(index)).to_have_attribute("data-status", "succeeded", timeout=120_000)
+    from webapp.playground.models import Generation
+
+    generations = {g.pk: g for g in Generation.objects.all()}
+    assert len(generations) == 2 and all(g.status == "succeeded" for g in generations.values())
+    for index in range(2):
+        panel = panels.nth(index)
+        stored = generations[int(panel.get_attribute("data-generation"))]
+        assert panel.locator("[data-role=output]").inner_text() == stored.output
+    generation_sockets = [url for url in token_frames if "/ws/generations/" in url]
+    assert len(generation_sockets) == 2 and all(token_frames[url] > 0 for url in generation_sockets), token_frames
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+
 
 def test_job_list_updates_statuses_live(page, django_user_model, registered_trunk, celery_worker, tmp_path):
     log_in(page, django_user_model)

@@ -138,6 +138,7 @@
     $("fact-finished").textContent = event.finished_at ? new Date(event.finished_at).toLocaleString() : "–";
     const download = $("download-link");
     if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
+    $("playground-link").hidden = !event.download_url;
     updateProgress();
   }
 
