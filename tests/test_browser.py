@@ -103,6 +103,13 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "job-page-running.png"), full_page=True)
 
+    # A dropped socket reconnects by itself and asks only for what it missed.
+    before_drop = page.evaluate("window.jobLive.metrics.size")
+    with page.expect_websocket(lambda ws: "after=" in ws.url) as reconnected:
+        page.evaluate("window.jobLive.socket.close()")
+    assert "/ws/jobs/" in reconnected.value.url
+    page.wait_for_function(f"window.jobLive.metrics.size > {before_drop + 2}")
+
     # Cancel, then resume from the checkpoint; the live page follows both.
     page.click("#cancel-form button")
     expect(page.locator("#job-status")).to_have_text("cancelled", timeout=60_000)
