@@ -16,16 +16,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def owner(django_user_model):
-    return django_user_model.objects.create_user("owner", password="owner-pass-123")
-
-
-@pytest.fixture
-def other(django_user_model):
-    return django_user_model.objects.create_user("other", password="other-pass-123")
-
-
-@pytest.fixture
 def job(owner, redis_server):
     job = Job.objects.create(owner=owner, dataset_name="sums", base_model="tiny-llama", max_steps=10,
                              status=Job.Status.RUNNING, current_step=5, total_steps=10)

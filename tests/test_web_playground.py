@@ -39,16 +39,6 @@ JOB = {"base_model": TINY_MODEL_ID, "max_steps": 4, "batch_size": 2, "grad_accum
 PROMPT = "Q: what is 3 plus 3?\nA:"
 
 
-@pytest.fixture
-def owner(django_user_model):
-    return django_user_model.objects.create_user("owner", password="owner-pass-123")
-
-
-@pytest.fixture
-def other(django_user_model):
-    return django_user_model.objects.create_user("other", password="other-pass-123")
-
-
 def train_job(owner, worker) -> Job:
     api = APIClient()
     api.force_authenticate(owner)

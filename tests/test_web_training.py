@@ -36,16 +36,6 @@ def jsonl_file(name="sums.jsonl"):
 
 
 @pytest.fixture
-def owner(django_user_model):
-    return django_user_model.objects.create_user("owner", password="owner-pass-123")
-
-
-@pytest.fixture
-def other(django_user_model):
-    return django_user_model.objects.create_user("other", password="other-pass-123")
-
-
-@pytest.fixture
 def api(owner):
     client = APIClient()
     client.force_authenticate(owner)

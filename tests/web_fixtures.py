@@ -37,6 +37,18 @@ def web_dirs(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture
+def owner(django_user_model):
+    """The user whose objects a test creates (password ``owner-pass-123``)."""
+    return django_user_model.objects.create_user("owner", password="owner-pass-123")
+
+
+@pytest.fixture
+def other(django_user_model):
+    """A second user, who must see none of the owner's objects."""
+    return django_user_model.objects.create_user("other", password="other-pass-123")
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     from channels.layers import channel_layers

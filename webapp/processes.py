@@ -36,10 +36,8 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
+    def stop(self) -> int:
+        return stop_process(self.process)
 
 
 def start_redis(directory: Path, port: int | None = None) -> RedisServer:
@@ -63,22 +61,32 @@ def start_redis(directory: Path, port: int | None = None) -> RedisServer:
     raise RuntimeError(f"redis-server did not start: {(directory / 'redis.log').read_text()[-2000:]}")
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
-class CeleryWorker:
+class LoggedProcess:
     process: subprocess.Popen
     log_path: Path
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    def stop(self) -> int:
+        return stop_process(self.process, 60)
+
+
+class CeleryWorker(LoggedProcess):
+    pass
 
 
 def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker") -> CeleryWorker:
@@ -99,26 +107,12 @@ def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker")
 
 
 @dataclass
-class WebServer:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
+class WebServer(LoggedProcess):
+    port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_web_server(env: dict[str, str], log_path: Path) -> WebServer:

@@ -121,6 +121,7 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = env_path("STATIC_ROOT", DATA_DIR / "staticfiles")
 # Without `collectstatic`, serve straight from static/ (the embedded setup does not collect).
 WHITENOISE_USE_FINDERS = env_bool("WHITENOISE_USE_FINDERS", True)
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise expects it even when it serves from static/
 MEDIA_ROOT = env_path("MEDIA_ROOT", DATA_DIR / "media")
 MEDIA_URL = "media/"  # never served directly: downloads go through views that check the owner
 

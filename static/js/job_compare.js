@@ -8,17 +8,7 @@
   const colors = ["#2f6fdd", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#0b7285", "#e67700", "#495057"];
   let plot = null;
 
-  function smoothed(values, weight) {
-    const out = [];
-    let last = 0, count = 0;
-    for (const v of values) {
-      if (v == null) { out.push(null); continue; }
-      last = last * weight + (1 - weight) * v;
-      count += 1;
-      out.push(last / (1 - Math.pow(weight, count)));
-    }
-    return out;
-  }
+  const smoothed = window.splitlearnCharts.smoothed;
 
   function data() {
     const steps = new Set();

@@ -25,19 +25,7 @@
   let plot = null;
   let redrawPending = false;
 
-  function smoothed(values, weight) {
-    // Exponential moving average with bias correction (as TensorBoard's smoothing).
-    const out = [];
-    let last = 0;
-    let count = 0;
-    for (const v of values) {
-      if (v == null) { out.push(null); continue; }
-      last = last * weight + (1 - weight) * v;
-      count += 1;
-      out.push(last / (1 - Math.pow(weight, count)));
-    }
-    return out;
-  }
+  const smoothed = window.splitlearnCharts.smoothed;
 
   function chartData() {
     const steps = Array.from(new Set([...state.metrics.keys(), ...state.evals.keys()])).sort((a, b) => a - b);

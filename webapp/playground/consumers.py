@@ -9,27 +9,25 @@ this user), like the job consumers.
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from ..live import NOT_AUTHENTICATED, NOT_FOUND, ListeningConsumer
 from . import events
 from .models import Generation
 
-NOT_AUTHENTICATED = 4401
-NOT_FOUND = 4404
 
+class GenerationConsumer(ListeningConsumer):
+    generation_event = ListeningConsumer.forward
 
-class GenerationConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
+        user = self.authenticated_user()
+        if user is None:
             await self.close(code=NOT_AUTHENTICATED)
             return
         self.generation_id = self.scope["url_route"]["kwargs"]["generation_id"]
         if not await self._owns(user):
             await self.close(code=NOT_FOUND)
             return
-        self.group = events.generation_group(self.generation_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.join(events.generation_group(self.generation_id))
         snapshot = await self._snapshot()
         if snapshot is None:  # deleted in between
             await self.channel_layer.group_discard(self.group, self.channel_name)
@@ -37,16 +35,6 @@ class GenerationConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.accept()
         await self.send_json(snapshot)
-
-    async def disconnect(self, code: int) -> None:
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def receive_json(self, content, **kwargs) -> None:
-        """Clients only listen; anything they send is ignored."""
-
-    async def generation_event(self, message: dict) -> None:
-        await self.send_json(message["event"])
 
     @database_sync_to_async
     def _owns(self, user) -> bool:

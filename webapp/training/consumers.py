@@ -14,14 +14,12 @@ Refusals close with 4401 (not logged in) or 4404 (no such job of this user).
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from ..live import NOT_AUTHENTICATED, NOT_FOUND, ListeningConsumer
 from . import events
 from .models import Job, JobLog, MetricPoint
 
 LOG_TAIL = 200
-NOT_AUTHENTICATED = 4401
-NOT_FOUND = 4404
 
 
 def _int_param(query: str, name: str) -> int | None:
@@ -35,32 +33,23 @@ def _int_param(query: str, name: str) -> int | None:
     return None
 
 
-class JobConsumer(AsyncJsonWebsocketConsumer):
+class JobConsumer(ListeningConsumer):
+    job_event = ListeningConsumer.forward
+
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
+        user = self.authenticated_user()
+        if user is None:
             await self.close(code=NOT_AUTHENTICATED)
             return
         self.job_id = self.scope["url_route"]["kwargs"]["job_id"]
         if not await self._owns_job(user, self.job_id):
             await self.close(code=NOT_FOUND)
             return
-        self.group = events.job_group(self.job_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.join(events.job_group(self.job_id))
         await self.accept()
         query = self.scope.get("query_string", b"").decode()
         for event in await self._history(_int_param(query, "after"), _int_param(query, "log_after")):
             await self.send_json(event)
-
-    async def disconnect(self, code: int) -> None:
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def receive_json(self, content, **kwargs) -> None:
-        """Clients only listen; anything they send is ignored."""
-
-    async def job_event(self, message: dict) -> None:
-        await self.send_json(message["event"])
 
     @database_sync_to_async
     def _owns_job(self, user, job_id: int) -> bool:
@@ -79,22 +68,13 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         return [events.status_event(job), history]
 
 
-class JobListConsumer(AsyncJsonWebsocketConsumer):
+class JobListConsumer(ListeningConsumer):
+    job_event = ListeningConsumer.forward
+
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
+        user = self.authenticated_user()
+        if user is None:
             await self.close(code=NOT_AUTHENTICATED)
             return
-        self.group = events.user_jobs_group(user.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.join(events.user_jobs_group(user.pk))
         await self.accept()
-
-    async def disconnect(self, code: int) -> None:
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def receive_json(self, content, **kwargs) -> None:
-        """Clients only listen."""
-
-    async def job_event(self, message: dict) -> None:
-        await self.send_json(message["event"])
