@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 
 PYTEST_ARGS ?=
 
-.PHONY: install browser test proto prepare-model clean
+.PHONY: install browser run test proto prepare-model clean
 
 $(VENV_PYTHON):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=...)")'
@@ -31,6 +31,10 @@ install: $(INSTALL_STAMP)
 # Regenerate splitcore/proto/*_pb2*.py{,i} from trunk.proto (checked in; a test checks they are fresh).
 proto: install
 	$(VENV_PYTHON) -m splitcore.proto.codegen
+
+# Everything on this machine: embedded Redis, a trunk server, a Celery worker and beat, daphne on :8000.
+run: install
+	$(VENV_PYTHON) -m webapp.launcher
 
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model

@@ -89,9 +89,10 @@ class CeleryWorker(LoggedProcess):
     pass
 
 
-def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker") -> CeleryWorker:
-    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--loglevel", "INFO", "--concurrency", "1",
-               "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
+def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker",
+                 concurrency: int = 1) -> CeleryWorker:
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--loglevel", "INFO", "--concurrency",
+               str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env},
                                stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
     worker = CeleryWorker(process=process, log_path=log_path)
@@ -115,16 +116,35 @@ class WebServer(LoggedProcess):
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_web_server(env: dict[str, str], log_path: Path) -> WebServer:
-    port = free_port()
-    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "webapp.asgi:application"]
+def start_beat(env: dict[str, str], log_path: Path, schedule: Path) -> LoggedProcess:
+    """Celery beat (periodic trunk health checks); its schedule file lives in ``schedule``."""
+    command = [sys.executable, "-m", "celery", "-A", "webapp", "beat", "--loglevel", "INFO", "--schedule",
+               str(schedule)]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env},
+                               stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+    beat = LoggedProcess(process=process, log_path=log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if "beat: Starting" in beat.log():
+            return beat
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    beat.stop()
+    raise RuntimeError(f"celery beat did not start:\n{beat.log()[-3000:]}")
+
+
+def start_web_server(env: dict[str, str], log_path: Path, host: str = "127.0.0.1",
+                     port: int | None = None) -> WebServer:
+    port = port or free_port()
+    command = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "webapp.asgi:application"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=open(log_path, "a"),
                                stderr=subprocess.STDOUT)
     server = WebServer(process=process, port=port, log_path=log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return server
         except OSError:
             if process.poll() is not None:
