@@ -39,11 +39,15 @@ run: install
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model
 
-# Browser tests drive Debian's chromium: installed here when missing (needs root, as on CI machines).
+# Browser tests drive Debian's chromium and tests/test_compose.py validates docker-compose.yml with
+# Debian's docker-compose (no engine needed): both installed here when missing (needs root, as on CI machines).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 		echo "chromium is missing and needs root to install (apt-get install chromium): browser tests will fail"
+	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } || \
+		echo "docker-compose is missing and needs root to install (apt-get install docker-compose): tests/test_compose.py will fail"
 
 # The web settings need a SECRET_KEY outside debug; tests get a fresh one per run.
 test: install browser
