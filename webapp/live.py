@@ -17,9 +17,13 @@ NOT_FOUND = 4404
 class ListeningConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
 
-    def authenticated_user(self):
+    async def logged_in_user(self):
+        """The session's user, or None after closing the socket with 4401."""
         user = self.scope.get("user")
-        return user if user is not None and user.is_authenticated else None
+        if user is None or not user.is_authenticated:
+            await self.close(code=NOT_AUTHENTICATED)
+            return None
+        return user
 
     async def join(self, group: str) -> None:
         self.group = group

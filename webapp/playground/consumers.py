@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from channels.db import database_sync_to_async
 
-from ..live import NOT_AUTHENTICATED, NOT_FOUND, ListeningConsumer
+from ..live import NOT_FOUND, ListeningConsumer
 from . import events
 from .models import Generation
 
@@ -19,9 +19,8 @@ class GenerationConsumer(ListeningConsumer):
     generation_event = ListeningConsumer.forward
 
     async def connect(self) -> None:
-        user = self.authenticated_user()
+        user = await self.logged_in_user()
         if user is None:
-            await self.close(code=NOT_AUTHENTICATED)
             return
         self.generation_id = self.scope["url_route"]["kwargs"]["generation_id"]
         if not await self._owns(user):

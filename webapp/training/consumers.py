@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from channels.db import database_sync_to_async
 
-from ..live import NOT_AUTHENTICATED, NOT_FOUND, ListeningConsumer
+from ..live import NOT_FOUND, ListeningConsumer
 from . import events
 from .models import Job, JobLog, MetricPoint
 
@@ -37,9 +37,8 @@ class JobConsumer(ListeningConsumer):
     job_event = ListeningConsumer.forward
 
     async def connect(self) -> None:
-        user = self.authenticated_user()
+        user = await self.logged_in_user()
         if user is None:
-            await self.close(code=NOT_AUTHENTICATED)
             return
         self.job_id = self.scope["url_route"]["kwargs"]["job_id"]
         if not await self._owns_job(user, self.job_id):
@@ -72,9 +71,8 @@ class JobListConsumer(ListeningConsumer):
     job_event = ListeningConsumer.forward
 
     async def connect(self) -> None:
-        user = self.authenticated_user()
+        user = await self.logged_in_user()
         if user is None:
-            await self.close(code=NOT_AUTHENTICATED)
             return
         await self.join(events.user_jobs_group(user.pk))
         await self.accept()
