@@ -55,7 +55,7 @@ def _generate_split(args: argparse.Namespace, model_dir, settings: GenerationSet
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat)
     with connect_trunk(args) as client:
-        generator = SplitGenerator(model_dir, client, args.adapter)
+        generator = SplitGenerator.from_directory(model_dir, client, args.adapter)
         tokens: list[int] = []
         shown = ""
         for token in generator.generate(input_ids, tokenizer, settings):

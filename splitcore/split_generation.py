@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from .adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -59,9 +59,9 @@ def _layer_of(key: str, layers_marker: str) -> int | None:
 class SplitGenerator:
     """Generate through a trunk server; one inference session per ``generate`` call."""
 
-    def __init__(self, model_dir: str | os.PathLike, client: TrunkClient,
+    def __init__(self, model: PreTrainedModel, client: TrunkClient,
                  adapter_dir: str | os.PathLike | None = None) -> None:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        """``model`` is a freshly loaded base model; it becomes the generator's (peft adds the adapter to it)."""
         model.eval()
         self.config = model.config
         self.family = family_for(model.config)
@@ -79,6 +79,11 @@ class SplitGenerator:
         self.bottom, self.top = bottom, top
         self.client = client
         self.generation_config = model.generation_config
+
+    @classmethod
+    def from_directory(cls, model_dir: str | os.PathLike, client: TrunkClient,
+                       adapter_dir: str | os.PathLike | None = None) -> SplitGenerator:
+        return cls(AutoModelForCausalLM.from_pretrained(model_dir), client, adapter_dir)
 
     def _trunk_share(self, adapter_dir, trunk_layers: range) -> None:
         weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))

@@ -189,8 +189,8 @@ def test_split_generation_gives_the_greedy_tokens_of_the_unsplit_model_with_the_
         return output[0, input_ids.shape[1]:].tolist()
 
     with TrunkClient(trunk.address, trunk.token) as client:
-        split_adapted = list(SplitGenerator(model_dir, client, adapter).generate(input_ids, tokenizer, settings))
-        split_base = list(SplitGenerator(model_dir, client).generate(input_ids, tokenizer, settings))
+        split_adapted = list(SplitGenerator.from_directory(model_dir, client, adapter).generate(input_ids, tokenizer, settings))
+        split_base = list(SplitGenerator.from_directory(model_dir, client).generate(input_ids, tokenizer, settings))
     assert split_adapted == local_tokens(True)
     assert split_base == local_tokens(False)
     assert split_adapted != split_base, "the adapter must change the answer for the comparison to mean something"

@@ -80,7 +80,7 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
         raise GenerationFailed(str(exc)) from exc
     try:
         with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
-            generator = SplitGenerator(base_models.model_dir(generation.base_model), client, adapter_dir)
+            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir)
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
                 _stream(generation, decoder, token_id)
     except TrunkError as error:
