@@ -135,6 +135,9 @@ X_FRAME_OPTIONS = "DENY"
 
 SIGNUP_ENABLED = env_bool("SIGNUP_ENABLED", False)
 DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_MB", 50, minimum=1) * 1024 * 1024
+# Per-user limits (0: no limit): stored datasets, and jobs queued or running at once.
+MAX_DATASETS_PER_USER = env_int("MAX_DATASETS_PER_USER", 100, minimum=0)
+MAX_ACTIVE_JOBS_PER_USER = env_int("MAX_ACTIVE_JOBS_PER_USER", 3, minimum=0)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # Base models the workers can load (Bottom and Top run there): MODELS_DIR/<model id>/.

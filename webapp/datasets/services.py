@@ -44,6 +44,7 @@ def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
     and ``chunks()``). The size is checked before a byte is read.
     """
     original_filename = _original_filename(uploaded_file.name)
+    _check_quota(owner)
     _check_size(original_filename, uploaded_file.size)
     data = b"".join(uploaded_file.chunks())
     _check_size(original_filename, len(data))  # the declared size is the client's word
@@ -71,6 +72,13 @@ def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
         _delete_file(dataset)
         raise
     return dataset
+
+
+def _check_quota(owner) -> None:
+    limit = settings.MAX_DATASETS_PER_USER
+    if limit and Dataset.objects.filter(owner=owner).count() >= limit:
+        raise ValidationError({"file": [f"you already store {limit} datasets, the limit per user; "
+                                        "delete one you no longer need to upload another"]})
 
 
 def delete_dataset(dataset: Dataset) -> None:

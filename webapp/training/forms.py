@@ -58,6 +58,11 @@ class JobForm(forms.ModelForm):
         data = super().clean()
         if self.errors:
             return data
+        limit = settings.MAX_ACTIVE_JOBS_PER_USER
+        active = Job.objects.filter(owner=self.user, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).count()
+        if limit and active >= limit:
+            raise forms.ValidationError(f"you have {active} jobs queued or running, the limit per user is {limit}; "
+                                        "wait for one to finish or cancel one")
         if not self.fields["base_model"].choices:
             raise forms.ValidationError("no trunk server is up: an administrator must add or start one")
         trunk = data.get("trunk")
