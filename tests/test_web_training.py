@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 import zipfile
 
 import pytest
@@ -17,12 +18,14 @@ import torch
 from peft import PeftModel
 from rest_framework.test import APIClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trunk_process import start_trunk
 from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
 
 from webapp.datasets.models import Dataset
 from webapp.training import runner
 from webapp.training.models import Job, MetricPoint
 from webapp.training.tasks import run_job
+from splitcore.trunk_client import TrunkClient
 from webapp.trunks.models import TrunkServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -214,3 +217,28 @@ def test_other_users_and_anonymous_clients_see_nothing(client, owner, other, reg
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/accounts/login/"), url
     assert Job.objects.get(pk=job_id).status == "succeeded", "nothing the others did changed the job"
+
+
+def test_a_trunk_at_its_session_cap_makes_the_job_wait_not_fail(api, owner, web_dirs, celery_worker, tmp_path):
+    from webapp.trunks.health import check_trunk
+
+    full = start_trunk(web_dirs["models"] / TINY_MODEL_ID, tmp_path, "--max-sessions", "1")
+    try:
+        trunk = TrunkServer.objects.create(name="full", address=full.address, token=full.token)
+        check_trunk(trunk)
+        holder = TrunkClient(full.address, full.token)
+        holder.open_session(None)  # another user's session takes the only place
+        dataset_id = upload(api)
+        job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": trunk.pk},
+                          format="json").json()["id"]
+        wait_for_job(job_id, worker=celery_worker, timeout=120, condition=lambda j: j.logs.filter(
+            message__contains="at its session capacity; waiting").exists())
+        time.sleep(2 * WORKER_TRUNK_WAIT_S)  # longer than a job waits for an unreachable trunk
+        assert Job.objects.get(pk=job_id).status == "running", "waiting for capacity is not a failure"
+        holder.close_session()
+        holder.close()
+        job = wait_for_job(job_id, worker=celery_worker)
+        assert job.status == "succeeded", job.error_message
+        assert job.current_step == 6
+    finally:
+        full.stop()

@@ -41,6 +41,9 @@ from .models import Job, JobLog, MetricPoint
 
 log = logging.getLogger(__name__)
 
+CAPACITY_POLL_S = 2.0
+
+
 class JobFailed(Exception):
     """Ends a job as failed with this message for the user."""
 
@@ -74,7 +77,7 @@ def run_job(job_id: int) -> str | None:
     except JobFailed as failure:
         status = _finish(job, Job.Status.FAILED, str(failure))
     except JobCancelled:
-        status = _finish(job, Job.Status.CANCELLED, "cancelled while waiting for a trunk server")
+        status = _finish(job, Job.Status.CANCELLED, "cancelled while it waited for a trunk server")
     except Exception as exc:  # noqa: BLE001 - any crash must end the job with a message, not leave it running
         log.exception("job %s crashed", job_id)
         status = _finish(job, Job.Status.FAILED, f"unexpected error in the worker: {type(exc).__name__}: {exc}")
@@ -196,23 +199,24 @@ def _unreachable(job: Job, error: Exception) -> str:
 
 
 def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> SplitEngine:
-    """Open the trunk session; a trunk at its session cap makes the job wait, not fail."""
-    deadline = time.monotonic() + settings.TRUNK_WAIT_S
+    """Open the trunk session. A trunk at its session cap makes the job wait (until a session
+    frees up or the user cancels), not fail."""
     told = False
     while True:
         try:
             return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}")
         except TrunkError as error:
-            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() >= deadline:
+            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 client.close()
                 raise JobFailed(_trunk_failure(trunk, error, job)) from error
             if not told:
-                events.job_log(job, f"{trunk.name} is at its session capacity; waiting", JobLog.Level.WARNING)
+                events.job_log(job, f"{trunk.name} is at its session capacity; waiting for a free session",
+                               JobLog.Level.WARNING)
                 told = True
             if _cancel_requested(job):
                 client.close()
                 raise JobCancelled from error
-            time.sleep(2.0)
+            time.sleep(CAPACITY_POLL_S)
         except ValueError as exc:  # the trunk serves another model, or the split does not fit
             client.close()
             raise JobFailed(str(exc)) from exc
@@ -230,8 +234,6 @@ def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
         what = f"{where} lost this job's session (it restarted or the session expired)"
     elif error.code == grpc.StatusCode.UNAUTHENTICATED:
         what = f"{where} refused the token; an administrator must update it"
-    elif error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        what = f"{where} stayed at its session capacity for {settings.TRUNK_WAIT_S:.0f} s"
     else:
         what = f"{where} answered {error.code.name}: {error.details}"
     return f"{what}; {checkpoint} — resume the job when the trunk is available"
