@@ -62,7 +62,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from splitcore.tiny_models import TinyModelSpec, write_tiny_model
-    from trunk_server.launcher import start_trunk
+    from splitcore.trunk_process import start_trunk
     from webapp.processes import start_redis, start_web_server, start_worker
 
     with tempfile.TemporaryDirectory() as tmp:

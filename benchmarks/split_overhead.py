@@ -34,7 +34,7 @@ from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetri
 from splitcore.training.batches import TrainingData  # noqa: E402
 from splitcore.trunk_client import TrunkClient  # noqa: E402
 from splitcore.wire import FLOAT_ENCODINGS  # noqa: E402
-from trunk_server.launcher import start_trunk  # noqa: E402
+from splitcore.trunk_process import start_trunk  # noqa: E402
 
 WORDS = ("split learning keeps every token of the data with its owner while a remote trunk computes the middle "
          "layers of the model and returns hidden states and gradients").split()

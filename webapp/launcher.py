@@ -120,7 +120,7 @@ class Launcher:
             create_dataset(admin, ContentFile(DEMO_DATASET.read_bytes(), name=DEMO_DATASET.name), DEMO_NAME)
 
     def start_services(self) -> None:
-        from trunk_server.launcher import start_trunk
+        from splitcore.trunk_process import start_trunk
 
         from .processes import start_beat, start_redis, start_web_server, start_worker
 

