@@ -153,6 +153,7 @@ class TrunkClient:
         request = pb.OpenSessionRequest(
             mode=pb.SESSION_MODE_INFERENCE if inference else pb.SESSION_MODE_TRAIN,
             optimizer=optimizer_to_proto(optimizer), wire_encoding=self.wire_encoding, client_label=label,
+            dropout_seed=seed,
         )
         if lora is not None:
             request.lora.CopyFrom(lora_to_proto(lora, seed))

@@ -22,7 +22,7 @@ from trunk_process import start_trunk
 from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
 
 from webapp.datasets.models import Dataset
-from webapp.training import runner
+from webapp.training.lease import claim
 from webapp.training.models import Job, MetricPoint
 from webapp.training.tasks import run_job
 from splitcore.trunk_client import TrunkClient
@@ -185,7 +185,7 @@ def test_a_redelivered_task_never_runs_a_job_twice(api, owner, registered_trunk,
     assert job.status == "succeeded"
     assert job.attempts == 1
     assert list(MetricPoint.objects.filter(job=job, kind="train").values_list("step", flat=True)) == list(range(1, 7))
-    assert runner.claim(job_id) is False, "a finished job cannot be claimed"
+    assert claim(job_id) is None, "a finished job cannot be claimed"
 
 
 def test_other_users_and_anonymous_clients_see_nothing(client, owner, other, registered_trunk, celery_worker):

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
 from splitcore.fingerprint import weights_fingerprint
 from splitcore.lora import present_targets
+from splitcore.seeding import seeded_dropout
 
 from .config import TrunkServerConfig
 
@@ -115,12 +116,13 @@ class TrunkHost:
             yield self._peft
 
     def forward(self, adapter: str | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                past_key_values: Cache | None = None, training: bool = False) -> torch.Tensor:
+                past_key_values: Cache | None = None, training: bool = False, seed: int = 0) -> torch.Tensor:
         """Run the trunk; the caller decides whether autograd records (torch.no_grad or not).
 
-        ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts.
+        ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts,
+        with masks drawn from ``seed``.
         """
-        with self.lock, self._adapter(adapter) as module:
+        with self.lock, self._adapter(adapter) as module, seeded_dropout(seed):
             module.train(training)
             use_cache = past_key_values is not None
             return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache)

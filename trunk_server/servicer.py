@@ -111,7 +111,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         session = self.registry.open(
             inference=request.mode == pb.SESSION_MODE_INFERENCE, lora=lora,
             optimizer=optimizer_from_proto(request.optimizer), wire_encoding=encoding,
-            label=request.client_label[:200],
+            label=request.client_label[:200], dropout_seed=request.dropout_seed,
         )
         log.info("opened session %s (%s, trunk LoRA %s) for %r", session.id[:8],
                  "inference" if session.inference else "training", "on" if lora else "off", session.label)

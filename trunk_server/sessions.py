@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from splitcore.lora import LoraSettings
 from splitcore.optim_state import adamw_state_tensors, load_adamw_state
 from splitcore.protocol import OptimizerSettings
+from splitcore.seeding import TRUNK, dropout_seed
 
 from .host import TrunkHost
 
@@ -63,6 +64,7 @@ class Session:
     wire_encoding: str
     label: str
     last_used: float
+    dropout_seed: int = 0
     applied_step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     saved: OrderedDict = field(default_factory=OrderedDict)
@@ -97,7 +99,7 @@ class SessionRegistry:
             return len(self._sessions)
 
     def open(self, inference: bool, lora: tuple[LoraSettings, int] | None, optimizer: OptimizerSettings,
-             wire_encoding: str, label: str) -> Session:
+             wire_encoding: str, label: str, dropout_seed: int = 0) -> Session:
         self.expire()
         session_id = secrets.token_hex(16)
         with self._lock:
@@ -116,7 +118,8 @@ class SessionRegistry:
                     optim = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(optimizer.beta1, optimizer.beta2),
                                               eps=optimizer.eps, weight_decay=optimizer.weight_decay)
             session = Session(id=session_id, inference=inference, adapter=adapter, params=params, optimizer=optim,
-                              wire_encoding=wire_encoding, label=label, last_used=time.monotonic())
+                              wire_encoding=wire_encoding, label=label, last_used=time.monotonic(),
+                              dropout_seed=dropout_seed)
             if inference:
                 session.cache = DynamicCache(config=self.host.config)
         except BaseException:
@@ -175,7 +178,7 @@ class SessionRegistry:
             if key in session.forward_replies:
                 return session.forward_replies[key]
             self._check_open_step(session, step)
-            saved = self._run_forward(session, hidden, mask)
+            saved = self._run_forward(session, step, micro, hidden, mask)
             session.saved[key] = saved
             while len(session.saved) > self.max_saved:
                 session.saved.popitem(last=False)
@@ -195,7 +198,7 @@ class SessionRegistry:
                 if resent is None:
                     raise ActivationsGone(f"activations of step {step} micro-batch {micro} are not held; "
                                           "resend the hidden states and attention mask to recompute")
-                saved = self._run_forward(session, *resent)
+                saved = self._run_forward(session, step, micro, *resent)
             grad_output = grad_output_decoder(tuple(saved.output.shape))
             self.host.backward(session.adapter, saved.output, grad_output)
             reply = encode(saved.input.grad, session.grad_sq_norm())
@@ -235,10 +238,12 @@ class SessionRegistry:
             raise StepConflict(f"step {step} was already applied (the last applied step is "
                                f"{session.applied_step})")
 
-    def _run_forward(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> Saved:
+    def _run_forward(self, session: Session, step: int, micro: int, hidden: torch.Tensor,
+                     mask: torch.Tensor) -> Saved:
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
-            output = self.host.forward(session.adapter, leaf, mask, training=True)
+            output = self.host.forward(session.adapter, leaf, mask, training=True,
+                                       seed=dropout_seed(session.dropout_seed, step, micro, TRUNK))
         return Saved(input=leaf, output=output)
 
     def evaluate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

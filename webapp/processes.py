@@ -80,11 +80,12 @@ class CeleryWorker(LoggedProcess):
 
 
 def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker",
-                 concurrency: int = 1) -> CeleryWorker:
+                 concurrency: int = 1, new_session: bool = False) -> CeleryWorker:
+    """A prefork worker; with ``new_session`` it leads its own process group (to signal it whole)."""
     command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--loglevel", "INFO", "--concurrency",
                str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env},
-                               stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+                               stdout=open(log_path, "a"), stderr=subprocess.STDOUT, start_new_session=new_session)
     worker = CeleryWorker(process=process, log_path=log_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -149,6 +149,20 @@ TRUNK_RPC_TIMEOUT_S = env_float("TRUNK_RPC_TIMEOUT_S", 120.0, minimum=1.0)
 # A job whose trunk cannot be reached waits this long (retrying) before it fails.
 TRUNK_WAIT_S = env_float("TRUNK_WAIT_S", 60.0, minimum=0.0)
 JOB_CHECKPOINT_EVERY = env_int("JOB_CHECKPOINT_EVERY", 25, minimum=1)
+# A running job's worker renews its lease every JOB_HEARTBEAT_S; a job whose lease is older
+# than JOB_STALE_AFTER_S (its worker died) is queued again by the sweep beat runs every
+# JOB_SWEEP_S, and continues from its last checkpoint. The sweep also re-sends queued jobs
+# whose message may have been lost (a Redis restart) after JOB_REDISPATCH_S.
+JOB_HEARTBEAT_S = env_float("JOB_HEARTBEAT_S", 10.0, minimum=0.1)
+JOB_STALE_AFTER_S = env_float("JOB_STALE_AFTER_S", 90.0, minimum=1.0)
+JOB_SWEEP_S = env_float("JOB_SWEEP_S", 30.0, minimum=0.5)
+JOB_REDISPATCH_S = env_float("JOB_REDISPATCH_S", 300.0, minimum=1.0)
+# A trunk lost mid-job (crash, restart) is waited for and the job continues from its last
+# checkpoint; after this many losses without progress in between, the job fails.
+JOB_TRUNK_RECOVERIES = env_int("JOB_TRUNK_RECOVERIES", 3, minimum=0)
+if JOB_STALE_AFTER_S <= 2 * JOB_HEARTBEAT_S:
+    raise ImproperlyConfigured(f"JOB_STALE_AFTER_S ({JOB_STALE_AFTER_S}) must be more than twice "
+                               f"JOB_HEARTBEAT_S ({JOB_HEARTBEAT_S}), or live jobs would be taken as dead")
 
 # ---------------------------------------------------------------- Celery (Redis broker)
 
@@ -165,6 +179,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_S", 43200, minimum=60)}
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
+    "recover-jobs": {"task": "training.recover_jobs", "schedule": JOB_SWEEP_S},
 }
 
 # ---------------------------------------------------------------- Channels (live pages)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitcore/proto/trunk.proto\x12\x13splitlearn.trunk.v1\"j\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\r\n\x0bInfoRequest\"\xa3\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0btrunk_start\x18\x05 \x01(\r\x12\x11\n\ttrunk_end\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x19\n\x11max_message_bytes\x18\x0c \x01(\x04\x12\x15\n\rsession_ttl_s\x18\r \x01(\r\"\x81\x01\n\x08LoraSpec\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x10\n\x08use_dora\x18\x05 \x01(\x08\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x03\"P\n\rOptimizerSpec\x12\r\n\x05\x62\x65ta1\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"\xd5\x01\n\x12OpenSessionRequest\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .splitlearn.trunk.v1.SessionMode\x12+\n\x04lora\x18\x02 \x01(\x0b\x32\x1d.splitlearn.trunk.v1.LoraSpec\x12\x35\n\toptimizer\x18\x03 \x01(\x0b\x32\".splitlearn.trunk.v1.OptimizerSpec\x12\x15\n\rwire_encoding\x18\x04 \x01(\t\x12\x14\n\x0c\x63lient_label\x18\x05 \x01(\t\"Z\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x04info\x18\x02 \x01(\x0b\x32!.splitlearn.trunk.v1.InfoResponse\"\xbb\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12+\n\x06hidden\x18\x04 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x33\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x10\n\x08\x65valuate\x18\x06 \x01(\x08\">\n\x0f\x46orwardResponse\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\"\xdc\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x30\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12+\n\x06hidden\x18\x05 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x33\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\"_\n\x10\x42\x61\x63kwardResponse\x12/\n\ngrad_input\x18\x01 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x1a\n\x12trunk_grad_sq_norm\x18\x02 \x01(\x01\"N\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\tclip_coef\x18\x04 \x01(\x01\"$\n\x0cStepResponse\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x03\"(\n\x12\x45xportStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"8\n\x13\x45xportStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\"K\n\x12ImportStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\"#\n\x13ImportStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*_\n\x0bSessionMode\x12\x1c\n\x18SESSION_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_MODE_TRAIN\x10\x01\x12\x1a\n\x16SESSION_MODE_INFERENCE\x10\x02\x32\xe7\x05\n\x05Trunk\x12K\n\x04Info\x12 .splitlearn.trunk.v1.InfoRequest\x1a!.splitlearn.trunk.v1.InfoResponse\x12`\n\x0bOpenSession\x12\'.splitlearn.trunk.v1.OpenSessionRequest\x1a(.splitlearn.trunk.v1.OpenSessionResponse\x12X\n\x07\x46orward\x12#.splitlearn.trunk.v1.ForwardRequest\x1a$.splitlearn.trunk.v1.ForwardResponse(\x01\x30\x01\x12[\n\x08\x42\x61\x63kward\x12$.splitlearn.trunk.v1.BackwardRequest\x1a%.splitlearn.trunk.v1.BackwardResponse(\x01\x30\x01\x12K\n\x04Step\x12 .splitlearn.trunk.v1.StepRequest\x1a!.splitlearn.trunk.v1.StepResponse\x12\x62\n\x0b\x45xportState\x12\'.splitlearn.trunk.v1.ExportStateRequest\x1a(.splitlearn.trunk.v1.ExportStateResponse0\x01\x12\x62\n\x0bImportState\x12\'.splitlearn.trunk.v1.ImportStateRequest\x1a(.splitlearn.trunk.v1.ImportStateResponse(\x01\x12\x63\n\x0c\x43loseSession\x12(.splitlearn.trunk.v1.CloseSessionRequest\x1a).splitlearn.trunk.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitcore/proto/trunk.proto\x12\x13splitlearn.trunk.v1\"j\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\r\n\x0bInfoRequest\"\xa3\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x02 \x01(\t\x12\x12\n\nmodel_type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0btrunk_start\x18\x05 \x01(\r\x12\x11\n\ttrunk_end\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\n \x01(\r\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x19\n\x11max_message_bytes\x18\x0c \x01(\x04\x12\x15\n\rsession_ttl_s\x18\r \x01(\r\"\x81\x01\n\x08LoraSpec\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x10\n\x08use_dora\x18\x05 \x01(\x08\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x0c\n\x04seed\x18\x07 \x01(\x03\"P\n\rOptimizerSpec\x12\r\n\x05\x62\x65ta1\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x02 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\"\xeb\x01\n\x12OpenSessionRequest\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .splitlearn.trunk.v1.SessionMode\x12+\n\x04lora\x18\x02 \x01(\x0b\x32\x1d.splitlearn.trunk.v1.LoraSpec\x12\x35\n\toptimizer\x18\x03 \x01(\x0b\x32\".splitlearn.trunk.v1.OptimizerSpec\x12\x15\n\rwire_encoding\x18\x04 \x01(\t\x12\x14\n\x0c\x63lient_label\x18\x05 \x01(\t\x12\x14\n\x0c\x64ropout_seed\x18\x06 \x01(\x03\"Z\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x04info\x18\x02 \x01(\x0b\x32!.splitlearn.trunk.v1.InfoResponse\"\xbb\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12+\n\x06hidden\x18\x04 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x33\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x10\n\x08\x65valuate\x18\x06 \x01(\x08\">\n\x0f\x46orwardResponse\x12+\n\x06hidden\x18\x01 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\"\xdc\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\x30\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12+\n\x06hidden\x18\x05 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x33\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\"_\n\x10\x42\x61\x63kwardResponse\x12/\n\ngrad_input\x18\x01 \x01(\x0b\x32\x1b.splitlearn.trunk.v1.Tensor\x12\x1a\n\x12trunk_grad_sq_norm\x18\x02 \x01(\x01\"N\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x11\n\tclip_coef\x18\x04 \x01(\x01\"$\n\x0cStepResponse\x12\x14\n\x0c\x61pplied_step\x18\x01 \x01(\x03\"(\n\x12\x45xportStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"8\n\x13\x45xportStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x02 \x01(\x0c\"K\n\x12ImportStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\"#\n\x13ImportStateResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse*_\n\x0bSessionMode\x12\x1c\n\x18SESSION_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_MODE_TRAIN\x10\x01\x12\x1a\n\x16SESSION_MODE_INFERENCE\x10\x02\x32\xe7\x05\n\x05Trunk\x12K\n\x04Info\x12 .splitlearn.trunk.v1.InfoRequest\x1a!.splitlearn.trunk.v1.InfoResponse\x12`\n\x0bOpenSession\x12\'.splitlearn.trunk.v1.OpenSessionRequest\x1a(.splitlearn.trunk.v1.OpenSessionResponse\x12X\n\x07\x46orward\x12#.splitlearn.trunk.v1.ForwardRequest\x1a$.splitlearn.trunk.v1.ForwardResponse(\x01\x30\x01\x12[\n\x08\x42\x61\x63kward\x12$.splitlearn.trunk.v1.BackwardRequest\x1a%.splitlearn.trunk.v1.BackwardResponse(\x01\x30\x01\x12K\n\x04Step\x12 .splitlearn.trunk.v1.StepRequest\x1a!.splitlearn.trunk.v1.StepResponse\x12\x62\n\x0b\x45xportState\x12\'.splitlearn.trunk.v1.ExportStateRequest\x1a(.splitlearn.trunk.v1.ExportStateResponse0\x01\x12\x62\n\x0bImportState\x12\'.splitlearn.trunk.v1.ImportStateRequest\x1a(.splitlearn.trunk.v1.ImportStateResponse(\x01\x12\x63\n\x0c\x43loseSession\x12(.splitlearn.trunk.v1.CloseSessionRequest\x1a).splitlearn.trunk.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitcore.proto.trunk_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONMODE']._serialized_start=1964
-  _globals['_SESSIONMODE']._serialized_end=2059
+  _globals['_SESSIONMODE']._serialized_start=1986
+  _globals['_SESSIONMODE']._serialized_end=2081
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=158
   _globals['_INFOREQUEST']._serialized_start=160
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMIZERSPEC']._serialized_start=601
   _globals['_OPTIMIZERSPEC']._serialized_end=681
   _globals['_OPENSESSIONREQUEST']._serialized_start=684
-  _globals['_OPENSESSIONREQUEST']._serialized_end=897
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=899
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=989
-  _globals['_FORWARDREQUEST']._serialized_start=992
-  _globals['_FORWARDREQUEST']._serialized_end=1179
-  _globals['_FORWARDRESPONSE']._serialized_start=1181
-  _globals['_FORWARDRESPONSE']._serialized_end=1243
-  _globals['_BACKWARDREQUEST']._serialized_start=1246
-  _globals['_BACKWARDREQUEST']._serialized_end=1466
-  _globals['_BACKWARDRESPONSE']._serialized_start=1468
-  _globals['_BACKWARDRESPONSE']._serialized_end=1563
-  _globals['_STEPREQUEST']._serialized_start=1565
-  _globals['_STEPREQUEST']._serialized_end=1643
-  _globals['_STEPRESPONSE']._serialized_start=1645
-  _globals['_STEPRESPONSE']._serialized_end=1681
-  _globals['_EXPORTSTATEREQUEST']._serialized_start=1683
-  _globals['_EXPORTSTATEREQUEST']._serialized_end=1723
-  _globals['_EXPORTSTATERESPONSE']._serialized_start=1725
-  _globals['_EXPORTSTATERESPONSE']._serialized_end=1781
-  _globals['_IMPORTSTATEREQUEST']._serialized_start=1783
-  _globals['_IMPORTSTATEREQUEST']._serialized_end=1858
-  _globals['_IMPORTSTATERESPONSE']._serialized_start=1860
-  _globals['_IMPORTSTATERESPONSE']._serialized_end=1895
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1897
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1938
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1940
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1962
-  _globals['_TRUNK']._serialized_start=2062
-  _globals['_TRUNK']._serialized_end=2805
+  _globals['_OPENSESSIONREQUEST']._serialized_end=919
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=921
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1011
+  _globals['_FORWARDREQUEST']._serialized_start=1014
+  _globals['_FORWARDREQUEST']._serialized_end=1201
+  _globals['_FORWARDRESPONSE']._serialized_start=1203
+  _globals['_FORWARDRESPONSE']._serialized_end=1265
+  _globals['_BACKWARDREQUEST']._serialized_start=1268
+  _globals['_BACKWARDREQUEST']._serialized_end=1488
+  _globals['_BACKWARDRESPONSE']._serialized_start=1490
+  _globals['_BACKWARDRESPONSE']._serialized_end=1585
+  _globals['_STEPREQUEST']._serialized_start=1587
+  _globals['_STEPREQUEST']._serialized_end=1665
+  _globals['_STEPRESPONSE']._serialized_start=1667
+  _globals['_STEPRESPONSE']._serialized_end=1703
+  _globals['_EXPORTSTATEREQUEST']._serialized_start=1705
+  _globals['_EXPORTSTATEREQUEST']._serialized_end=1745
+  _globals['_EXPORTSTATERESPONSE']._serialized_start=1747
+  _globals['_EXPORTSTATERESPONSE']._serialized_end=1803
+  _globals['_IMPORTSTATEREQUEST']._serialized_start=1805
+  _globals['_IMPORTSTATEREQUEST']._serialized_end=1880
+  _globals['_IMPORTSTATERESPONSE']._serialized_start=1882
+  _globals['_IMPORTSTATERESPONSE']._serialized_end=1917
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1919
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1960
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1962
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1984
+  _globals['_TRUNK']._serialized_start=2084
+  _globals['_TRUNK']._serialized_end=2827
 # @@protoc_insertion_point(module_scope)

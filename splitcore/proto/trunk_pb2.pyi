@@ -97,18 +97,20 @@ class OptimizerSpec(_message.Message):
     def __init__(self, beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label")
+    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label", "dropout_seed")
     MODE_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WIRE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     mode: SessionMode
     lora: LoraSpec
     optimizer: OptimizerSpec
     wire_encoding: str
     client_label: str
-    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ...) -> None: ...
+    dropout_seed: int
+    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "info")

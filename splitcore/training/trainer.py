@@ -21,6 +21,7 @@ import torch
 
 from ..adapter_export import export_adapter
 from ..optim_state import adamw_state_tensors, load_adamw_state
+from ..seeding import CLIENT, dropout_seed, seeded_dropout
 from .batches import MicroBatches, TrainingData, evaluation_batches
 from .checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -135,8 +136,9 @@ class SplitTrainer:
         num_items = sum(batch.num_trained_tokens for batch in batches)
         loss = 0.0
         for micro, batch in enumerate(batches):
-            micro_loss = self.engine.loss(batch, step, micro, num_items)
-            micro_loss.backward()
+            with seeded_dropout(dropout_seed(self.config.seed, step, micro, CLIENT)):
+                micro_loss = self.engine.loss(batch, step, micro, num_items)
+                micro_loss.backward()
             loss += float(micro_loss.detach())
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss} at step {step}; lower the learning rate "

@@ -12,7 +12,7 @@ class JobAdmin(admin.ModelAdmin):
     search_fields = ["dataset_name", "owner__username", "error_message"]
     readonly_fields = ["status", "error_message", "cancel_requested", "attempts", "worker", "current_step",
                        "total_steps", "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at",
-                       "started_at", "finished_at", "updated_at"]
+                       "started_at", "finished_at", "updated_at", "heartbeat_at"]
     actions = ["cancel", "resume"]
 
     @admin.display(description="progress")

@@ -60,6 +60,9 @@ class Job(models.Model):
     cancel_requested = models.BooleanField(default=False)
     attempts = models.PositiveIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True)
+    # The running worker's lease: a token from its claim, renewed by heartbeats (see lease.py).
+    lease_token = models.CharField(max_length=32, blank=True, editable=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     current_step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(null=True, blank=True)
     train_examples = models.PositiveIntegerField(null=True, blank=True)

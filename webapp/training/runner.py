@@ -1,8 +1,10 @@
 """Running one job in a worker: claim it, train through its trunk, record what happens.
 
-A job is claimed with a conditional UPDATE (queued -> running), so a redelivered task
-message never runs a job twice. A job with a checkpoint resumes from it. Metrics are
-stored as rows as they happen. Errors end the job as ``failed`` with a message that
+A job is claimed with a conditional UPDATE (queued -> running) that hands the worker a
+lease (see lease.py), so a redelivered task message never runs a job twice, and a job
+whose worker died is queued again by the sweep. A job with a checkpoint resumes from it;
+so does a job whose trunk server is lost mid-run, once the trunk answers again. Metrics
+are stored as rows as they happen. Errors end the job as ``failed`` with a message that
 says what happened and what to do; the checkpoint stays for a resume.
 """
 
@@ -10,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import time
+from pathlib import Path
 
 import grpc
 from django.conf import settings
-from django.db.models import F
 from django.utils import timezone
 
 from splitcore.data_formats import DatasetFormatError, parse_dataset
@@ -37,11 +38,14 @@ from .. import base_models
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, pick_trunk
 from . import events
+from .lease import Lease, LeaseLost, claim
 from .models import Job, JobLog, MetricPoint
 
 log = logging.getLogger(__name__)
 
 CAPACITY_POLL_S = 2.0
+# A trunk that stopped answering or forgot the job's session (it restarted) can be waited for.
+TRUNK_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND)
 
 
 class JobFailed(Exception):
@@ -52,41 +56,37 @@ class JobCancelled(Exception):
     """The user cancelled the job before training started (e.g. while it waited for a trunk)."""
 
 
-def _cancel_requested(job: Job) -> bool:
-    return Job.objects.filter(pk=job.pk, cancel_requested=True).exists()
-
-
-def claim(job_id: int) -> bool:
-    worker = f"{socket.gethostname()}"
-    return bool(Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).update(
-        status=Job.Status.RUNNING, started_at=timezone.now(), finished_at=None, worker=worker,
-        attempts=F("attempts") + 1, error_message="", updated_at=timezone.now(),
-    ))
-
-
 def run_job(job_id: int) -> str | None:
-    """Run a queued job to its end; returns the final status (None when it was not claimable)."""
-    if not claim(job_id):
+    """Run a queued job to its end; returns the final status (None when it was not ours to run)."""
+    token = claim(job_id)
+    if token is None:
         log.info("job %s is not queued (taken by another worker, cancelled or gone); skipping", job_id)
         return None
     job = Job.objects.get(pk=job_id)
     events.publish_status(job)
     events.job_log(job, f"started on worker {job.worker} (attempt {job.attempts})")
-    try:
-        status = _train(job)
-    except JobFailed as failure:
-        status = _finish(job, Job.Status.FAILED, str(failure))
-    except JobCancelled:
-        status = _finish(job, Job.Status.CANCELLED, "cancelled while it waited for a trunk server")
-    except Exception as exc:  # noqa: BLE001 - any crash must end the job with a message, not leave it running
-        log.exception("job %s crashed", job_id)
-        status = _finish(job, Job.Status.FAILED, f"unexpected error in the worker: {type(exc).__name__}: {exc}")
+    with Lease(job_id, token) as lease:
+        try:
+            status = _train(job, lease)
+        except JobFailed as failure:
+            status = _finish(job, lease, Job.Status.FAILED, str(failure))
+        except JobCancelled:
+            status = _finish(job, lease, Job.Status.CANCELLED, "cancelled while it waited for a trunk server")
+        except LeaseLost:
+            log.warning("job %s: another worker took it over (this one was taken for dead); stopped", job_id)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any crash must end the job with a message, not leave it running
+            log.exception("job %s crashed", job_id)
+            status = _finish(job, lease, Job.Status.FAILED,
+                             f"unexpected error in the worker: {type(exc).__name__}: {exc}")
     return status
 
 
-def _finish(job: Job, status: str, message: str = "") -> str:
-    Job.objects.filter(pk=job.pk).update(status=status, error_message=message, finished_at=timezone.now(),
-                                         cancel_requested=False, updated_at=timezone.now())
+def _finish(job: Job, lease: Lease, status: str, message: str = "") -> str | None:
+    if not lease.mine().update(status=status, error_message=message, finished_at=timezone.now(),
+                               cancel_requested=False, lease_token="", updated_at=timezone.now()):
+        log.warning("job %s: not recording %s, another worker holds it now", job.pk, status)
+        return None
     job.refresh_from_db()
     level = JobLog.Level.ERROR if status == Job.Status.FAILED else JobLog.Level.INFO
     events.job_log(job, f"{status}: {message}" if message else status, level)
@@ -94,7 +94,7 @@ def _finish(job: Job, status: str, message: str = "") -> str:
     return status
 
 
-def _train(job: Job) -> str:
+def _train(job: Job, lease: Lease) -> str | None:
     examples = _examples(job)
     config = job.train_config()
     try:
@@ -111,37 +111,62 @@ def _train(job: Job) -> str:
     events.job_log(job, f"{len(data.train)} training and {len(data.val)} validation examples"
                         + (f" ({data.dropped} without a trained token dropped)" if data.dropped else "")
                         + f"; {total} steps")
-
-    checkpoints = list_checkpoints(job.checkpoint_dir)
-    resume = checkpoints[-1] if checkpoints else None
-    if resume is not None:
-        step = read_checkpoint_state(resume).step
-        MetricPoint.objects.filter(job=job, step__gt=step).delete()
-        events.job_log(job, f"resuming from the checkpoint of step {step}")
-
-    trunk, client = _connect(job, config.wire_encoding)
-    engine = _open_engine(job, config, trunk, client)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
-                           callbacks=[lambda event: _record(job, event)],
-                           should_cancel=lambda: _cancel_requested(job))
-    try:
-        result = trainer.run(resume_from=resume)
-        if result.status == "cancelled":
-            return _finish(job, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
-                                                      "resume to continue from there")
-        trainer.export_adapter(job.adapter_dir, job.base_model)
-    except TrunkError as error:
-        raise JobFailed(_trunk_failure(trunk, error, job)) from error
-    except TrainingDiverged as exc:
-        raise JobFailed(str(exc)) from exc
-    except OSError as exc:
-        raise JobFailed(f"could not write to {job.directory} ({exc.strerror or exc}); the previous checkpoint "
-                        "is kept — free space or fix permissions, then resume") from exc
-    finally:
-        engine.close()
-        client.close()
-    return _finish(job, Job.Status.SUCCEEDED)
+
+    losses = 0  # trunk losses in a row without a new checkpoint in between
+    while True:
+        resume = _resume_point(job)
+        trunk, client = _connect(job, config.wire_encoding, lease)
+        engine = _open_engine(job, config, trunk, client, lease)
+        trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
+                               callbacks=[lambda event: _record(job, lease, event)],
+                               should_cancel=lease.cancel_requested)
+        try:
+            result = trainer.run(resume_from=resume)
+            if result.status == "cancelled":
+                return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
+                                                                 "resume to continue from there")
+            trainer.export_adapter(job.adapter_dir, job.base_model)
+            break
+        except TrunkError as error:
+            progressed = _checkpoint_step(job) > (read_checkpoint_state(resume).step if resume else 0)
+            losses = 1 if progressed else losses + 1
+            if error.code not in TRUNK_LOST or losses > settings.JOB_TRUNK_RECOVERIES:
+                raise JobFailed(_trunk_failure(trunk, error, job)) from error
+            events.job_log(job, f"{_trunk_lost(trunk, error, job)}; waiting for it to answer again, then "
+                                f"continuing from {_kept(job)}", JobLog.Level.WARNING)
+        except TrainingDiverged as exc:
+            raise JobFailed(str(exc)) from exc
+        except OSError as exc:
+            where = exc.filename or job.directory
+            raise JobFailed(f"could not write {where} ({exc.strerror or exc}); {_kept(job)} is kept — free "
+                            "space or fix permissions, then resume") from exc
+        finally:
+            engine.close()
+            client.close()
+    return _finish(job, lease, Job.Status.SUCCEEDED)
+
+
+def _checkpoint_step(job: Job) -> int:
+    kept = list_checkpoints(job.checkpoint_dir)
+    return read_checkpoint_state(kept[-1]).step if kept else 0
+
+
+def _kept(job: Job) -> str:
+    step = _checkpoint_step(job)
+    return f"the checkpoint of step {step}" if step else "the start (no checkpoint was written yet)"
+
+
+def _resume_point(job: Job) -> Path | None:
+    """The newest checkpoint; metric rows after it are dropped (those steps run again)."""
+    checkpoints = list_checkpoints(job.checkpoint_dir)
+    if not checkpoints:
+        MetricPoint.objects.filter(job=job).delete()
+        return None
+    step = read_checkpoint_state(checkpoints[-1]).step
+    MetricPoint.objects.filter(job=job, step__gt=step).delete()
+    events.job_log(job, f"resuming from the checkpoint of step {step}")
+    return checkpoints[-1]
 
 
 def _examples(job: Job):
@@ -157,7 +182,7 @@ def _examples(job: Job):
         raise JobFailed(str(exc)) from exc
 
 
-def _connect(job: Job, wire_encoding: str) -> tuple[TrunkServer, TrunkClient]:
+def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, TrunkClient]:
     """The job's trunk (or the best healthy one), waiting up to TRUNK_WAIT_S for one to answer."""
     deadline = time.monotonic() + settings.TRUNK_WAIT_S
     delay = 1.0
@@ -179,7 +204,7 @@ def _connect(job: Job, wire_encoding: str) -> tuple[TrunkServer, TrunkClient]:
             if isinstance(error, TrunkError) and error.code == grpc.StatusCode.UNAUTHENTICATED:
                 raise JobFailed(f"the trunk server {job.trunk or ''} refused the token; an administrator must "
                                 "update it") from error
-            if _cancel_requested(job):
+            if lease.cancel_requested():
                 raise JobCancelled from error
             if time.monotonic() >= deadline:
                 raise JobFailed(_unreachable(job, error)) from error
@@ -198,7 +223,7 @@ def _unreachable(job: Job, error: Exception) -> str:
             "check that it is running, then resume the job")
 
 
-def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> SplitEngine:
+def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, lease: Lease) -> SplitEngine:
     """Open the trunk session. A trunk at its session cap makes the job wait (until a session
     frees up or the user cancels), not fail."""
     told = False
@@ -213,7 +238,7 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> S
                 events.job_log(job, f"{trunk.name} is at its session capacity; waiting for a free session",
                                JobLog.Level.WARNING)
                 told = True
-            if _cancel_requested(job):
+            if lease.cancel_requested():
                 client.close()
                 raise JobCancelled from error
             time.sleep(CAPACITY_POLL_S)
@@ -222,38 +247,41 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient) -> S
             raise JobFailed(str(exc)) from exc
 
 
-def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
+def _trunk_lost(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
+    """What happened to the trunk, in a user's words."""
     where = f"the trunk server {trunk.name} at {trunk.address}"
     job.refresh_from_db(fields=["current_step"])
-    kept = list_checkpoints(job.checkpoint_dir)
-    checkpoint = f"the checkpoint of step {read_checkpoint_state(kept[-1]).step} is kept" if kept else \
-        "no checkpoint was written yet"
     if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        what = f"{where} stopped answering at step {job.current_step + 1}"
-    elif error.code == grpc.StatusCode.NOT_FOUND:
-        what = f"{where} lost this job's session (it restarted or the session expired)"
-    elif error.code == grpc.StatusCode.UNAUTHENTICATED:
-        what = f"{where} refused the token; an administrator must update it"
-    else:
-        what = f"{where} answered {error.code.name}: {error.details}"
-    return f"{what}; {checkpoint} — resume the job when the trunk is available"
+        return f"{where} stopped answering at step {job.current_step + 1}"
+    if error.code == grpc.StatusCode.NOT_FOUND:
+        return f"{where} lost this job's session (it restarted or the session expired)"
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{where} refused the token; an administrator must update it"
+    return f"{where} answered {error.code.name}: {error.details}"
 
 
-def _record(job: Job, event: TrainerEvent) -> None:
-    """Store the event as a row first (the history), then send it live."""
+def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
+    kept = f"{_kept(job)} is kept" if _checkpoint_step(job) else "no checkpoint was written yet"
+    return f"{_trunk_lost(trunk, error, job)}; {kept} — resume the job when the trunk is available"
+
+
+def _record(job: Job, lease: Lease, event: TrainerEvent) -> None:
+    """Store the event as a row first (the history), then send it live. Only while the job is
+    ours: a worker taken for dead stops here, before it writes a row or a checkpoint."""
     if isinstance(event, StepMetrics):
+        if not lease.mine().update(current_step=event.step, last_loss=event.loss, updated_at=timezone.now()):
+            raise LeaseLost(f"job {job.pk} was taken over by another worker")
         point, _ = MetricPoint.objects.update_or_create(
             job=job, step=event.step, kind=MetricPoint.Kind.TRAIN, defaults=dict(
                 loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens_per_s=event.tokens_per_s,
                 wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
-        Job.objects.filter(pk=job.pk).update(current_step=event.step, last_loss=event.loss,
-                                             updated_at=timezone.now())
         events.publish(job, {**events.point_event(point), "total_steps": event.total_steps,
                              "finished_at": event.time})
     elif isinstance(event, EvalMetrics):
+        if not lease.mine().update(last_val_loss=event.val_loss):
+            raise LeaseLost(f"job {job.pk} was taken over by another worker")
         point, _ = MetricPoint.objects.update_or_create(job=job, step=event.step, kind=MetricPoint.Kind.EVAL,
                                                         defaults=dict(val_loss=event.val_loss))
-        Job.objects.filter(pk=job.pk).update(last_val_loss=event.val_loss)
         events.publish(job, events.point_event(point))
         events.job_log(job, f"step {event.step}: validation loss {event.val_loss:.4f}")
     elif isinstance(event, CheckpointSaved):

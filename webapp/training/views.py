@@ -8,7 +8,7 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from ..ownership import get_owned_or_404, owned
+from ..ownership import get_owned_or_404, owned, possible_pks
 from . import services
 from .adapter_package import build_adapter_zip, zip_name
 from .forms import JobForm
@@ -25,7 +25,8 @@ def job_list(request: HttpRequest) -> HttpResponse:
 @login_required
 def job_compare(request: HttpRequest) -> HttpResponse:
     """Loss curves of several of the user's jobs on one chart, hyper-parameters side by side."""
-    ids = [int(part) for part in request.GET.getlist("ids") + request.GET.get("id", "").split(",") if part.isdigit()]
+    ids = possible_pks(int(part) for part in request.GET.getlist("ids") + request.GET.get("id", "").split(",")
+                       if part.isdecimal())  # isdigit() also takes "²", which int() refuses
     jobs = list(owned(Job, request.user).filter(pk__in=ids).order_by("pk")) if ids else []
     curves = {job.pk: {"train": [], "val": []} for job in jobs}
     for point in MetricPoint.objects.filter(job__in=jobs).order_by("step"):
