@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.db.models import Model, QuerySet
 from django.http import Http404
+
+# Primary keys are 64-bit signed integers. A larger id matches no row; in ``pk__in`` it
+# would not even reach the query (the database driver overflows), so it is dropped first.
+MAX_PK = 2**63 - 1
 
 
 def owned(queryset_or_model: type[Model] | QuerySet, user) -> QuerySet:
@@ -20,3 +26,8 @@ def get_owned_or_404(queryset_or_model: type[Model] | QuerySet, user, **lookup) 
         return queryset.get(**lookup)
     except (queryset.model.DoesNotExist, ValueError, TypeError) as exc:  # a bad id is not found either
         raise Http404("not found") from exc
+
+
+def possible_pks(ids: Iterable[int]) -> list[int]:
+    """``ids`` without those no row can have (outside the primary key's range), in their order."""
+    return [pk for pk in ids if 0 < pk <= MAX_PK]

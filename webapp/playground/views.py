@@ -8,7 +8,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 
-from ..ownership import owned
+from ..ownership import owned, possible_pks
 from ..training.models import Job
 from . import services
 from .forms import PlaygroundForm
@@ -46,8 +46,8 @@ def _requested_generations(request: HttpRequest) -> list[Generation]:
         raise Http404("not found") from exc
     if len(ids) > MAX_PANELS:
         raise Http404(f"at most {MAX_PANELS} generations on one page")
-    found = {generation.pk: generation
-             for generation in owned(Generation.objects.select_related("job"), request.user).filter(pk__in=ids)}
+    generations = owned(Generation.objects.select_related("job"), request.user).filter(pk__in=possible_pks(ids))
+    found = {generation.pk: generation for generation in generations}
     if len(found) != len(ids):
         raise Http404("not found")
     return [found[pk] for pk in ids]
@@ -62,7 +62,7 @@ def _initial(request: HttpRequest, generations: list[Generation]) -> dict:
                 "max_new_tokens": first.max_new_tokens, "temperature": first.temperature, "seed": first.seed}
     initial: dict = {}
     job_id = request.GET.get("job", "")
-    if job_id.isdigit():
+    if job_id.isdecimal():  # isdigit() also takes "²", which int() refuses
         job = owned(Job, request.user).filter(pk=int(job_id)).first()
         if job is not None:
             initial.update(job=job.pk, base_model=job.base_model)
