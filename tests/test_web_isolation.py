@@ -32,6 +32,7 @@ from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.contrib.sessions.models import Session
 from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.html import escape
@@ -153,6 +154,7 @@ def client_for(user) -> Client:
 def owner_state(world: World) -> dict:
     """Everything of the owner's that nobody else may change."""
     owner = world.owner
+    files = Path(django_settings.MEDIA_ROOT) / "datasets" / str(owner.pk)
     return {
         "datasets": list(Dataset.objects.filter(owner=owner).order_by("pk").values()),
         "jobs": list(Job.objects.filter(owner=owner).order_by("pk").values()),
@@ -160,7 +162,7 @@ def owner_state(world: World) -> dict:
         "points": list(MetricPoint.objects.filter(job__owner=owner).order_by("pk").values()),
         "logs": list(JobLog.objects.filter(job__owner=owner).order_by("pk").values()),
         "tokens": list(Token.objects.filter(user=owner).values()),
-        "files": sorted(str(path) for path in (Path(django_settings.MEDIA_ROOT) / "datasets" / str(owner.pk)).rglob("*")),
+        "files": sorted(str(path) for path in files.rglob("*")),
     }
 
 
@@ -210,8 +212,6 @@ class Probe:
 
 
 def upload_data(_world: World) -> dict:
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
     return {"file": SimpleUploadedFile("more.jsonl", ROWS), "name": "uploaded-again"}
 
 
@@ -238,6 +238,7 @@ def jobs_of_owner(count: int) -> Callable[[World], bool]:
 
 
 P = Probe
+# Route, method, URL, then what the owner, the other user and an anonymous client get.
 PAGE_PROBES = [
     P("", "GET", "/", To("/jobs/"), To("/jobs/"), To("/jobs/")),
     P("accounts/login/", "GET", "/accounts/login/", To("/jobs/"), To("/jobs/"), 200),
@@ -293,9 +294,9 @@ API_PROBES = [
 ]
 
 
-def admin(pattern: str, url: str, staff: Expected, method: str = "GET") -> Probe:
+def admin(pattern: str, url: str, staff: Expected) -> Probe:
     """An admin URL: staff only; everyone else is sent to the admin's login."""
-    return Probe(pattern, method, url, ADMIN_LOGIN, ADMIN_LOGIN, ADMIN_LOGIN, staff=staff)
+    return Probe(pattern, "GET", url, ADMIN_LOGIN, ADMIN_LOGIN, ADMIN_LOGIN, staff=staff)
 
 
 # Admin path of each registered model -> (the owner's object shown, what staff get from "add").
@@ -535,6 +536,19 @@ def test_socket_ids_that_do_not_exist_are_refused(world):
                      f"/ws/generations/{10**30}/"):
             _, accepted, code = await open_socket(path, world.owner)
             assert (accepted, code) == (False, 4404), path
+
+    async_to_sync(scenario)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_socket_replay_positions_out_of_range_are_answered(world):
+    async def scenario():
+        path = world.url(f"/ws/jobs/{{job}}/?after={HUGE}&log_after={HUGE}")
+        socket, accepted, _ = await open_socket(path, world.owner)
+        assert accepted
+        _status, history = [await socket.receive_json_from(timeout=10) for _ in range(2)]
+        assert history["metrics"] == [] and history["logs"] == []
+        await socket.disconnect()
 
     async_to_sync(scenario)()
 
