@@ -8,16 +8,19 @@ with an uninterrupted run of the same job: same losses at every step, same adapt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 from celery import Celery
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_services import start_redis, start_worker
@@ -27,7 +30,7 @@ from splitcore.training.checkpoints import checkpoint_name, load_checkpoint, rea
 from splitcore.trunk_process import start_trunk
 from webapp.datasets.services import create_dataset
 from webapp.processes import start_beat
-from webapp.training.lease import Lease, claim, release_stale
+from webapp.training.lease import Lease, LeaseLost, claim, release_stale
 from webapp.training.models import Job, JobLog, MetricPoint
 from webapp.trunks.models import TrunkServer
 
@@ -52,7 +55,8 @@ def fault_redis(tmp_path_factory):
 def fault_env(service_env, fault_redis) -> dict[str, str]:
     return {**service_env, "CELERY_BROKER_URL": fault_redis.url, "REDIS_URL": fault_redis.url,
             "JOB_HEARTBEAT_S": str(HEARTBEAT_S), "JOB_STALE_AFTER_S": str(STALE_AFTER_S), "JOB_SWEEP_S": "0.5",
-            "TRUNK_WAIT_S": "120", "JOB_CHECKPOINT_EVERY": "2"}
+            "TRUNK_WAIT_S": "120", "JOB_CHECKPOINT_EVERY": "2",
+            "JOB_REDISPATCH_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +201,134 @@ def test_trunk_killed_mid_job_and_restarted(owner, trunk, workers, broker, refer
     finally:
         restarted.stop()
 
+
+
+def test_worker_killed_mid_job_is_taken_over_by_another(owner, trunk, workers, beat, broker, reference):
+    _, record = trunk
+    first = workers.start("doomed")
+    job = new_job(owner, record)
+    broker(job)
+    job = freeze_mid_job(job, first.process.pid, group=True)
+    os.killpg(first.process.pid, signal.SIGKILL)  # the worker and its pool, as when a machine dies
+    first.process.wait()
+    assert Job.objects.get(pk=job.pk).status == "running", "nobody can know yet that the worker is gone"
+
+    second = workers.start("rescuer")
+    job = wait_for_job(job.pk, timeout=300, worker=second)
+    assert_same_run(job, reference)
+    assert job.attempts == 2
+    text = log_text(job)
+    assert f"stopped answering (no heartbeat for {STALE_AFTER_S:.0f} s); queued again" in text
+    assert "resuming from the checkpoint of step" in text
+    assert "started on worker" in text and "(attempt 2)" in text
+
+
+def test_a_frozen_worker_that_comes_back_never_runs_the_job_alongside_its_successor(
+        owner, trunk, workers, beat, broker, reference):
+    _, record = trunk
+    frozen = workers.start("frozen")
+    job = new_job(owner, record)
+    broker(job)
+    job = freeze_mid_job(job, frozen.process.pid, group=True)
+    workers.start("successor")
+    job = wait_for_job(job.pk, condition=lambda j: j.attempts == 2 and j.current_step > 0 or j.is_finished,
+                       timeout=120)
+    os.killpg(frozen.process.pid, signal.SIGCONT)  # it wakes up mid-step with a lease that is no longer its own
+    job = wait_for_job(job.pk, timeout=300)
+    assert_same_run(job, reference)
+    assert job.attempts == 2
+    deadline = time.monotonic() + 30
+    while "another worker took it over" not in frozen.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "another worker took it over" in frozen.log(), frozen.log()[-3000:]
+    assert "job %s crashed" % job.pk not in frozen.log()
+
+
+def test_redis_restarted_mid_job(owner, trunk, workers, broker, fault_redis, reference):
+    _, record = trunk
+    worker = workers.start("redis-fault")
+    job = new_job(owner, record)
+    broker(job)
+    job = wait_for_job(job.pk, condition=reached(3), timeout=300, worker=worker)
+    fault_redis.process.send_signal(signal.SIGKILL)
+    fault_redis.process.wait()
+    time.sleep(1.0)
+    restarted = start_redis(fault_redis.directory, port=fault_redis.port)
+    fault_redis.process = restarted.process
+    job = wait_for_job(job.pk, timeout=300, worker=worker)
+    assert_same_run(job, reference)
+    assert job.attempts == 1
+
+    # The worker reconnected to the restarted Redis: it takes new jobs and sends their live events.
+    from asgiref.sync import async_to_sync
+    from channels_redis.core import RedisChannelLayer
+
+    layer = RedisChannelLayer(hosts=[fault_redis.url])
+    channel = async_to_sync(layer.new_channel)()
+    later = new_job(owner, record, max_steps=2)
+    async_to_sync(layer.group_add)(f"job-{later.pk}", channel)
+    broker(later)
+    received = async_to_sync(asyncio.wait_for)(layer.receive(channel), 60)
+    assert received["type"] == "job.event" and received["event"]["type"] in ("log", "metric", "status", "done")
+    assert wait_for_job(later.pk, timeout=120, worker=worker).status == "succeeded"
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again(owner, trunk, workers, beat):
+    _, record = trunk
+    job = new_job(owner, record, max_steps=2)  # queued, but its message never reached Redis (a restart lost it)
+    worker = workers.start("redispatch")
+    job = wait_for_job(job.pk, timeout=120, worker=worker)
+    assert job.status == "succeeded" and job.attempts == 1
+    assert "job recovery: {'requeued': 0, 'cancelled': 0, 'redispatched': 1}" in beat_and_worker_logs(worker, beat)
+
+
+def beat_and_worker_logs(*processes) -> str:
+    return "\n".join(process.log() for process in processes)
+
+
+def test_a_failed_checkpoint_write_fails_the_job_and_keeps_the_previous_checkpoint(
+        owner, trunk, workers, broker, reference):
+    _, record = trunk
+    worker = workers.start("disk-fault")
+    job = new_job(owner, record)
+    job.checkpoint_dir.mkdir(parents=True)
+    obstacle = job.checkpoint_dir / checkpoint_name(4)
+    obstacle.write_text("not a checkpoint directory")  # writing the checkpoint of step 4 fails
+    broker(job)
+    job = wait_for_job(job.pk, timeout=300, worker=worker)
+    assert job.status == "failed"
+    assert job.error_message.startswith(f"could not write {obstacle} (Not a directory); the checkpoint of step 2 "
+                                        "is kept — free space or fix permissions, then resume"), job.error_message
+    kept = list_checkpoints(job.checkpoint_dir)
+    assert [path.name for path in kept] == [checkpoint_name(2)]
+    assert read_checkpoint_state(kept[0]).step == 2
+    assert load_checkpoint(kept[0]).trunk_state, "the trunk's share is in the checkpoint too"
+    assert not [p for p in job.checkpoint_dir.iterdir() if p.name.startswith(".staging")], "no half-written files"
+
+    # Fixed, and resumed: it continues from step 2 and ends as the uninterrupted run did.
+    obstacle.unlink()
+    Job.objects.filter(pk=job.pk).update(status="queued", error_message="")
+    broker(job)
+    job = wait_for_job(job.pk, condition=lambda j: j.status != "failed" and j.is_finished, timeout=300,
+                       worker=worker)
+    assert_same_run(job, reference)
+    assert "resuming from the checkpoint of step 2" in log_text(job)
+
+
+def test_a_lease_taken_over_refuses_every_write_of_the_old_worker(owner):
+    record = TrunkServer.objects.create(name="never-called", address="127.0.0.1:9", token="unused-token")
+    job = new_job(owner, record)
+    token = claim(job.pk)
+    assert token and claim(job.pk) is None, "a running job cannot be claimed again"
+    lease = Lease(job.pk, token)
+    assert lease.renew() and not lease.cancel_requested()
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(hours=1))  # its worker went silent
+    job.refresh_from_db()
+    assert release_stale(job) and Job.objects.get(pk=job.pk).status == "queued"
+    successor = claim(job.pk)
+    assert successor and successor != token
+    assert not lease.renew() and lease.lost
+    with pytest.raises(LeaseLost, match="taken over by another worker"):
+        lease.cancel_requested()
+    job.refresh_from_db()
+    assert not release_stale(job), "a live lease is not released"
