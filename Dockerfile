@@ -1,10 +1,10 @@
-# One image for every service of docker-compose.yml: web (daphne), worker, beat, trunk and
+# One image for every service of docker-compose.yml: web (uvicorn), worker, beat, trunk and
 # prepare-model differ only in their command.
 #
 #   docker build -t splitlearn-studio .
 #   docker run --rm -p 8000:8000 -e SECRET_KEY=... -e DATABASE_URL=... -e REDIS_URL=... splitlearn-studio
 #
-# The default command serves the web app with daphne; docker-compose.yml runs
+# The default command serves the web app with uvicorn; docker-compose.yml runs
 # `python manage.py migrate --noinput` before it. Static files are collected into the image
 # at build time, so WhiteNoise serves them from STATIC_ROOT without the finders.
 FROM python:3.11-slim
@@ -54,4 +54,4 @@ RUN SECRET_KEY=collectstatic-at-build-time python manage.py collectstatic --noin
 
 USER app
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "webapp.asgi:application"]
+CMD ["uvicorn", "--ws", "websockets", "--lifespan", "off", "--timeout-graceful-shutdown", "5", "--host", "0.0.0.0", "--port", "8000", "webapp.asgi:application"]

@@ -32,7 +32,7 @@ install: $(INSTALL_STAMP)
 proto: install
 	$(VENV_PYTHON) -m splitcore.proto.codegen
 
-# Everything on this machine: embedded Redis, a trunk server, a Celery worker and beat, daphne on :8000.
+# Everything on this machine: embedded Redis, a trunk server, a Celery worker and beat, uvicorn on :8000.
 run: install
 	$(VENV_PYTHON) -m webapp.launcher
 

@@ -1,4 +1,4 @@
-"""The whole experience in a real headless Chromium against daphne, a Celery worker and a trunk.
+"""The whole experience in a real headless Chromium against uvicorn, a Celery worker and a trunk.
 
 Log in, upload a dataset, start a job, watch points arrive without a reload, reload
 mid-job and see the whole history, cancel and resume, download the adapter. Screenshots

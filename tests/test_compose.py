@@ -193,7 +193,8 @@ def test_each_service_runs_its_process(config):
     services = config["services"]
     web = " ".join(command_words(services["web"]))
     assert "manage.py migrate --noinput" in web
-    assert web.index("migrate") < web.index("daphne -b 0.0.0.0 -p 8000 webapp.asgi:application")
+    assert web.index("migrate") < web.index("uvicorn --ws websockets --lifespan off --timeout-graceful-shutdown 5 "
+                                            "--host 0.0.0.0 --port 8000 webapp.asgi:application")
     assert any(str(port.get("target") if isinstance(port, dict) else port).endswith("8000")
                for port in services["web"]["ports"])
     assert {"postgres", "redis"} <= set(services["web"]["depends_on"])
@@ -311,7 +312,9 @@ def test_dockerfile_installs_the_pinned_cpu_torch_first_and_runs_as_a_user():
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert "EXPOSE 8000" in instructions
-    assert instructions[-1] == 'CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "webapp.asgi:application"]'
+    assert instructions[-1] == ('CMD ["uvicorn", "--ws", "websockets", "--lifespan", "off", '
+                                '"--timeout-graceful-shutdown", "5", "--host", "0.0.0.0", "--port", "8000", '
+                                '"webapp.asgi:application"]')
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():

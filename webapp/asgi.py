@@ -1,4 +1,7 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels (``daphne webapp.asgi:application``)."""
+"""ASGI entry point: HTTP through Django (behind the body size limit), WebSockets through Channels.
+
+Served by uvicorn: ``uvicorn webapp.asgi:application``.
+"""
 
 import os
 
@@ -11,9 +14,10 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from .body_limit import BodySizeLimit  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter({
-    "http": django_application,
+    "http": BodySizeLimit(django_application),
     "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

@@ -3,7 +3,7 @@
 Prepares the default model, migrates, creates an admin account (its generated password
 is printed once, on the first run), loads the bundled demo dataset, and starts an
 embedded Redis, a trunk server (with a generated token shared with the registered trunk
-row), a Celery worker and beat, and daphne. It waits until each one answers, prints the
+row), a Celery worker and beat, and uvicorn. It waits until each one answers, prints the
 URL and the login, and stops every child on Ctrl-C or SIGTERM. A second run keeps the data.
 
 Settings (environment): ``SPLITLEARN_DATA_DIR`` (./data), ``HOST`` (127.0.0.1),

