@@ -174,6 +174,36 @@ def test_backward_recomputes_when_activations_are_gone(client, tiny_dirs):
     assert (grad_in - leaf.grad).abs().max().item() <= 1e-6
 
 
+def test_training_dropout_masks_depend_on_seed_step_and_micro_batch_only(trunk):
+    """With LoRA dropout on, a forward is a function of (seed, step, micro-batch): a new session
+    (a restarted trunk, a resumed run) draws the same masks, and a recompute for Backward after
+    the activations were evicted matches the forward it replaces."""
+    dropped = LoraSettings(r=4, alpha=8, dropout=0.5)
+    hidden, mask, grad = inputs()
+
+    def trained_session(c, seed):
+        c.open_session(dropped, seed=seed)
+        run_steps(c, 1)  # LoRA B starts at zero, which hides dropout: one step makes it count
+
+    outputs, grads = {}, {}
+    for run in ("first", "again"):
+        with TrunkClient(trunk.address, trunk.token) as c:
+            trained_session(c, 7)
+            outputs[run] = [c.forward(2, micro, hidden, mask) for micro in range(3)]  # micro 0 gets evicted
+            grads[run] = c.backward(2, 0, grad, hidden, mask)[0]
+    for first, again in zip(outputs["first"], outputs["again"]):
+        assert torch.equal(first, again)
+    assert not torch.equal(outputs["first"][0], outputs["first"][1]), "another micro-batch, other masks"
+    assert torch.equal(grads["first"], grads["again"])
+    with TrunkClient(trunk.address, trunk.token) as c:  # held activations: the same gradient as the recompute
+        trained_session(c, 7)
+        c.forward(2, 0, hidden, mask)
+        assert torch.equal(c.backward(2, 0, grad, hidden, mask)[0], grads["first"])
+    with TrunkClient(trunk.address, trunk.token) as c:
+        trained_session(c, 8)
+        assert not torch.equal(c.forward(2, 0, hidden, mask), outputs["first"][0]), "another seed, other masks"
+
+
 def test_exported_state_restores_into_a_new_session(trunk):
     with TrunkClient(trunk.address, trunk.token) as first:
         first.open_session(LORA, seed=9)
