@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from celery import Celery
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -29,9 +30,11 @@ from splitcore.training import list_checkpoints
 from splitcore.training.checkpoints import checkpoint_name, load_checkpoint, read_checkpoint_state
 from splitcore.trunk_process import start_trunk
 from webapp.datasets.services import create_dataset
+from webapp.playground.models import Generation
 from webapp.processes import start_beat
 from webapp.training.lease import Lease, LeaseLost, claim, release_stale
 from webapp.training.models import Job, JobLog, MetricPoint
+from webapp.trunks.health import check_trunk
 from webapp.trunks.models import TrunkServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -56,15 +59,15 @@ def fault_env(service_env, fault_redis) -> dict[str, str]:
     return {**service_env, "CELERY_BROKER_URL": fault_redis.url, "REDIS_URL": fault_redis.url,
             "JOB_HEARTBEAT_S": str(HEARTBEAT_S), "JOB_STALE_AFTER_S": str(STALE_AFTER_S), "JOB_SWEEP_S": "0.5",
             "TRUNK_WAIT_S": "120", "JOB_CHECKPOINT_EVERY": "2",
-            "JOB_REDISPATCH_S": "2"}
+            "JOB_REDISPATCH_S": "2", "GENERATION_TIMEOUT_S": "1"}
 
 
 @pytest.fixture(scope="module")
 def broker(fault_redis):
     """Sends task messages to this module's Redis (the test process's own app talks to the session's)."""
-    app = Celery("faults", broker=fault_redis.url)
+    app = Celery("faults", broker=fault_redis.url, set_as_current=False)  # the tasks keep the main app
     app.conf.task_serializer = "json"
-    yield lambda job: app.send_task("training.run_job", args=[job.pk])
+    yield lambda row, task="training.run_job": app.send_task(task, args=[row.pk])
     app.close()
 
 
@@ -87,7 +90,9 @@ class Workers:
 
 
 @pytest.fixture
-def workers(fault_env, web_dirs, request):
+def workers(fault_env, fault_redis, web_dirs):
+    """Starts with an empty broker: no task message left by an earlier test (a beat's trunk check)."""
+    redis.Redis.from_url(fault_redis.url).flushdb()
     started = Workers(fault_env, web_dirs["logs"])
     yield started
     started.close()
@@ -332,3 +337,57 @@ def test_a_lease_taken_over_refuses_every_write_of_the_old_worker(owner):
         lease.cancel_requested()
     job.refresh_from_db()
     assert not release_stale(job), "a live lease is not released"
+
+
+def wait_for_generation(generation: Generation, condition, timeout: float = 60) -> Generation:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        generation.refresh_from_db()
+        if condition(generation):
+            return generation
+        time.sleep(0.05)
+    raise AssertionError(f"generation {generation.pk} is still {generation.status} after {timeout} s")
+
+
+def new_generation(owner, trunk_record) -> Generation:
+    check_trunk(trunk_record)  # up, so the playground picks it
+    assert trunk_record.status == TrunkServer.Status.UP, trunk_record.last_error
+    return Generation.objects.create(owner=owner, base_model=TINY_MODEL_ID, prompt="Once upon a time", chat=False,
+                                     max_new_tokens=32)
+
+
+def test_a_generation_whose_worker_died_ends_as_failed(owner, trunk, workers, beat, broker):
+    process, record = trunk
+    worker = workers.start("generation-fault")
+    generation = new_generation(owner, record)
+    process.process.send_signal(signal.SIGSTOP)  # the first trunk call hangs: the worker is surely mid-answer
+    try:
+        broker(generation, "playground.generate")
+        wait_for_generation(generation, lambda g: g.status == "running")
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait()
+    finally:
+        process.process.send_signal(signal.SIGCONT)
+    workers.start("generation-sweeper")  # any worker runs the sweep beat sends
+    generation = wait_for_generation(generation, lambda g: g.is_finished)
+    assert generation.status == "failed"
+    assert generation.error_message == ("its worker stopped before it finished (no answer within the time limit "
+                                        "of 1 s); the text so far is kept — try again")
+
+
+def test_a_generation_past_its_time_limit_stops_and_keeps_its_text(owner, trunk, workers, broker):
+    process, record = trunk
+    workers.start("generation-limit")
+    generation = new_generation(owner, record)
+    process.process.send_signal(signal.SIGSTOP)  # the first token takes longer than the 1 s limit
+    try:
+        broker(generation, "playground.generate")
+        wait_for_generation(generation, lambda g: g.status == "running")
+        time.sleep(1.5)
+    finally:
+        process.process.send_signal(signal.SIGCONT)
+    generation = wait_for_generation(generation, lambda g: g.is_finished)
+    assert generation.status == "failed"
+    assert generation.error_message == ("stopped after 1 s, the time limit of a generation; the text so far is "
+                                        "kept — ask for fewer new tokens")
+    assert 1 <= generation.token_count < 32 and generation.output

@@ -161,6 +161,9 @@ JOB_REDISPATCH_S = env_float("JOB_REDISPATCH_S", 300.0, minimum=1.0)
 # A trunk lost mid-job (crash, restart) is waited for and the job continues from its last
 # checkpoint; after this many losses without progress in between, the job fails.
 JOB_TRUNK_RECOVERIES = env_int("JOB_TRUNK_RECOVERIES", 3, minimum=0)
+# A playground generation stops after this long (keeping its text so far); one still running
+# JOB_STALE_AFTER_S after that lost its worker, and the sweep ends it as failed.
+GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
 if JOB_STALE_AFTER_S <= 2 * JOB_HEARTBEAT_S:
     raise ImproperlyConfigured(f"JOB_STALE_AFTER_S ({JOB_STALE_AFTER_S}) must be more than twice "
                                f"JOB_HEARTBEAT_S ({JOB_HEARTBEAT_S}), or live jobs would be taken as dead")
@@ -181,6 +184,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBIL
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
     "recover-jobs": {"task": "training.recover_jobs", "schedule": JOB_SWEEP_S},
+    "recover-generations": {"task": "playground.recover_generations", "schedule": JOB_SWEEP_S},
 }
 
 # ---------------------------------------------------------------- Channels (live pages)

@@ -11,6 +11,7 @@ that says what happened and what to do.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 from django.conf import settings
@@ -79,10 +80,14 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
     except NoTrunkAvailable as exc:
         raise GenerationFailed(str(exc)) from exc
     try:
+        deadline = time.monotonic() + settings.GENERATION_TIMEOUT_S
         with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
             generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir)
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
                 _stream(generation, decoder, token_id)
+                if time.monotonic() > deadline:
+                    raise GenerationFailed(f"stopped after {settings.GENERATION_TIMEOUT_S:.0f} s, the time limit "
+                                           "of a generation; the text so far is kept — ask for fewer new tokens")
     except TrunkError as error:
         raise GenerationFailed(_trunk_failure(trunk, error)) from error
     except (ValueError, OSError) as exc:  # the trunk serves another model or split; an unreadable adapter
@@ -113,8 +118,8 @@ def _finish(generation: Generation, decoder: IncrementalDecoder | None, status: 
     fields = dict(status=status, error_message=message, finished_at=timezone.now())
     if decoder is not None:
         fields.update(output=decoder.final_text(), token_count=len(decoder.token_ids))
-    if not Generation.objects.filter(pk=generation.pk).update(**fields):
-        log.info("generation %s was deleted while it ran", generation.pk)
+    if not Generation.objects.filter(pk=generation.pk, status=Generation.Status.RUNNING).update(**fields):
+        log.info("generation %s was deleted or ended by the sweep while it ran", generation.pk)
         return status
     generation.refresh_from_db()
     if message:
