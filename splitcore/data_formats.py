@@ -19,6 +19,7 @@ import codecs
 import csv
 import io
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,10 @@ def _load_json_object(line: str, location: str) -> dict:
         raise _Invalid(location, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
         raise _Invalid(location, "invalid JSON: nested too deeply") from None
+    except ValueError:
+        # Python refuses to convert integers longer than sys.get_int_max_str_digits().
+        raise _Invalid(location, f"invalid JSON: a number has more than {sys.get_int_max_str_digits()} digits; "
+                                 "write it as a string") from None
     if not isinstance(value, dict):
         reason = f"expected a JSON object, got {_json_type(value)}"
         if isinstance(value, list):
@@ -264,6 +269,7 @@ def _chat_message(item: object, name: str, location: str) -> ChatMessage:
         raise _Invalid(location, f"{name}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
     if role == "assistant" and not item["content"].strip():
         raise _Invalid(location, f"{name}.content is empty; an assistant message needs text to train on")
+    _check_unicode(item["content"], f"{name}.content", location)
     return ChatMessage(role=role, content=item["content"])
 
 
@@ -285,7 +291,20 @@ def _json_string(row: dict, field: str, location: str, *, allow_empty: bool) -> 
         raise _Invalid(location, f'"{field}" must be a string, got {_json_type(value)}')
     if not allow_empty and not value.strip():
         raise _Invalid(location, f'"{field}" is empty')
+    _check_unicode(value, f'"{field}"', location)
     return value
+
+
+def _check_unicode(value: str, name: str, location: str) -> None:
+    """A JSON escape such as "\\ud800" decodes to a lone surrogate, which no tokenizer accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _Invalid(
+            location,
+            f"{name} holds a lone surrogate (\\u{ord(value[exc.start]):04x} at character {exc.start + 1}), "
+            "which is not valid Unicode; escape a character outside the BMP as a surrogate pair or write it as is",
+        ) from None
 
 
 def _json_type(value: object) -> str:

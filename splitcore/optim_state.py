@@ -7,6 +7,7 @@ parameter order and the wire, without pickle.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -53,5 +54,15 @@ def load_adamw_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str
             if field != "step" and value.shape != param.shape:
                 raise ValueError(f"optimizer state {name}.{field} has shape {list(value.shape)}, "
                                  f"the parameter has {list(param.shape)}")
+            if field == "step":
+                _check_step_count(name, value)
             state[field] = value.to(torch.float32).clone() if field == "step" else value.to(param).clone()
         optimizer.state[param] = state
+
+
+def _check_step_count(name: str, value: torch.Tensor) -> None:
+    """AdamW reads the step count as one number and takes square roots of 1 - beta ** step."""
+    count = float(value.reshape(())) if value.numel() == 1 else None
+    if count is None or not math.isfinite(count) or count < 0:
+        held = f"shape {list(value.shape)}" if count is None else f"the value {count}"
+        raise ValueError(f"optimizer state {name}.step must be one finite number >= 0, got {held}")

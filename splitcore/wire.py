@@ -113,13 +113,16 @@ def decode_tensor(
             raise WireError(f"{field}: an attention mask may only hold 0 and 1")
         return values.to(torch.int64).reshape(shape)
     if encoding == "int8":
-        return _dequantise_int8(message, field, count).to(dtype).reshape(shape)
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    values = torch.frombuffer(bytearray(message.data), dtype=_ENCODED_DTYPE[encoding])
+        values = _dequantise_int8(message, field, count).to(dtype)
+    elif count == 0:
+        values = torch.empty(0, dtype=dtype)
+    else:
+        values = torch.frombuffer(bytearray(message.data), dtype=_ENCODED_DTYPE[encoding]).to(dtype)
+    # Checked after the cast: a finite value beyond the declared dtype's range (65536 as float16,
+    # or an int8 value times a huge scale) turns infinite there.
     if not bool(torch.isfinite(values).all()):
-        raise WireError(f"{field}: holds NaN or infinite values")
-    return values.to(dtype).reshape(shape)
+        raise WireError(f"{field}: holds NaN or infinite values (or values beyond the range of {message.dtype})")
+    return values.reshape(shape)
 
 
 def encoded_size(message: pb.Tensor) -> int:
@@ -133,9 +136,11 @@ def _checked_shape(message: pb.Tensor, field: str, max_elements: int,
         raise WireError(f"{field}: negative dimension in shape {list(shape)}")
     if len(shape) > 8:
         raise WireError(f"{field}: {len(shape)} dimensions is too many")
+    # Empty dimensions count as 1: with one, a tensor holds no values, but absurd other
+    # dimensions still overflow its strides. The extra 1 checks a scalar (one value) too.
     count = 1
-    for d in shape:
-        count *= d
+    for d in (*shape, 1):
+        count *= max(d, 1)
         if count > max_elements:
             raise WireError(f"{field}: shape {list(shape)} exceeds the limit of {max_elements} values")
     if expected_shape is not None:

@@ -15,6 +15,7 @@ from splitcore.proto import trunk_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
 from .config import TrunkServerConfig
 from .host import TrunkHost
+from .request_parsing import RequestParsingInterceptor
 from .servicer import TrunkServicer
 from .sessions import SessionRegistry
 
@@ -42,7 +43,8 @@ def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
     registry = SessionRegistry(host, config.max_sessions, config.session_ttl_s, config.max_saved_activations)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="trunk-rpc"),
-        interceptors=[BearerTokenInterceptor(config.token)],
+        # Authenticate first; then parse requests in the handler, so junk answers INVALID_ARGUMENT.
+        interceptors=[BearerTokenInterceptor(config.token), RequestParsingInterceptor(f"/{SERVICE_NAME}/")],
         options=[
             # One message is at most this big; larger tensors arrive as chunked streams.
             ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -69,7 +69,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         expected = (None, None, self.host.hidden_size) if batch_seq is None else (*batch_seq, self.host.hidden_size)
         if not message.ByteSize():
             raise WireError(f"{field} is missing")
-        return decode_tensor(message, field, expected_shape=expected).to(self.host.dtype)
+        hidden = decode_tensor(message, field, expected_shape=expected)
+        if not hidden.numel():  # the model's blocks cannot run on an empty batch or sequence
+            raise WireError(f"{field}: shape {list(hidden.shape)} is empty; send at least one row of one position")
+        return hidden.to(self.host.dtype)
 
     def _mask(self, message: pb.Tensor, batch: int, min_length: int):
         if not message.ByteSize():
@@ -104,8 +107,8 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     @_mapped_errors
     def OpenSession(self, request, context):
-        if request.mode == pb.SESSION_MODE_UNSPECIFIED:
-            raise ValueError("mode must be SESSION_MODE_TRAIN or SESSION_MODE_INFERENCE")
+        if request.mode not in (pb.SESSION_MODE_TRAIN, pb.SESSION_MODE_INFERENCE):
+            raise ValueError(f"mode must be SESSION_MODE_TRAIN or SESSION_MODE_INFERENCE, got {request.mode}")
         encoding = check_encoding(request.wire_encoding or "fp32")
         lora = lora_from_proto(request.lora) if request.HasField("lora") else None
         session = self.registry.open(
@@ -148,6 +151,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             hidden = self._hidden(request.hidden, "hidden")
             batch, seq = hidden.shape[:2]
             mask = self._mask(request.attention_mask, batch, seq)
+            if mask.shape[1] != seq:
+                raise WireError(f"attention_mask must be ({batch}, {seq}) like the resent hidden states, "
+                                f"got {list(mask.shape)}")
             resent = (hidden, mask)
 
         def grad_output(shape):

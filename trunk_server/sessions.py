@@ -73,6 +73,7 @@ class Session:
     cache: DynamicCache | None = None
     inference_steps: int = 0
     last_inference_reply: tuple[int, object] | None = None
+    inference_batch: int | None = None  # rows in the KV cache, fixed by the first inference call
 
     def grad_sq_norm(self) -> float:
         total = 0.0
@@ -206,8 +207,9 @@ class SessionRegistry:
             return reply
 
     def step(self, session: Session, step: int, lr: float, clip_coef: float) -> int:
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        # Training configs allow learning rates up to 1; far above, AdamW's update overflows float32.
+        if not (math.isfinite(lr) and 0 <= lr <= 1):
+            raise ValueError(f"lr must be a finite number in [0, 1], got {lr}")
         if not (math.isfinite(clip_coef) and 0 < clip_coef <= 1):
             raise ValueError(f"clip_coef must be in (0, 1], got {clip_coef}")
         with session.lock:
@@ -264,6 +266,9 @@ class SessionRegistry:
                 return session.last_inference_reply[1]
             if step != session.inference_steps:
                 raise StepConflict(f"inference step {step} is out of order; expected {session.inference_steps}")
+            if session.inference_batch is not None and hidden.shape[0] != session.inference_batch:
+                raise ValueError(f"hidden has {hidden.shape[0]} rows but this session's KV cache holds "
+                                 f"{session.inference_batch}; send the same rows as in the first call")
             past = session.cache.get_seq_length(self.host.trunk_start)
             if mask.shape[1] != past + hidden.shape[1]:
                 raise ValueError(f"attention_mask covers {mask.shape[1]} positions; the cache holds {past} and "
@@ -271,6 +276,7 @@ class SessionRegistry:
             with torch.no_grad():
                 output = self.host.forward(session.adapter, hidden, mask, past_key_values=session.cache)
             reply = encode(output)
+            session.inference_batch = hidden.shape[0]
             session.inference_steps += 1
             session.last_inference_reply = (step, reply)
             return reply
