@@ -8,6 +8,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from transformers import AutoModelForCausalLM
 from conftest import run_concurrently
 from trunk_process import start_trunk
@@ -219,6 +220,27 @@ def test_exported_state_restores_into_a_new_session(trunk):
         # The next step continues from the restored adapter and optimizer moments.
         hidden, mask, grad = inputs(seed=77)
         assert torch.equal(second.forward(3, 0, hidden, mask), first_next)
+
+
+def test_a_refused_import_leaves_the_session_as_it_was(trunk):
+    with TrunkClient(trunk.address, trunk.token) as donor:
+        donor.open_session(LORA, seed=9)
+        run_steps(donor, 2)
+        _, good = donor.export_state()
+    tensors = load_safetensors(good)
+    step_key = next(k for k in tensors if k.endswith(".step"))
+    tensors[step_key] = torch.tensor([float("nan")])  # the adapter part is fine, the optimizer part is not
+    bad = save_safetensors(tensors)
+    with TrunkClient(trunk.address, trunk.token) as client:
+        client.open_session(LORA, seed=123)
+        run_steps(client, 1)
+        _, before = client.export_state()
+        with pytest.raises(TrunkError) as refused:
+            client.import_state(2, bad)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step must be one finite number" in refused.value.details
+        assert same_state(client.export_state()[1], before), "neither the adapter nor the optimizer changed"
+        assert not same_state(before, good)
 
 
 def test_session_cap_answers_resource_exhausted(trunk):

@@ -7,6 +7,7 @@ accumulates gradients twice; a retried Step for an applied step changes nothing.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import secrets
@@ -293,6 +294,18 @@ class SessionRegistry:
             metadata = {"format": "splitlearn-trunk-state-v1", "applied_step": str(session.applied_step)}
             return save_safetensors(tensors, metadata=metadata)
 
+    def _snapshot(self, session: Session) -> tuple[dict | None, dict | None]:
+        adapter = None if session.adapter is None else self.host.adapter_state(session.adapter)  # a copy
+        optimizer = None if session.optimizer is None else copy.deepcopy(session.optimizer.state_dict())
+        return adapter, optimizer
+
+    def _restore(self, session: Session, snapshot: tuple[dict | None, dict | None]) -> None:
+        adapter, optimizer = snapshot
+        if adapter is not None:
+            self.host.load_adapter_state(session.adapter, adapter)
+        if optimizer is not None:
+            session.optimizer.load_state_dict(optimizer)
+
     def import_state(self, session: Session, step: int, data: bytes) -> int:
         try:
             tensors = load_safetensors(data) if data else {}
@@ -304,15 +317,19 @@ class SessionRegistry:
             other = set(tensors) - {ADAPTER_PREFIX + k for k in adapter} - set(optimizer)
             if other:
                 raise ValueError(f"state holds an unknown entry {sorted(other)[0]!r}")
-            if session.adapter is None:
-                if tensors:
-                    raise ValueError("this session has no trunk LoRA, but the state holds weights")
-            else:
-                self.host.load_adapter_state(session.adapter, adapter)
+            if session.adapter is None and tensors:
+                raise ValueError("this session has no trunk LoRA, but the state holds weights")
             if optimizer and session.optimizer is None:
                 raise ValueError("optimizer state given for a session without a trunk optimizer")
-            if session.optimizer is not None:
-                load_adamw_state(session.optimizer, session.params, optimizer, OPTIMIZER_PREFIX)
+            before = self._snapshot(session)
+            try:  # all or nothing: a state refused half-way leaves the session as it was
+                if session.adapter is not None:
+                    self.host.load_adapter_state(session.adapter, adapter)
+                if session.optimizer is not None:
+                    load_adamw_state(session.optimizer, session.params, optimizer, OPTIMIZER_PREFIX)
+            except BaseException:
+                self._restore(session, before)
+                raise
             for param in session.params.values():
                 param.grad = None
             session.saved.clear()
