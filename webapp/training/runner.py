@@ -139,7 +139,7 @@ def _train(job: Job, lease: Lease) -> str | None:
             raise JobFailed(str(exc)) from exc
         except OSError as exc:
             where = exc.filename or job.directory
-            raise JobFailed(f"could not write {where} ({exc.strerror or exc}); {_kept(job)} is kept — free "
+            raise JobFailed(f"could not write {where} ({exc.strerror or exc}); {_what_is_kept(job)} — free "
                             "space or fix permissions, then resume") from exc
         finally:
             engine.close()
@@ -155,6 +155,10 @@ def _checkpoint_step(job: Job) -> int:
 def _kept(job: Job) -> str:
     step = _checkpoint_step(job)
     return f"the checkpoint of step {step}" if step else "the start (no checkpoint was written yet)"
+
+
+def _what_is_kept(job: Job) -> str:
+    return f"{_kept(job)} is kept" if _checkpoint_step(job) else "no checkpoint was written yet"
 
 
 def _resume_point(job: Job) -> Path | None:
@@ -261,8 +265,7 @@ def _trunk_lost(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
 
 
 def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
-    kept = f"{_kept(job)} is kept" if _checkpoint_step(job) else "no checkpoint was written yet"
-    return f"{_trunk_lost(trunk, error, job)}; {kept} — resume the job when the trunk is available"
+    return f"{_trunk_lost(trunk, error, job)}; {_what_is_kept(job)} — resume the job when the trunk is available"
 
 
 def _record(job: Job, lease: Lease, event: TrainerEvent) -> None:
