@@ -463,14 +463,19 @@ def test_fuzzed_forward_requests_get_a_proper_status(fuzz, data):
         retry = not evaluate and request.step == 1 and request.micro_batch < earlier
         set_tensor(request, "hidden", draw_tensor(data, (batch, seq, HIDDEN), faults, "hidden"))
         set_tensor(request, "attention_mask", draw_mask(data, batch, seq, faults))
-        code, replies, details = fuzz.stream(fuzz.stub.Forward, draw_stream(data, request, faults))
-        assert_proper(code, details)
-        if not faults.broken:
-            assert code == Code.OK, f"a valid Forward failed: {code.name}: {details}"
-        if code == Code.OK and not retry:
-            reply = join_messages(replies, max_total_bytes=1 << 30)
-            assert list(reply.hidden.shape) == list(request.hidden.shape)
+        check_forward(fuzz, data, request, faults, valid=not faults.broken, retry=retry)
     fuzz.check_alive()
+
+
+def check_forward(fuzz, data, request, faults, valid: bool, retry: bool) -> None:
+    """Send a (maybe broken) Forward: a proper status; a valid one answers OK with the request's shape."""
+    code, replies, details = fuzz.stream(fuzz.stub.Forward, draw_stream(data, request, faults))
+    assert_proper(code, details)
+    if valid:
+        assert code == Code.OK, f"a valid Forward failed: {code.name}: {details}"
+    if code == Code.OK and not retry:
+        reply = join_messages(replies, max_total_bytes=1 << 30)
+        assert list(reply.hidden.shape) == list(request.hidden.shape)
 
 
 @settings(max_examples=examples(120), **FUZZ_SETTINGS)
@@ -503,13 +508,7 @@ def test_fuzzed_inference_forwards_get_a_proper_status(fuzz, data):
                                     evaluate=data.draw(st.integers(0, 7), label="evaluate") == 0)
         set_tensor(request, "hidden", draw_tensor(data, (batch, seq, HIDDEN), faults, "hidden"))
         set_tensor(request, "attention_mask", draw_mask(data, batch, mask_length, faults))
-        code, replies, details = fuzz.stream(fuzz.stub.Forward, draw_stream(data, request, faults))
-        assert_proper(code, details)
-        if not faults.broken and not request.evaluate:
-            assert code == Code.OK, f"a valid inference Forward failed: {code.name}: {details}"
-        if code == Code.OK and not retry:
-            reply = join_messages(replies, max_total_bytes=1 << 30)
-            assert list(reply.hidden.shape) == list(request.hidden.shape)
+        check_forward(fuzz, data, request, faults, valid=not faults.broken and not request.evaluate, retry=retry)
     fuzz.check_alive()
 
 
