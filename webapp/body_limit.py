@@ -29,7 +29,7 @@ class BodySizeLimit:
         limit = settings.MAX_REQUEST_BYTES
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and int(declared) > limit:  # the HTTP parser already refused a malformed one
-            return await _refuse(send, 413, _too_large(int(declared), limit))
+            return await _refuse(send, _too_large(int(declared), limit))
 
         received = 0
         exceeded = False
@@ -55,7 +55,7 @@ class BodySizeLimit:
 
         await self.app(scope, counted_receive, tracked_send)
         if exceeded and not started:
-            await _refuse(send, 413, _too_large(None, limit))
+            await _refuse(send, _too_large(None, limit))
 
 
 def _too_large(size: int | None, limit: int) -> str:
@@ -65,9 +65,10 @@ def _too_large(size: int | None, limit: int) -> str:
             "raise DATASET_MAX_UPLOAD_MB")
 
 
-async def _refuse(send, status: int, message: str) -> None:
+async def _refuse(send, message: str) -> None:
+    """413 Content Too Large, with the reason as JSON, and the connection closed."""
     body = json.dumps({"detail": message}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
+    await send({"type": "http.response.start", "status": 413, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
