@@ -10,7 +10,9 @@ import threading
 from pathlib import Path
 
 from .cli_trunk import add_trunk_arguments, connect_trunk
+from . import default_model
 from .lora import LoraSettings
+from .privacy import ClientSecret, PrivacySettings
 from .protocol import OptimizerSettings
 from .split_spec import SplitSpec
 from .training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
@@ -20,6 +22,9 @@ from .training.metrics_log import MetricsJsonl, ProgressReporter
 from .wire import FLOAT_ENCODINGS
 
 TRAINING_ARGS = "training_args.json"
+SECRET_FILE_NAME = "client-secret"
+# Blocks on each side of the cut for --local runs (the baseline of a split run with a trunk's default cut).
+LOCAL_CUT = 2
 
 
 def add_train_parser(commands) -> None:
@@ -58,8 +63,20 @@ def add_train_parser(commands) -> None:
     train.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT/checkpoints)")
     train.add_argument("--resume", metavar="CHECKPOINT_DIR", help="resume from a checkpoint (or its parent)")
     train.add_argument("--metrics-jsonl", metavar="FILE", help="append one JSON object per step and evaluation")
-    train.add_argument("--bottom-layers", type=int, default=2, help="--local without trunk LoRA: Bottom blocks")
-    train.add_argument("--top-layers", type=int, default=2, help="--local without trunk LoRA: Top blocks")
+    privacy = train.add_argument_group("privacy", "what the trunk sees (docs/privacy.md has the measured effect)")
+    privacy.add_argument("--bottom-layers", type=int,
+                         help="decoder blocks kept here before the trunk (default: the trunk's default cut; "
+                              f"--local: {LOCAL_CUT})")
+    privacy.add_argument("--top-layers", type=int,
+                         help=f"decoder blocks kept here after the trunk (default: the trunk's; --local: {LOCAL_CUT})")
+    privacy.add_argument("--hidden-noise", type=float, default=0.0,
+                         help="clipped Gaussian noise on the hidden states sent to the trunk, as a share of a "
+                              "typical hidden state's norm (0: off)")
+    privacy.add_argument("--grad-noise", type=float, default=0.0,
+                         help="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
+                                               f"sent are derived (default: {SECRET_FILE_NAME} in the data "
+                                               "directory; created when missing)")
     train.set_defaults(handler=run_train)
 
 
@@ -73,7 +90,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup_steps=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
+        privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
+                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise),
     )
+
+
+def client_secret(args: argparse.Namespace) -> ClientSecret:
+    path = Path(args.secret_file) if args.secret_file else default_model.data_dir() / SECRET_FILE_NAME
+    return ClientSecret.load_or_create(path)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -96,12 +120,15 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = prepare_training_data(tokenizer, load_dataset_file(args.data).examples, config)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
+    secret = client_secret(args)
     if args.local:
-        spec = SplitSpec(num_layers=model.config.num_hidden_layers, n_bottom=args.bottom_layers,
-                         n_top=args.top_layers)
-        engine = LocalEngine(model, config, spec)
+        spec = SplitSpec(num_layers=model.config.num_hidden_layers,
+                         n_bottom=LOCAL_CUT if args.bottom_layers is None else args.bottom_layers,
+                         n_top=LOCAL_CUT if args.top_layers is None else args.top_layers)
+        engine = LocalEngine(model, config, spec, secret=secret)
     else:
-        engine = SplitEngine(model, config, connect_trunk(args, config.wire_encoding), label=f"cli:{out.name}")
+        engine = SplitEngine(model, config, connect_trunk(args, config.wire_encoding), label=f"cli:{out.name}",
+                             secret=secret)
 
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: _request_cancel(cancel, previous))

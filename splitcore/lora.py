@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,23 @@ def present_targets(module: nn.Module, targets: tuple[str, ...]) -> tuple[str, .
     return tuple(t for t in targets if t in names)
 
 
+def modules_in_layers(module: nn.Module, family: ArchitectureFamily, targets: tuple[str, ...],
+                      layers: set[int] | range) -> tuple[str, ...]:
+    """Full paths of the ``targets`` modules inside decoder blocks ``layers``, as peft target names.
+
+    A trunk session's adapter, or a local run's adapter without trunk LoRA, covers only
+    these blocks; other blocks of the same model stay without this adapter.
+    """
+    prefix = f"{family.backbone_attr}.{family.layers_attr}."
+    wanted = set(layers)
+    names = []
+    for name, _ in module.named_modules():
+        if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets:
+            if int(name[len(prefix):].split(".", 1)[0]) in wanted:
+                names.append(name)
+    return tuple(names)
+
+
 def add_lora(part: nn.Module, family: ArchitectureFamily, settings: LoraSettings, seed: int = 0) -> PeftModel:
     """Wrap one part with peft LoRA adapters and initialise them from ``seed``.
 
@@ -108,17 +126,19 @@ def _canonical_name(name: str, adapter_name: str) -> str:
 
 
 @torch.no_grad()
-def init_lora_weights(model: nn.Module, seed: int, adapter_name: str = "default") -> None:
+def init_lora_weights(model: nn.Module, seed: int, adapter_name: str = "default",
+                      include: Callable[[str], bool] | None = None) -> None:
     """Re-draw every LoRA A matrix from a generator seeded by ``seed`` and the module path.
 
     peft draws A from the global RNG in module order, so the same adapter created as
     three parts in two processes or as one monolithic model would start differently.
     Seeding per path makes them start identical; the distribution is peft's own
     (Kaiming-uniform with a = sqrt(5)) and B stays zero, so the adapter starts as a no-op.
+    ``include`` limits the re-draw to the matrices whose canonical name it accepts.
     """
     marker = f".lora_A.{adapter_name}."
     for name, param in model.named_parameters():
-        if marker in name:
+        if marker in name and (include is None or include(_canonical_name(name, adapter_name))):
             generator = torch.Generator(device="cpu").manual_seed(
                 _stable_seed(seed, _canonical_name(name, adapter_name))
             )

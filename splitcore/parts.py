@@ -86,11 +86,13 @@ class SplitPart(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         past_key_values: Cache | None,
+        past_layer: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill in the default 2-D mask (all tokens real) and the positions from it."""
         batch, query_length = hidden_or_ids.shape[:2]
         if attention_mask is None:
-            past = 0 if past_key_values is None else past_key_values.get_seq_length(self.layer_indices[0])
+            layer = self.layer_indices[0] if past_layer is None else past_layer
+            past = 0 if past_key_values is None else past_key_values.get_seq_length(layer)
             attention_mask = torch.ones(batch, past + query_length, dtype=torch.long, device=hidden_or_ids.device)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < query_length:
             raise ValueError(
@@ -108,10 +110,14 @@ class SplitPart(nn.Module):
         position_ids: torch.Tensor,
         past_key_values: Cache | None,
         use_cache: bool,
+        layer_indices: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
+        """Run the owned blocks, or the subset ``layer_indices`` of them, in order."""
+        layer_indices = self.layer_indices if layer_indices is None else layer_indices
+        attention_types = {i: self._attention_types[i] for i in layer_indices}
         masks = {}
-        for kind in dict.fromkeys(self._attention_types.values()):
-            first_layer = next(i for i, k in self._attention_types.items() if k == kind)
+        for kind in dict.fromkeys(attention_types.values()):
+            first_layer = next(i for i, k in attention_types.items() if k == kind)
             masks[kind] = _MASK_BUILDERS[kind](
                 config=self.config,
                 inputs_embeds=hidden,
@@ -121,10 +127,10 @@ class SplitPart(nn.Module):
                 layer_idx=first_layer,
             )
         extra = self.family.block_kwargs(self.backbone, hidden, position_ids)
-        for index in self.layer_indices:
+        for index in layer_indices:
             hidden = self.blocks[str(index)](
                 hidden,
-                attention_mask=masks[self._attention_types[index]],
+                attention_mask=masks[attention_types[index]],
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
@@ -150,7 +156,11 @@ class Bottom(SplitPart):
 
 
 class Trunk(SplitPart):
-    """The middle decoder blocks: ``(hidden, mask) -> hidden``."""
+    """The middle decoder blocks: ``(hidden, mask) -> hidden``.
+
+    ``layers`` runs a contiguous sub-range of the owned blocks instead of all of them: a
+    trunk server holds the widest range its operator allows and each session runs its own.
+    """
 
     def forward(
         self,
@@ -159,9 +169,18 @@ class Trunk(SplitPart):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        layers: range | None = None,
     ) -> torch.Tensor:
-        attention_mask, position_ids = self._prepare(hidden, attention_mask, position_ids, past_key_values)
-        return self._run_blocks(hidden, attention_mask, position_ids, past_key_values, use_cache)
+        indices = None
+        if layers is not None:
+            indices = tuple(layers)
+            if not indices or indices[0] < self.layer_indices[0] or indices[-1] > self.layer_indices[-1]:
+                raise ValueError(f"layers {layers.start}-{layers.stop - 1} are not within this trunk's "
+                                 f"{self.layer_indices[0]}-{self.layer_indices[-1]}")
+        past_layer = self.layer_indices[0] if indices is None else indices[0]
+        attention_mask, position_ids = self._prepare(hidden, attention_mask, position_ids, past_key_values,
+                                                     past_layer)
+        return self._run_blocks(hidden, attention_mask, position_ids, past_key_values, use_cache, indices)
 
 
 class Top(SplitPart):

@@ -46,13 +46,38 @@ class RemoteTrunk(torch.autograd.Function):
 
 
 def spec_from_info(info: pb.InfoResponse) -> SplitSpec:
-    """The split a trunk serves: its layer range fixes the Bottom and Top sizes."""
-    return SplitSpec(num_layers=info.num_layers, n_bottom=info.trunk_start, n_top=info.num_layers - info.trunk_end)
+    """The trunk's default split: its default layer range fixes the Bottom and Top sizes."""
+    return choose_split(info)
+
+
+def choose_split(info: pb.InfoResponse, n_bottom: int | None = None, n_top: int | None = None) -> SplitSpec:
+    """The cut a session asks for (None: the trunk's default on that side), within the trunk's bounds.
+
+    ValueError, before any session opens, when the trunk's operator does not allow that cut.
+    """
+    n_bottom = info.trunk_start if n_bottom is None else n_bottom
+    n_top = info.num_layers - info.trunk_end if n_top is None else n_top
+    spec = SplitSpec(num_layers=info.num_layers, n_bottom=n_bottom, n_top=n_top)
+    # A trunk from before per-session ranges serves its default range only.
+    lowest = info.min_trunk_start or info.trunk_start
+    highest = info.max_trunk_end or info.trunk_end
+    if not (lowest <= spec.trunk_layers.start and spec.trunk_layers.stop <= highest):
+        raise ValueError(
+            f"the trunk ({info.model_id!r}) lets sessions run layers within {lowest}-{highest - 1} of "
+            f"{info.num_layers}: keep at least {lowest} blocks on this machine before it and "
+            f"{info.num_layers - highest} after it; this run keeps {spec.n_bottom} before and {spec.n_top} after. "
+            "Choose a cut within those bounds, or a trunk whose operator allows it")
+    return spec
 
 
 def check_trunk_serves(info: pb.InfoResponse, config: PretrainedConfig, family: ArchitectureFamily,
-                       trunk_part: torch.nn.Module | None = None) -> None:
-    """ValueError unless the trunk runs the same model as ``config`` (and ``trunk_part``'s weights)."""
+                       trunk_part: torch.nn.Module | None = None, trunk_fingerprint: str | None = None) -> None:
+    """ValueError unless the trunk runs the same model as ``config`` (and ``trunk_part``'s weights,
+    or the weights whose ``weights_fingerprint`` is ``trunk_fingerprint``).
+
+    Compare weights with the ``info`` of the session's own range (an OpenSession reply), or
+    with a plain Info when ``trunk_part`` is cut at the trunk's default range.
+    """
     num_layers = family.num_layers(config)
     where = f"the trunk ({info.model_id!r})"
     if info.model_type != config.model_type:
@@ -60,7 +85,9 @@ def check_trunk_serves(info: pb.InfoResponse, config: PretrainedConfig, family: 
     if info.num_layers != num_layers or info.hidden_size != config.hidden_size:
         raise ValueError(f"{where} serves a model with {info.num_layers} layers and hidden size {info.hidden_size}; "
                          f"this model has {num_layers} layers and hidden size {config.hidden_size}")
-    if trunk_part is not None and info.weights_fingerprint:
-        if weights_fingerprint(trunk_part) != info.weights_fingerprint:
+    if trunk_part is not None:
+        trunk_fingerprint = weights_fingerprint(trunk_part)
+    if trunk_fingerprint is not None and info.weights_fingerprint:
+        if trunk_fingerprint != info.weights_fingerprint:
             raise ValueError(f"{where} serves layers {info.trunk_start}-{info.trunk_end - 1} with different weights "
                              "than this model's; use the same base model on both sides")

@@ -25,7 +25,8 @@ from .architectures import family_for
 from .generation import GenerationSettings
 from .lora import LoraSettings
 from .parts import split_model
-from .remote_trunk import check_trunk_serves, spec_from_info
+from .fingerprint import weights_fingerprint
+from .remote_trunk import check_trunk_serves, choose_split
 from .trunk_client import TrunkClient
 
 TRUNK_ADAPTER_PREFIX = "adapter."
@@ -60,30 +61,37 @@ class SplitGenerator:
     """Generate through a trunk server; one inference session per ``generate`` call."""
 
     def __init__(self, model: PreTrainedModel, client: TrunkClient,
-                 adapter_dir: str | os.PathLike | None = None) -> None:
-        """``model`` is a freshly loaded base model; it becomes the generator's (peft adds the adapter to it)."""
+                 adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
+                 n_top: int | None = None) -> None:
+        """``model`` is a freshly loaded base model; it becomes the generator's (peft adds the adapter to it).
+
+        ``n_bottom``/``n_top``: blocks kept here before and after the trunk (None: the trunk's default).
+        """
         model.eval()
         self.config = model.config
         self.family = family_for(model.config)
         info = client.info()
-        spec = spec_from_info(info)
+        spec = choose_split(info, n_bottom, n_top)
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
-        check_trunk_serves(info, model.config, self.family, trunk)
+        check_trunk_serves(info, model.config, self.family)
+        self.layers = spec.trunk_layers
+        self._trunk_fingerprint = weights_fingerprint(trunk)
         del trunk
         self.trunk_lora: LoraSettings | None = None
         self.trunk_weights: bytes | None = None
         if adapter_dir is not None:
             # peft injects the LoRA layers into the modules the parts share with ``model``.
             PeftModel.from_pretrained(model, adapter_dir).eval()
-            self._trunk_share(adapter_dir, range(info.trunk_start, info.trunk_end))
+            self._trunk_share(adapter_dir, self.layers)
         self.bottom, self.top = bottom, top
         self.client = client
         self.generation_config = model.generation_config
 
     @classmethod
     def from_directory(cls, model_dir: str | os.PathLike, client: TrunkClient,
-                       adapter_dir: str | os.PathLike | None = None) -> SplitGenerator:
-        return cls(AutoModelForCausalLM.from_pretrained(model_dir), client, adapter_dir)
+                       adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
+                       n_top: int | None = None) -> SplitGenerator:
+        return cls(AutoModelForCausalLM.from_pretrained(model_dir), client, adapter_dir, n_bottom, n_top)
 
     def _trunk_share(self, adapter_dir, trunk_layers: range) -> None:
         weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
@@ -110,8 +118,9 @@ class SplitGenerator:
         generator = torch.Generator().manual_seed(settings.seed)
         top_p = TopPLogitsWarper(settings.top_p) if settings.top_p < 1.0 else None
         bottom_cache, top_cache = DynamicCache(config=self.config), DynamicCache(config=self.config)
-        self.client.open_session(self.trunk_lora, inference=True, label="generate")
+        reply = self.client.open_session(self.trunk_lora, inference=True, label="generate", layers=self.layers)
         try:
+            check_trunk_serves(reply.info, self.config, self.family, trunk_fingerprint=self._trunk_fingerprint)
             if self.trunk_weights is not None:
                 self.client.import_state(0, self.trunk_weights)
             mask = torch.ones_like(input_ids)

@@ -149,12 +149,19 @@ class TrunkClient:
         return self._unary(self._stub.Info, pb.InfoRequest())
 
     def open_session(self, lora: LoraSettings | None, seed: int = 0, optimizer: OptimizerSettings = OptimizerSettings(),
-                     inference: bool = False, label: str = "") -> pb.OpenSessionResponse:
+                     inference: bool = False, label: str = "", layers: range | None = None) -> pb.OpenSessionResponse:
+        """Open a session running the blocks ``layers`` (None: the trunk's default cut).
+
+        ``seed`` seeds the trunk's LoRA initialisation and dropout masks. Training runs send a
+        value derived from their run seed with their client secret, never the run seed itself.
+        """
         request = pb.OpenSessionRequest(
             mode=pb.SESSION_MODE_INFERENCE if inference else pb.SESSION_MODE_TRAIN,
             optimizer=optimizer_to_proto(optimizer), wire_encoding=self.wire_encoding, client_label=label,
             dropout_seed=seed,
         )
+        if layers is not None:
+            request.trunk_start, request.trunk_end = layers.start, layers.stop
         if lora is not None:
             request.lora.CopyFrom(lora_to_proto(lora, seed))
         reply = self._unary(self._stub.OpenSession, request)

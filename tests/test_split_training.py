@@ -22,12 +22,15 @@ from splitcore import LoraSettings
 from splitcore.data_formats import load_dataset_file
 from splitcore.generation import GenerationSettings, encode_prompt
 from splitcore.split_generation import SplitGenerator
+from splitcore.privacy import ClientSecret
 from splitcore.split_spec import SplitSpec
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
 from splitcore.trunk_client import RetryPolicy, TrunkClient, TrunkError
 
 STEPS = 10
+# The data owner's key: the same in every run of a test, so split and local runs start alike and resume.
+SECRET = ClientSecret(bytes(range(32)))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,8 @@ def make_run(tiny_dirs, dataset, client=None, seed=0, checkpoint_dir=None, callb
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     data = prepare_training_data(tokenizer, load_dataset_file(dataset).examples, config)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
-    engine = SplitEngine(model, config, client) if client else LocalEngine(model, config, SplitSpec(6, 2, 2))
+    engine = (SplitEngine(model, config, client, secret=SECRET) if client
+              else LocalEngine(model, config, SplitSpec(6, 2, 2), secret=SECRET))
     return SplitTrainer(engine, config, data, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
                         callbacks=callbacks)
 

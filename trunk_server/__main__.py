@@ -1,4 +1,9 @@
-"""``python -m trunk_server --model DIR --bottom-layers K --top-layers M --port P``."""
+"""``python -m trunk_server --model DIR --bottom-layers K --top-layers M --port P``.
+
+``--bottom-layers``/``--top-layers`` set the default cut. ``--min-bottom-layers`` and
+``--min-top-layers`` let sessions choose their own cut: the server then holds every block
+between them and each session runs the range its client asks for.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-id", help="name reported by Info (default: the directory name)")
     parser.add_argument("--bottom-layers", type=int, required=True, help="decoder layers the clients run first")
     parser.add_argument("--top-layers", type=int, required=True, help="decoder layers the clients run last")
+    parser.add_argument("--min-bottom-layers", type=int,
+                        help="fewest layers a session may keep before the trunk (default: --bottom-layers); "
+                             "sessions may also keep more")
+    parser.add_argument("--min-top-layers", type=int,
+                        help="fewest layers a session may keep after the trunk (default: --top-layers)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
     parser.add_argument("--token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV})")
@@ -43,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrunkServerConfig(
             model_dir=Path(args.model), n_bottom=args.bottom_layers, n_top=args.top_layers,
+            min_bottom=args.min_bottom_layers, min_top=args.min_top_layers,
             token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
             tls_key=args.tls_key, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
             max_message_bytes=args.max_message_mb << 20, max_saved_activations=args.max_saved_activations,
@@ -64,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"trunk server listening on {config.host}:{running.port} "
-          f"(layers {host.trunk_start}-{host.trunk_end - 1} of {host.num_layers}, model {host.model_id})",
+          f"(layers {host.trunk_start}-{host.trunk_end - 1} of {host.num_layers} by default, sessions may run "
+          f"{host.min_start}-{host.max_end - 1}; model {host.model_id})",
           flush=True)
     # Poll: a bare wait() in the main thread may not wake up for the signal handler.
     while not stopped.wait(0.5):

@@ -8,10 +8,16 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TrunkServerConfig:
+    """``n_bottom``/``n_top``: the default cut. ``min_bottom``/``min_top`` (None: the defaults) are
+    the fewest blocks a session may leave to its client on each side: the server holds the
+    blocks between them, and each session runs the sub-range its client asks for."""
+
     model_dir: Path
     n_bottom: int
     n_top: int
     token: str
+    min_bottom: int | None = None
+    min_top: int | None = None
     host: str = "127.0.0.1"
     port: int = 50051
     tls_cert: Path | None = None
@@ -38,6 +44,13 @@ class TrunkServerConfig:
                      "max_saved_activations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, default in (("min_bottom", "n_bottom"), ("min_top", "n_top")):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, getattr(self, default))
+            elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= getattr(self, default):
+                raise ValueError(f"{name.replace('_', ' ')} layers must be from 1 to the default cut's "
+                                 f"{getattr(self, default)}, got {value!r}")
         if self.max_message_bytes < 1 << 16:
             raise ValueError(f"max_message_bytes must be at least 65536, got {self.max_message_bytes}")
 

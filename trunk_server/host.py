@@ -1,9 +1,10 @@
 """The frozen trunk blocks, loaded once and shared by every session.
 
-Each training session adds one named ``peft`` LoRA adapter to the shared trunk (or
-none, for a frozen trunk); the base weights exist once in memory. Model compute is
-serialised by one lock: switching the active adapter and running a block must not
-interleave between sessions.
+The host holds the widest range of blocks its operator allows; each session runs its own
+contiguous sub-range (its client's cut). Each training session adds one named ``peft``
+LoRA adapter on the blocks of its range (or none, for a frozen trunk); the base weights
+exist once in memory. Model compute is serialised by one lock: switching the active
+adapter and running a block must not interleave between sessions.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache
 
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
-from splitcore.fingerprint import weights_fingerprint
-from splitcore.lora import present_targets
+from splitcore.fingerprint import state_fingerprint
+from splitcore.lora import modules_in_layers, present_targets
+from splitcore.split_spec import SplitSpec
 from splitcore.seeding import seeded_dropout
 
 from .config import TrunkServerConfig
+
+
+class LayerRangeRefused(ValueError):
+    """A session asked for layers outside the bounds the operator allows."""
 
 
 class TrunkHost:
@@ -36,26 +42,59 @@ class TrunkHost:
             param.requires_grad_(False)
         self.config = model.config
         self.family = family_for(model.config)
-        _, trunk, _ = split_model(model, config.n_bottom, config.n_top)
+        self.num_layers = self.family.num_layers(self.config)
+        default = SplitSpec(self.num_layers, config.n_bottom, config.n_top)
+        _, trunk, _ = split_model(model, config.min_bottom, config.min_top)
         del model  # the Bottom and Top weights are freed with the full model
         self.trunk = trunk
         self.model_id = model_id or model_dir.name
-        self.num_layers = self.family.num_layers(self.config)
-        self.trunk_start = trunk.layer_indices[0]
-        self.trunk_end = trunk.layer_indices[-1] + 1
+        self.min_start = trunk.layer_indices[0]
+        self.max_end = trunk.layer_indices[-1] + 1
+        self.default_layers = default.trunk_layers
+        self.trunk_start = self.default_layers.start
+        self.trunk_end = self.default_layers.stop
         self.hidden_size = int(self.config.hidden_size)
         self.dtype = next(trunk.parameters()).dtype
-        self.fingerprint = weights_fingerprint(trunk)
+        # The frozen weights under their own names, before peft wraps any module (shares storage, no copy).
+        self._base_state = dict(trunk.state_dict())
+        self._fingerprints: dict[range, str] = {}
+        self.fingerprint = self.fingerprint_of(self.default_layers)
         self.lock = threading.RLock()
         self._peft: PeftModel | None = None
 
+    # -------------------------------------------------------------- layer ranges
+
+    def layers_for(self, start: int, end: int) -> range:
+        """The range a session asked for (0, 0: the default), or LayerRangeRefused."""
+        if start == 0 and end == 0:
+            return self.default_layers
+        if not (self.min_start <= start < end <= self.max_end):
+            raise LayerRangeRefused(
+                f"layers {start}-{end - 1} are outside what this trunk serves: a session may run any range "
+                f"within layers {self.min_start}-{self.max_end - 1} of {self.num_layers} (at least "
+                f"{self.min_start} blocks stay with the client before the trunk and "
+                f"{self.num_layers - self.max_end} after it)")
+        return range(start, end)
+
+    def fingerprint_of(self, layers: range) -> str:
+        """sha256 of the frozen weights of ``layers``, as the client computes it on its own trunk part."""
+        if layers not in self._fingerprints:
+            owned = {f".{self.family.layers_attr}.{i}." for i in layers}
+            state = {key: value for key, value in self._base_state.items()
+                     if f".{self.family.layers_attr}." not in key or any(marker in key for marker in owned)}
+            self._fingerprints[layers] = state_fingerprint(state)
+        return self._fingerprints[layers]
+
     # -------------------------------------------------------------- adapters
 
-    def add_adapter(self, name: str, settings: LoraSettings, seed: int) -> dict[str, torch.nn.Parameter]:
-        """Add a LoRA adapter for one session; returns its parameters by full-model name."""
-        targets = present_targets(self.trunk, settings.targets_for(self.family))
+    def add_adapter(self, name: str, settings: LoraSettings, seed: int,
+                    layers: range | None = None) -> dict[str, torch.nn.Parameter]:
+        """Add a LoRA adapter on the blocks ``layers`` for one session; returns its parameters by full-model name."""
+        layers = self.default_layers if layers is None else layers
+        wanted = settings.targets_for(self.family)
+        targets = modules_in_layers(self.trunk, self.family, present_targets(self.trunk, wanted), layers)
         if not targets:
-            raise ValueError(f"none of the LoRA target modules {', '.join(settings.targets_for(self.family))} "
+            raise ValueError(f"none of the LoRA target modules {', '.join(wanted)} "
                              f"exist in the trunk; the {self.family.name} projections are "
                              f"{', '.join(self.family.lora_targets)}")
         peft_config = settings.peft_config(self.family, targets)
@@ -115,9 +154,9 @@ class TrunkHost:
             self._peft.set_adapter(name)
             yield self._peft
 
-    def forward(self, adapter: str | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, adapter: str | None, layers: range, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 past_key_values: Cache | None = None, training: bool = False, seed: int = 0) -> torch.Tensor:
-        """Run the trunk; the caller decides whether autograd records (torch.no_grad or not).
+        """Run the blocks ``layers``; the caller decides whether autograd records (torch.no_grad or not).
 
         ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts,
         with masks drawn from ``seed``.
@@ -125,7 +164,8 @@ class TrunkHost:
         with self.lock, self._adapter(adapter) as module, seeded_dropout(seed):
             module.train(training)
             use_cache = past_key_values is not None
-            return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache)
+            return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
+                          layers=layers)
 
     def backward(self, adapter: str | None, output: torch.Tensor, grad_output: torch.Tensor) -> None:
         # set_adapter() turns requires_grad off for every other adapter, and autograd drops

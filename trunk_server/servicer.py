@@ -25,7 +25,7 @@ from splitcore.wire import (
 )
 
 from .config import TrunkServerConfig
-from .host import TrunkHost
+from .host import LayerRangeRefused, TrunkHost
 from .sessions import ActivationsGone, CapacityExceeded, SessionNotFound, SessionRegistry, StepConflict
 
 log = logging.getLogger("trunk_server")
@@ -33,6 +33,7 @@ log = logging.getLogger("trunk_server")
 _STATUS = (
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LayerRangeRefused, grpc.StatusCode.OUT_OF_RANGE),
     (ActivationsGone, grpc.StatusCode.FAILED_PRECONDITION),
     (StepConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (WireError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -89,14 +90,17 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def _stream(self, reply):
         return iter(list(split_message(reply, self.config.chunk_bytes)))
 
-    def info(self) -> pb.InfoResponse:
+    def info(self, layers: range | None = None) -> pb.InfoResponse:
+        """What this server hosts; with ``layers``, as seen by a session running those blocks."""
+        layers = self.host.default_layers if layers is None else layers
         return pb.InfoResponse(
-            model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint,
+            model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint_of(layers),
             model_type=self.host.config.model_type, num_layers=self.host.num_layers,
-            trunk_start=self.host.trunk_start, trunk_end=self.host.trunk_end, hidden_size=self.host.hidden_size,
+            trunk_start=layers.start, trunk_end=layers.stop, hidden_size=self.host.hidden_size,
             dtype=str(self.host.dtype).removeprefix("torch."), max_sessions=self.registry.max_sessions,
             active_sessions=self.registry.active_count(), version=__version__,
             max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_ttl_s,
+            min_trunk_start=self.host.min_start, max_trunk_end=self.host.max_end,
         )
 
     # -------------------------------------------------------------- RPCs
@@ -111,14 +115,16 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             raise ValueError(f"mode must be SESSION_MODE_TRAIN or SESSION_MODE_INFERENCE, got {request.mode}")
         encoding = check_encoding(request.wire_encoding or "fp32")
         lora = lora_from_proto(request.lora) if request.HasField("lora") else None
+        layers = self.host.layers_for(request.trunk_start, request.trunk_end)
         session = self.registry.open(
             inference=request.mode == pb.SESSION_MODE_INFERENCE, lora=lora,
             optimizer=optimizer_from_proto(request.optimizer), wire_encoding=encoding,
-            label=request.client_label[:200], dropout_seed=request.dropout_seed,
+            label=request.client_label[:200], dropout_seed=request.dropout_seed, layers=layers,
         )
-        log.info("opened session %s (%s, trunk LoRA %s) for %r", session.id[:8],
-                 "inference" if session.inference else "training", "on" if lora else "off", session.label)
-        return pb.OpenSessionResponse(session_id=session.id, info=self.info())
+        log.info("opened session %s (%s, layers %s-%s, trunk LoRA %s) for %r", session.id[:8],
+                 "inference" if session.inference else "training", layers.start, layers.stop - 1,
+                 "on" if lora else "off", session.label)
+        return pb.OpenSessionResponse(session_id=session.id, info=self.info(layers))
 
     @_mapped_errors
     def Forward(self, request_iterator, context):

@@ -59,6 +59,7 @@ class Saved:
 class Session:
     id: str
     inference: bool
+    layers: range  # the decoder blocks this session runs
     adapter: str | None
     params: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer | None
@@ -101,7 +102,8 @@ class SessionRegistry:
             return len(self._sessions)
 
     def open(self, inference: bool, lora: tuple[LoraSettings, int] | None, optimizer: OptimizerSettings,
-             wire_encoding: str, label: str, dropout_seed: int = 0) -> Session:
+             wire_encoding: str, label: str, dropout_seed: int = 0, layers: range | None = None) -> Session:
+        layers = self.host.default_layers if layers is None else layers
         self.expire()
         session_id = secrets.token_hex(16)
         with self._lock:
@@ -115,11 +117,12 @@ class SessionRegistry:
             if lora is not None:
                 adapter = f"s{session_id}"
                 settings, seed = lora
-                params = self.host.add_adapter(adapter, settings, seed)
+                params = self.host.add_adapter(adapter, settings, seed, layers)
                 if not inference:
                     optim = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(optimizer.beta1, optimizer.beta2),
                                               eps=optimizer.eps, weight_decay=optimizer.weight_decay)
-            session = Session(id=session_id, inference=inference, adapter=adapter, params=params, optimizer=optim,
+            session = Session(id=session_id, inference=inference, layers=layers, adapter=adapter, params=params,
+                              optimizer=optim,
                               wire_encoding=wire_encoding, label=label, last_used=time.monotonic(),
                               dropout_seed=dropout_seed)
             if inference:
@@ -245,7 +248,7 @@ class SessionRegistry:
                      mask: torch.Tensor) -> Saved:
         leaf = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
-            output = self.host.forward(session.adapter, leaf, mask, training=True,
+            output = self.host.forward(session.adapter, session.layers, leaf, mask, training=True,
                                        seed=dropout_seed(session.dropout_seed, step, micro, TRUNK))
         return Saved(input=leaf, output=output)
 
@@ -254,7 +257,7 @@ class SessionRegistry:
         if session.inference:
             raise StepConflict("evaluation forwards are for training sessions; this is an inference session")
         with session.lock, torch.no_grad():
-            return self.host.forward(session.adapter, hidden, mask)
+            return self.host.forward(session.adapter, session.layers, hidden, mask)
 
     # -------------------------------------------------------------- inference
 
@@ -270,12 +273,13 @@ class SessionRegistry:
             if session.inference_batch is not None and hidden.shape[0] != session.inference_batch:
                 raise ValueError(f"hidden has {hidden.shape[0]} rows but this session's KV cache holds "
                                  f"{session.inference_batch}; send the same rows as in the first call")
-            past = session.cache.get_seq_length(self.host.trunk_start)
+            past = session.cache.get_seq_length(session.layers.start)
             if mask.shape[1] != past + hidden.shape[1]:
                 raise ValueError(f"attention_mask covers {mask.shape[1]} positions; the cache holds {past} and "
                                  f"{hidden.shape[1]} are new, so it must cover {past + hidden.shape[1]}")
             with torch.no_grad():
-                output = self.host.forward(session.adapter, hidden, mask, past_key_values=session.cache)
+                output = self.host.forward(session.adapter, session.layers, hidden, mask,
+                                           past_key_values=session.cache)
             reply = encode(output)
             session.inference_batch = hidden.shape[0]
             session.inference_steps += 1

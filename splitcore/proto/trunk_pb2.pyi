@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s")
+    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s", "min_trunk_start", "max_trunk_end")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class InfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_TRUNK_START_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRUNK_END_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_fingerprint: str
     model_type: str
@@ -64,7 +66,9 @@ class InfoResponse(_message.Message):
     version: str
     max_message_bytes: int
     session_ttl_s: int
-    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ...) -> None: ...
+    min_trunk_start: int
+    max_trunk_end: int
+    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., min_trunk_start: _Optional[int] = ..., max_trunk_end: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "seed")
@@ -97,20 +101,24 @@ class OptimizerSpec(_message.Message):
     def __init__(self, beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label", "dropout_seed")
+    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label", "dropout_seed", "trunk_start", "trunk_end")
     MODE_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     WIRE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LABEL_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_START_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_END_FIELD_NUMBER: _ClassVar[int]
     mode: SessionMode
     lora: LoraSpec
     optimizer: OptimizerSpec
     wire_encoding: str
     client_label: str
     dropout_seed: int
-    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ..., dropout_seed: _Optional[int] = ...) -> None: ...
+    trunk_start: int
+    trunk_end: int
+    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ..., dropout_seed: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "info")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..lora import LoraSettings
+from ..privacy.settings import PrivacySettings
 from ..protocol import OptimizerSettings
 from ..wire import FLOAT_ENCODINGS
 
@@ -24,6 +25,7 @@ class TrainConfig:
     Exactly one of ``max_steps`` and ``epochs`` is set. An optimizer step consumes
     ``batch_size * grad_accum`` examples. ``max_grad_norm`` 0 turns clipping off.
     ``eval_every`` and ``checkpoint_every`` count optimizer steps (0: only at the end).
+    ``privacy`` chooses the cut and the defenses (see ``splitcore.privacy``).
     """
 
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -43,6 +45,7 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     wire_encoding: str = "fp32"
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -67,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.privacy, PrivacySettings):
+            raise ValueError(f"privacy must be PrivacySettings, got {type(self.privacy).__name__}")
         if self.wire_encoding not in FLOAT_ENCODINGS:
             raise ValueError(f"wire encoding must be one of {', '.join(FLOAT_ENCODINGS)}, got {self.wire_encoding!r}")
 
@@ -92,7 +97,8 @@ class TrainConfig:
         lora = LoraSettings(**{**lora_data, "target_modules": tuple(lora_data["target_modules"])}) \
             if lora_data else LoraSettings()
         optimizer = OptimizerSettings(**data.pop("optimizer")) if "optimizer" in data else OptimizerSettings()
-        return cls(lora=lora, optimizer=optimizer, **data)
+        privacy = PrivacySettings.from_dict(data.pop("privacy", None))
+        return cls(lora=lora, optimizer=optimizer, privacy=privacy, **data)
 
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""

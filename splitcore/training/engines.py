@@ -18,9 +18,11 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..adapter_export import part_adapter_state
 from ..architectures import ArchitectureFamily, family_for
-from ..lora import add_lora, init_lora_weights, present_targets
+from ..fingerprint import weights_fingerprint
+from ..lora import add_lora, init_lora_weights, modules_in_layers, present_targets
 from ..parts import positions_from_mask, split_model
-from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, spec_from_info
+from ..privacy import ChannelNoise, ClientSecret
+from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
 from ..split_spec import SplitSpec
 from ..trunk_client import TrunkClient
 from .batches import Batch
@@ -40,8 +42,8 @@ class Engine(ABC):
         """Training loss of a micro-batch: token losses summed and divided by the step's labelled tokens."""
 
     @abstractmethod
-    def eval_loss_sum(self, batch: Batch) -> float:
-        """Sum of the token losses of a batch, without gradient and with dropout off."""
+    def eval_loss_sum(self, batch: Batch, index: int) -> float:
+        """Sum of the token losses of the ``index``-th validation batch, without gradient and with dropout off."""
 
     @abstractmethod
     def train(self, mode: bool) -> None: ...
@@ -66,6 +68,10 @@ class Engine(ABC):
     def wire_bytes(self) -> int:
         return 0
 
+    def resume_key(self) -> dict:
+        """What a resumed run must share with the checkpoint besides the TrainConfig."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -78,10 +84,16 @@ class LocalEngine(Engine):
     """The unsplit model with one monolithic peft adapter: the baseline.
 
     Without trunk LoRA, the adapter covers only the Bottom and Top layers of ``spec``,
-    as a split run with a frozen trunk would train.
+    as a split run with a frozen trunk would train. With ``secret`` (and ``spec``), the
+    LoRA of the trunk's blocks starts from the seed a split run sends its trunk, so the two
+    runs start identical. Noise on the cut needs a cut: a local run refuses it.
     """
 
-    def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None,
+                 secret: ClientSecret | None = None) -> None:
+        if config.privacy.any_noise:
+            raise ValueError("noise on the hidden states or gradients is applied where the model is cut; "
+                             "a local run has no cut, so run it split over a trunk")
         _freeze(model)
         self.family = family_for(model.config)
         self.vocab_size = model.config.vocab_size
@@ -89,21 +101,17 @@ class LocalEngine(Engine):
         if not config.train_trunk_lora:
             if spec is None:
                 raise ValueError("a local run without trunk LoRA needs the split (bottom and top layers)")
-            targets = self._client_layer_modules(model, targets, spec)
+            targets = modules_in_layers(model, self.family, targets, set(spec.bottom_layers) | set(spec.top_layers))
         peft_config = config.lora.peft_config(self.family, tuple(targets))
         self.model: PeftModel = get_peft_model(model, peft_config)
         init_lora_weights(self.model, config.seed)
+        self.secret = secret
+        if secret is not None and spec is not None and config.train_trunk_lora:
+            marker = f".{self.family.layers_attr}."
+            trunk_layers = {f"{marker}{i}." for i in spec.trunk_layers}
+            init_lora_weights(self.model, secret.trunk_seed(config.seed),
+                              include=lambda name: any(layer in name for layer in trunk_layers))
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-
-    def _client_layer_modules(self, model, targets, spec: SplitSpec) -> list[str]:
-        layers = set(spec.bottom_layers) | set(spec.top_layers)
-        prefix = f"{self.family.backbone_attr}.{self.family.layers_attr}."
-        names = []
-        for name, _ in model.named_modules():
-            if name.startswith(prefix) and name.rsplit(".", 1)[-1] in targets:
-                if int(name[len(prefix):].split(".", 1)[0]) in layers:
-                    names.append(name)
-        return names
 
     def _logits(self, batch: Batch) -> torch.Tensor:
         positions = positions_from_mask(batch.attention_mask, batch.input_ids.shape[1])
@@ -115,29 +123,43 @@ class LocalEngine(Engine):
                                num_items_in_batch=num_items_in_batch)
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch):
+    def eval_loss_sum(self, batch, index):
         return float(ForCausalLMLoss(self._logits(batch), batch.labels, vocab_size=self.vocab_size,
                                      num_items_in_batch=1))
 
     def train(self, mode):
         self.model.train(mode)
 
+    def resume_key(self):
+        return {} if self.secret is None else {"client_secret": self.secret.fingerprint()}
+
     def adapter_states(self):
         return [part_adapter_state(self.model)]
 
 
 class SplitEngine(Engine):
-    """Bottom and Top here with their peft LoRA; the Trunk behind a gRPC session."""
+    """Bottom and Top here with their peft LoRA; the Trunk behind a gRPC session.
 
-    def __init__(self, model: PreTrainedModel, config: TrainConfig, client: TrunkClient, label: str = "") -> None:
+    The cut is the run's choice (``config.privacy``), within the trunk's bounds. The trunk is
+    never sent the run's seed: its LoRA initialisation and dropout masks come from a seed
+    derived with ``secret``, a key that stays here (a fresh one when None; pass the same key
+    to resume a run). Noise on the hidden states sent and the gradients sent back is drawn
+    from that key too.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: TrainConfig, client: TrunkClient, label: str = "",
+                 secret: ClientSecret | None = None) -> None:
         _freeze(model)
         self.family = family_for(model.config)
+        self.secret = secret if secret is not None else ClientSecret.generate()
         info = client.info()
-        spec = spec_from_info(info)
+        check_trunk_serves(info, model.config, self.family)
+        spec = choose_split(info, config.privacy.bottom_layers, config.privacy.top_layers)
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
-        check_trunk_serves(info, model.config, self.family, trunk)
+        trunk_fingerprint = weights_fingerprint(trunk)
         del trunk  # the trunk's blocks stay on the trunk server
         self.spec = spec
+        self.noise = ChannelNoise(self.secret, config.seed, config.privacy.hidden_noise, config.privacy.grad_noise)
         self.bottom = add_lora(bottom, self.family, config.lora, seed=config.seed)
         self.top = add_lora(top, self.family, config.lora, seed=config.seed)
         self.params = {}
@@ -145,20 +167,30 @@ class SplitEngine(Engine):
             self.params.update({name: p for name, p in part.named_parameters() if p.requires_grad})
         self.client = client
         self.trains_trunk = config.train_trunk_lora
-        client.open_session(config.lora if config.train_trunk_lora else None, seed=config.seed,
-                            optimizer=config.optimizer, label=label)
+        reply = client.open_session(config.lora if config.train_trunk_lora else None,
+                                    seed=self.secret.trunk_seed(config.seed), optimizer=config.optimizer,
+                                    label=label, layers=spec.trunk_layers)
+        try:
+            check_trunk_serves(reply.info, model.config, self.family, trunk_fingerprint=trunk_fingerprint)
+        except ValueError:
+            client.close_session_quietly()
+            raise
         self.link = TrunkLink(client)
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         mask = batch.attention_mask
         hidden = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
+        hidden = self.noise.on_hidden(hidden, mask, step, micro_batch)  # what the trunk receives
         hidden = RemoteTrunk.apply(hidden, mask, self.link, step, micro_batch)  # (batch, seq, hidden)
+        hidden = self.noise.on_gradient(hidden, mask, step, micro_batch)  # blurs the gradient sent back
         return self.top(hidden, mask, labels=batch.labels, num_items_in_batch=num_items_in_batch).loss
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch):
+    def eval_loss_sum(self, batch, index):
         mask = batch.attention_mask
-        hidden = self.client.evaluate(self.bottom(batch.input_ids, mask), mask)
+        # Validation batches cross the cut too; step 0 is never a training step.
+        hidden = self.noise.on_hidden(self.bottom(batch.input_ids, mask), mask, 0, index)
+        hidden = self.client.evaluate(hidden, mask)
         return float(self.top(hidden, mask, labels=batch.labels, num_items_in_batch=1).loss)
 
     def train(self, mode):
@@ -191,6 +223,9 @@ class SplitEngine(Engine):
 
     def wire_bytes(self):
         return self.client.bytes_sent + self.client.bytes_received
+
+    def resume_key(self):
+        return {"client_secret": self.secret.fingerprint()}
 
     def close(self):
         self.client.close_session_quietly()

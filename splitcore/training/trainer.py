@@ -21,6 +21,7 @@ import torch
 
 from ..adapter_export import export_adapter
 from ..optim_state import adamw_state_tensors, load_adamw_state
+from ..privacy import PrivacySettings
 from ..seeding import CLIENT, dropout_seed, seeded_dropout
 from .batches import MicroBatches, TrainingData, evaluation_batches
 from .checkpoints import CheckpointState, load_checkpoint, save_checkpoint
@@ -175,7 +176,7 @@ class SplitTrainer:
     def _evaluate(self) -> float:
         self.engine.train(False)
         try:
-            total = sum(self.engine.eval_loss_sum(batch) for batch in self.val_batches)
+            total = sum(self.engine.eval_loss_sum(batch, index) for index, batch in enumerate(self.val_batches))
         finally:
             self.engine.train(True)
         tokens = sum(batch.num_trained_tokens for batch in self.val_batches)
@@ -202,7 +203,7 @@ class SplitTrainer:
         if self._saved_step == self.step:
             return self.checkpoint_dir / f"step-{self.step:08d}"
         state = CheckpointState(step=self.step, total_steps=self.total_steps, elapsed_s=self.elapsed_s,
-                                mode=self.mode, settings=self.config.resume_key(), loss=self.loss,
+                                mode=self.mode, settings=self._resume_key(), loss=self.loss,
                                 val_loss=self.val_loss)
         tensors = {ADAPTER_PREFIX + name: p.detach().cpu().clone() for name, p in self.engine.params.items()}
         tensors.update(adamw_state_tensors(self.optimizer, self.engine.params, OPTIMIZER_PREFIX))
@@ -212,17 +213,26 @@ class SplitTrainer:
         self._emit(CheckpointSaved(step=self.step, path=path))
         return path
 
+    def _resume_key(self) -> dict:
+        return {**self.config.resume_key(), **self.engine.resume_key()}
+
     def _resume(self, path: str | os.PathLike) -> None:
         checkpoint = load_checkpoint(path)
         state = checkpoint.state
         if state.mode != self.mode:
             raise ValueError(f"checkpoint {checkpoint.path} is from a {state.mode} run; this run is {self.mode}")
-        expected = self.config.resume_key()
-        differing = sorted(k for k in expected.keys() | state.settings.keys()
-                           if expected.get(k) != state.settings.get(k))
+        expected = self._resume_key()
+        written = {"privacy": PrivacySettings().to_dict(), **state.settings}  # older checkpoints: no defenses
+        if "client_secret" not in written:  # older checkpoints did not record the key
+            expected.pop("client_secret", None)
+        differing = sorted(k for k in expected.keys() | written.keys() if expected.get(k) != written.get(k))
         if differing:
             name = differing[0]
-            raise ValueError(f"checkpoint {checkpoint.path} was written with {name}={state.settings.get(name)!r}, "
+            if name == "client_secret":
+                raise ValueError(f"checkpoint {checkpoint.path} was written with another client secret (key "
+                                 f"{written.get(name)}, this run's is {expected.get(name)}); resume with the key "
+                                 "the run started with")
+            raise ValueError(f"checkpoint {checkpoint.path} was written with {name}={written.get(name)!r}, "
                              f"this run has {name}={expected.get(name)!r}; resume with the same settings")
         tensors = checkpoint.client_tensors
         missing = [n for n in self.engine.params if ADAPTER_PREFIX + n not in tensors]

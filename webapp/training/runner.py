@@ -32,6 +32,7 @@ from splitcore.training import (
 )
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
+from splitcore.privacy import ClientSecret
 from splitcore.trunk_client import TrunkClient, TrunkError
 
 from .. import base_models
@@ -227,13 +228,20 @@ def _unreachable(job: Job, error: Exception) -> str:
             "check that it is running, then resume the job")
 
 
+def client_secret() -> ClientSecret:
+    """The key the workers derive the trunk's seeds and the noise from: it never leaves the site's machines,
+    and every worker derives the same one (from SECRET_KEY), so any worker can resume any job."""
+    return ClientSecret.from_text(settings.SECRET_KEY, "splitlearn-studio client secret")
+
+
 def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, lease: Lease) -> SplitEngine:
     """Open the trunk session. A trunk at its session cap makes the job wait (until a session
     frees up or the user cancels), not fail."""
     told = False
     while True:
         try:
-            return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}")
+            return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}",
+                               secret=client_secret())
         except TrunkError as error:
             if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 client.close()

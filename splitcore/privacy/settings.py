@@ -1,0 +1,77 @@
+"""The privacy settings of one run: where the model is cut and which defenses are on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+MAX_NOISE = 100.0
+
+
+def _optional_layers(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ValueError(f"{name} must be a whole number of decoder blocks from 1 up, or empty for the trunk's "
+                         f"default, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What the trunk gets to see, and how much it is blurred.
+
+    ``bottom_layers`` / ``top_layers``: decoder blocks kept on the data owner's machine
+    before and after the trunk (None: the trunk server's default cut). More Bottom blocks
+    make the hidden states the trunk receives harder to invert; more Top blocks do the same
+    for the gradients it receives.
+
+    ``hidden_noise`` / ``grad_noise``: clipped Gaussian noise on the hidden states sent to
+    the trunk and on the gradients sent back to it. Each position's vector is clipped to
+    ``CLIP_MULTIPLE`` times the micro-batch's median position norm, then Gaussian noise
+    whose norm is about ``noise`` times that median norm is added (0: off). The noise is
+    drawn from the client's secret, so the trunk cannot regenerate and subtract it.
+    """
+
+    bottom_layers: int | None = None
+    top_layers: int | None = None
+    hidden_noise: float = 0.0
+    grad_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        _optional_layers("bottom_layers", self.bottom_layers)
+        _optional_layers("top_layers", self.top_layers)
+        for name in ("hidden_noise", "grad_noise"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not 0.0 <= value <= MAX_NOISE):
+                raise ValueError(f"{name} must be a number from 0 (off) to {MAX_NOISE:g}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def any_noise(self) -> bool:
+        return self.hidden_noise > 0 or self.grad_noise > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> PrivacySettings:
+        if not data:
+            return cls()
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown privacy setting {sorted(unknown)[0]!r}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line for logs and pages, e.g. "Bottom 4 blocks, Top default, hidden noise 0.5"."""
+        parts = [
+            f"Bottom {self.bottom_layers if self.bottom_layers is not None else 'default'} blocks",
+            f"Top {self.top_layers if self.top_layers is not None else 'default'} blocks",
+        ]
+        if self.hidden_noise:
+            parts.append(f"hidden-state noise {self.hidden_noise:g}")
+        if self.grad_noise:
+            parts.append(f"gradient noise {self.grad_noise:g}")
+        return ", ".join(parts)
