@@ -100,7 +100,9 @@ def web_server(service_env, web_dirs):
 
 @pytest.fixture(scope="session")
 def web_trunk(web_dirs):
-    process = start_trunk(web_dirs["models"] / TINY_MODEL_ID, web_dirs["logs"], "--max-sessions", "4")
+    # Sessions may keep 1 to 4 blocks before the trunk (the default cut is 2 + 2 of 6).
+    process = start_trunk(web_dirs["models"] / TINY_MODEL_ID, web_dirs["logs"], "--max-sessions", "4",
+                          "--min-bottom-layers", "1", "--min-top-layers", "1")
     yield process
     process.stop()
 

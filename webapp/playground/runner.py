@@ -75,14 +75,17 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
         raise GenerationFailed(f"the tokenizer of {generation.base_model} has no chat template; "
                                "try again with the prompt as plain text") from exc
     adapter_dir = _adapter_dir(generation)
+    # With a job's adapter, the prompt crosses the cut that job chose (without the job's noise).
+    job = generation.job
+    cut = (job.bottom_layers, job.top_layers) if job is not None else (None, None)
     try:
-        trunk = pick_trunk(generation.base_model)
+        trunk = pick_trunk(generation.base_model, cut)
     except NoTrunkAvailable as exc:
         raise GenerationFailed(str(exc)) from exc
     try:
         deadline = time.monotonic() + settings.GENERATION_TIMEOUT_S
         with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
-            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir)
+            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir, *cut)
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
                 _stream(generation, decoder, token_id)
                 if time.monotonic() > deadline:

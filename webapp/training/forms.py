@@ -5,15 +5,18 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
+from splitcore.privacy.settings import MAX_NOISE
+
 from ..datasets.models import Dataset
 from ..ownership import owned
 from ..trunks.models import TrunkServer
-from ..trunks.selection import healthy_trunks, served_models
+from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
 from .models import Job
 
+PRIVACY_FIELDS = ["bottom_layers", "top_layers", "hidden_noise", "grad_noise"]
 FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
           "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum_steps", "max_seq_length",
-          "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding"]
+          "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding", *PRIVACY_FIELDS]
 
 
 class JobForm(forms.ModelForm):
@@ -34,6 +37,21 @@ class JobForm(forms.ModelForm):
     warmup_steps = forms.IntegerField(min_value=0, max_value=100_000, initial=0)
     seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0)
     val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1, label="Validation fraction")
+    bottom_layers = forms.IntegerField(
+        min_value=1, max_value=256, required=False, label="Blocks kept before the trunk",
+        help_text="the cut depth: decoder blocks that run on this site's workers before the trunk (empty: the "
+                  "trunk's default); the trunk sees the hidden states after them")
+    top_layers = forms.IntegerField(
+        min_value=1, max_value=256, required=False, label="Blocks kept after the trunk",
+        help_text="decoder blocks after the trunk (empty: the trunk's default); the trunk sees the gradients "
+                  "coming back through them")
+    hidden_noise = forms.FloatField(
+        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on hidden states",
+        help_text="clipped Gaussian noise on what the trunk receives, as a share of a typical hidden state's "
+                  "norm (0: off)")
+    grad_noise = forms.FloatField(
+        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on gradients",
+        help_text="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
 
     class Meta:
         model = Job
@@ -54,6 +72,12 @@ class JobForm(forms.ModelForm):
         for name in ("lr_schedule", "wire_encoding"):
             self.fields[name].required = False
 
+    def general_fields(self):
+        return [self[name] for name in self.fields if name not in PRIVACY_FIELDS]
+
+    def privacy_fields(self):
+        return [self[name] for name in PRIVACY_FIELDS]
+
     def clean(self):
         data = super().clean()
         if self.errors:
@@ -68,8 +92,11 @@ class JobForm(forms.ModelForm):
         trunk = data.get("trunk")
         if trunk is not None and trunk.model_id != data.get("base_model"):
             self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")
+        self._check_cut(data, trunk)
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
         data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
+        for name in ("hidden_noise", "grad_noise"):
+            data[name] = data.get(name) or 0.0
         if data.get("max_steps"):
             data["epochs"] = None
         elif not data.get("epochs"):
@@ -80,6 +107,19 @@ class JobForm(forms.ModelForm):
         except ValueError as exc:
             raise forms.ValidationError(str(exc)) from exc
         return data
+
+    def _check_cut(self, data: dict, trunk: TrunkServer | None) -> None:
+        """The chosen cut must be one the job's trunk (or, for auto, some healthy trunk) allows."""
+        cut = (data.get("bottom_layers"), data.get("top_layers"))
+        if trunk is not None:
+            problem = trunk.cut_problem(*cut) if trunk.model_id == data.get("base_model") else ""
+            if problem:
+                self.add_error("bottom_layers", f"{trunk.name} does not allow this cut: {problem}")
+            return
+        try:
+            pick_trunk(data.get("base_model"), cut)
+        except NoTrunkAvailable as exc:
+            self.add_error("bottom_layers", str(exc))
 
     def save(self, commit: bool = False) -> Job:
         job = super().save(commit=False)

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import models
 
 from splitcore import LoraSettings
+from splitcore.privacy import PrivacySettings
 from splitcore.training import TrainConfig
 
 
@@ -54,6 +55,13 @@ class Job(models.Model):
     seed = models.PositiveIntegerField(default=0)
     val_fraction = models.FloatField(default=0.1)
     wire_encoding = models.CharField(max_length=8, choices=Wire.choices, default=Wire.FP32)
+    # Privacy (splitcore.privacy.PrivacySettings): the cut (None: the trunk's default) and the noise.
+    bottom_layers = models.PositiveSmallIntegerField(null=True, blank=True)
+    top_layers = models.PositiveSmallIntegerField(null=True, blank=True)
+    hidden_noise = models.FloatField(default=0.0)
+    grad_noise = models.FloatField(default=0.0)
+    # The leakage audit the worker ran on a sample of this job's data (AuditReport.to_dict()).
+    privacy_audit = models.JSONField(null=True, blank=True, editable=False)
 
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     error_message = models.TextField(blank=True)
@@ -115,6 +123,10 @@ class Job(models.Model):
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
 
+    def privacy_settings(self) -> PrivacySettings:
+        return PrivacySettings(bottom_layers=self.bottom_layers, top_layers=self.top_layers,
+                               hidden_noise=self.hidden_noise, grad_noise=self.grad_noise)
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             lora=self.lora_settings(), train_trunk_lora=self.train_trunk_lora, learning_rate=self.learning_rate,
@@ -122,7 +134,7 @@ class Job(models.Model):
             batch_size=self.batch_size, grad_accum=self.grad_accum_steps, seq_len=self.max_seq_length,
             warmup_steps=self.warmup_steps, schedule=self.lr_schedule, seed=self.seed,
             val_fraction=self.val_fraction, eval_every=0, checkpoint_every=settings.JOB_CHECKPOINT_EVERY,
-            wire_encoding=self.wire_encoding,
+            wire_encoding=self.wire_encoding, privacy=self.privacy_settings(),
         )
 
     def hyperparameters(self) -> dict:
@@ -134,7 +146,8 @@ class Job(models.Model):
             "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,
             "max_seq_length": self.max_seq_length, "warmup_steps": self.warmup_steps,
             "lr_schedule": self.lr_schedule, "seed": self.seed, "val_fraction": self.val_fraction,
-            "wire_encoding": self.wire_encoding,
+            "wire_encoding": self.wire_encoding, "bottom_layers": self.bottom_layers,
+            "top_layers": self.top_layers, "hidden_noise": self.hidden_noise, "grad_noise": self.grad_noise,
         }
 
 

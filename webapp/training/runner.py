@@ -119,6 +119,7 @@ def _train(job: Job, lease: Lease) -> str | None:
         resume = _resume_point(job)
         trunk, client = _connect(job, config.wire_encoding, lease)
         engine = _open_engine(job, config, trunk, client, lease)
+        events.job_log(job, _describe_cut(engine))
         trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                                callbacks=[lambda event: _record(job, lease, event)],
                                should_cancel=lease.cancel_requested)
@@ -193,7 +194,8 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
     delay = 1.0
     while True:
         try:
-            trunk = job.trunk if (job.trunk is not None and not job.trunk_auto) else pick_trunk(job.base_model)
+            trunk = (job.trunk if (job.trunk is not None and not job.trunk_auto)
+                     else pick_trunk(job.base_model, (job.bottom_layers, job.top_layers)))
             client = trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
             try:
                 client.info()
@@ -226,6 +228,15 @@ def _unreachable(job: Job, error: Exception) -> str:
     where = f"the trunk server {trunk.name} at {trunk.address}" if trunk else "the trunk server"
     return (f"{where} could not be reached {waited} ({error.code.name}: {error.details}); "
             "check that it is running, then resume the job")
+
+
+def _describe_cut(engine: SplitEngine) -> str:
+    spec, noise = engine.spec, engine.noise
+    blurred = [f"{what} noise {scale:g}" for what, scale in (("hidden-state", noise.hidden_scale),
+                                                             ("gradient", noise.grad_scale)) if scale]
+    return (f"cut: {spec.n_bottom} blocks here, the trunk runs layers {spec.trunk_layers.start}-"
+            f"{spec.trunk_layers.stop - 1}, {spec.n_top} blocks here after it; "
+            + (", ".join(blurred) if blurred else "no noise"))
 
 
 def client_secret() -> ClientSecret:

@@ -32,11 +32,11 @@ MAX_PARALLEL_PROBES = 8
 # Every field a check writes; ``save(update_fields=...)`` leaves the admin's fields alone.
 HEALTH_FIELDS = (
     "status", "latency_ms", "model_id", "model_type", "weights_fingerprint", "num_layers", "trunk_start",
-    "trunk_end", "hidden_size", "max_sessions", "active_sessions", "version", "last_error", "last_checked_at",
+    "trunk_end", "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version", "last_error", "last_checked_at",
 )
 # Info fields copied as they are (strings are cut to the column's length).
 _INFO_FIELDS = ("model_id", "model_type", "weights_fingerprint", "num_layers", "trunk_start", "trunk_end",
-                "hidden_size", "max_sessions", "active_sessions", "version")
+                "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version")
 
 
 @dataclass(frozen=True)

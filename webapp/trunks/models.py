@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
+from splitcore.split_spec import SplitSpec
 from splitcore.trunk_client import RetryPolicy, TrunkClient
 
 
@@ -30,6 +31,9 @@ class TrunkServer(models.Model):
     num_layers = models.PositiveIntegerField(null=True, blank=True)
     trunk_start = models.PositiveIntegerField(null=True, blank=True)
     trunk_end = models.PositiveIntegerField(null=True, blank=True)
+    # The layer ranges sessions may choose: any [start, end) with min_trunk_start <= start < end <= max_trunk_end.
+    min_trunk_start = models.PositiveIntegerField(null=True, blank=True)
+    max_trunk_end = models.PositiveIntegerField(null=True, blank=True)
     hidden_size = models.PositiveIntegerField(null=True, blank=True)
     max_sessions = models.PositiveIntegerField(null=True, blank=True)
     active_sessions = models.PositiveIntegerField(null=True, blank=True)
@@ -54,6 +58,36 @@ class TrunkServer(models.Model):
         if self.trunk_start is None or self.trunk_end is None:
             return ""
         return f"{self.trunk_start}-{self.trunk_end - 1} of {self.num_layers}"
+
+    @property
+    def cut_bounds(self) -> str:
+        """The cuts this trunk allows, in words: "Bottom 1-28 blocks, Top at least 1"."""
+        if self.num_layers is None or self.min_trunk_start is None or self.max_trunk_end is None:
+            return ""
+        return (f"keeps {self.min_trunk_start} or more blocks before the trunk and "
+                f"{self.num_layers - self.max_trunk_end} or more after it on the data owner's machine")
+
+    def cut_problem(self, n_bottom: int | None, n_top: int | None) -> str:
+        """Why this trunk cannot serve a job that keeps ``n_bottom``/``n_top`` blocks on the data owner's
+        machine (None: this trunk's default), or "" when it can."""
+        if n_bottom is None and n_top is None:
+            return ""  # every trunk serves its own default cut
+        if self.num_layers is None or self.trunk_start is None or self.trunk_end is None:
+            return "its last health check did not report its layers; run 'Check now' in the admin"
+        bottom = self.trunk_start if n_bottom is None else n_bottom
+        top = self.num_layers - self.trunk_end if n_top is None else n_top
+        try:
+            spec = SplitSpec(num_layers=self.num_layers, n_bottom=bottom, n_top=top)
+        except ValueError as exc:
+            return str(exc)
+        lowest = self.min_trunk_start or self.trunk_start
+        highest = self.max_trunk_end or self.trunk_end
+        if lowest <= spec.trunk_layers.start and spec.trunk_layers.stop <= highest:
+            return ""
+        return f"it {self.cut_bounds}" if self.min_trunk_start is not None else "it serves its default cut only"
+
+    def allows_cut(self, n_bottom: int | None, n_top: int | None) -> bool:
+        return not self.cut_problem(n_bottom, n_top)
 
     def client(self, wire_encoding: str = "fp32", timeout_s: float = 120.0,
                retry: RetryPolicy = RetryPolicy()) -> TrunkClient:

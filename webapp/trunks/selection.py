@@ -23,8 +23,9 @@ def healthy_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
     return trunks
 
 
-def pick_trunk(model_id: str) -> TrunkServer:
-    """The healthy trunk for ``model_id`` with the most free sessions; ties go to the lower latency, then the name.
+def pick_trunk(model_id: str, cut: tuple[int | None, int | None] = (None, None)) -> TrunkServer:
+    """The healthy trunk for ``model_id`` that allows ``cut`` (Bottom, Top blocks; None: a trunk's
+    default) with the most free sessions; ties go to the lower latency, then the name.
 
     A trunk that looked full at its last check is still a candidate when nothing better exists:
     its session count is up to one check interval old, and a job waits for a free session.
@@ -32,11 +33,23 @@ def pick_trunk(model_id: str) -> TrunkServer:
     candidates = list(healthy_trunks(model_id))
     if not candidates:
         raise NoTrunkAvailable(_why_none(model_id))
+    allowing = [trunk for trunk in candidates if trunk.allows_cut(*cut)]
+    if not allowing:
+        reasons = "; ".join(f"{trunk.name}: {trunk.cut_problem(*cut)}" for trunk in candidates)
+        raise NoTrunkAvailable(f"no healthy trunk for '{model_id}' allows keeping {_cut_words(cut)} on the data "
+                               f"owner's machine ({reasons})")
+    candidates = allowing
     return min(candidates, key=lambda trunk: (
         -trunk.free_sessions,
         trunk.latency_ms if trunk.latency_ms is not None else math.inf,
         trunk.name,
     ))
+
+
+def _cut_words(cut: tuple[int | None, int | None]) -> str:
+    bottom, top = cut
+    return (f"{'the default number of' if bottom is None else bottom} blocks before the trunk and "
+            f"{'the default number' if top is None else top} after it")
 
 
 def served_models() -> list[str]:
