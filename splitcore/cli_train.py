@@ -74,6 +74,9 @@ def add_train_parser(commands) -> None:
                               "typical hidden state's norm (0: off)")
     privacy.add_argument("--grad-noise", type=float, default=0.0,
                          help="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    privacy.add_argument("--nopeek", type=float, default=0.0,
+                         help="weight of the NoPeek term that trains the Bottom to decorrelate what it sends from "
+                              "its input (0: off)")
     privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
                                                f"sent are derived (default: {SECRET_FILE_NAME} in the data "
                                                "directory; created when missing)")
@@ -91,7 +94,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
         privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
-                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise),
+                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise, nopeek=args.nopeek),
     )
 
 

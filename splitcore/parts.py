@@ -142,6 +142,11 @@ class SplitPart(nn.Module):
 class Bottom(SplitPart):
     """Token embeddings + the first decoder blocks: ``(input_ids, mask) -> hidden``."""
 
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the first block receives: the (position-aware) embeddings, (batch, seq, hidden)."""
+        attention_mask, position_ids = self._prepare(input_ids, attention_mask, None, None)
+        return self.family.embed(self.backbone, input_ids, position_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 MAX_NOISE = 100.0
+MAX_NOPEEK = 100.0
 
 
 def _optional_layers(name: str, value: object) -> None:
@@ -31,26 +32,36 @@ class PrivacySettings:
     ``CLIP_MULTIPLE`` times the micro-batch's median position norm, then Gaussian noise
     whose norm is about ``noise`` times that median norm is added (0: off). The noise is
     drawn from the client's secret, so the trunk cannot regenerate and subtract it.
+
+    ``nopeek``: weight of a NoPeek term in the training objective, the distance correlation
+    between the Bottom's input embeddings and the hidden states it sends (0: off). It trains
+    the Bottom's LoRA to move its output away from what the public Bottom would send.
     """
 
     bottom_layers: int | None = None
     top_layers: int | None = None
     hidden_noise: float = 0.0
     grad_noise: float = 0.0
+    nopeek: float = 0.0
 
     def __post_init__(self) -> None:
         _optional_layers("bottom_layers", self.bottom_layers)
         _optional_layers("top_layers", self.top_layers)
-        for name in ("hidden_noise", "grad_noise"):
+        for name, highest in (("hidden_noise", MAX_NOISE), ("grad_noise", MAX_NOISE), ("nopeek", MAX_NOPEEK)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or not 0.0 <= value <= MAX_NOISE):
-                raise ValueError(f"{name} must be a number from 0 (off) to {MAX_NOISE:g}, got {value!r}")
+                    or not 0.0 <= value <= highest):
+                raise ValueError(f"{name} must be a number from 0 (off) to {highest:g}, got {value!r}")
             object.__setattr__(self, name, float(value))
 
     @property
     def any_noise(self) -> bool:
         return self.hidden_noise > 0 or self.grad_noise > 0
+
+    @property
+    def needs_cut(self) -> bool:
+        """Defenses that act where the model is cut (a local run has no cut)."""
+        return self.any_noise or self.nopeek > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,4 +85,6 @@ class PrivacySettings:
             parts.append(f"hidden-state noise {self.hidden_noise:g}")
         if self.grad_noise:
             parts.append(f"gradient noise {self.grad_noise:g}")
+        if self.nopeek:
+            parts.append(f"NoPeek weight {self.nopeek:g}")
         return ", ".join(parts)

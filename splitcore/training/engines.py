@@ -22,6 +22,7 @@ from ..fingerprint import weights_fingerprint
 from ..lora import add_lora, init_lora_weights, modules_in_layers, present_targets
 from ..parts import positions_from_mask, split_model
 from ..privacy import ChannelNoise, ClientSecret
+from ..privacy.nopeek import nopeek_penalty
 from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
 from ..split_spec import SplitSpec
 from ..trunk_client import TrunkClient
@@ -91,8 +92,8 @@ class LocalEngine(Engine):
 
     def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None,
                  secret: ClientSecret | None = None) -> None:
-        if config.privacy.any_noise:
-            raise ValueError("noise on the hidden states or gradients is applied where the model is cut; "
+        if config.privacy.needs_cut:
+            raise ValueError("noise on the hidden states or gradients and NoPeek act where the model is cut; "
                              "a local run has no cut, so run it split over a trunk")
         _freeze(model)
         self.family = family_for(model.config)
@@ -160,6 +161,8 @@ class SplitEngine(Engine):
         del trunk  # the trunk's blocks stay on the trunk server
         self.spec = spec
         self.noise = ChannelNoise(self.secret, config.seed, config.privacy.hidden_noise, config.privacy.grad_noise)
+        self.nopeek = config.privacy.nopeek
+        self._bottom_part = bottom
         self.bottom = add_lora(bottom, self.family, config.lora, seed=config.seed)
         self.top = add_lora(top, self.family, config.lora, seed=config.seed)
         self.params = {}
@@ -179,11 +182,19 @@ class SplitEngine(Engine):
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         mask = batch.attention_mask
-        hidden = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
-        hidden = self.noise.on_hidden(hidden, mask, step, micro_batch)  # what the trunk receives
+        bottom_out = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
+        hidden = self.noise.on_hidden(bottom_out, mask, step, micro_batch)  # what the trunk receives
         hidden = RemoteTrunk.apply(hidden, mask, self.link, step, micro_batch)  # (batch, seq, hidden)
         hidden = self.noise.on_gradient(hidden, mask, step, micro_batch)  # blurs the gradient sent back
-        return self.top(hidden, mask, labels=batch.labels, num_items_in_batch=num_items_in_batch).loss
+        loss = self.top(hidden, mask, labels=batch.labels, num_items_in_batch=num_items_in_batch).loss
+        if self.nopeek > 0:
+            with torch.no_grad():
+                embeddings = self._bottom_part.embed(batch.input_ids, mask)  # (batch, seq, hidden)
+            share = batch.num_trained_tokens / max(1, int(num_items_in_batch))  # this micro-batch's part of the step
+            penalty = self.nopeek * share * nopeek_penalty(embeddings, bottom_out, mask)
+            # The penalty trains the Bottom but is not part of the reported loss: its value cancels, its gradient stays.
+            loss = loss + (penalty - penalty.detach())
+        return loss
 
     @torch.no_grad()
     def eval_loss_sum(self, batch, index):

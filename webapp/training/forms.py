@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
-from splitcore.privacy.settings import MAX_NOISE
+from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK
 
 from ..datasets.models import Dataset
 from ..ownership import owned
@@ -13,7 +13,7 @@ from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
 from .models import Job
 
-PRIVACY_FIELDS = ["bottom_layers", "top_layers", "hidden_noise", "grad_noise"]
+PRIVACY_FIELDS = ["bottom_layers", "top_layers", "hidden_noise", "grad_noise", "nopeek"]
 FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
           "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum_steps", "max_seq_length",
           "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding", *PRIVACY_FIELDS]
@@ -52,6 +52,9 @@ class JobForm(forms.ModelForm):
     grad_noise = forms.FloatField(
         min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on gradients",
         help_text="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    nopeek = forms.FloatField(
+        min_value=0.0, max_value=MAX_NOPEEK, initial=0.0, required=False, label="NoPeek weight",
+        help_text="trains the blocks before the trunk to decorrelate what they send from your tokens (0: off)")
 
     class Meta:
         model = Job
@@ -95,7 +98,7 @@ class JobForm(forms.ModelForm):
         self._check_cut(data, trunk)
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
         data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
-        for name in ("hidden_noise", "grad_noise"):
+        for name in ("hidden_noise", "grad_noise", "nopeek"):
             data[name] = data.get(name) or 0.0
         if data.get("max_steps"):
             data["epochs"] = None

@@ -60,6 +60,7 @@ class Job(models.Model):
     top_layers = models.PositiveSmallIntegerField(null=True, blank=True)
     hidden_noise = models.FloatField(default=0.0)
     grad_noise = models.FloatField(default=0.0)
+    nopeek = models.FloatField(default=0.0)
     # The leakage audit the worker ran on a sample of this job's data (AuditReport.to_dict()).
     privacy_audit = models.JSONField(null=True, blank=True, editable=False)
 
@@ -125,7 +126,7 @@ class Job(models.Model):
 
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(bottom_layers=self.bottom_layers, top_layers=self.top_layers,
-                               hidden_noise=self.hidden_noise, grad_noise=self.grad_noise)
+                               hidden_noise=self.hidden_noise, grad_noise=self.grad_noise, nopeek=self.nopeek)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -148,6 +149,7 @@ class Job(models.Model):
             "lr_schedule": self.lr_schedule, "seed": self.seed, "val_fraction": self.val_fraction,
             "wire_encoding": self.wire_encoding, "bottom_layers": self.bottom_layers,
             "top_layers": self.top_layers, "hidden_noise": self.hidden_noise, "grad_noise": self.grad_noise,
+            "nopeek": self.nopeek,
         }
 
 
