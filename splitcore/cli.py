@@ -1,4 +1,4 @@
-"""``python -m splitcore``: prepare the default model, make tiny models, train, generate."""
+"""``python -m splitcore``: prepare the default model, make tiny models, train, generate, audit privacy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import default_model
+from .cli_privacy import add_audit_parser
 from .cli_train import add_train_parser
 from .cli_trunk import add_trunk_arguments, connect_trunk
 from .generation import GenerationSettings, encode_prompt, generate_text, load_for_inference
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     add_train_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 

@@ -159,8 +159,15 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
         panel = panels.nth(index)
         stored = generations[int(panel.get_attribute("data-generation"))]
         assert panel.locator("[data-role=output]").inner_text() == stored.output
-    generation_sockets = [url for url in token_frames if "/ws/generations/" in url]
-    assert len(generation_sockets) == 2 and all(token_frames[url] > 0 for url in generation_sockets), token_frames
+    generation_sockets = {int(url.rstrip("/").rsplit("/", 1)[1]): url for url in token_frames
+                          if "/ws/generations/" in url}
+    assert sorted(generation_sockets) == sorted(generations), token_frames
+    base = next(g for g in generations.values() if g.job_id is None)
+    assert base.output, "the base model answers the prompt"
+    # Every answer with text streamed it token by token. (The adapter's answer may be empty, an end of
+    # sequence at once: its training run depends on the client secret, which each test run draws anew.)
+    for pk, generation in generations.items():
+        assert token_frames[generation_sockets[pk]] > 0 or not generation.output, (pk, token_frames)
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
 
 

@@ -60,6 +60,23 @@ def test_the_form_privacy_choices_reach_the_job_the_worker_and_the_trunk(client,
     assert (detail["bottom_layers"], detail["top_layers"], detail["hidden_noise"], detail["grad_noise"]) == \
         (1, 1, 0.25, 0.5)
 
+    # The worker's leakage audit, at this job's cut and noise, stored and shown.
+    audit = detail["privacy_audit"]["first_step"]
+    assert audit["cut"] == {"n_bottom": 1, "n_top": 1}
+    assert audit["settings"]["hidden_noise"] == 0.25 and audit["settings"]["grad_noise"] == 0.5
+    assert {r["name"] for r in audit["results"]} == {"learned_inversion", "exact_search", "gradient_labels"}
+    assert all(0 < r["total"] and 0 <= r["recovered"] <= r["total"] for r in audit["results"])
+    assert "last_step" not in detail["privacy_audit"], "the Bottom is re-audited only when NoPeek trained it"
+    worst = max(r["rate"] for r in audit["results"])
+    headline = f"could read about {worst:.0%} of your tokens" if worst >= 0.01 else "could read about"
+    assert any(headline in line for line in logs if line.startswith("privacy audit (before training"))
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert 'id="privacy-panel"' in page and headline in page and 'data-attack="exact_search"' in page
+    response = client.get(f"/jobs/{job.pk}/adapter/")
+    bundle = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    card = bundle.read("README.md").decode()
+    assert "## Privacy" in card and headline in card and "hidden-state noise 0.25" in card
+
 
 def test_the_api_takes_privacy_settings_and_defaults_to_the_trunks_cut(api, registered_trunk):
     dataset_id = upload(api)

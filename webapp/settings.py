@@ -164,6 +164,8 @@ JOB_TRUNK_RECOVERIES = env_int("JOB_TRUNK_RECOVERIES", 3, minimum=0)
 # A playground generation stops after this long (keeping its text so far); one still running
 # JOB_STALE_AFTER_S after that lost its worker, and the sweep ends it as failed.
 GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
+# The leakage audit a worker runs on each job: examples of the job's data it attacks (0: no audit).
+PRIVACY_AUDIT_SAMPLE = env_int("PRIVACY_AUDIT_SAMPLE", 8, minimum=0)
 if JOB_STALE_AFTER_S <= 2 * JOB_HEARTBEAT_S:
     raise ImproperlyConfigured(f"JOB_STALE_AFTER_S ({JOB_STALE_AFTER_S}) must be more than twice "
                                f"JOB_HEARTBEAT_S ({JOB_HEARTBEAT_S}), or live jobs would be taken as dead")

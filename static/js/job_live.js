@@ -127,7 +127,44 @@
     const download = $("download-link");
     if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
     $("playground-link").hidden = !event.download_url;
+    if (event.privacy) renderAudit(event.privacy);
     updateProgress();
+  }
+
+  // The leakage audit, as the server renders it in training/_privacy_audit.html.
+  function renderAudit(privacy) {
+    const box = $("privacy-audit");
+    box.replaceChildren();
+    privacy.moments.forEach((moment) => {
+      const div = document.createElement("div");
+      div.className = "audit";
+      div.dataset.moment = moment.moment;
+      const headline = document.createElement("p");
+      headline.className = "audit-headline " + (moment.worst_rate >= 0.05 ? "leaky" : "tight");
+      const strong = document.createElement("strong");
+      strong.textContent = moment.headline.charAt(0).toUpperCase() + moment.headline.slice(1);
+      const context = document.createElement("span");
+      context.className = "muted";
+      context.textContent = ` (${moment.when}; ${moment.cut}; ${moment.examples} examples)`;
+      headline.append(strong, context);
+      const table = document.createElement("table");
+      table.className = "audit-table";
+      table.innerHTML = "<thead><tr><th>Attack</th><th>Tokens read</th></tr></thead>";
+      const body = document.createElement("tbody");
+      moment.attacks.forEach((attack) => {
+        const row = body.insertRow();
+        row.dataset.attack = attack.name;
+        row.insertCell().textContent = attack.title;
+        const cell = row.insertCell();
+        const detail = document.createElement("span");
+        detail.className = "muted";
+        detail.textContent = ` (${attack.recovered} of ${attack.total})`;
+        cell.append(attack.percent, detail);
+      });
+      table.appendChild(body);
+      div.append(headline, table);
+      box.appendChild(div);
+    });
   }
 
   function addLog(entry) {

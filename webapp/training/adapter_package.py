@@ -9,6 +9,7 @@ import tempfile
 import zipfile
 
 from .models import Job, MetricPoint
+from .privacy import audit_markdown
 
 METRIC_COLUMNS = ["step", "kind", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "wire_bytes", "elapsed_s"]
 
@@ -27,6 +28,7 @@ def training_args(job: Job) -> dict:
         "total_steps": job.total_steps,
         "trunk": job.trunk.name if job.trunk else None,
         "trunk_layers": job.trunk.layer_range if job.trunk else None,
+        "privacy_audit": job.privacy_audit,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
@@ -61,7 +63,8 @@ tags:
 
 Fine-tuned with split learning: the data owner's worker ran the embeddings, the first and
 the last decoder blocks and the LM head; a trunk server ran the middle blocks and saw only
-hidden states and their gradients. This is one ordinary PEFT LoRA adapter for the whole model.
+hidden states and their gradients, which can still reveal much of the text (see Privacy).
+This is one ordinary PEFT LoRA adapter for the whole model.
 
 ## Dataset
 
@@ -72,6 +75,12 @@ hidden states and their gradients. This is one ordinary PEFT LoRA adapter for th
 - steps: {job.current_step} of {job.total_steps}
 - final training loss: {train}
 - final validation loss: {val}
+
+## Privacy
+
+Setting: {job.privacy_settings().describe()}.
+
+{audit_markdown(job)}
 
 ## Hyper-parameters
 

@@ -21,6 +21,7 @@ from channels.layers import get_channel_layer
 from django.urls import reverse
 
 from .models import Job, JobLog, MetricPoint
+from .privacy import audit_summary
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def status_event(job: Job) -> dict:
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "download_url": reverse("training:job-adapter", args=[job.pk]) if job.has_adapter else None,
+        "privacy": audit_summary(job),
     }
 
 

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from splitcore.data_formats import DatasetFormatError, parse_dataset
+from splitcore.privacy import ClientSecret
 from splitcore.training import (
     CheckpointSaved,
     EvalMetrics,
@@ -32,13 +33,12 @@ from splitcore.training import (
 )
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
-from splitcore.privacy import ClientSecret
 from splitcore.trunk_client import TrunkClient, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, pick_trunk
-from . import events
+from . import events, privacy
 from .lease import Lease, LeaseLost, claim
 from .models import Job, JobLog, MetricPoint
 
@@ -120,6 +120,8 @@ def _train(job: Job, lease: Lease) -> str | None:
         trunk, client = _connect(job, config.wire_encoding, lease)
         engine = _open_engine(job, config, trunk, client, lease)
         events.job_log(job, _describe_cut(engine))
+        if privacy.FIRST_STEP not in (job.privacy_audit or {}):
+            _audit(job, lease, engine, tokenizer, examples, privacy.FIRST_STEP)
         trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                                callbacks=[lambda event: _record(job, lease, event)],
                                should_cancel=lease.cancel_requested)
@@ -128,6 +130,8 @@ def _train(job: Job, lease: Lease) -> str | None:
             if result.status == "cancelled":
                 return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
                                                                  "resume to continue from there")
+            if config.privacy.nopeek > 0:
+                _audit(job, lease, engine, tokenizer, examples, privacy.LAST_STEP)
             trainer.export_adapter(job.adapter_dir, job.base_model)
             break
         except TrunkError as error:
@@ -228,6 +232,26 @@ def _unreachable(job: Job, error: Exception) -> str:
     where = f"the trunk server {trunk.name} at {trunk.address}" if trunk else "the trunk server"
     return (f"{where} could not be reached {waited} ({error.code.name}: {error.details}); "
             "check that it is running, then resume the job")
+
+
+def _audit(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples, moment: str) -> None:
+    """Run and store the leakage audit; a failed audit is reported, the training goes on."""
+    try:
+        report = privacy.audit_job(job, lease, engine, tokenizer, examples, moment)
+    except LeaseLost:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the audit must not take the job down with it
+        log.exception("job %s: leakage audit failed", job.pk)
+        events.job_log(job, f"the leakage audit failed ({type(exc).__name__}: {exc}); what the trunk could read "
+                            "was not measured for this job", JobLog.Level.ERROR)
+        return
+    if report is None:
+        return
+    rates = ", ".join(f"{result.title} {result.rate:.0%}" for result in report.results)
+    events.job_log(job, f"privacy audit ({privacy.MOMENTS[moment]}): {privacy.headline(report.worst_rate)} "
+                        f"({rates}; {report.examples} examples, {report.seconds:.0f} s)",
+                   JobLog.Level.WARNING if report.worst_rate >= 0.05 else JobLog.Level.INFO)
+    events.publish_status(job)
 
 
 def _describe_cut(engine: SplitEngine) -> str:

@@ -14,6 +14,7 @@ from .adapter_package import build_adapter_zip, zip_name
 from .forms import JobForm
 from .consumers import LOG_TAIL
 from .models import Job, JobLog, MetricPoint
+from .privacy import audit_summary
 
 
 @login_required
@@ -56,8 +57,9 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_owned_or_404(Job.objects.select_related("trunk", "dataset"), request.user, pk=pk)
     points = list(MetricPoint.objects.filter(job=job).order_by("-step", "kind")[:30])
     logs = reversed(JobLog.objects.filter(job=job).order_by("-id")[:LOG_TAIL])
-    return render(request, "training/job_detail.html", {"job": job, "points": points, "logs": logs,
-                                                         "hyperparameters": job.hyperparameters()})
+    return render(request, "training/job_detail.html", {
+        "job": job, "points": points, "logs": logs, "hyperparameters": job.hyperparameters(),
+        "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe()})
 
 
 @login_required

@@ -1,0 +1,60 @@
+"""``python -m splitcore audit-privacy``: what a trunk owner could read of a dataset at a given cut."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .privacy.audit import AuditConfig, audit_privacy
+from .privacy.settings import PrivacySettings
+
+
+def add_audit_parser(commands) -> None:
+    audit = commands.add_parser(
+        "audit-privacy", help="measure how many of a dataset's tokens the trunk owner could read",
+        description="Play an honest-but-curious trunk owner on this machine: it holds the public base weights "
+                    "and public text, sees the hidden states and gradients of a run's first step, and tries to "
+                    "read the data owner's tokens. Prints the share of tokens each attack reads.")
+    audit.add_argument("--model", required=True, help="base model directory")
+    audit.add_argument("--data", required=True, help="dataset file: .jsonl, .csv or .txt")
+    audit.add_argument("--bottom-layers", type=int, required=True, help="decoder blocks kept here before the trunk")
+    audit.add_argument("--top-layers", type=int, default=2, help="decoder blocks kept here after the trunk "
+                                                                 "(default 2)")
+    audit.add_argument("--hidden-noise", type=float, default=0.0, help="noise on the hidden states sent to the "
+                                                                       "trunk, relative to their norm (0: off)")
+    audit.add_argument("--grad-noise", type=float, default=0.0, help="noise on the gradients sent back to the "
+                                                                     "trunk, relative to their norm (0: off)")
+    audit.add_argument("--sample", type=int, default=AuditConfig.sample, help="examples attacked (default 8)")
+    audit.add_argument("--max-tokens", type=int, default=AuditConfig.max_tokens,
+                       help="tokens per example, as training truncates them (default 128)")
+    audit.add_argument("--candidates", type=int, default=AuditConfig.candidates,
+                       help="tokens per position the candidate search tries (default 16)")
+    audit.add_argument("--public-tokens", type=int, default=AuditConfig.public_tokens,
+                       help="size of the attacker's public text in tokens (default 8192)")
+    audit.add_argument("--seed", type=int, default=0, help="which examples are sampled")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    audit.set_defaults(handler=run_audit)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    settings = PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
+                               hidden_noise=args.hidden_noise, grad_noise=args.grad_noise)
+    config = AuditConfig(sample=args.sample, max_tokens=args.max_tokens, candidates=args.candidates,
+                         public_tokens=args.public_tokens, seed=args.seed)
+    model_dir, data = Path(args.model), Path(args.data)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {model_dir} has no config.json")
+    if not data.is_file():
+        raise FileNotFoundError(f"dataset file {data} does not exist")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data_formats import load_dataset_file
+
+    examples = load_dataset_file(data).examples
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    report = audit_privacy(model, tokenizer, examples, settings, args.bottom_layers, args.top_layers, config)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0

@@ -1,0 +1,297 @@
+"""The leakage audit: what the trunk owner could read from one run's traffic, measured here.
+
+``audit_privacy`` tokenises a sample of the data owner's examples exactly as training
+does, computes what the trunk would receive on the first step of a run (the client
+Bottom's output through ``ChannelNoise.on_hidden``, and the gradient at the Top's input
+through ``ChannelNoise.on_gradient``, with a fresh client secret), plays the trunk owner's
+three attacks (``attacks``) against it and reports the share of tokens each one reads.
+It runs on the data owner's machine; nothing leaves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..adapter_export import ADAPTER_CONFIG
+from ..data_formats import Example
+from ..examples import tokenize_examples
+from ..parts import Bottom, Top, Trunk, split_model
+from ..training.batches import Batch, MicroBatches, split_train_val
+from . import attacks
+from .client_secret import ClientSecret
+from .noise import ChannelNoise
+from .public_text import public_token_chunks
+from .settings import PrivacySettings
+
+LEARNED_INVERSION = "learned_inversion"
+EXACT_SEARCH = "exact_search"
+GRADIENT_LABELS = "gradient_labels"
+ATTACK_TITLES = {
+    LEARNED_INVERSION: "linear map fit on public text (hidden states)",
+    EXACT_SEARCH: "candidate search through the public Bottom (hidden states)",
+    GRADIENT_LABELS: "labels read from the gradients (gradients)",
+}
+# The attacker's own randomness (its simulated noise), unrelated to the client's secret.
+_ATTACKER_SEED_OFFSET = 7919
+
+
+def _check_whole(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How much work one audit does.
+
+    ``sample``: examples of the data owner's dataset attacked; ``max_tokens``: each is
+    truncated on the right to this many tokens, as training truncates to its sequence
+    length (the first tokens are enough to measure); ``candidates``: tokens per position
+    the exact search tries (the learned attack's best ones; more reads more at deep cuts
+    and costs proportionally); ``public_tokens``: size of the attacker's public text, also
+    cut into chunks of ``max_tokens``; ``seed``: which examples are sampled and the
+    attacker's own random draws. Cost grows with sample * max_tokens * candidates * Bottom
+    blocks (the search) and public_tokens * Bottom blocks (the fit).
+    """
+
+    sample: int = 8
+    max_tokens: int = 128
+    candidates: int = 16
+    public_tokens: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_whole("the audit sample", self.sample, 1, 256)
+        _check_whole("the audit's tokens per example", self.max_tokens, 2, 4096)
+        _check_whole("the audit's candidates per position", self.candidates, 1, 1024)
+        _check_whole("the audit's public text size in tokens", self.public_tokens, 64, 100_000)
+        _check_whole("the audit seed", self.seed, 0, 2**63 - 1)
+
+    def to_dict(self) -> dict:
+        return {"sample": self.sample, "max_tokens": self.max_tokens, "candidates": self.candidates,
+                "public_tokens": self.public_tokens, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """How many of the scored tokens one attack read exactly."""
+
+    name: str
+    recovered: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACK_TITLES:
+            raise ValueError(f"unknown attack {self.name!r}; known: {', '.join(ATTACK_TITLES)}")
+        if not 0 <= self.recovered <= self.total:
+            raise ValueError(f"{self.name}: recovered {self.recovered} of {self.total} tokens is impossible")
+
+    @property
+    def rate(self) -> float:
+        return self.recovered / self.total if self.total else 0.0
+
+    @property
+    def title(self) -> str:
+        return ATTACK_TITLES[self.name]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "recovered": self.recovered, "total": self.total, "rate": self.rate}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AttackResult:
+        return cls(name=data["name"], recovered=int(data["recovered"]), total=int(data["total"]))
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The audit of one cut and one set of defenses."""
+
+    n_bottom: int
+    n_top: int
+    settings: dict
+    results: tuple[AttackResult, ...]
+    examples: int = 0
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def worst_rate(self) -> float:
+        """The highest share of tokens any attack read: the figure that matters to the data owner."""
+        return max((result.rate for result in self.results), default=0.0)
+
+    def result(self, name: str) -> AttackResult:
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(f"the report has no {name!r} attack")
+
+    def to_dict(self) -> dict:
+        return {
+            "cut": {"n_bottom": self.n_bottom, "n_top": self.n_top},
+            "settings": dict(self.settings),
+            "results": [result.to_dict() for result in self.results],
+            "worst_rate": self.worst_rate,
+            "examples": self.examples,
+            "seconds": self.seconds,
+            "config": dict(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AuditReport:
+        try:
+            return cls(
+                n_bottom=int(data["cut"]["n_bottom"]), n_top=int(data["cut"]["n_top"]),
+                settings=dict(data["settings"]),
+                results=tuple(AttackResult.from_dict(result) for result in data["results"]),
+                examples=int(data.get("examples", 0)), seconds=float(data.get("seconds", 0.0)),
+                config=dict(data.get("config", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an audit report: missing or malformed {exc}") from exc
+
+    def table(self) -> str:
+        """A small text table: one row per attack, with the share of tokens it read."""
+        noise = [f"hidden noise {self.settings.get('hidden_noise', 0.0):g}",
+                 f"gradient noise {self.settings.get('grad_noise', 0.0):g}"]
+        width = max(len(result.title) for result in self.results) if self.results else 10
+        lines = [f"Leakage audit: Bottom {self.n_bottom} blocks, Top {self.n_top} blocks, {', '.join(noise)}; "
+                 f"{self.examples} examples, {self.seconds:.1f} s",
+                 f"{'attack':<{width}}  {'read':>11}  {'share':>6}"]
+        for result in self.results:
+            lines.append(f"{result.title:<{width}}  {result.recovered:>5}/{result.total:<5}  {result.rate:>6.1%}")
+        lines.append(f"{'worst case':<{width}}  {'':>11}  {self.worst_rate:>6.1%}")
+        return "\n".join(lines)
+
+
+def _sample_batch(tokenizer, examples: Sequence[Example], config: AuditConfig, device: torch.device) -> Batch:
+    """The sampled examples, tokenised and label-masked as training does, in one padded batch on ``device``."""
+    if not examples:
+        raise ValueError("the dataset has no examples to audit")
+    usable = split_train_val(tokenize_examples(tokenizer, examples, config.max_tokens), 0.0, config.seed).train
+    batch = MicroBatches(usable, min(config.sample, len(usable)), config.seed, _pad_id(tokenizer)).batch(0)
+    return Batch(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                 labels=batch.labels.to(device))
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _client_bottom(bottom: Bottom, bottom_adapter: str | os.PathLike | nn.Module | None) -> nn.Module:
+    """The Bottom the client runs: the public one, or a private copy with the client's adapter."""
+    if bottom_adapter is None:
+        return bottom
+    if isinstance(bottom_adapter, nn.Module):
+        return bottom_adapter
+    from peft import PeftConfig, PeftModel
+
+    directory = Path(bottom_adapter)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"bottom adapter {directory} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    config = PeftConfig.from_pretrained(str(directory))
+    config.task_type = None  # a bare part, not a *ForCausalLM (see DESIGN.md)
+    # peft injects LoRA into the modules it wraps; a deep copy keeps the caller's model untouched.
+    private = copy.deepcopy(bottom)
+    return PeftModel.from_pretrained(private, str(directory), config=config).eval()
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(hasattr(module, "lora_A") for module in model.modules())
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    """What the trunk sees of one micro-batch, and what it computes itself."""
+
+    hidden: torch.Tensor  # (batch, seq, hidden) received from the client's Bottom
+    trunk_output: torch.Tensor  # (batch, seq, hidden) the trunk's answer, the Top's input
+    gradient: torch.Tensor  # (batch, seq, hidden) d loss / d Top input, as sent back
+
+
+def _run_client_bottom(client_bottom: nn.Module, batch: Batch) -> torch.Tensor:
+    """The client Bottom's output (batch, seq, hidden), on the batch's device whatever device the Bottom is on."""
+    weight = next(client_bottom.parameters())
+    hidden = client_bottom(batch.input_ids.to(weight.device), batch.attention_mask.to(weight.device))
+    return hidden.to(batch.input_ids.device)
+
+
+def _simulate_traffic(client_bottom: nn.Module, trunk: Trunk, top: Top, batch: Batch,
+                      channel: ChannelNoise) -> _Traffic:
+    """The first step of a run: Bottom -> noise -> Trunk -> Top loss -> gradient -> noise."""
+    mask = batch.attention_mask
+    with torch.no_grad():
+        hidden = channel.on_hidden(_run_client_bottom(client_bottom, batch), mask, step=0, micro_batch=0)
+        trunk_output = trunk(hidden, mask)  # (batch, seq, hidden)
+    with torch.enable_grad():
+        top_input = trunk_output.detach().requires_grad_()
+        noisy = channel.on_gradient(top_input, mask, step=0, micro_batch=0)
+        loss = top(noisy, mask, labels=batch.labels, num_items_in_batch=batch.num_trained_tokens).loss
+        # Only the input's gradient: the Top's parameters get no .grad.
+        (gradient,) = torch.autograd.grad(loss, top_input)
+    return _Traffic(hidden=hidden.detach(), trunk_output=trunk_output.detach(), gradient=gradient.detach())
+
+
+def _run_attacks(model: PreTrainedModel, tokenizer, public_bottom: Bottom, top: Top, batch: Batch,
+                 traffic: _Traffic, settings: PrivacySettings, config: AuditConfig) -> tuple[AttackResult, ...]:
+    generator = torch.Generator().manual_seed(config.seed + _ATTACKER_SEED_OFFSET)
+    chunks = public_token_chunks(tokenizer, config.public_tokens, config.max_tokens)
+    public_hidden, public_ids = attacks.public_hidden_states(public_bottom, chunks, _pad_id(tokenizer),
+                                                             settings.hidden_noise, generator)
+    embeddings = model.get_input_embeddings().weight.detach()
+    inversion = attacks.fit_inversion(public_hidden, embeddings[public_ids])
+    mask = batch.attention_mask
+    learned = attacks.learned_inversion(inversion, embeddings, traffic.hidden, mask, config.candidates)
+    searched = attacks.exact_search(public_bottom, traffic.hidden, mask, learned.candidates, settings.hidden_noise)
+    targets, labelled = attacks.label_targets(batch.labels)
+    labels = attacks.gradient_labels(top, traffic.trunk_output, mask, traffic.gradient, positions=labelled)
+    return (
+        AttackResult(LEARNED_INVERSION, *attacks.recovery(learned.tokens, batch.input_ids, mask)),
+        AttackResult(EXACT_SEARCH, *attacks.recovery(searched.tokens, batch.input_ids, mask)),
+        AttackResult(GRADIENT_LABELS, *attacks.recovery(labels.tokens, targets, labelled)),
+    )
+
+
+def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example], settings: PrivacySettings,
+                  n_bottom: int, n_top: int, config: AuditConfig = AuditConfig(),
+                  bottom_adapter: str | os.PathLike | nn.Module | None = None) -> AuditReport:
+    """Play the honest-but-curious trunk owner against a sample of ``examples``; report what it reads.
+
+    ``model`` is the public base model (no LoRA in it); it is left as it was. ``n_bottom``
+    / ``n_top`` are the concrete cut (resolve ``settings.bottom_layers`` None to the
+    trunk's default first). The noise is ``settings``' own. ``bottom_adapter`` is the
+    Bottom the client really runs, when it differs from the public one: a PEFT adapter
+    directory (applied to a private copy of the Bottom) or a module called like
+    ``Bottom`` (input_ids, attention_mask) -> hidden; the attacker still has only the
+    public weights. The Top is the public one with a zero LoRA, as at the start of a run.
+    """
+    if not isinstance(settings, PrivacySettings):
+        raise ValueError(f"settings must be PrivacySettings, got {type(settings).__name__}")
+    if not isinstance(config, AuditConfig):
+        raise ValueError(f"config must be an AuditConfig, got {type(config).__name__}")
+    if _has_lora(model):
+        raise ValueError("the model to audit carries LoRA layers, so it is not the public base model the trunk "
+                         "owner holds; pass the base model and give the client's own Bottom as bottom_adapter")
+    started = time.perf_counter()
+    public_bottom, trunk, top = split_model(model, n_bottom, n_top)
+    batch = _sample_batch(tokenizer, examples, config, model.get_input_embeddings().weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        channel = ChannelNoise(ClientSecret.generate(), seed=config.seed, hidden_scale=settings.hidden_noise,
+                               grad_scale=settings.grad_noise)
+        traffic = _simulate_traffic(_client_bottom(public_bottom, bottom_adapter), trunk, top, batch, channel)
+        results = _run_attacks(model, tokenizer, public_bottom, top, batch, traffic, settings, config)
+    finally:
+        model.train(was_training)
+    return AuditReport(n_bottom=n_bottom, n_top=n_top, settings=settings.to_dict(), results=results,
+                       examples=int(batch.input_ids.shape[0]), seconds=round(time.perf_counter() - started, 2),
+                       config=config.to_dict())

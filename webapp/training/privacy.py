@@ -1,0 +1,98 @@
+"""The leakage audit of a job: run by its worker, stored with the job, shown in words.
+
+The worker plays the trunk owner (``splitcore.privacy.audit``) against a sample of the job's
+own data at the job's cut and defenses, on its own machine, before the first hidden state
+leaves it; with NoPeek on, it audits again at the end with the Bottom the job trained. The
+reports are stored on the job (``Job.privacy_audit``) and reach the page, the API and the
+model card.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+
+from splitcore.data_formats import Example
+from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy
+from splitcore.training.engines import SplitEngine
+
+from .. import base_models
+from .lease import Lease, LeaseLost
+from .models import Job
+
+log = logging.getLogger(__name__)
+
+FIRST_STEP = "first_step"
+LAST_STEP = "last_step"
+MOMENTS = {FIRST_STEP: "before training, as the trunk receives the first steps",
+           LAST_STEP: "after training, with the Bottom this job trained"}
+
+
+def audit_job(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples: list[Example],
+              moment: str) -> AuditReport | None:
+    """Run the audit for ``moment`` and store it on the job (None when audits are off)."""
+    if settings.PRIVACY_AUDIT_SAMPLE == 0:
+        return None
+    config = AuditConfig(sample=settings.PRIVACY_AUDIT_SAMPLE, max_tokens=min(128, job.max_seq_length),
+                         seed=job.seed)
+    bottom = engine.bottom if moment == LAST_STEP else None
+    report = audit_privacy(base_models.fresh_model(job.base_model), tokenizer, examples,
+                           job.privacy_settings(), engine.spec.n_bottom, engine.spec.n_top, config,
+                           bottom_adapter=bottom)
+    stored = dict(Job.objects.values_list("privacy_audit", flat=True).get(pk=job.pk) or {})
+    stored[moment] = report.to_dict()
+    if not lease.mine().update(privacy_audit=stored):
+        raise LeaseLost(f"job {job.pk} was taken over by another worker")
+    job.privacy_audit = stored
+    return report
+
+
+def headline(rate: float) -> str:
+    return f"a trunk owner holding the base model could read about {_percent(rate)} of your tokens"
+
+
+def _percent(rate: float) -> str:
+    return f"{rate:.0%}" if rate >= 0.01 or rate == 0 else "under 1%"
+
+
+def audit_summary(job: Job) -> dict | None:
+    """The stored audits in words, for the page, the live events and the model card."""
+    stored = job.privacy_audit or {}
+    moments = []
+    for moment in (FIRST_STEP, LAST_STEP):
+        if moment not in stored:
+            continue
+        try:
+            report = AuditReport.from_dict(stored[moment])
+        except ValueError:
+            log.warning("job %s: unreadable %s audit", job.pk, moment)
+            continue
+        moments.append({
+            "moment": moment, "when": MOMENTS[moment], "worst_rate": report.worst_rate,
+            "headline": headline(report.worst_rate), "cut": f"{report.n_bottom} blocks before the trunk, "
+                                                             f"{report.n_top} after it",
+            "examples": report.examples,
+            "attacks": [{"name": r.name, "title": r.title, "rate": r.rate, "percent": f"{r.rate:.1%}",
+                         "recovered": r.recovered, "total": r.total} for r in report.results],
+        })
+    return {"moments": moments} if moments else None
+
+
+def audit_markdown(job: Job) -> str:
+    """The model card's privacy section."""
+    summary = audit_summary(job)
+    if summary is None:
+        return ("No leakage audit was run for this job. What a trunk owner could read was not measured; see "
+                "docs/privacy.md for the measured figures of each setting.")
+    lines = []
+    for moment in summary["moments"]:
+        lines.append(f"Audit {moment['when']} ({moment['cut']}, {moment['examples']} examples of the dataset): "
+                     f"{moment['headline']}.\n")
+        lines.append("| attack | tokens read |\n| --- | --- |")
+        lines.extend(f"| {a['title']} | {a['percent']} ({a['recovered']} of {a['total']}) |"
+                     for a in moment["attacks"])
+        lines.append("")
+    lines.append("The audit plays an honest-but-curious trunk owner with three attacks on a sample of the "
+                 "training data; stronger attacks may read more. See docs/privacy.md.")
+    return "\n".join(lines)
