@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .lora import LoraSettings
 from .privacy.audit import AuditConfig, audit_privacy
 from .privacy.settings import PrivacySettings
 
@@ -25,6 +26,12 @@ def add_audit_parser(commands) -> None:
                                                                        "trunk, relative to their norm (0: off)")
     audit.add_argument("--grad-noise", type=float, default=0.0, help="noise on the gradients sent back to the "
                                                                      "trunk, relative to their norm (0: off)")
+    audit.add_argument("--private-bottom", type=float, default=0.0,
+                       help="a private Bottom: a secret random change of each Bottom weight, relative to its norm "
+                            "(0: off)")
+    audit.add_argument("--no-gradients-to-trunk", action="store_true",
+                       help="the run sends the trunk no gradients (only the Top trains)")
+    audit.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the private Bottom (default 8)")
     audit.add_argument("--sample", type=int, default=AuditConfig.sample, help="examples attacked (default 8)")
     audit.add_argument("--max-tokens", type=int, default=AuditConfig.max_tokens,
                        help="tokens per example, as training truncates them (default 128)")
@@ -39,7 +46,9 @@ def add_audit_parser(commands) -> None:
 
 def run_audit(args: argparse.Namespace) -> int:
     settings = PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
-                               hidden_noise=args.hidden_noise, grad_noise=args.grad_noise)
+                               hidden_noise=args.hidden_noise, grad_noise=args.grad_noise,
+                               private_bottom=args.private_bottom,
+                               gradients_to_trunk=not args.no_gradients_to_trunk)
     config = AuditConfig(sample=args.sample, max_tokens=args.max_tokens, candidates=args.candidates,
                          public_tokens=args.public_tokens, seed=args.seed)
     model_dir, data = Path(args.model), Path(args.data)
@@ -55,6 +64,7 @@ def run_audit(args: argparse.Namespace) -> int:
     examples = load_dataset_file(data).examples
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    report = audit_privacy(model, tokenizer, examples, settings, args.bottom_layers, args.top_layers, config)
+    report = audit_privacy(model, tokenizer, examples, settings, args.bottom_layers, args.top_layers, config,
+                           lora=LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0

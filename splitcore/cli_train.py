@@ -77,6 +77,11 @@ def add_train_parser(commands) -> None:
     privacy.add_argument("--nopeek", type=float, default=0.0,
                          help="weight of the NoPeek term that trains the Bottom to decorrelate what it sends from "
                               "its input (0: off)")
+    privacy.add_argument("--private-bottom", type=float, default=0.0,
+                         help="start the Bottom's LoRA as a secret random change of each weight, of this size "
+                              "relative to the weight (0: off)")
+    privacy.add_argument("--no-gradients-to-trunk", action="store_true",
+                         help="never send the trunk a gradient: only the Top trains (needs --no-trunk-lora)")
     privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
                                                f"sent are derived (default: {SECRET_FILE_NAME} in the data "
                                                "directory; created when missing)")
@@ -94,7 +99,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
         privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
-                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise, nopeek=args.nopeek),
+                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise, nopeek=args.nopeek,
+                                private_bottom=args.private_bottom,
+                                gradients_to_trunk=not args.no_gradients_to_trunk),
     )
 
 

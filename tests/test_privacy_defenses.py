@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent import futures
 
+import grpc
 import pytest
 import torch
+from peft import PeftModel
+from test_client_secret import RecordingProxy
 from test_split_training import SECRET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 
-from splitcore import LoraSettings, split_model
+from splitcore import LoraSettings, positions_from_mask, split_model
 from splitcore.data_formats import load_dataset_file
 from splitcore.privacy import ChannelNoise, ClientSecret, PrivacySettings, clip_and_noise
 from splitcore.privacy.noise import CLIP_MULTIPLE
@@ -144,3 +148,86 @@ def test_the_trunk_receives_blurred_hidden_states(tiny_dirs, trunk):
     real = batch.attention_mask.bool()
     typical = clean.norm(dim=-1)[real].median()
     assert ((sent - clean).norm(dim=-1)[real].mean() / typical).item() == pytest.approx(1.0, rel=0.1)
+
+
+def small_run(tiny_dirs, tmp_path, privacy: PrivacySettings, train_trunk_lora=True, steps=3):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i} of the owner's notes: {i * 3} boats"}) + "\n"
+                            for i in range(16)))
+    config = TrainConfig(lora=LoraSettings(r=4, alpha=8, dropout=0.0), train_trunk_lora=train_trunk_lora,
+                         max_steps=steps, batch_size=4, seq_len=24, learning_rate=1e-2, seed=2, privacy=privacy)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    return config, tokenizer, prepare_training_data(tokenizer, load_dataset_file(path).examples, config)
+
+
+def test_a_private_bottom_is_drawn_from_the_secret_and_travels_in_the_adapter(tiny_dirs, trunk, tmp_path):
+    config, tokenizer, data = small_run(tiny_dirs, tmp_path, PrivacySettings(private_bottom=1.0))
+    batch = tokenizer(["the owner's private notes", "boats"], return_tensors="pt", padding=True)
+    ids, mask = batch.input_ids, batch.attention_mask
+    public = split_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval(), 2, 2)[0]
+    outputs = {}
+    with TrunkClient(trunk.address, trunk.token) as client:
+        for name, secret in (("a", SECRET), ("again", SECRET), ("other", ClientSecret(bytes(range(1, 33))))):
+            engine = SplitEngine(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, client,
+                                 secret=secret)
+            engine.train(False)
+            with torch.no_grad():
+                outputs[name] = engine.bottom(ids, mask)
+            if name == "a":
+                SplitTrainer(engine, config, data, tokenizer.pad_token_id).run()
+                engine.train(False)
+                with torch.no_grad():
+                    hidden = client.evaluate(engine.bottom(ids, mask), mask)
+                    split_logits = engine.top(hidden, mask).logits
+                SplitTrainer(engine, config, data, tokenizer.pad_token_id).export_adapter(
+                    tmp_path / "adapter", str(tiny_dirs["llama"]))
+            engine.close()
+    with torch.no_grad():
+        clean = public(ids, mask)
+    real = mask.bool()
+    change = ((outputs["a"] - clean).norm(dim=-1)[real] / clean.norm(dim=-1)[real]).mean()
+    assert change > 0.2, "the private Bottom computes something the public one does not"
+    assert torch.equal(outputs["a"], outputs["again"]) and not torch.allclose(outputs["a"], outputs["other"])
+    # The secret change is part of the adapter: the full model with it computes what the split run computed.
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), tmp_path / "adapter")
+    with torch.no_grad():
+        logits = full.eval()(input_ids=ids, attention_mask=mask,
+                             position_ids=positions_from_mask(mask, ids.shape[1])).logits
+    assert (logits - split_logits)[real].abs().max() <= 1e-4
+
+
+def test_with_no_gradients_to_the_trunk_it_gets_no_backward_and_only_the_top_trains(tiny_dirs, tmp_path):
+    privacy = PrivacySettings(gradients_to_trunk=False)
+    config, tokenizer, data = small_run(tiny_dirs, tmp_path, privacy, train_trunk_lora=False)
+    real_trunk = start_trunk(tiny_dirs["llama"], tmp_path)
+    proxy = RecordingProxy(real_trunk.address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[proxy])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with TrunkClient(f"127.0.0.1:{port}", real_trunk.token) as client:
+            engine = SplitEngine(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, client,
+                                 secret=SECRET)
+            split_events = []
+            SplitTrainer(engine, config, data, tokenizer.pad_token_id, callbacks=[split_events.append]).run()
+            trained = set(engine.params)
+            engine.close()
+    finally:
+        server.stop(None)
+        real_trunk.stop()
+    called = [name for name, _ in proxy.requests]
+    assert "Forward" in called and "Backward" not in called and "Step" in called
+    assert trained and all(".layers.4." in name or ".layers.5." in name for name in trained)
+    local_events = []
+    local = LocalEngine(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, SplitSpec(6, 2, 2))
+    SplitTrainer(local, config, data, tokenizer.pad_token_id, callbacks=[local_events.append]).run()
+    split_losses = [e.loss for e in split_events if isinstance(e, StepMetrics)]
+    assert split_losses == pytest.approx([e.loss for e in local_events if isinstance(e, StepMetrics)], rel=1e-5)
+    assert len(split_losses) == 3 and split_losses[-1] < split_losses[0]
+
+
+def test_no_gradients_to_the_trunk_refuses_what_needs_them():
+    with pytest.raises(ValueError, match="its LoRA cannot learn"):
+        TrainConfig(max_steps=1, privacy=PrivacySettings(gradients_to_trunk=False))
+    with pytest.raises(ValueError, match="NoPeek and gradient noise have nothing to act on"):
+        PrivacySettings(gradients_to_trunk=False, grad_noise=1.0)

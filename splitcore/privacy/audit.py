@@ -23,12 +23,14 @@ from transformers import PreTrainedModel
 
 from ..adapter_export import ADAPTER_CONFIG
 from ..data_formats import Example
+from ..lora import LoraSettings, add_lora
 from ..examples import tokenize_examples
 from ..parts import Bottom, Top, Trunk, split_model
 from ..training.batches import Batch, MicroBatches, split_train_val
 from . import attacks
 from .client_secret import ClientSecret
 from .noise import ChannelNoise
+from .private_bottom import randomise_lora
 from .public_text import public_token_chunks
 from .settings import PrivacySettings
 
@@ -186,10 +188,16 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _client_bottom(bottom: Bottom, bottom_adapter: str | os.PathLike | nn.Module | None) -> nn.Module:
-    """The Bottom the client runs: the public one, or a private copy with the client's adapter."""
+def _client_bottom(bottom: Bottom, bottom_adapter: str | os.PathLike | nn.Module | None,
+                   settings: PrivacySettings, lora: LoraSettings, seed: int) -> nn.Module:
+    """The Bottom the client runs: the public one, its private variant (``settings.private_bottom``,
+    drawn from a fresh secret as a run draws it from its own), or the client's trained adapter."""
     if bottom_adapter is None:
-        return bottom
+        if settings.private_bottom <= 0:
+            return bottom
+        private = add_lora(copy.deepcopy(bottom), bottom.family, lora, seed=seed)
+        randomise_lora(private, ClientSecret.generate(), seed, settings.private_bottom)
+        return private.eval()
     if isinstance(bottom_adapter, nn.Module):
         return bottom_adapter
     from peft import PeftConfig, PeftModel
@@ -252,17 +260,22 @@ def _run_attacks(model: PreTrainedModel, tokenizer, public_bottom: Bottom, top: 
     learned = attacks.learned_inversion(inversion, embeddings, traffic.hidden, mask, config.candidates)
     searched = attacks.exact_search(public_bottom, traffic.hidden, mask, learned.candidates, settings.hidden_noise)
     targets, labelled = attacks.label_targets(batch.labels)
-    labels = attacks.gradient_labels(top, traffic.trunk_output, mask, traffic.gradient, positions=labelled)
+    if settings.gradients_to_trunk:
+        labels = attacks.gradient_labels(top, traffic.trunk_output, mask, traffic.gradient, positions=labelled)
+        from_gradients = AttackResult(GRADIENT_LABELS, *attacks.recovery(labels.tokens, targets, labelled))
+    else:  # the trunk is never sent a gradient: this channel carries nothing to read
+        from_gradients = AttackResult(GRADIENT_LABELS, 0, int(labelled.sum()))
     return (
         AttackResult(LEARNED_INVERSION, *attacks.recovery(learned.tokens, batch.input_ids, mask)),
         AttackResult(EXACT_SEARCH, *attacks.recovery(searched.tokens, batch.input_ids, mask)),
-        AttackResult(GRADIENT_LABELS, *attacks.recovery(labels.tokens, targets, labelled)),
+        from_gradients,
     )
 
 
 def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example], settings: PrivacySettings,
                   n_bottom: int, n_top: int, config: AuditConfig = AuditConfig(),
-                  bottom_adapter: str | os.PathLike | nn.Module | None = None) -> AuditReport:
+                  bottom_adapter: str | os.PathLike | nn.Module | None = None,
+                  lora: LoraSettings = LoraSettings()) -> AuditReport:
     """Play the honest-but-curious trunk owner against a sample of ``examples``; report what it reads.
 
     ``model`` is the public base model (no LoRA in it); it is left as it was. ``n_bottom``
@@ -271,7 +284,9 @@ def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example]
     Bottom the client really runs, when it differs from the public one: a PEFT adapter
     directory (applied to a private copy of the Bottom) or a module called like
     ``Bottom`` (input_ids, attention_mask) -> hidden; the attacker still has only the
-    public weights. The Top is the public one with a zero LoRA, as at the start of a run.
+    public weights. Without ``bottom_adapter`` and with ``settings.private_bottom`` on, the
+    client's Bottom is a private variant drawn as a run draws it, with ``lora``'s shape. The
+    Top is the public one with a zero LoRA, as at the start of a run.
     """
     if not isinstance(settings, PrivacySettings):
         raise ValueError(f"settings must be PrivacySettings, got {type(settings).__name__}")
@@ -288,7 +303,8 @@ def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example]
     try:
         channel = ChannelNoise(ClientSecret.generate(), seed=config.seed, hidden_scale=settings.hidden_noise,
                                grad_scale=settings.grad_noise)
-        traffic = _simulate_traffic(_client_bottom(public_bottom, bottom_adapter), trunk, top, batch, channel)
+        client_bottom = _client_bottom(public_bottom, bottom_adapter, settings, lora, config.seed)
+        traffic = _simulate_traffic(client_bottom, trunk, top, batch, channel)
         results = _run_attacks(model, tokenizer, public_bottom, top, batch, traffic, settings, config)
     finally:
         model.train(was_training)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 MAX_NOISE = 100.0
 MAX_NOPEEK = 100.0
+MAX_PRIVATE_BOTTOM = 10.0
 
 
 def _optional_layers(name: str, value: object) -> None:
@@ -36,6 +37,14 @@ class PrivacySettings:
     ``nopeek``: weight of a NoPeek term in the training objective, the distance correlation
     between the Bottom's input embeddings and the hidden states it sends (0: off). It trains
     the Bottom's LoRA to move its output away from what the public Bottom would send.
+
+    ``private_bottom``: the Bottom's LoRA starts as a secret random change of each weight, of
+    this size relative to the weight's norm (0: off, LoRA starts at zero as usual), so the
+    trunk owner's copy of the public Bottom no longer matches the client's.
+
+    ``gradients_to_trunk``: False closes the gradient channel: the trunk receives hidden states
+    only, never a gradient. Nothing behind the cut can then learn: the Bottom stays as it starts
+    and the trunk must be frozen (no trunk LoRA); only the Top trains.
     """
 
     bottom_layers: int | None = None
@@ -43,16 +52,24 @@ class PrivacySettings:
     hidden_noise: float = 0.0
     grad_noise: float = 0.0
     nopeek: float = 0.0
+    private_bottom: float = 0.0
+    gradients_to_trunk: bool = True
 
     def __post_init__(self) -> None:
         _optional_layers("bottom_layers", self.bottom_layers)
         _optional_layers("top_layers", self.top_layers)
-        for name, highest in (("hidden_noise", MAX_NOISE), ("grad_noise", MAX_NOISE), ("nopeek", MAX_NOPEEK)):
+        if not isinstance(self.gradients_to_trunk, bool):
+            raise ValueError(f"gradients_to_trunk must be true or false, got {self.gradients_to_trunk!r}")
+        for name, highest in (("hidden_noise", MAX_NOISE), ("grad_noise", MAX_NOISE), ("nopeek", MAX_NOPEEK),
+                              ("private_bottom", MAX_PRIVATE_BOTTOM)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                     or not 0.0 <= value <= highest):
                 raise ValueError(f"{name} must be a number from 0 (off) to {highest:g}, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if not self.gradients_to_trunk and (self.nopeek or self.grad_noise):
+            raise ValueError("with no gradients sent to the trunk, the Bottom does not train and no gradient is "
+                             "blurred: NoPeek and gradient noise have nothing to act on; turn them off")
 
     @property
     def any_noise(self) -> bool:
@@ -61,7 +78,7 @@ class PrivacySettings:
     @property
     def needs_cut(self) -> bool:
         """Defenses that act where the model is cut (a local run has no cut)."""
-        return self.any_noise or self.nopeek > 0
+        return self.any_noise or self.nopeek > 0 or self.private_bottom > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,4 +104,8 @@ class PrivacySettings:
             parts.append(f"gradient noise {self.grad_noise:g}")
         if self.nopeek:
             parts.append(f"NoPeek weight {self.nopeek:g}")
+        if self.private_bottom:
+            parts.append(f"private Bottom {self.private_bottom:g}")
+        if not self.gradients_to_trunk:
+            parts.append("no gradients to the trunk")
         return ", ".join(parts)

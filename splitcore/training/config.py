@@ -72,6 +72,9 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not isinstance(self.privacy, PrivacySettings):
             raise ValueError(f"privacy must be PrivacySettings, got {type(self.privacy).__name__}")
+        if not self.privacy.gradients_to_trunk and self.train_trunk_lora:
+            raise ValueError("with no gradients sent to the trunk, its LoRA cannot learn: turn trunk LoRA off "
+                             "(train_trunk_lora) or send gradients")
         if self.wire_encoding not in FLOAT_ENCODINGS:
             raise ValueError(f"wire encoding must be one of {', '.join(FLOAT_ENCODINGS)}, got {self.wire_encoding!r}")
 

@@ -23,6 +23,7 @@ from ..lora import add_lora, init_lora_weights, modules_in_layers, present_targe
 from ..parts import positions_from_mask, split_model
 from ..privacy import ChannelNoise, ClientSecret
 from ..privacy.nopeek import nopeek_penalty
+from ..privacy.private_bottom import randomise_lora
 from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
 from ..split_spec import SplitSpec
 from ..trunk_client import TrunkClient
@@ -93,7 +94,7 @@ class LocalEngine(Engine):
     def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None,
                  secret: ClientSecret | None = None) -> None:
         if config.privacy.needs_cut:
-            raise ValueError("noise on the hidden states or gradients and NoPeek act where the model is cut; "
+            raise ValueError("noise, NoPeek and a private Bottom act where the model is cut; "
                              "a local run has no cut, so run it split over a trunk")
         _freeze(model)
         self.family = family_for(model.config)
@@ -102,7 +103,10 @@ class LocalEngine(Engine):
         if not config.train_trunk_lora:
             if spec is None:
                 raise ValueError("a local run without trunk LoRA needs the split (bottom and top layers)")
-            targets = modules_in_layers(model, self.family, targets, set(spec.bottom_layers) | set(spec.top_layers))
+            trained = set(spec.top_layers)
+            if config.privacy.gradients_to_trunk:  # else the Bottom stays as it starts, as in a split run
+                trained |= set(spec.bottom_layers)
+            targets = modules_in_layers(model, self.family, targets, trained)
         peft_config = config.lora.peft_config(self.family, tuple(targets))
         self.model: PeftModel = get_peft_model(model, peft_config)
         init_lora_weights(self.model, config.seed)
@@ -164,6 +168,10 @@ class SplitEngine(Engine):
         self.nopeek = config.privacy.nopeek
         self._bottom_part = bottom
         self.bottom = add_lora(bottom, self.family, config.lora, seed=config.seed)
+        randomise_lora(self.bottom, self.secret, config.seed, config.privacy.private_bottom)
+        if not config.privacy.gradients_to_trunk:
+            # No gradient crosses the cut, so nothing before it learns: the trunk never gets a Backward.
+            self.bottom.requires_grad_(False)
         self.top = add_lora(top, self.family, config.lora, seed=config.seed)
         self.params = {}
         for part in (self.bottom, self.top):

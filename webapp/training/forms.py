@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
-from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK
+from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
 
 from ..datasets.models import Dataset
 from ..ownership import owned
@@ -13,7 +13,8 @@ from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
 from .models import Job
 
-PRIVACY_FIELDS = ["bottom_layers", "top_layers", "hidden_noise", "grad_noise", "nopeek"]
+PRIVACY_FIELDS = ["bottom_layers", "top_layers", "private_bottom", "gradients_to_trunk", "hidden_noise",
+                  "grad_noise", "nopeek"]
 FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
           "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum_steps", "max_seq_length",
           "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding", *PRIVACY_FIELDS]
@@ -52,6 +53,16 @@ class JobForm(forms.ModelForm):
     grad_noise = forms.FloatField(
         min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on gradients",
         help_text="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    private_bottom = forms.FloatField(
+        min_value=0.0, max_value=MAX_PRIVATE_BOTTOM, initial=0.0, required=False, label="Private Bottom",
+        help_text="the blocks before the trunk start as a secret random variant of the public ones, of this size "
+                  "relative to their weights, so the trunk's copy of the base model no longer matches (0: off)")
+    # A select rather than a checkbox: a form posted without it keeps the default (yes).
+    gradients_to_trunk = forms.NullBooleanField(
+        required=False, initial=True, label="Send gradients to the trunk",
+        widget=forms.Select(choices=[("true", "yes"), ("false", "no: only the blocks after the trunk train")]),
+        help_text="off: the trunk never receives a gradient (labels cannot be read from them); only the blocks "
+                  "after the trunk train, so trunk LoRA must be off too")
     nopeek = forms.FloatField(
         min_value=0.0, max_value=MAX_NOPEEK, initial=0.0, required=False, label="NoPeek weight",
         help_text="trains the blocks before the trunk to decorrelate what they send from your tokens (0: off)")
@@ -98,8 +109,10 @@ class JobForm(forms.ModelForm):
         self._check_cut(data, trunk)
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
         data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
-        for name in ("hidden_noise", "grad_noise", "nopeek"):
+        for name in ("hidden_noise", "grad_noise", "nopeek", "private_bottom"):
             data[name] = data.get(name) or 0.0
+        if data.get("gradients_to_trunk") is None:
+            data["gradients_to_trunk"] = True
         if data.get("max_steps"):
             data["epochs"] = None
         elif not data.get("epochs"):

@@ -61,6 +61,8 @@ class Job(models.Model):
     hidden_noise = models.FloatField(default=0.0)
     grad_noise = models.FloatField(default=0.0)
     nopeek = models.FloatField(default=0.0)
+    private_bottom = models.FloatField(default=0.0)
+    gradients_to_trunk = models.BooleanField(default=True)
     # The leakage audit the worker ran on a sample of this job's data (AuditReport.to_dict()).
     privacy_audit = models.JSONField(null=True, blank=True, editable=False)
 
@@ -126,7 +128,8 @@ class Job(models.Model):
 
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(bottom_layers=self.bottom_layers, top_layers=self.top_layers,
-                               hidden_noise=self.hidden_noise, grad_noise=self.grad_noise, nopeek=self.nopeek)
+                               hidden_noise=self.hidden_noise, grad_noise=self.grad_noise, nopeek=self.nopeek,
+                               private_bottom=self.private_bottom, gradients_to_trunk=self.gradients_to_trunk)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -149,7 +152,8 @@ class Job(models.Model):
             "lr_schedule": self.lr_schedule, "seed": self.seed, "val_fraction": self.val_fraction,
             "wire_encoding": self.wire_encoding, "bottom_layers": self.bottom_layers,
             "top_layers": self.top_layers, "hidden_noise": self.hidden_noise, "grad_noise": self.grad_noise,
-            "nopeek": self.nopeek,
+            "nopeek": self.nopeek, "private_bottom": self.private_bottom,
+            "gradients_to_trunk": self.gradients_to_trunk,
         }
 
 

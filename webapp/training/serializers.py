@@ -14,6 +14,7 @@ class JobSerializer(serializers.ModelSerializer):
                   "lora_dropout", "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
                   "grad_accum_steps", "max_seq_length", "warmup_steps", "lr_schedule", "seed", "val_fraction",
                   "wire_encoding", "bottom_layers", "top_layers", "hidden_noise", "grad_noise", "nopeek",
+                  "private_bottom", "gradients_to_trunk",
                   "privacy_audit",
                   "status", "error_message", "cancel_requested", "current_step", "total_steps",
                   "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at", "started_at",
