@@ -187,3 +187,20 @@ def test_a_deeper_cut_blunts_the_hidden_state_attacks_on_the_default_model(defau
         assert shallow.result(name).rate > MOST, shallow.table()
         assert deep.result(name).rate < shallow.result(name).rate - 0.1, (shallow.table(), deep.table())
     assert shallow.result(GRADIENT_LABELS).rate > MOST, shallow.table()
+
+
+def test_a_private_bottom_blunts_the_hidden_state_attacks_and_the_candidate_search_runs_against_it(
+        tiny_llama, demo_examples, undefended):
+    # On the tiny model's one block, a change of 1x the weights still leaves each token nearest itself; 3x does not.
+    report = run_audit(tiny_llama, demo_examples, private_bottom=3.0)
+    for name in HIDDEN_ATTACKS:
+        assert report.result(name).rate < 0.5 < undefended.result(name).rate - 0.3, report.table()
+    assert report.settings["private_bottom"] == 3.0
+    assert report.result(GRADIENT_LABELS).rate > MOST, "the Top is public: the gradients still carry the labels"
+
+
+def test_with_no_gradients_to_the_trunk_the_gradient_channel_reads_nothing(tiny_llama, demo_examples, undefended):
+    report = run_audit(tiny_llama, demo_examples, gradients_to_trunk=False)
+    assert report.result(GRADIENT_LABELS).recovered == 0
+    assert report.result(GRADIENT_LABELS).total == undefended.result(GRADIENT_LABELS).total
+    assert report.result(EXACT_SEARCH).rate > MOST

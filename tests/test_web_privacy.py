@@ -6,10 +6,14 @@ import io
 import zipfile
 
 import pytest
+from django.utils.html import escape
 from rest_framework.test import APIClient
 from test_web_training import JOB, upload
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
+from splitcore.privacy import PrivacySettings
+from splitcore.privacy.measured import MAX_RECOMMENDED_COST, measured_meta, measured_points, recommended_point
+from webapp.training.forms import JobForm
 from webapp.training.models import Job, JobLog
 from webapp.trunks.models import TrunkServer
 
@@ -123,3 +127,32 @@ def test_a_cut_the_trunk_does_not_allow_is_refused_before_the_job_starts(api, re
     assert refused.status_code == 400
     assert "no healthy trunk for 'tiny-llama' allows keeping 1 blocks before the trunk" in \
         refused.json()["bottom_layers"][0].replace(TINY_MODEL_ID, "tiny-llama")
+
+
+def test_the_form_shows_the_measured_tradeoff_and_starts_at_the_best_measured_compromise(client, owner, api,
+                                                                                         registered_trunk):
+    points = measured_points()
+    point = recommended_point()
+    assert points and point is not None, "the measured trade-off ships with the code"
+    assert point.val_loss_change <= MAX_RECOMMENDED_COST
+    assert all(p.worst_rate >= point.worst_rate for p in points if p.val_loss_change <= MAX_RECOMMENDED_COST)
+    client.force_login(owner)
+    page = client.get("/jobs/new/").content.decode()
+    assert 'id="privacy-table"' in page and 'id="privacy-points"' in page
+    assert page.count("<tr data-point=") == len(points)
+
+    # The measured model's form starts at the recommended setting, and says so.
+    measured_model = measured_meta()["model"]
+    form = JobForm(user=owner, base_model=measured_model)
+    assert form.recommended == point
+    assert {name: form.fields[name].initial for name in point.privacy.to_dict()} == point.privacy.to_dict()
+    # Another model (this test's tiny one, of 6 layers) starts at its trunk's default cut, undefended.
+    tiny = JobForm(user=owner, base_model=TINY_MODEL_ID)
+    assert tiny.recommended is None
+    assert tiny.fields["bottom_layers"].initial is None and tiny.fields["private_bottom"].initial == 0.0
+    assert 'id="privacy-default"' not in page  # the page's initial model is the tiny one
+
+    dataset_id = upload(api)
+    created = api.post("/api/jobs/", {**JOB, "dataset": dataset_id}, format="json")
+    assert created.status_code == 201, created.content
+    assert Job.objects.get(pk=created.json()["id"]).privacy_settings() == PrivacySettings()

@@ -8,7 +8,9 @@ URL and the login, and stops every child on Ctrl-C or SIGTERM. A second run keep
 
 Settings (environment): ``SPLITLEARN_DATA_DIR`` (./data), ``HOST`` (127.0.0.1),
 ``PORT`` (8000), ``REDIS_PORT`` (6390), ``TRUNK_PORT`` (50151), ``TRUNK_BOTTOM_LAYERS`` and
-``TRUNK_TOP_LAYERS`` (2 and 2), ``WORKER_CONCURRENCY`` (2).
+``TRUNK_TOP_LAYERS`` (2 and 2, the default cut), ``TRUNK_MIN_BOTTOM_LAYERS`` and
+``TRUNK_MIN_TOP_LAYERS`` (1 and 1: jobs may choose any cut that keeps at least that many
+blocks on each side), ``WORKER_CONCURRENCY`` (2).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class LauncherConfig:
     trunk_port: int
     bottom_layers: int
     top_layers: int
+    min_bottom_layers: int
+    min_top_layers: int
     worker_concurrency: int
 
     @classmethod
@@ -51,6 +55,8 @@ class LauncherConfig:
             trunk_port=env_int("TRUNK_PORT", 50151, 1, 65535),
             bottom_layers=env_int("TRUNK_BOTTOM_LAYERS", 2, 1),
             top_layers=env_int("TRUNK_TOP_LAYERS", 2, 1),
+            min_bottom_layers=env_int("TRUNK_MIN_BOTTOM_LAYERS", 1, 1),
+            min_top_layers=env_int("TRUNK_MIN_TOP_LAYERS", 1, 1),
             worker_concurrency=env_int("WORKER_CONCURRENCY", 2, 1, 64),
         )
 
@@ -129,8 +135,10 @@ class Launcher:
         self.children.append(start_redis(self.run_dir / "redis", port=config.redis_port))
         token = _secret(self.run_dir / "trunk_token")
         say(f"starting the trunk server on 127.0.0.1:{config.trunk_port}...")
-        trunk = start_trunk(self.model_dir, self.log_dir, "--port", str(config.trunk_port), token=token,
-                            n_bottom=config.bottom_layers, n_top=config.top_layers)
+        trunk = start_trunk(self.model_dir, self.log_dir, "--port", str(config.trunk_port),
+                            "--min-bottom-layers", str(min(config.min_bottom_layers, config.bottom_layers)),
+                            "--min-top-layers", str(min(config.min_top_layers, config.top_layers)),
+                            token=token, n_bottom=config.bottom_layers, n_top=config.top_layers)
         self.children.append(trunk)
         self._register_trunk(trunk.address, token)
         say("starting the Celery worker and beat...")

@@ -164,6 +164,12 @@ class AuditReport:
         """A small text table: one row per attack, with the share of tokens it read."""
         noise = [f"hidden noise {self.settings.get('hidden_noise', 0.0):g}",
                  f"gradient noise {self.settings.get('grad_noise', 0.0):g}"]
+        if self.settings.get("private_bottom"):
+            noise.append(f"private Bottom {self.settings['private_bottom']:g}")
+        if self.settings.get("nopeek"):
+            noise.append(f"NoPeek {self.settings['nopeek']:g}")
+        if self.settings.get("gradients_to_trunk") is False:
+            noise.append("no gradients to the trunk")
         width = max(len(result.title) for result in self.results) if self.results else 10
         lines = [f"Leakage audit: Bottom {self.n_bottom} blocks, Top {self.n_top} blocks, {', '.join(noise)}; "
                  f"{self.examples} examples, {self.seconds:.1f} s",

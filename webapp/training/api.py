@@ -27,7 +27,7 @@ class JobList(ListCreateAPIView):
         if not hasattr(request.data, "get"):
             raise ValidationError({"non_field_errors": ["send a JSON object"]})
         given = request.data.dict() if hasattr(request.data, "dict") else dict(request.data)
-        defaults = JobForm(user=request.user).fields
+        defaults = JobForm(user=request.user, base_model=given.get("base_model")).fields
         data = {name: field.initial for name, field in defaults.items() if field.initial is not None}
         form = JobForm(data={**data, **given}, user=request.user)
         if not form.is_valid():

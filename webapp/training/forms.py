@@ -5,6 +5,7 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
+from splitcore.privacy.measured import measured_meta, recommended_point
 from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
 
 from ..datasets.models import Dataset
@@ -71,7 +72,9 @@ class JobForm(forms.ModelForm):
         model = Job
         fields = FIELDS
 
-    def __init__(self, *args, user, **kwargs) -> None:
+    def __init__(self, *args, user, base_model: str | None = None, **kwargs) -> None:
+        """``base_model``: the model the privacy fields' starting values are for (default: the form's
+        initial model); the measured best compromise applies to the model it was measured on."""
         super().__init__(*args, **kwargs)
         self.user = user
         self.fields["dataset"].queryset = owned(Dataset, user)
@@ -83,8 +86,22 @@ class JobForm(forms.ModelForm):
         elif models:
             self.fields["base_model"].initial = models[0]
         self.fields["trunk"].queryset = healthy_trunks()
+        self._start_at_recommended_privacy(base_model or self.fields["base_model"].initial)
         for name in ("lr_schedule", "wire_encoding"):
             self.fields[name].required = False
+
+    def _start_at_recommended_privacy(self, base_model: str | None) -> None:
+        """Privacy fields start at the best compromise measured on ``base_model`` (splitcore.privacy.measured);
+        for another model they start at its trunk's default cut without defenses."""
+        point = recommended_point()
+        self.recommended = None
+        if point is None or base_model != measured_meta().get("model"):
+            return
+        self.recommended = point
+        for name, value in point.privacy.to_dict().items():
+            self.fields[name].initial = value
+        if not point.privacy.gradients_to_trunk:
+            self.fields["train_trunk_lora"].initial = False  # nothing behind the cut can learn without gradients
 
     def general_fields(self):
         return [self[name] for name in self.fields if name not in PRIVACY_FIELDS]

@@ -15,6 +15,7 @@ from django.conf import settings
 
 from splitcore.data_formats import Example
 from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy
+from splitcore.privacy.measured import MAX_RECOMMENDED_COST, MeasuredPoint, measured_meta, measured_points
 from splitcore.training.engines import SplitEngine
 
 from .. import base_models
@@ -96,3 +97,23 @@ def audit_markdown(job: Job) -> str:
     lines.append("The audit plays an honest-but-curious trunk owner with three attacks on a sample of the "
                  "training data; stronger attacks may read more. See docs/privacy.md.")
     return "\n".join(lines)
+
+
+def measured_context(recommended: MeasuredPoint | None) -> dict:
+    """The measured trade-off for the job form: the table, its data for the page script, and the
+    ``recommended`` point the privacy fields start at (None: they start undefended)."""
+    points = measured_points()
+    if not points:
+        return {}
+    meta = measured_meta()
+
+    def present(point) -> dict:
+        return {**point.to_dict(), "percents": {name: f"{rate:.1%}" for name, rate in point.rates.items()},
+                "worst_percent": f"{point.worst_rate:.1%}", "cost": f"{point.val_loss_change:+.1%}"}
+
+    rows = [present(point) for point in points]
+    script = {"points": rows, "model": meta.get("model"),
+              "recommended": points.index(recommended) if recommended else None}
+    return {"measured": rows, "measured_json": script, "max_cost": MAX_RECOMMENDED_COST * 100,
+            "recommended": present(recommended) if recommended else None,
+            "measured_on": f"{meta.get('model', 'the default model')} and the demo dataset {meta.get('data', '')}"}

@@ -14,7 +14,7 @@ from .adapter_package import build_adapter_zip, zip_name
 from .forms import JobForm
 from .consumers import LOG_TAIL
 from .models import Job, JobLog, MetricPoint
-from .privacy import audit_summary
+from .privacy import audit_summary, measured_context
 
 
 @login_required
@@ -49,7 +49,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         job = services.create_job(form.save())
         messages.success(request, f"Job {job.pk} is queued.")
         return redirect("training:job-detail", pk=job.pk)
-    return render(request, "training/job_new.html", {"form": form})
+    return render(request, "training/job_new.html", {"form": form, **measured_context(form.recommended)})
 
 
 @login_required

@@ -56,7 +56,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
     list_filter = ("status", "enabled")
     search_fields = ("name", "address", "model_id")
     actions = ("check_now", "enable", "disable")
-    readonly_fields = ("status_badge", "latency", "layers", "sessions") + tuple(
+    readonly_fields = ("status_badge", "latency", "layers", "cuts", "sessions") + tuple(
         field for field in HEALTH_FIELDS if field not in ("status", "latency_ms"))
     fieldsets = (
         (None, {"fields": ("name", "address", "token", "use_tls", "tls_ca_certificate", "enabled")}),
@@ -64,12 +64,17 @@ class TrunkServerAdmin(admin.ModelAdmin):
             "classes": ("collapse",),
             "description": "Filled by the health checks (every few seconds by Celery beat, or 'Check now').",
             "fields": ("status_badge", "latency", "last_checked_at", "last_error", "model_id", "model_type",
-                       "weights_fingerprint", "layers", "num_layers", "trunk_start", "trunk_end", "hidden_size",
+                       "weights_fingerprint", "layers", "num_layers", "trunk_start", "trunk_end", "cuts",
+                       "min_trunk_start", "max_trunk_end", "hidden_size",
                        "sessions", "max_sessions", "active_sessions", "version"),
         }),
     )
 
     # ------------------------------------------------------------ columns
+
+    @admin.display(description="cuts sessions may choose")
+    def cuts(self, trunk: TrunkServer) -> str:
+        return trunk.cut_bounds or "the default cut only"
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, trunk: TrunkServer) -> str:

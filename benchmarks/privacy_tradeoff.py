@@ -1,0 +1,174 @@
+"""What privacy costs: each cut and defense, the tokens a trunk owner reads, and the validation loss.
+
+For every setting, a split run on the default model (SmolLM2-135M-Instruct) and the demo
+dataset against a real trunk server on loopback (which lets sessions choose their cut), then
+the leakage audit (``splitcore.privacy.audit``) on a sample of the same data: once with the
+Bottom the run starts with and once with the Bottom it trained; an attack's figure is the
+larger of the two (the trunk sees every step). Prints a table: the share of tokens each attack
+reads, the final validation loss, and that loss relative to the undefended run at the trunk's
+default cut.
+
+    .venv/bin/python benchmarks/privacy_tradeoff.py [--epochs 3] [--only NAME ...] \
+        [--json results.json] [--save-measured]
+
+``--save-measured`` writes the figures to ``splitcore/privacy/measured_tradeoff.json``, where
+the job form reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from splitcore import LoraSettings, default_model  # noqa: E402
+from splitcore.data_formats import load_dataset_file  # noqa: E402
+from splitcore.privacy import ClientSecret, PrivacySettings  # noqa: E402
+from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy  # noqa: E402
+from splitcore.privacy.measured import MEASURED_PATH  # noqa: E402
+from splitcore.training import SplitEngine, SplitTrainer, TrainConfig  # noqa: E402
+from splitcore.training.batches import prepare_training_data  # noqa: E402
+from splitcore.trunk_client import TrunkClient  # noqa: E402
+from splitcore.trunk_process import start_trunk  # noqa: E402
+
+DEMO_DATA = PROJECT_ROOT / "webapp" / "demo" / "lighthouse_keeper.jsonl"
+BASELINE = "undefended, default cut"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    train_trunk_lora: bool = True
+
+
+SETTINGS = (
+    Setting(BASELINE),
+    Setting("Bottom 1 block", PrivacySettings(bottom_layers=1)),
+    Setting("Bottom 4 blocks", PrivacySettings(bottom_layers=4)),
+    Setting("Bottom 8 blocks", PrivacySettings(bottom_layers=8)),
+    Setting("Top 8 blocks", PrivacySettings(top_layers=8)),
+    Setting("Bottom 8 + Top 8 blocks", PrivacySettings(bottom_layers=8, top_layers=8)),
+    Setting("Bottom 8 + Top 16 blocks", PrivacySettings(bottom_layers=8, top_layers=16)),
+    Setting("hidden noise 0.5", PrivacySettings(hidden_noise=0.5)),
+    Setting("hidden noise 2", PrivacySettings(hidden_noise=2.0)),
+    Setting("hidden noise 8", PrivacySettings(hidden_noise=8.0)),
+    Setting("gradient noise 4", PrivacySettings(grad_noise=4.0)),
+    Setting("gradient noise 32", PrivacySettings(grad_noise=32.0)),
+    Setting("NoPeek 1", PrivacySettings(nopeek=1.0)),
+    Setting("NoPeek 10", PrivacySettings(nopeek=10.0)),
+    Setting("private Bottom 0.3", PrivacySettings(private_bottom=0.3)),
+    Setting("private Bottom 1", PrivacySettings(private_bottom=1.0)),
+    Setting("no gradients to the trunk", PrivacySettings(gradients_to_trunk=False), train_trunk_lora=False),
+    Setting("private Bottom 1 + gradient noise 32", PrivacySettings(private_bottom=1.0, grad_noise=32.0)),
+    Setting("private Bottom 1 + no gradients", PrivacySettings(private_bottom=1.0, gradients_to_trunk=False),
+            train_trunk_lora=False),
+    Setting("Bottom 4 + private Bottom 0.5 + no gradients",
+            PrivacySettings(bottom_layers=4, private_bottom=0.5, gradients_to_trunk=False), train_trunk_lora=False),
+    Setting("Bottom 8 + Top 8 + private Bottom 0.3 + no gradients",
+            PrivacySettings(bottom_layers=8, top_layers=8, private_bottom=0.3, gradients_to_trunk=False),
+            train_trunk_lora=False),
+)
+
+
+def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trunk, args) -> dict:
+    config = TrainConfig(lora=LoraSettings(r=8, alpha=16, dropout=0.05), train_trunk_lora=setting.train_trunk_lora,
+                         learning_rate=args.lr, epochs=args.epochs, batch_size=4, seq_len=args.seq_len,
+                         val_fraction=0.15, seed=0, privacy=setting.privacy)
+    data = prepare_training_data(tokenizer, examples, config)
+    audit_config = AuditConfig(sample=args.sample, max_tokens=min(128, args.seq_len))
+    started = time.perf_counter()
+    with TrunkClient(trunk.address, trunk.token, timeout_s=600) as client:
+        engine = SplitEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, client,
+                             secret=ClientSecret.generate(), label=f"privacy benchmark: {setting.name}")
+        spec = engine.spec
+
+        def audit(bottom) -> AuditReport:
+            return audit_privacy(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples,
+                                 setting.privacy, spec.n_bottom, spec.n_top, audit_config, bottom_adapter=bottom,
+                                 lora=config.lora)
+
+        engine.train(False)
+        first = audit(engine.bottom)
+        trainer = SplitTrainer(engine, config, data, tokenizer.pad_token_id)
+        result = trainer.run()
+        engine.train(False)
+        last = audit(engine.bottom)
+        engine.close()
+    rates = {r.name: max(r.rate, last.result(r.name).rate) for r in first.results}
+    return {"name": setting.name, "privacy": setting.privacy.to_dict(), "train_trunk_lora": setting.train_trunk_lora,
+            "n_bottom": spec.n_bottom, "n_top": spec.n_top, "rates": rates,
+            "first_step": {r.name: r.rate for r in first.results}, "last_step": {r.name: r.rate for r in last.results},
+            "val_loss": result.val_loss, "steps": result.step, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def markdown(rows: list[dict]) -> str:
+    base = next(r["val_loss"] for r in rows if r["name"] == BASELINE)
+    lines = ["| setting | cut (Bottom + Top) | linear map | candidate search | labels from gradients | worst | "
+             "validation loss | vs undefended |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        rates = row["rates"]
+        worst = max(rates.values())
+        lines.append(f"| {row['name']} | {row['n_bottom']} + {row['n_top']} | {rates['learned_inversion']:.1%} | "
+                     f"{rates['exact_search']:.1%} | {rates['gradient_labels']:.1%} | **{worst:.1%}** | "
+                     f"{row['val_loss']:.4f} | {row['val_loss'] / base - 1:+.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="default: the prepared default model")
+    parser.add_argument("--data", type=Path, default=DEMO_DATA)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--sample", type=int, default=8, help="examples each audit attacks")
+    parser.add_argument("--only", nargs="*", help="names of the settings to run (the undefended one always runs)")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --json (or the measured file) and run only the settings "
+                             "missing there; every setting gets a fresh client secret either way")
+    parser.add_argument("--save-measured", action="store_true", help=f"write the rows to {MEASURED_PATH}")
+    args = parser.parse_args()
+    model_dir = args.model or default_model.prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_dataset_file(args.data).examples
+    target = args.json or (MEASURED_PATH if args.save_measured else None)
+    rows = json.loads(target.read_text())["rows"] if args.append and target and target.is_file() else []
+    done = {row["name"] for row in rows}
+    chosen = [s for s in SETTINGS if s.name not in done
+              and (s.name == BASELINE or not args.only or s.name in args.only)]
+    with tempfile.TemporaryDirectory() as log_dir:
+        trunk = start_trunk(model_dir, log_dir, "--min-bottom-layers", "1", "--min-top-layers", "1",
+                            "--max-sessions", "2")
+        try:
+            for setting in chosen:
+                row = train_and_audit(setting, Path(model_dir), examples, tokenizer, trunk, args)
+                rows.append(row)
+                print(f"{row['name']}: {json.dumps(row['rates'])} val loss {row['val_loss']:.4f} "
+                      f"({row['seconds']} s)", file=sys.stderr, flush=True)
+        finally:
+            trunk.stop()
+    order = [s.name for s in SETTINGS]
+    rows.sort(key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
+    print(markdown(rows))
+    meta = {"model": Path(model_dir).name, "data": args.data.name, "epochs": args.epochs, "lr": args.lr,
+            "seq_len": args.seq_len, "audit_sample": args.sample}
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.save_measured:
+        MEASURED_PATH.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
