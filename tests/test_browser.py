@@ -185,3 +185,23 @@ def test_job_list_updates_statuses_live(page, django_user_model, registered_trun
     canceller.start()
     canceller.join(30)
     expect(row.locator(".status")).to_have_text("cancelled", timeout=20_000)
+
+
+def test_the_job_form_shows_what_the_chosen_privacy_setting_let_a_trunk_owner_read(page, django_user_model,
+                                                                                  registered_trunk):
+    from splitcore.privacy.measured import measured_points
+
+    log_in(page, django_user_model)
+    page.goto("/jobs/new/")
+    measured = page.locator("#privacy-measured")
+    undefended = measured_points()[0]
+    # The tiny model starts undefended at its trunk's default cut: the first measured row.
+    expect(measured).to_contain_text(f"({undefended.name})")
+    expect(measured).to_contain_text(f"{undefended.rates['exact_search']:.1%} with a candidate search")
+    page.fill("input[name=bottom_layers]", "8")
+    page.fill("input[name=top_layers]", "16")
+    expect(measured).to_contain_text("(Bottom 8 + Top 16 blocks)")
+    expect(page.locator("#privacy-table tr.chosen")).to_contain_text("Bottom 8 + Top 16 blocks")
+    page.fill("input[name=hidden_noise]", "0.123")
+    expect(measured).to_contain_text("This exact setting was not measured")
+    expect(page.locator("#privacy-table tr.chosen")).to_have_count(0)
