@@ -93,19 +93,23 @@ class PrivacySettings:
         return cls(**data)
 
     def describe(self) -> str:
-        """One line for logs and pages, e.g. "Bottom 4 blocks, Top default, hidden noise 0.5"."""
-        parts = [
-            f"Bottom {self.bottom_layers if self.bottom_layers is not None else 'default'} blocks",
-            f"Top {self.top_layers if self.top_layers is not None else 'default'} blocks",
-        ]
-        if self.hidden_noise:
-            parts.append(f"hidden-state noise {self.hidden_noise:g}")
-        if self.grad_noise:
-            parts.append(f"gradient noise {self.grad_noise:g}")
-        if self.nopeek:
-            parts.append(f"NoPeek weight {self.nopeek:g}")
+        """One line for logs and pages, e.g. "8 blocks before the trunk, 16 after it; private Bottom 0.3"."""
+        if self.bottom_layers is None and self.top_layers is None:
+            cut = "the trunk's default cut"
+        else:
+            before = ("the default number of blocks" if self.bottom_layers is None
+                      else f"{self.bottom_layers} block{'s' if self.bottom_layers != 1 else ''}")
+            after = "the default number" if self.top_layers is None else str(self.top_layers)
+            cut = f"{before} before the trunk, {after} after it"
+        defenses = []
         if self.private_bottom:
-            parts.append(f"private Bottom {self.private_bottom:g}")
+            defenses.append(f"private Bottom {self.private_bottom:g}")
+        if self.nopeek:
+            defenses.append(f"NoPeek weight {self.nopeek:g}")
+        if self.hidden_noise:
+            defenses.append(f"hidden-state noise {self.hidden_noise:g}")
+        if self.grad_noise:
+            defenses.append(f"gradient noise {self.grad_noise:g}")
         if not self.gradients_to_trunk:
-            parts.append("no gradients to the trunk")
-        return ", ".join(parts)
+            defenses.append("no gradients to the trunk")
+        return f"{cut}; {', '.join(defenses) if defenses else 'no other defense'}"
