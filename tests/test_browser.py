@@ -92,6 +92,11 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     first = len(live_steps(page))
     page.wait_for_function(f"window.jobLive.metrics.size > {first}")
     expect(page.locator("#job-status")).to_have_text("running")
+    # The worker's leakage audit runs before the first step: its panel fills in without a reload.
+    audit = page.locator("#privacy-audit .audit[data-moment=first_step]")
+    expect(audit).to_have_count(1)
+    expect(audit.locator("tr[data-attack]")).to_have_count(3)
+    expect(audit.locator(".audit-headline")).to_contain_text("could read about")
 
     # A reload mid-job draws the whole history at once, with no gaps.
     seen = live_steps(page)

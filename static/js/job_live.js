@@ -149,7 +149,12 @@
       headline.append(strong, context);
       const table = document.createElement("table");
       table.className = "audit-table";
-      table.innerHTML = "<thead><tr><th>Attack</th><th>Tokens read</th></tr></thead>";
+      const head = table.createTHead().insertRow();
+      ["Attack", "Tokens read"].forEach((title) => {
+        const th = document.createElement("th");
+        th.textContent = title;
+        head.appendChild(th);
+      });
       const body = document.createElement("tbody");
       moment.attacks.forEach((attack) => {
         const row = body.insertRow();
