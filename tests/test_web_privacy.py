@@ -90,6 +90,10 @@ def test_the_api_takes_privacy_settings_and_defaults_to_the_trunks_cut(api, regi
     job = Job.objects.get(pk=created.json()["id"])
     assert (job.bottom_layers, job.top_layers, job.hidden_noise, job.grad_noise) == (3, None, 0.0, 1.5)
     assert job.train_config().privacy.bottom_layers == 3
+    closed = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "gradients_to_trunk": False,
+                                     "train_trunk_lora": False, "private_bottom": 0.5}, format="json")
+    assert closed.status_code == 201, closed.content
+    assert closed.json()["gradients_to_trunk"] is False and closed.json()["private_bottom"] == 0.5
 
 
 @pytest.mark.parametrize("given,field,message", [
@@ -97,6 +101,9 @@ def test_the_api_takes_privacy_settings_and_defaults_to_the_trunks_cut(api, regi
     ({"bottom_layers": 0}, "bottom_layers", "greater than or equal to 1"),
     ({"hidden_noise": -0.5}, "hidden_noise", "greater than or equal to 0"),
     ({"grad_noise": "lots"}, "grad_noise", "Enter a number"),
+    ({"gradients_to_trunk": False, "train_trunk_lora": True}, "non_field_errors", "its LoRA cannot learn"),
+    ({"gradients_to_trunk": False, "train_trunk_lora": False, "nopeek": 1}, "non_field_errors",
+     "nothing to act on"),
 ])
 def test_impossible_privacy_settings_are_refused_with_the_field_and_the_reason(api, registered_trunk, given,
                                                                               field, message):

@@ -21,6 +21,14 @@ FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropou
           "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding", *PRIVACY_FIELDS]
 
 
+class _YesNoSelect(forms.NullBooleanSelect):
+    """Yes or no, and nothing posted reads as None (then the default)."""
+
+    def __init__(self, attrs=None) -> None:
+        super().__init__(attrs)
+        self.choices = [("true", "yes"), ("false", "no: only the blocks after the trunk train")]
+
+
 class JobForm(forms.ModelForm):
     base_model = forms.ChoiceField(help_text="models served by a healthy trunk server")
     trunk = forms.ModelChoiceField(queryset=TrunkServer.objects.none(), required=False, empty_label="auto",
@@ -60,8 +68,7 @@ class JobForm(forms.ModelForm):
                   "relative to their weights, so the trunk's copy of the base model no longer matches (0: off)")
     # A select rather than a checkbox: a form posted without it keeps the default (yes).
     gradients_to_trunk = forms.NullBooleanField(
-        required=False, initial=True, label="Send gradients to the trunk",
-        widget=forms.Select(choices=[("true", "yes"), ("false", "no: only the blocks after the trunk train")]),
+        required=False, initial=True, label="Send gradients to the trunk", widget=_YesNoSelect(),
         help_text="off: the trunk never receives a gradient (labels cannot be read from them); only the blocks "
                   "after the trunk train, so trunk LoRA must be off too")
     nopeek = forms.FloatField(
