@@ -22,15 +22,7 @@ def add_audit_parser(commands) -> None:
     audit.add_argument("--bottom-layers", type=int, required=True, help="decoder blocks kept here before the trunk")
     audit.add_argument("--top-layers", type=int, default=2, help="decoder blocks kept here after the trunk "
                                                                  "(default 2)")
-    audit.add_argument("--hidden-noise", type=float, default=0.0, help="noise on the hidden states sent to the "
-                                                                       "trunk, relative to their norm (0: off)")
-    audit.add_argument("--grad-noise", type=float, default=0.0, help="noise on the gradients sent back to the "
-                                                                     "trunk, relative to their norm (0: off)")
-    audit.add_argument("--private-bottom", type=float, default=0.0,
-                       help="a private Bottom: a secret random change of each Bottom weight, relative to its norm "
-                            "(0: off)")
-    audit.add_argument("--no-gradients-to-trunk", action="store_true",
-                       help="the run sends the trunk no gradients (only the Top trains)")
+    add_defense_arguments(audit)
     audit.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the private Bottom (default 8)")
     audit.add_argument("--sample", type=int, default=AuditConfig.sample, help="examples attacked (default 8)")
     audit.add_argument("--max-tokens", type=int, default=AuditConfig.max_tokens,
@@ -44,11 +36,29 @@ def add_audit_parser(commands) -> None:
     audit.set_defaults(handler=run_audit)
 
 
+def add_defense_arguments(parser) -> None:
+    """The defenses ``train`` applies and ``audit-privacy`` measures, under the same flags."""
+    parser.add_argument("--hidden-noise", type=float, default=0.0,
+                        help="clipped Gaussian noise on the hidden states sent to the trunk, as a share of a "
+                             "typical hidden state's norm (0: off)")
+    parser.add_argument("--grad-noise", type=float, default=0.0,
+                        help="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    parser.add_argument("--private-bottom", type=float, default=0.0,
+                        help="start the Bottom's LoRA as a secret random change of each weight, of this size "
+                             "relative to the weight (0: off)")
+    parser.add_argument("--no-gradients-to-trunk", action="store_true",
+                        help="never send the trunk a gradient: only the Top trains (needs --no-trunk-lora)")
+
+
+def defense_settings(args: argparse.Namespace) -> dict:
+    """The PrivacySettings fields of ``add_defense_arguments``' flags."""
+    return {"hidden_noise": args.hidden_noise, "grad_noise": args.grad_noise, "private_bottom": args.private_bottom,
+            "gradients_to_trunk": not args.no_gradients_to_trunk}
+
+
 def run_audit(args: argparse.Namespace) -> int:
     settings = PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
-                               hidden_noise=args.hidden_noise, grad_noise=args.grad_noise,
-                               private_bottom=args.private_bottom,
-                               gradients_to_trunk=not args.no_gradients_to_trunk)
+                               **defense_settings(args))
     config = AuditConfig(sample=args.sample, max_tokens=args.max_tokens, candidates=args.candidates,
                          public_tokens=args.public_tokens, seed=args.seed)
     model_dir, data = Path(args.model), Path(args.data)

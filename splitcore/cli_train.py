@@ -9,8 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .cli_trunk import add_trunk_arguments, connect_trunk
 from . import default_model
+from .cli_privacy import add_defense_arguments, defense_settings
+from .cli_trunk import add_trunk_arguments, connect_trunk
 from .lora import LoraSettings
 from .privacy import ClientSecret, PrivacySettings
 from .protocol import OptimizerSettings
@@ -69,19 +70,10 @@ def add_train_parser(commands) -> None:
                               f"--local: {LOCAL_CUT})")
     privacy.add_argument("--top-layers", type=int,
                          help=f"decoder blocks kept here after the trunk (default: the trunk's; --local: {LOCAL_CUT})")
-    privacy.add_argument("--hidden-noise", type=float, default=0.0,
-                         help="clipped Gaussian noise on the hidden states sent to the trunk, as a share of a "
-                              "typical hidden state's norm (0: off)")
-    privacy.add_argument("--grad-noise", type=float, default=0.0,
-                         help="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
+    add_defense_arguments(privacy)
     privacy.add_argument("--nopeek", type=float, default=0.0,
                          help="weight of the NoPeek term that trains the Bottom to decorrelate what it sends from "
                               "its input (0: off)")
-    privacy.add_argument("--private-bottom", type=float, default=0.0,
-                         help="start the Bottom's LoRA as a secret random change of each weight, of this size "
-                              "relative to the weight (0: off)")
-    privacy.add_argument("--no-gradients-to-trunk", action="store_true",
-                         help="never send the trunk a gradient: only the Top trains (needs --no-trunk-lora)")
     privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
                                                f"sent are derived (default: {SECRET_FILE_NAME} in the data "
                                                "directory; created when missing)")
@@ -98,10 +90,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup_steps=args.warmup,
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
-        privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
-                                hidden_noise=args.hidden_noise, grad_noise=args.grad_noise, nopeek=args.nopeek,
-                                private_bottom=args.private_bottom,
-                                gradients_to_trunk=not args.no_gradients_to_trunk),
+        privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers, nopeek=args.nopeek,
+                                **defense_settings(args)),
     )
 
 

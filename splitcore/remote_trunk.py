@@ -15,7 +15,7 @@ from transformers import PretrainedConfig
 from .architectures import ArchitectureFamily
 from .fingerprint import weights_fingerprint
 from .proto import trunk_pb2 as pb
-from .split_spec import SplitSpec
+from .split_spec import CutBounds, SplitSpec
 from .trunk_client import TrunkClient
 
 
@@ -50,23 +50,25 @@ def spec_from_info(info: pb.InfoResponse) -> SplitSpec:
     return choose_split(info)
 
 
+def cut_bounds(info: pb.InfoResponse) -> CutBounds:
+    """The cuts a trunk allows, from its Info (a trunk from before per-session ranges: its default only)."""
+    return CutBounds(num_layers=info.num_layers, default=range(info.trunk_start, info.trunk_end),
+                     lowest=info.min_trunk_start or info.trunk_start, highest=info.max_trunk_end or info.trunk_end)
+
+
 def choose_split(info: pb.InfoResponse, n_bottom: int | None = None, n_top: int | None = None) -> SplitSpec:
     """The cut a session asks for (None: the trunk's default on that side), within the trunk's bounds.
 
     ValueError, before any session opens, when the trunk's operator does not allow that cut.
     """
-    n_bottom = info.trunk_start if n_bottom is None else n_bottom
-    n_top = info.num_layers - info.trunk_end if n_top is None else n_top
-    spec = SplitSpec(num_layers=info.num_layers, n_bottom=n_bottom, n_top=n_top)
-    # A trunk from before per-session ranges serves its default range only.
-    lowest = info.min_trunk_start or info.trunk_start
-    highest = info.max_trunk_end or info.trunk_end
-    if not (lowest <= spec.trunk_layers.start and spec.trunk_layers.stop <= highest):
+    bounds = cut_bounds(info)
+    spec = bounds.split(n_bottom, n_top)
+    if not bounds.allows(spec.trunk_layers):
         raise ValueError(
-            f"the trunk ({info.model_id!r}) lets sessions run layers within {lowest}-{highest - 1} of "
-            f"{info.num_layers}: keep at least {lowest} blocks on this machine before it and "
-            f"{info.num_layers - highest} after it; this run keeps {spec.n_bottom} before and {spec.n_top} after. "
-            "Choose a cut within those bounds, or a trunk whose operator allows it")
+            f"the trunk ({info.model_id!r}) lets sessions run layers within {bounds.lowest}-{bounds.highest - 1} "
+            f"of {info.num_layers}: keep at least {bounds.lowest} blocks on this machine before it and "
+            f"{info.num_layers - bounds.highest} after it; this run keeps {spec.n_bottom} before and "
+            f"{spec.n_top} after. Choose a cut within those bounds, or a trunk whose operator allows it")
     return spec
 
 

@@ -52,3 +52,29 @@ class SplitSpec:
     @property
     def top_layers(self) -> range:
         return range(self.num_layers - self.n_top, self.num_layers)
+
+
+@dataclass(frozen=True)
+class CutBounds:
+    """The cuts a trunk allows: its ``default`` trunk range, and any non-empty range of trunk
+    blocks within ``[lowest, highest)`` (so at least ``lowest`` blocks stay with the client
+    before the trunk and ``num_layers - highest`` after it).
+
+    The trunk server, its clients and the web app's trunk records all judge a cut with it.
+    """
+
+    num_layers: int
+    default: range
+    lowest: int
+    highest: int
+
+    def split(self, n_bottom: int | None = None, n_top: int | None = None) -> SplitSpec:
+        """The cut keeping ``n_bottom``/``n_top`` blocks on the client (None: the default's on that side);
+        ValueError (from SplitSpec) when it leaves a part without a block."""
+        return SplitSpec(num_layers=self.num_layers,
+                         n_bottom=self.default.start if n_bottom is None else n_bottom,
+                         n_top=self.num_layers - self.default.stop if n_top is None else n_top)
+
+    def allows(self, layers: range) -> bool:
+        """Whether a session may run the trunk blocks ``layers``."""
+        return self.lowest <= layers.start < layers.stop <= self.highest

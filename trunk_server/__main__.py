@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"trunk server listening on {config.host}:{running.port} "
-          f"(layers {host.trunk_start}-{host.trunk_end - 1} of {host.num_layers} by default, sessions may run "
-          f"{host.min_start}-{host.max_end - 1}; model {host.model_id})",
+          f"(layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
+          f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id})",
           flush=True)
     # Poll: a bare wait() in the main thread may not wake up for the signal handler.
     while not stopped.wait(0.5):

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
 from splitcore.fingerprint import state_fingerprint
 from splitcore.lora import modules_in_layers, present_targets
-from splitcore.split_spec import SplitSpec
+from splitcore.split_spec import CutBounds, SplitSpec
 from splitcore.seeding import seeded_dropout
 
 from .config import TrunkServerConfig
@@ -48,17 +48,13 @@ class TrunkHost:
         del model  # the Bottom and Top weights are freed with the full model
         self.trunk = trunk
         self.model_id = model_id or model_dir.name
-        self.min_start = trunk.layer_indices[0]
-        self.max_end = trunk.layer_indices[-1] + 1
-        self.default_layers = default.trunk_layers
-        self.trunk_start = self.default_layers.start
-        self.trunk_end = self.default_layers.stop
+        self.bounds = CutBounds(num_layers=self.num_layers, default=default.trunk_layers,
+                                lowest=trunk.layer_indices[0], highest=trunk.layer_indices[-1] + 1)
         self.hidden_size = int(self.config.hidden_size)
         self.dtype = next(trunk.parameters()).dtype
         # The frozen weights under their own names, before peft wraps any module (shares storage, no copy).
         self._base_state = dict(trunk.state_dict())
         self._fingerprints: dict[range, str] = {}
-        self.fingerprint = self.fingerprint_of(self.default_layers)
         self.lock = threading.RLock()
         self._peft: PeftModel | None = None
 
@@ -67,13 +63,14 @@ class TrunkHost:
     def layers_for(self, start: int, end: int) -> range:
         """The range a session asked for (0, 0: the default), or LayerRangeRefused."""
         if start == 0 and end == 0:
-            return self.default_layers
-        if not (self.min_start <= start < end <= self.max_end):
+            return self.bounds.default
+        if not self.bounds.allows(range(start, end)):
+            lowest, highest = self.bounds.lowest, self.bounds.highest
             raise LayerRangeRefused(
                 f"layers {start}-{end - 1} are outside what this trunk serves: a session may run any range "
-                f"within layers {self.min_start}-{self.max_end - 1} of {self.num_layers} (at least "
-                f"{self.min_start} blocks stay with the client before the trunk and "
-                f"{self.num_layers - self.max_end} after it)")
+                f"within layers {lowest}-{highest - 1} of {self.num_layers} (at least "
+                f"{lowest} blocks stay with the client before the trunk and "
+                f"{self.num_layers - highest} after it)")
         return range(start, end)
 
     def fingerprint_of(self, layers: range) -> str:
@@ -88,9 +85,8 @@ class TrunkHost:
     # -------------------------------------------------------------- adapters
 
     def add_adapter(self, name: str, settings: LoraSettings, seed: int,
-                    layers: range | None = None) -> dict[str, torch.nn.Parameter]:
+                    layers: range) -> dict[str, torch.nn.Parameter]:
         """Add a LoRA adapter on the blocks ``layers`` for one session; returns its parameters by full-model name."""
-        layers = self.default_layers if layers is None else layers
         wanted = settings.targets_for(self.family)
         targets = modules_in_layers(self.trunk, self.family, present_targets(self.trunk, wanted), layers)
         if not targets:

@@ -92,7 +92,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     def info(self, layers: range | None = None) -> pb.InfoResponse:
         """What this server hosts; with ``layers``, as seen by a session running those blocks."""
-        layers = self.host.default_layers if layers is None else layers
+        layers = self.host.bounds.default if layers is None else layers
         return pb.InfoResponse(
             model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint_of(layers),
             model_type=self.host.config.model_type, num_layers=self.host.num_layers,
@@ -100,7 +100,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             dtype=str(self.host.dtype).removeprefix("torch."), max_sessions=self.registry.max_sessions,
             active_sessions=self.registry.active_count(), version=__version__,
             max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_ttl_s,
-            min_trunk_start=self.host.min_start, max_trunk_end=self.host.max_end,
+            min_trunk_start=self.host.bounds.lowest, max_trunk_end=self.host.bounds.highest,
         )
 
     # -------------------------------------------------------------- RPCs

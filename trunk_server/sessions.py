@@ -102,8 +102,7 @@ class SessionRegistry:
             return len(self._sessions)
 
     def open(self, inference: bool, lora: tuple[LoraSettings, int] | None, optimizer: OptimizerSettings,
-             wire_encoding: str, label: str, dropout_seed: int = 0, layers: range | None = None) -> Session:
-        layers = self.host.default_layers if layers is None else layers
+             wire_encoding: str, label: str, layers: range, dropout_seed: int = 0) -> Session:
         self.expire()
         session_id = secrets.token_hex(16)
         with self._lock:

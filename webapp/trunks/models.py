@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from splitcore.split_spec import SplitSpec
+from splitcore.split_spec import CutBounds
 from splitcore.trunk_client import RetryPolicy, TrunkClient
 
 
@@ -74,15 +74,15 @@ class TrunkServer(models.Model):
             return ""  # every trunk serves its own default cut
         if self.num_layers is None or self.trunk_start is None or self.trunk_end is None:
             return "its last health check did not report its layers; run 'Check now' in the admin"
-        bottom = self.trunk_start if n_bottom is None else n_bottom
-        top = self.num_layers - self.trunk_end if n_top is None else n_top
+        # A trunk from before per-session ranges reports no bounds: it serves its default cut only.
+        bounds = CutBounds(num_layers=self.num_layers, default=range(self.trunk_start, self.trunk_end),
+                           lowest=self.min_trunk_start or self.trunk_start,
+                           highest=self.max_trunk_end or self.trunk_end)
         try:
-            spec = SplitSpec(num_layers=self.num_layers, n_bottom=bottom, n_top=top)
+            spec = bounds.split(n_bottom, n_top)
         except ValueError as exc:
             return str(exc)
-        lowest = self.min_trunk_start or self.trunk_start
-        highest = self.max_trunk_end or self.trunk_end
-        if lowest <= spec.trunk_layers.start and spec.trunk_layers.stop <= highest:
+        if bounds.allows(spec.trunk_layers):
             return ""
         return f"it {self.cut_bounds}" if self.min_trunk_start is not None else "it serves its default cut only"
 
