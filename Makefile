@@ -28,9 +28,9 @@ $(INSTALL_STAMP): pyproject.toml constraints.txt | $(VENV_PYTHON)
 
 install: $(INSTALL_STAMP)
 
-# Regenerate splitcore/proto/*_pb2*.py{,i} from trunk.proto (checked in; a test checks they are fresh).
+# Regenerate splitcore/remote/proto/*_pb2*.py{,i} from trunk.proto (checked in; a test checks they are fresh).
 proto: install
-	$(VENV_PYTHON) -m splitcore.proto.codegen
+	$(VENV_PYTHON) -m splitcore.remote.proto.codegen
 
 # Everything on this machine: embedded Redis, a trunk server, a Celery worker and beat, uvicorn on :8000.
 run: install

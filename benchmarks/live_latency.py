@@ -61,8 +61,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
 
-    from splitcore.tiny_models import TinyModelSpec, write_tiny_model
-    from splitcore.trunk_process import start_trunk
+    from splitcore.model.tiny_models import TinyModelSpec, write_tiny_model
+    from splitcore.remote.process import start_trunk
     from webapp.processes import start_redis, start_web_server, start_worker
 
     with tempfile.TemporaryDirectory() as tmp:

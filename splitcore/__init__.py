@@ -3,11 +3,11 @@
 No Django here; the trunk server and the web app build on this package.
 """
 
-from .adapter_export import export_adapter, export_parts_adapter, part_adapter_state
-from .architectures import FAMILIES, ArchitectureFamily, family_for
-from .lora import LoraSettings, add_lora, init_lora_weights
-from .parts import Bottom, Top, Trunk, positions_from_mask, split_model
-from .split_spec import SplitSpec
+from splitcore.model.adapter_export import export_adapter, export_parts_adapter, part_adapter_state
+from splitcore.model.architectures import FAMILIES, ArchitectureFamily, family_for
+from splitcore.model.lora import LoraSettings, add_lora, init_lora_weights
+from splitcore.model.parts import Bottom, Top, Trunk, positions_from_mask, split_model
+from splitcore.model.split_spec import SplitSpec
 
 __version__ = "0.1.0"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
-from splitcore import default_model
-from splitcore.tiny_models import TinyModelSpec, build_tokenizer, write_tiny_model
+from splitcore.model import default_model
+from splitcore.model.tiny_models import TinyModelSpec, build_tokenizer, write_tiny_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

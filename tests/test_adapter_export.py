@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings, add_lora, export_adapter, export_parts_adapter, family_for, positions_from_mask
 from splitcore import split_model
-from splitcore.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter_states, part_adapter_state
+from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter_states, part_adapter_state
 
 
 def trained_parts(model_dir, settings, seed=0):

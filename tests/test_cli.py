@@ -13,7 +13,7 @@ from test_adapter_export import trained_parts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings, export_parts_adapter
-from splitcore.generation import GenerationSettings, generate_text
+from splitcore.generation.local import GenerationSettings, generate_text
 
 
 def splitcore_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from splitcore import data_formats
-from splitcore.data_formats import (
+from splitcore.data import formats as data_formats
+from splitcore.data.formats import (
     ChatExample,
     ChatMessage,
     DatasetFormatError,

@@ -13,7 +13,8 @@ from conftest import PROJECT_ROOT, SENTENCES, tokenize
 from test_split_equivalence import full_forward, run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from splitcore import default_model, family_for, split_model
+from splitcore import family_for, split_model
+from splitcore.model import default_model
 
 pytestmark = pytest.mark.default_model
 

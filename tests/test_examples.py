@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from splitcore.data_formats import ChatExample, ChatMessage, PromptCompletionExample, TextExample
-from splitcore.examples import (
+from splitcore.data.formats import ChatExample, ChatMessage, PromptCompletionExample, TextExample
+from splitcore.data.examples import (
     IGNORE_INDEX,
     NO_CHAT_TEMPLATE,
     TokenizedExample,
@@ -16,7 +16,7 @@ from splitcore.examples import (
     tokenize_example,
     tokenize_examples,
 )
-from splitcore.tiny_models import EOS_TOKEN, IM_END
+from splitcore.model.tiny_models import EOS_TOKEN, IM_END
 
 SYSTEM = ChatMessage("system", "Answer briefly.")
 USER_1 = ChatMessage("user", "What is the capital of France?")

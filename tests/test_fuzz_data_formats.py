@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from fuzzing import examples, mutated
 from test_data_formats import jsonl
 
-from splitcore.data_formats import (
+from splitcore.data.formats import (
     CHAT_ROLES,
     FILE_FORMATS,
     ChatExample,

@@ -29,10 +29,10 @@ from safetensors.torch import save as save_safetensors
 from test_trunk_server import HIDDEN, LORA, inputs, raw_stub
 from trunk_process import start_trunk
 
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.protocol import lora_to_proto
-from splitcore.trunk_client import RetryPolicy, TrunkClient
-from splitcore.wire import (
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.messages import lora_to_proto
+from splitcore.remote.client import RetryPolicy, TrunkClient
+from splitcore.remote.wire import (
     DEFAULT_MAX_ELEMENTS,
     FLOAT_ENCODINGS,
     MASK_ENCODING,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT_ROOT
 
-from splitcore.default_model import DEFAULT_MODEL_NAME
+from splitcore.model.default_model import DEFAULT_MODEL_NAME
 from webapp.processes import free_port
 
 READY = "splitlearn-studio is ready"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from splitcore.cli import main
-from splitcore.data_formats import load_dataset_file
-from splitcore.parts import split_model
+from splitcore.cli.main import main
+from splitcore.data.formats import load_dataset_file
+from splitcore.model.parts import split_model
 from splitcore.privacy import PrivacySettings
 from splitcore.privacy.audit import (
     EXACT_SEARCH,

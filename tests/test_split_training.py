@@ -19,14 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings
-from splitcore.data_formats import load_dataset_file
-from splitcore.generation import GenerationSettings, encode_prompt
-from splitcore.split_generation import SplitGenerator
+from splitcore.data.formats import load_dataset_file
+from splitcore.generation.local import GenerationSettings, encode_prompt
+from splitcore.generation.split import SplitGenerator
 from splitcore.privacy import ClientSecret
-from splitcore.split_spec import SplitSpec
+from splitcore.model.split_spec import SplitSpec
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
-from splitcore.trunk_client import RetryPolicy, TrunkClient, TrunkError
+from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
 
 STEPS = 10
 # The data owner's key: the same in every run of a test, so split and local runs start alike and resume.

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings
-from splitcore.data_formats import PromptCompletionExample, TextExample
-from splitcore.examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
-from splitcore.split_spec import SplitSpec
+from splitcore.data.formats import PromptCompletionExample, TextExample
+from splitcore.data.examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from splitcore.model.split_spec import SplitSpec
 from splitcore.training import LocalEngine, SplitTrainer, StepMetrics, TrainConfig, list_checkpoints, split_train_val
 from splitcore.training import checkpoints as checkpoints_module
 from splitcore.training.batches import MicroBatches, collate

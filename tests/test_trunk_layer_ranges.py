@@ -15,11 +15,11 @@ from trunk_process import start_trunk
 
 from splitcore import LoraSettings, split_model
 from splitcore.privacy import ClientSecret, PrivacySettings
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.remote_trunk import choose_split
-from splitcore.split_generation import SplitGenerator
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.trunk import choose_split
+from splitcore.generation.split import SplitGenerator
 from splitcore.training import SplitEngine, TrainConfig
-from splitcore.trunk_client import TrunkClient, TrunkError
+from splitcore.remote.client import TrunkClient, TrunkError
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
@@ -138,7 +138,7 @@ def test_split_generation_at_a_chosen_cut_gives_the_unsplit_greedy_tokens(tiny_d
         expected = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     generator = SplitGenerator.from_directory(tiny_dirs["llama"], client, n_bottom=1, n_top=1)
     assert generator.layers == range(1, 5)
-    from splitcore.generation import GenerationSettings
+    from splitcore.generation.local import GenerationSettings
 
     tokens = list(generator.generate(prompt, tokenizer, GenerationSettings(max_new_tokens=8, temperature=0)))
     assert tokens == expected[0, prompt.shape[1]:].tolist()[:len(tokens)]

@@ -14,10 +14,10 @@ from conftest import run_concurrently
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings, add_lora, family_for, split_model
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.trunk_client import TrunkClient, TrunkError
-from splitcore.wire import encode_mask, encode_tensor
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.remote.client import TrunkClient, TrunkError
+from splitcore.remote.wire import encode_mask, encode_tensor
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 HIDDEN = 64

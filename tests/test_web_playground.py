@@ -22,7 +22,7 @@ from rest_framework.test import APIClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
-from splitcore.generation import encode_prompt
+from splitcore.generation.local import encode_prompt
 from webapp.asgi import application
 from webapp.playground import services
 from webapp.playground.decoding import IncrementalDecoder

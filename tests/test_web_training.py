@@ -25,7 +25,7 @@ from webapp.datasets.models import Dataset
 from webapp.training.lease import claim
 from webapp.training.models import Job, MetricPoint
 from webapp.training.tasks import run_job
-from splitcore.trunk_client import TrunkClient
+from splitcore.remote.client import TrunkClient
 from webapp.trunks.models import TrunkServer
 
 pytestmark = pytest.mark.django_db(transaction=True)

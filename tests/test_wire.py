@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitcore.proto import codegen
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.wire import (
+from splitcore.remote.proto import codegen
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.wire import (
     FLOAT_ENCODINGS,
     WireError,
     decode_tensor,

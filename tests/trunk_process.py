@@ -1,5 +1,5 @@
 """Tests start real trunk server processes through the project's launcher."""
 
-from splitcore.trunk_process import TrunkProcess, start_trunk
+from splitcore.remote.process import TrunkProcess, start_trunk
 
 __all__ = ["TrunkProcess", "start_trunk"]

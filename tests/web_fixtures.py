@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from web_services import start_redis, start_web_server, start_worker
 
-from splitcore.trunk_process import start_trunk
+from splitcore.remote.process import start_trunk
 
 TINY_MODEL_ID = "tiny-llama"
 WORKER_TRUNK_WAIT_S = 4

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from splitcore.cli_trunk import TOKEN_ENV, resolve_token
+from splitcore.cli.trunk import TOKEN_ENV, resolve_token
 
 from .config import TrunkServerConfig
 

@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache
 
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
-from splitcore.fingerprint import state_fingerprint
-from splitcore.lora import modules_in_layers, present_targets
-from splitcore.split_spec import CutBounds, SplitSpec
-from splitcore.seeding import seeded_dropout
+from splitcore.model.fingerprint import state_fingerprint
+from splitcore.model.lora import modules_in_layers, present_targets
+from splitcore.model.split_spec import CutBounds, SplitSpec
+from splitcore.model.seeding import seeded_dropout
 
 from .config import TrunkServerConfig
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from splitcore.wire import WireError
+from splitcore.remote.wire import WireError
 
 
 class RequestParsingInterceptor(grpc.ServerInterceptor):

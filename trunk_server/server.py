@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitcore.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .config import TrunkServerConfig

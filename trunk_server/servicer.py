@@ -12,10 +12,10 @@ import logging
 import grpc
 
 from splitcore import __version__
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.protocol import lora_from_proto, optimizer_from_proto
-from splitcore.wire import (
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.remote.messages import lora_from_proto, optimizer_from_proto
+from splitcore.remote.wire import (
     WireError,
     check_encoding,
     decode_tensor,

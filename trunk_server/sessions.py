@@ -22,10 +22,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from transformers import DynamicCache
 
-from splitcore.lora import LoraSettings
-from splitcore.optim_state import adamw_state_tensors, load_adamw_state
-from splitcore.protocol import OptimizerSettings
-from splitcore.seeding import TRUNK, dropout_seed
+from splitcore.model.lora import LoraSettings
+from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
+from splitcore.remote.messages import OptimizerSettings
+from splitcore.model.seeding import TRUNK, dropout_seed
 
 from .host import TrunkHost
 

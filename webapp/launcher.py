@@ -83,7 +83,7 @@ class Launcher:
         self.env: dict[str, str] = {}
 
     def prepare(self) -> None:
-        from splitcore import default_model
+        from splitcore.model import default_model
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         say("preparing the default model (the first time takes about a minute)...")
@@ -126,7 +126,7 @@ class Launcher:
             create_dataset(admin, ContentFile(DEMO_DATASET.read_bytes(), name=DEMO_DATASET.name), DEMO_NAME)
 
     def start_services(self) -> None:
-        from splitcore.trunk_process import start_trunk
+        from splitcore.remote.process import start_trunk
 
         from .processes import start_beat, start_redis, start_web_server, start_worker
 

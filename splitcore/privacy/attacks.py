@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..examples import IGNORE_INDEX, TokenizedExample
-from ..parts import Bottom, Top
-from ..training.batches import collate
-from .noise import CLIP_MULTIPLE, clip_and_noise
+from splitcore.data.examples import IGNORE_INDEX, TokenizedExample
+from splitcore.model.parts import Bottom, Top
+from splitcore.training.batches import collate
+from splitcore.privacy.noise import CLIP_MULTIPLE, clip_and_noise
 
 # Ridge penalty, relative to the number of public positions, on standardised features.
 RIDGE = 1e-3

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .settings import PrivacySettings
+from splitcore.privacy.settings import PrivacySettings
 
 MEASURED_PATH = Path(__file__).with_name("measured_tradeoff.json")
 # The most validation loss a recommended setting may cost, relative to the undefended run.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .client_secret import GRAD_NOISE, HIDDEN_NOISE, ClientSecret
+from splitcore.privacy.client_secret import GRAD_NOISE, HIDDEN_NOISE, ClientSecret
 
 CLIP_MULTIPLE = 4.0
 

@@ -18,7 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .client_secret import ClientSecret
+from splitcore.privacy.client_secret import ClientSecret
 
 PRIVATE_BOTTOM = "private-bottom"
 

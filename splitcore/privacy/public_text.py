@@ -3,7 +3,7 @@
 CPython ships the prose of its language reference as ``pydoc_data.topics`` (about 450k
 characters of English with some code). The simulated trunk owner tokenises it with the
 model's public tokenizer, exactly as a data owner's examples are tokenised
-(``splitcore.examples``). Half of the chunks are rendered with the model's chat template,
+(``splitcore.data.examples``). Half of the chunks are rendered with the model's chat template,
 which is as public as its weights, so the attacker has also seen the template's own tokens.
 
 Everything here is deterministic: the same tokenizer and sizes give the same chunks.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-from ..data_formats import ChatExample, ChatMessage, Example, TextExample
-from ..examples import tokenize_example
+from splitcore.data.formats import ChatExample, ChatMessage, Example, TextExample
+from splitcore.data.examples import tokenize_example
 
 MIN_PARAGRAPH_CHARS = 40
 # A fixed order, unrelated to any run's seed: the public corpus is the same for every audit.

@@ -15,9 +15,9 @@ from functools import lru_cache
 
 import torch
 
-from ..data_formats import Example
-from ..examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
-from .config import TrainConfig
+from splitcore.data.formats import Example
+from splitcore.data.examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from splitcore.training.config import TrainConfig
 
 
 def _generator(seed: int, purpose: str) -> torch.Generator:

@@ -6,10 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..lora import LoraSettings
-from ..privacy.settings import PrivacySettings
-from ..protocol import OptimizerSettings
-from ..wire import FLOAT_ENCODINGS
+from splitcore.model.lora import LoraSettings
+from splitcore.privacy.settings import PrivacySettings
+from splitcore.remote.messages import OptimizerSettings
+from splitcore.remote.wire import FLOAT_ENCODINGS
 
 SCHEDULES = ("linear", "cosine")
 

@@ -16,19 +16,19 @@ from safetensors.torch import load as load_safetensors
 from transformers import PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from ..adapter_export import part_adapter_state
-from ..architectures import ArchitectureFamily, family_for
-from ..fingerprint import weights_fingerprint
-from ..lora import add_lora, init_lora_weights, modules_in_layers, present_targets
-from ..parts import positions_from_mask, split_model
-from ..privacy import ChannelNoise, ClientSecret
-from ..privacy.nopeek import nopeek_penalty
-from ..privacy.private_bottom import randomise_lora
-from ..remote_trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
-from ..split_spec import SplitSpec
-from ..trunk_client import TrunkClient
-from .batches import Batch
-from .config import TrainConfig
+from splitcore.model.adapter_export import part_adapter_state
+from splitcore.model.architectures import ArchitectureFamily, family_for
+from splitcore.model.fingerprint import weights_fingerprint
+from splitcore.model.lora import add_lora, init_lora_weights, modules_in_layers, present_targets
+from splitcore.model.parts import positions_from_mask, split_model
+from splitcore.privacy import ChannelNoise, ClientSecret
+from splitcore.privacy.nopeek import nopeek_penalty
+from splitcore.privacy.private_bottom import randomise_lora
+from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
+from splitcore.model.split_spec import SplitSpec
+from splitcore.remote.client import TrunkClient
+from splitcore.training.batches import Batch
+from splitcore.training.config import TrainConfig
 
 TRUNK_ADAPTER_PREFIX = "adapter."
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TextIO
 
-from .trainer import CheckpointSaved, EvalMetrics, StepMetrics, TrainerEvent
+from splitcore.training.trainer import CheckpointSaved, EvalMetrics, StepMetrics, TrainerEvent
 
 
 class MetricsJsonl:

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from ..adapter_export import export_adapter
-from ..optim_state import adamw_state_tensors, load_adamw_state
-from ..privacy import PrivacySettings
-from ..seeding import CLIENT, dropout_seed, seeded_dropout
-from .batches import MicroBatches, TrainingData, evaluation_batches
-from .checkpoints import CheckpointState, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .engines import Engine, SplitEngine
-from .schedule import learning_rate_at
+from splitcore.model.adapter_export import export_adapter
+from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
+from splitcore.privacy import PrivacySettings
+from splitcore.model.seeding import CLIENT, dropout_seed, seeded_dropout
+from splitcore.training.batches import MicroBatches, TrainingData, evaluation_batches
+from splitcore.training.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
+from splitcore.training.config import TrainConfig
+from splitcore.training.engines import Engine, SplitEngine
+from splitcore.training.schedule import learning_rate_at
 
 ADAPTER_PREFIX = "adapter."
 OPTIMIZER_PREFIX = "optimizer."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from splitcore.generation import GenerationSettings
+from splitcore.generation.local import GenerationSettings
 
 MAX_PROMPT_CHARS = 4000
 MAX_NEW_TOKENS = 512

@@ -17,9 +17,9 @@ import grpc
 from django.conf import settings
 from django.utils import timezone
 
-from splitcore.generation import encode_prompt
-from splitcore.split_generation import SplitGenerator
-from splitcore.trunk_client import RetryPolicy, TrunkError
+from splitcore.generation.local import encode_prompt
+from splitcore.generation.split import SplitGenerator
+from splitcore.remote.client import RetryPolicy, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer

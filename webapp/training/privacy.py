@@ -13,7 +13,7 @@ import logging
 
 from django.conf import settings
 
-from splitcore.data_formats import Example
+from splitcore.data.formats import Example
 from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy
 from splitcore.privacy.measured import MAX_RECOMMENDED_COST, MeasuredPoint, measured_meta, measured_points
 from splitcore.training.engines import SplitEngine

@@ -19,7 +19,7 @@ import grpc
 from django.conf import settings
 from django.utils import timezone
 
-from splitcore.data_formats import DatasetFormatError, parse_dataset
+from splitcore.data.formats import DatasetFormatError, parse_dataset
 from splitcore.privacy import ClientSecret
 from splitcore.training import (
     CheckpointSaved,
@@ -33,7 +33,7 @@ from splitcore.training import (
 )
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
-from splitcore.trunk_client import TrunkClient, TrunkError
+from splitcore.remote.client import TrunkClient, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer

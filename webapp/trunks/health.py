@@ -18,8 +18,8 @@ from django.db import DatabaseError
 from django.utils import timezone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitcore.proto import trunk_pb2 as pb
-from splitcore.trunk_client import RetryPolicy, TrunkError
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.client import RetryPolicy, TrunkError
 
 from .models import TrunkServer
 

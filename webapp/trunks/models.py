@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from django.db import models
 
-from splitcore.split_spec import CutBounds
-from splitcore.trunk_client import RetryPolicy, TrunkClient
+from splitcore.model.split_spec import CutBounds
+from splitcore.remote.client import RetryPolicy, TrunkClient
 
 
 class TrunkServer(models.Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily
+from splitcore.model.architectures.base import ArchitectureFamily
 
 
 class GPT2Family(ArchitectureFamily):

@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .architectures import ArchitectureFamily
-from .lora import LoraSettings
+from splitcore.model.architectures import ArchitectureFamily
+from splitcore.model.lora import LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

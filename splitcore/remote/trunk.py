@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
-from .architectures import ArchitectureFamily
-from .fingerprint import weights_fingerprint
-from .proto import trunk_pb2 as pb
-from .split_spec import CutBounds, SplitSpec
-from .trunk_client import TrunkClient
+from splitcore.model.architectures import ArchitectureFamily
+from splitcore.model.fingerprint import weights_fingerprint
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.model.split_spec import CutBounds, SplitSpec
+from splitcore.remote.client import TrunkClient
 
 
 @dataclass

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .lora import LoraSettings
-from .privacy.audit import AuditConfig, audit_privacy
-from .privacy.settings import PrivacySettings
+from splitcore.model.lora import LoraSettings
+from splitcore.privacy.audit import AuditConfig, audit_privacy
+from splitcore.privacy.settings import PrivacySettings
 
 
 def add_audit_parser(commands) -> None:
@@ -69,7 +69,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data_formats import load_dataset_file
+    from splitcore.data.formats import load_dataset_file
 
     examples = load_dataset_file(data).examples
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

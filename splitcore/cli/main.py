@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import default_model
-from .cli_privacy import add_audit_parser
-from .cli_train import add_train_parser
-from .cli_trunk import add_trunk_arguments, connect_trunk
-from .generation import GenerationSettings, encode_prompt, generate_text, load_for_inference
-from .tiny_models import TINY_ARCHS, TinyModelSpec, write_tiny_model
+from splitcore.model import default_model
+from splitcore.cli.privacy import add_audit_parser
+from splitcore.cli.train import add_train_parser
+from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
+from splitcore.generation.local import GenerationSettings, encode_prompt, generate_text, load_for_inference
+from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, write_tiny_model
 
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _generate_split(args: argparse.Namespace, model_dir, settings: GenerationSettings) -> int:
     from transformers import AutoTokenizer
 
-    from .split_generation import SplitGenerator
+    from splitcore.generation.split import SplitGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat)

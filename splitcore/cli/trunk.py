@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .trunk_client import TrunkClient
+from splitcore.remote.client import TrunkClient
 
 TOKEN_ENV = "TRUNK_TOKEN"
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ArchitectureFamily
+from splitcore.model.architectures.base import ArchitectureFamily
 
 
 class LlamaFamily(ArchitectureFamily):

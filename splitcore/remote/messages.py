@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .lora import LoraSettings
-from .proto import trunk_pb2 as pb
+from splitcore.model.lora import LoraSettings
+from splitcore.remote.proto import trunk_pb2 as pb
 
 
 @dataclass(frozen=True)

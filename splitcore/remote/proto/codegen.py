@@ -11,13 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_RELATIVE = Path("splitcore/proto/trunk.proto")
+PROTO_RELATIVE = Path("splitcore/remote/proto/trunk.proto")
 GENERATED = ("trunk_pb2.py", "trunk_pb2.pyi", "trunk_pb2_grpc.py", "trunk_pb2_grpc.pyi")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def generate(root: Path) -> list[Path]:
-    """Run protoc on ``root / splitcore/proto/trunk.proto``; returns the generated files."""
+    """Run protoc on ``root / splitcore/remote/proto/trunk.proto``; returns the generated files."""
     from grpc_tools import protoc
 
     mypy_grpc_plugin = shutil.which("protoc-gen-mypy_grpc", path=str(Path(sys.executable).parent))

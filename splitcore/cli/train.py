@@ -9,18 +9,18 @@ import sys
 import threading
 from pathlib import Path
 
-from . import default_model
-from .cli_privacy import add_defense_arguments, defense_settings
-from .cli_trunk import add_trunk_arguments, connect_trunk
-from .lora import LoraSettings
-from .privacy import ClientSecret, PrivacySettings
-from .protocol import OptimizerSettings
-from .split_spec import SplitSpec
-from .training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
-from .training.batches import prepare_training_data
-from .training.checkpoints import read_checkpoint_state
-from .training.metrics_log import MetricsJsonl, ProgressReporter
-from .wire import FLOAT_ENCODINGS
+from splitcore.model import default_model
+from splitcore.cli.privacy import add_defense_arguments, defense_settings
+from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
+from splitcore.model.lora import LoraSettings
+from splitcore.privacy import ClientSecret, PrivacySettings
+from splitcore.remote.messages import OptimizerSettings
+from splitcore.model.split_spec import SplitSpec
+from splitcore.training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
+from splitcore.training.batches import prepare_training_data
+from splitcore.training.checkpoints import read_checkpoint_state
+from splitcore.training.metrics_log import MetricsJsonl, ProgressReporter
+from splitcore.remote.wire import FLOAT_ENCODINGS
 
 TRAINING_ARGS = "training_args.json"
 SECRET_FILE_NAME = "client-secret"
@@ -112,7 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data_formats import load_dataset_file
+    from splitcore.data.formats import load_dataset_file
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s", "min_trunk_start", "max_trunk_end")
+    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s", "min_trunk_start", "max_trunk_end", "device", "memory_total_bytes", "memory_base_bytes", "memory_sessions_bytes", "max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens", "max_saved_graphs")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,16 @@ class InfoResponse(_message.Message):
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     MIN_TRUNK_START_FIELD_NUMBER: _ClassVar[int]
     MAX_TRUNK_END_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BASE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SESSIONS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAVED_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_fingerprint: str
     model_type: str
@@ -68,7 +78,17 @@ class InfoResponse(_message.Message):
     session_ttl_s: int
     min_trunk_start: int
     max_trunk_end: int
-    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., min_trunk_start: _Optional[int] = ..., max_trunk_end: _Optional[int] = ...) -> None: ...
+    device: str
+    memory_total_bytes: int
+    memory_base_bytes: int
+    memory_sessions_bytes: int
+    max_lora_rank: int
+    max_micro_batches: int
+    max_tokens_per_request: int
+    max_positions: int
+    max_kv_tokens: int
+    max_saved_graphs: int
+    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., min_trunk_start: _Optional[int] = ..., max_trunk_end: _Optional[int] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_base_bytes: _Optional[int] = ..., memory_sessions_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_micro_batches: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_saved_graphs: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "seed")
@@ -101,7 +121,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label", "dropout_seed", "trunk_start", "trunk_end")
+    __slots__ = ("mode", "lora", "optimizer", "wire_encoding", "client_label", "dropout_seed", "trunk_start", "trunk_end", "open_key")
     MODE_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +130,7 @@ class OpenSessionRequest(_message.Message):
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     TRUNK_START_FIELD_NUMBER: _ClassVar[int]
     TRUNK_END_FIELD_NUMBER: _ClassVar[int]
+    OPEN_KEY_FIELD_NUMBER: _ClassVar[int]
     mode: SessionMode
     lora: LoraSpec
     optimizer: OptimizerSpec
@@ -118,7 +139,8 @@ class OpenSessionRequest(_message.Message):
     dropout_seed: int
     trunk_start: int
     trunk_end: int
-    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ..., dropout_seed: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ...) -> None: ...
+    open_key: str
+    def __init__(self, mode: _Optional[_Union[SessionMode, str]] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., wire_encoding: _Optional[str] = ..., client_label: _Optional[str] = ..., dropout_seed: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., open_key: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "info")

@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from .adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .architectures import family_for
-from .generation import GenerationSettings
-from .lora import LoraSettings
-from .parts import split_model
-from .fingerprint import weights_fingerprint
-from .remote_trunk import check_trunk_serves, choose_split
-from .trunk_client import TrunkClient
+from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from splitcore.model.architectures import family_for
+from splitcore.generation.local import GenerationSettings
+from splitcore.model.lora import LoraSettings
+from splitcore.model.parts import split_model
+from splitcore.model.fingerprint import weights_fingerprint
+from splitcore.remote.trunk import check_trunk_serves, choose_split
+from splitcore.remote.client import TrunkClient
 
 TRUNK_ADAPTER_PREFIX = "adapter."
 

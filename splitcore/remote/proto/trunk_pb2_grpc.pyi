@@ -6,12 +6,12 @@ The protocol between a data owner's client (Bottom + Top) and a trunk server (Tr
 The trunk only ever receives hidden states, the 2-D padding mask and gradients of
 hidden states; never token ids or labels. Tensors are explicit {dtype, shape,
 encoding, bytes}; nothing is pickled. RPCs that carry tensors are streams: a tensor
-larger than one message is split over several messages (see splitcore/wire.py).
+larger than one message is split over several messages (see splitcore/remote/wire.py).
 """
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from splitcore.proto import trunk_pb2 as _trunk_pb2
+from splitcore.remote.proto import trunk_pb2 as _trunk_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .base import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily
-from .gpt2 import GPT2
-from .llama import LLAMA
+from splitcore.model.architectures.base import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily
+from splitcore.model.architectures.gpt2 import GPT2
+from splitcore.model.architectures.llama import LLAMA
 
 FAMILIES: tuple[ArchitectureFamily, ...] = (GPT2, LLAMA)
 

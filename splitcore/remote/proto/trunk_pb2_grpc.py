@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from splitcore.proto import trunk_pb2 as splitcore_dot_proto_dot_trunk__pb2
+from splitcore.remote.proto import trunk_pb2 as splitcore_dot_remote_dot_proto_dot_trunk__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in splitcore/proto/trunk_pb2_grpc.py depends on'
+        + ' but the generated code in splitcore/remote/proto/trunk_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class TrunkStub:
         """
         self.Info = channel.unary_unary(
                 '/splitlearn.trunk.v1.Trunk/Info',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.InfoRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.InfoResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/splitlearn.trunk.v1.Trunk/OpenSession',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.OpenSessionResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionResponse.FromString,
                 _registered_method=True)
         self.Forward = channel.stream_stream(
                 '/splitlearn.trunk.v1.Trunk/Forward',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.ForwardResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardResponse.FromString,
                 _registered_method=True)
         self.Backward = channel.stream_stream(
                 '/splitlearn.trunk.v1.Trunk/Backward',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.BackwardRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.BackwardResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/splitlearn.trunk.v1.Trunk/Step',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.StepRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.StepResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.ExportState = channel.unary_stream(
                 '/splitlearn.trunk.v1.Trunk/ExportState',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.ExportStateRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.ExportStateResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateResponse.FromString,
                 _registered_method=True)
         self.ImportState = channel.stream_unary(
                 '/splitlearn.trunk.v1.Trunk/ImportState',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.ImportStateRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.ImportStateResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/splitlearn.trunk.v1.Trunk/CloseSession',
-                request_serializer=splitcore_dot_proto_dot_trunk__pb2.CloseSessionRequest.SerializeToString,
-                response_deserializer=splitcore_dot_proto_dot_trunk__pb2.CloseSessionResponse.FromString,
+                request_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
 
 
@@ -139,43 +139,43 @@ def add_TrunkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.InfoRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoResponse.SerializeToString,
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.OpenSessionRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.OpenSessionResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionResponse.SerializeToString,
             ),
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.ForwardRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.ForwardResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardResponse.SerializeToString,
             ),
             'Backward': grpc.stream_stream_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.BackwardRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.BackwardResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.StepRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.StepResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepResponse.SerializeToString,
             ),
             'ExportState': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportState,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.ExportStateRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.ExportStateResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateResponse.SerializeToString,
             ),
             'ImportState': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportState,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.ImportStateRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.ImportStateResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
-                    request_deserializer=splitcore_dot_proto_dot_trunk__pb2.CloseSessionRequest.FromString,
-                    response_serializer=splitcore_dot_proto_dot_trunk__pb2.CloseSessionResponse.SerializeToString,
+                    request_deserializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionRequest.FromString,
+                    response_serializer=splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,8 +203,8 @@ class Trunk:
             request,
             target,
             '/splitlearn.trunk.v1.Trunk/Info',
-            splitcore_dot_proto_dot_trunk__pb2.InfoRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.InfoResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class Trunk:
             request,
             target,
             '/splitlearn.trunk.v1.Trunk/OpenSession',
-            splitcore_dot_proto_dot_trunk__pb2.OpenSessionRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.OpenSessionResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.OpenSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class Trunk:
             request_iterator,
             target,
             '/splitlearn.trunk.v1.Trunk/Forward',
-            splitcore_dot_proto_dot_trunk__pb2.ForwardRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.ForwardResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -284,8 +284,8 @@ class Trunk:
             request_iterator,
             target,
             '/splitlearn.trunk.v1.Trunk/Backward',
-            splitcore_dot_proto_dot_trunk__pb2.BackwardRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.BackwardResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.BackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class Trunk:
             request,
             target,
             '/splitlearn.trunk.v1.Trunk/Step',
-            splitcore_dot_proto_dot_trunk__pb2.StepRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.StepResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class Trunk:
             request,
             target,
             '/splitlearn.trunk.v1.Trunk/ExportState',
-            splitcore_dot_proto_dot_trunk__pb2.ExportStateRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.ExportStateResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ExportStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,8 +365,8 @@ class Trunk:
             request_iterator,
             target,
             '/splitlearn.trunk.v1.Trunk/ImportState',
-            splitcore_dot_proto_dot_trunk__pb2.ImportStateRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.ImportStateResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.ImportStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,8 +392,8 @@ class Trunk:
             request,
             target,
             '/splitlearn.trunk.v1.Trunk/CloseSession',
-            splitcore_dot_proto_dot_trunk__pb2.CloseSessionRequest.SerializeToString,
-            splitcore_dot_proto_dot_trunk__pb2.CloseSessionResponse.FromString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionRequest.SerializeToString,
+            splitcore_dot_remote_dot_proto_dot_trunk__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,8 +22,8 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .architectures import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily, family_for
-from .split_spec import SplitSpec
+from splitcore.model.architectures import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily, family_for
+from splitcore.model.split_spec import SplitSpec
 
 _MASK_BUILDERS = {
     FULL_ATTENTION: create_causal_mask,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from splitcore.data_formats import ChatExample, Example, PromptCompletionExample, TextExample
+from splitcore.data.formats import ChatExample, Example, PromptCompletionExample, TextExample
 
 IGNORE_INDEX = -100
 

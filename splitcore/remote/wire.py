@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 from google.protobuf.message import Message
 
-from .proto import trunk_pb2 as pb
+from splitcore.remote.proto import trunk_pb2 as pb
 
 FLOAT_ENCODINGS = ("fp32", "bf16", "fp16", "int8")
 MASK_ENCODING = "u8"

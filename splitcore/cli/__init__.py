@@ -1,0 +1,1 @@
+"""``python -m splitcore``: the command line (``main``) and its sub-commands by concern."""
