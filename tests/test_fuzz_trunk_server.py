@@ -339,7 +339,7 @@ class Fuzzing:
 @pytest.fixture(scope="module")
 def fuzz(tiny_dirs, tmp_path_factory):
     process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("fuzz-trunk-logs"), "--max-sessions", "4",
-                          "--max-saved-activations", "2", "--max-message-mb", "1")
+                          "--max-saved-graphs", "2", "--max-message-mb", "1")
     try:
         fuzzing = Fuzzing(process)
         yield fuzzing

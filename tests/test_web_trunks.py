@@ -4,6 +4,7 @@ tasks, trunk selection, served models, the admin (token never shown) and the JSO
 from __future__ import annotations
 
 import json
+import re
 from concurrent import futures
 
 import grpc
@@ -12,7 +13,9 @@ from django.urls import reverse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from trunk_process import start_trunk
 
-from webapp.trunks.health import check_trunk
+from splitcore.remote.proto import trunk_pb2 as pb
+from webapp.byte_sizes import format_bytes
+from webapp.trunks.health import ProbeResult, check_trunk, record
 from webapp.trunks.models import TrunkServer
 from webapp.trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
 from webapp.trunks.tasks import check_all, check_one
@@ -21,11 +24,13 @@ pytestmark = pytest.mark.django_db
 
 MODEL_ID = "llama"  # the tiny model directory's name, which the trunk reports as its model id
 SECRET = "never-show-this-token-7f3a9c1e5b"
+MiB, GiB = 2**20, 2**30
 
 
 @pytest.fixture(scope="module")
 def trunk_process(tiny_dirs, tmp_path_factory):
-    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "4")
+    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "4",
+                          "--max-lora-rank", "32")
     yield process
     process.stop()
 
@@ -36,10 +41,11 @@ def live_trunk(trunk_process) -> TrunkServer:
 
 
 def make_trunk(name: str, *, status=TrunkServer.Status.UP, model_id=MODEL_ID, max_sessions=4, active=0,
-               latency=10.0, enabled=True) -> TrunkServer:
+               latency=10.0, enabled=True, max_lora_rank=None) -> TrunkServer:
     return TrunkServer.objects.create(
         name=name, address=f"{name}.example:50051", token=f"token-of-{name}", status=status, model_id=model_id,
         max_sessions=max_sessions, active_sessions=active, latency_ms=latency, enabled=enabled,
+        max_lora_rank=max_lora_rank,
     )
 
 
@@ -57,6 +63,73 @@ def test_check_marks_a_running_trunk_up_with_its_info(live_trunk):
     assert trunk.free_sessions == 4
     assert len(trunk.weights_fingerprint) == 64 and trunk.version
     assert trunk.latency_ms > 0 and trunk.last_checked_at is not None
+    assert (trunk.device, trunk.dtype, trunk.max_lora_rank) == ("cpu", "float32", 32)
+    assert trunk.memory_total_bytes > trunk.memory_base_bytes > 0 and trunk.memory_sessions_bytes is not None
+    assert trunk.max_positions > 0 and trunk.max_micro_batches > 0 and trunk.max_tokens_per_request > 0
+    assert trunk.max_kv_tokens > 0 and trunk.max_saved_graphs > 0
+
+
+def reported_info(**fields) -> pb.InfoResponse:
+    """An Info reply of the tiny model's trunk as one from before the device and budget fields sends it;
+    ``fields`` adds or overrides some."""
+    older = dict(model_id=MODEL_ID, model_type="llama", num_layers=6, trunk_start=2, trunk_end=4, hidden_size=64,
+                 dtype="float32", max_sessions=4, active_sessions=1, version="1.2.0")
+    return pb.InfoResponse(**{**older, **fields})
+
+
+DEVICE_AND_BUDGETS = dict(device="cuda:0", dtype="bfloat16", memory_total_bytes=80 * GiB,
+                          memory_base_bytes=GiB, memory_sessions_bytes=200 * MiB, max_lora_rank=64,
+                          max_micro_batches=16, max_tokens_per_request=65536, max_positions=2048,
+                          max_kv_tokens=1 << 20, max_saved_graphs=8)
+
+
+def test_record_stores_the_device_its_memory_and_the_session_budgets():
+    trunk = make_trunk("reporting", status=TrunkServer.Status.UNKNOWN)
+    record(trunk, ProbeResult(info=reported_info(**DEVICE_AND_BUDGETS), latency_ms=3.0))
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.UP and trunk.active_sessions == 1
+    assert {name: getattr(trunk, name) for name in DEVICE_AND_BUDGETS} == DEVICE_AND_BUDGETS
+    assert trunk.device_summary == "cuda:0 · bfloat16"
+    assert trunk.memory_summary == "1.2 GiB of 80 GiB (base 1 GiB, sessions 200 MiB)"
+
+    # No open session takes memory: 0 is a figure, since the trunk reports its memory.
+    record(trunk, ProbeResult(info=reported_info(**{**DEVICE_AND_BUDGETS, "memory_sessions_bytes": 0})))
+    trunk.refresh_from_db()
+    assert trunk.memory_sessions_bytes == 0
+    assert trunk.memory_summary == "1 GiB of 80 GiB (base 1 GiB, sessions 0 B)"
+
+
+def test_record_stores_nothing_for_what_an_older_trunk_does_not_report():
+    trunk = make_trunk("older")
+    record(trunk, ProbeResult(info=reported_info(**DEVICE_AND_BUDGETS)))
+    record(trunk, ProbeResult(info=reported_info()))  # e.g. the trunk was downgraded meanwhile
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.UP and trunk.model_id == MODEL_ID
+    assert (trunk.device, trunk.dtype) == ("", "float32")
+    figures = [name for name in DEVICE_AND_BUDGETS if name not in ("device", "dtype")]
+    assert {name: getattr(trunk, name) for name in figures} == dict.fromkeys(figures)
+    assert trunk.device_summary == "float32" and trunk.memory_summary == ""
+
+    record(trunk, ProbeResult(info=reported_info(dtype="")))
+    assert trunk.device_summary == ""
+    assert trunk.lora_rank_problem(256) == ""  # no cap reported: the trunk judges the rank itself
+
+
+def test_record_of_a_failed_check_keeps_the_last_reported_figures():
+    trunk = make_trunk("was-up")
+    record(trunk, ProbeResult(info=reported_info(**DEVICE_AND_BUDGETS)))
+    record(trunk, ProbeResult(error="cannot reach was-up.example:50051"))
+    trunk.refresh_from_db()
+    assert trunk.status == TrunkServer.Status.DOWN
+    assert (trunk.device, trunk.max_lora_rank, trunk.memory_total_bytes) == ("cuda:0", 64, 80 * GiB)
+
+
+@pytest.mark.parametrize("size,text", [
+    (0, "0 B"), (1023, "1,023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"), (512 * MiB, "512 MiB"),
+    (int(1.2 * GiB), "1.2 GiB"), (80 * GiB, "80 GiB"), (2**40 - 1, "1 TiB"), (3 * 2**60, "3,072 PiB"),
+])
+def test_byte_sizes_read_in_binary_units(size, text):
+    assert format_bytes(size) == text
 
 
 def test_stopped_then_restarted_trunk_goes_down_then_up(tiny_dirs, tmp_path):
@@ -92,7 +165,7 @@ def test_a_wrong_token_is_reported_without_the_token(trunk_process):
     check_trunk(trunk)
     trunk.refresh_from_db()
     assert trunk.status == TrunkServer.Status.DOWN
-    assert trunk.last_error.startswith("the token was refused (UNAUTHENTICATED)")
+    assert "refused the token (UNAUTHENTICATED)" in trunk.last_error
     assert SECRET not in trunk.last_error and trunk_process.token not in trunk.last_error
 
 
@@ -182,6 +255,24 @@ def test_pick_trunk_prefers_free_sessions_then_latency_then_name():
     assert pick_trunk(MODEL_ID).name == "also-fast"  # a full tie goes to the name
 
 
+def test_pick_trunk_skips_trunks_whose_lora_rank_cap_is_below_the_jobs_rank():
+    make_trunk("small-cap", active=0, max_lora_rank=8)
+    make_trunk("large-cap", active=2, max_lora_rank=64)
+    assert pick_trunk(MODEL_ID).name == "small-cap"
+    assert pick_trunk(MODEL_ID, lora_rank=8).name == "small-cap"
+    assert pick_trunk(MODEL_ID, lora_rank=16).name == "large-cap"
+
+    with pytest.raises(NoTrunkAvailable) as refused:
+        pick_trunk(MODEL_ID, lora_rank=128)
+    assert str(refused.value) == (
+        "no healthy trunk for 'llama' takes a trunk LoRA of rank 128 (large-cap: it allows LoRA rank 64 at most; "
+        "small-cap: it allows LoRA rank 8 at most): lower the LoRA rank to 64 or less, or do not train LoRA on "
+        "the trunk")
+
+    make_trunk("no-cap-reported", active=3)  # an older trunk: it judges the rank itself when the job opens
+    assert pick_trunk(MODEL_ID, lora_rank=128).name == "no-cap-reported"
+
+
 def test_pick_trunk_explains_what_to_do_when_none_is_available():
     with pytest.raises(NoTrunkAvailable, match="no trunk server is registered: add one in the admin"):
         pick_trunk(MODEL_ID)
@@ -242,6 +333,29 @@ def test_admin_pages_never_show_the_token(admin_client):
     assert "shown.example:50052" in changelist and ">unknown</span>" in changelist
     assert "leave this blank to keep the current token" in pages[1]
     assert "Changed token" not in pages[2]
+
+
+def test_admin_shows_the_device_memory_and_budgets_or_that_they_were_not_reported(admin_client):
+    reporting = make_trunk("reporting")
+    record(reporting, ProbeResult(info=reported_info(**DEVICE_AND_BUDGETS), latency_ms=3.0))
+    older = make_trunk("older")
+    record(older, ProbeResult(info=reported_info()))
+    make_trunk("never-checked", status=TrunkServer.Status.UNKNOWN)
+
+    changelist = admin_page(admin_client, "changelist")
+    assert "cuda:0 · bfloat16" in changelist
+    assert "1.2 GiB of 80 GiB (base 1 GiB, sessions 200 MiB)" in changelist
+    assert ">float32</td>" in changelist  # the older trunk reports its dtype only
+    assert changelist.count("not reported") == 3  # the older trunk's memory; device and memory of the other
+
+    page = admin_page(admin_client, "change", reporting.pk)
+    assert "cuda:0 · bfloat16" in page and "1.2 GiB of 80 GiB (base 1 GiB, sessions 200 MiB)" in page
+    assert "Per-session budgets" in page
+    for label, value in (("Max lora rank", "64"), ("Max positions", "2048"), ("Max kv tokens", "1048576")):
+        assert re.search(rf"{label}:</label>\s*<div class=\"readonly\">{value}</div>", page), label
+    older_page = admin_page(admin_client, "change", older.pk)
+    for label, value in (("Device", "float32"), ("Memory", "not reported"), ("Max lora rank", "-")):
+        assert re.search(rf"{label}:</label>\s*<div class=\"readonly\">{value}</div>", older_page), label
 
 
 def test_admin_add_requires_a_token(admin_client):

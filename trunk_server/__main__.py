@@ -16,7 +16,17 @@ from pathlib import Path
 
 from splitcore.cli.trunk import TOKEN_ENV, resolve_token
 
-from .config import TrunkServerConfig
+from splitcore.model.devices import DEVICES
+
+from .config import DTYPES, SessionBudgets, TrunkServerConfig
+
+_BUDGET_HELP = {
+    "max_micro_batches": "micro-batch indices per step",
+    "max_tokens_per_request": "rows x positions in one Forward or Backward",
+    "max_saved_graphs": "autograd graphs kept for Backward (older ones: the client resends their inputs)",
+    "max_kv_tokens": "rows x positions an inference session's KV cache may hold",
+    "max_lora_rank": "LoRA rank of a session's trunk adapter",
+}
 
 
 def read_token(token_file: str | None) -> str:
@@ -39,11 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", help=f"file holding the bearer token (default: ${TOKEN_ENV})")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
+    parser.add_argument("--device", default="cpu",
+                        help=f"where the frozen blocks run: {DEVICES} (default cpu; auto: a GPU when there is one)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="compute dtype of the frozen blocks; LoRA weights and optimizer state stay fp32")
     parser.add_argument("--max-sessions", type=int, default=8)
-    parser.add_argument("--session-ttl", type=int, default=1800, help="seconds an idle session is kept")
+    parser.add_argument("--session-lease", "--session-ttl", dest="session_lease", type=int,
+                        default=TrunkServerConfig.session_lease_s,
+                        help="seconds a session lives without a call; each call renews it")
     parser.add_argument("--max-message-mb", type=int, default=8, help="largest single gRPC message")
-    parser.add_argument("--max-saved-activations", type=int, default=64,
-                        help="micro-batches of activations kept per session (older ones are recomputed)")
+    budgets = parser.add_argument_group("per-session budgets (a request beyond one is refused)")
+    for name, help_text in _BUDGET_HELP.items():
+        budgets.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int,
+                             default=getattr(SessionBudgets, name), help=help_text)
+    # The former name of --max-saved-graphs.
+    budgets.add_argument("--max-saved-activations", dest="max_saved_graphs", type=int, default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
     return parser
 
 
@@ -55,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=Path(args.model), n_bottom=args.bottom_layers, n_top=args.top_layers,
             min_bottom=args.min_bottom_layers, min_top=args.min_top_layers,
             token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
-            tls_key=args.tls_key, max_sessions=args.max_sessions, session_ttl_s=args.session_ttl,
-            max_message_bytes=args.max_message_mb << 20, max_saved_activations=args.max_saved_activations,
+            tls_key=args.tls_key, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
+            session_lease_s=args.session_lease, max_message_bytes=args.max_message_mb << 20,
+            budgets=SessionBudgets(**{name: getattr(args, name) for name in _BUDGET_HELP}),
         )
         from .host import TrunkHost
         from .server import create_server
@@ -76,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"trunk server listening on {config.host}:{running.port} "
           f"(layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
-          f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id})",
+          f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id}; "
+          f"{host.device}, {config.dtype})",
           flush=True)
     # Poll: a bare wait() in the main thread may not wake up for the signal handler.
     while not stopped.wait(0.5):

@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from splitcore.model.devices import resolve_device
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SessionBudgets:
+    """What one session may hold or ask for; a request beyond one is refused (RESOURCE_EXHAUSTED,
+    reason "budget") and the session and every other session go on."""
+
+    # Micro-batch indices of one step: 0 .. max_micro_batches - 1 (bounds the replies kept per step).
+    max_micro_batches: int = 64
+    # Rows x positions of one Forward or Backward (and of one inference call).
+    max_tokens_per_request: int = 16384
+    # Autograd graphs kept for Backward; beyond it the oldest is dropped and its Backward asks for
+    # the inputs again (a client that runs Forward then Backward per micro-batch keeps one).
+    max_saved_graphs: int = 4
+    # Rows x positions an inference session's KV cache may hold.
+    max_kv_tokens: int = 32768
+    # LoRA rank of a session's trunk adapter.
+    max_lora_rank: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_micro_batches", "max_tokens_per_request", "max_saved_graphs", "max_kv_tokens",
+                     "max_lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be a whole number of at least 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -22,16 +53,19 @@ class TrunkServerConfig:
     port: int = 50051
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Where the frozen blocks run and in which dtype; LoRA weights and optimizer state stay fp32.
+    device: str = "cpu"
+    dtype: str = "fp32"
     max_sessions: int = 8
-    session_ttl_s: int = 1800
+    # A session's lease: closed when no call renews it for this long.
+    session_lease_s: int = 120
+    budgets: SessionBudgets = field(default_factory=SessionBudgets)
     # Upper bound of one gRPC message; tensors above it are streamed in chunks.
     max_message_bytes: int = 8 << 20
     # Upper bound of one reassembled request (all chunks of a stream).
     max_request_bytes: int = 1 << 30
     max_concurrent_rpcs: int = 32
     worker_threads: int = 16
-    # Activations kept per session for Backward; older ones are recomputed on demand.
-    max_saved_activations: int = 64
 
     def __post_init__(self) -> None:
         if not self.token or len(self.token) < 16:
@@ -40,8 +74,7 @@ class TrunkServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_sessions", "session_ttl_s", "max_concurrent_rpcs", "worker_threads",
-                     "max_saved_activations"):
+        for name in ("max_sessions", "session_lease_s", "max_concurrent_rpcs", "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name, default in (("min_bottom", "n_bottom"), ("min_top", "n_top")):
@@ -53,8 +86,15 @@ class TrunkServerConfig:
                                  f"{getattr(self, default)}, got {value!r}")
         if self.max_message_bytes < 1 << 16:
             raise ValueError(f"max_message_bytes must be at least 65536, got {self.max_message_bytes}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "device", resolve_device(self.device))
 
     @property
     def chunk_bytes(self) -> int:
         """Payload per streamed message, leaving room for the message's other fields."""
         return self.max_message_bytes // 2
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

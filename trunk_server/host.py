@@ -3,13 +3,17 @@
 The host holds the widest range of blocks its operator allows; each session runs its own
 contiguous sub-range (its client's cut). Each training session adds one named ``peft``
 LoRA adapter on the blocks of its range (or none, for a frozen trunk); the base weights
-exist once in memory. Model compute is serialised by one lock: switching the active
-adapter and running a block must not interleave between sessions.
+exist once in memory, on the configured device and in the configured compute dtype, while
+every adapter stays fp32 (peft casts adapter weights up). Model compute is serialised by
+one lock: switching the active adapter and running a block must not interleave between
+sessions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import threading
 from pathlib import Path
 
@@ -19,16 +23,17 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache
 
 from splitcore import LoraSettings, family_for, init_lora_weights, split_model
-from splitcore.model.fingerprint import state_fingerprint
-from splitcore.model.lora import modules_in_layers, present_targets
-from splitcore.model.split_spec import CutBounds, SplitSpec
+from splitcore.model.fingerprint import combine_digests, tensor_digests
+from splitcore.model.lora import lora_config_for
 from splitcore.model.seeding import seeded_dropout
+from splitcore.model.split_spec import CutBounds, SplitSpec
+from splitcore.remote.errors import LayersRefused, OutOfMemory
 
 from .config import TrunkServerConfig
 
 
-class LayerRangeRefused(ValueError):
-    """A session asked for layers outside the bounds the operator allows."""
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class TrunkHost:
@@ -46,27 +51,31 @@ class TrunkHost:
         default = SplitSpec(self.num_layers, config.n_bottom, config.n_top)
         _, trunk, _ = split_model(model, config.min_bottom, config.min_top)
         del model  # the Bottom and Top weights are freed with the full model
-        self.trunk = trunk
         self.model_id = model_id or model_dir.name
         self.bounds = CutBounds(num_layers=self.num_layers, default=default.trunk_layers,
                                 lowest=trunk.layer_indices[0], highest=trunk.layer_indices[-1] + 1)
         self.hidden_size = int(self.config.hidden_size)
-        self.dtype = next(trunk.parameters()).dtype
-        # The frozen weights under their own names, before peft wraps any module (shares storage, no copy).
-        self._base_state = dict(trunk.state_dict())
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0)
+                                 or getattr(self.config, "n_positions", 0) or 0)
+        # Digests of the weights as loaded, before the cast: the fingerprint a fp32 client computes.
+        self._digests = tensor_digests(trunk.state_dict())
         self._fingerprints: dict[range, str] = {}
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.trunk = trunk.to(device=self.device, dtype=self.dtype)
+        self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
         self.lock = threading.RLock()
         self._peft: PeftModel | None = None
 
     # -------------------------------------------------------------- layer ranges
 
     def layers_for(self, start: int, end: int) -> range:
-        """The range a session asked for (0, 0: the default), or LayerRangeRefused."""
+        """The range a session asked for (0, 0: the default), or LayersRefused."""
         if start == 0 and end == 0:
             return self.bounds.default
         if not self.bounds.allows(range(start, end)):
             lowest, highest = self.bounds.lowest, self.bounds.highest
-            raise LayerRangeRefused(
+            raise LayersRefused(
                 f"layers {start}-{end - 1} are outside what this trunk serves: a session may run any range "
                 f"within layers {lowest}-{highest - 1} of {self.num_layers} (at least "
                 f"{lowest} blocks stay with the client before the trunk and "
@@ -74,12 +83,14 @@ class TrunkHost:
         return range(start, end)
 
     def fingerprint_of(self, layers: range) -> str:
-        """sha256 of the frozen weights of ``layers``, as the client computes it on its own trunk part."""
+        """The ``weights_fingerprint`` a client computes on its trunk part for ``layers`` (in the dtype
+        the weights were loaded in, whatever this server computes in)."""
         if layers not in self._fingerprints:
-            owned = {f".{self.family.layers_attr}.{i}." for i in layers}
-            state = {key: value for key, value in self._base_state.items()
-                     if f".{self.family.layers_attr}." not in key or any(marker in key for marker in owned)}
-            self._fingerprints[layers] = state_fingerprint(state)
+            marker = f".{self.family.layers_attr}."
+            owned = {f"{marker}{i}." for i in layers}
+            self._fingerprints[layers] = combine_digests({
+                key: digest for key, digest in self._digests.items()
+                if marker not in key or any(layer in key for layer in owned)})
         return self._fingerprints[layers]
 
     # -------------------------------------------------------------- adapters
@@ -87,18 +98,13 @@ class TrunkHost:
     def add_adapter(self, name: str, settings: LoraSettings, seed: int,
                     layers: range) -> dict[str, torch.nn.Parameter]:
         """Add a LoRA adapter on the blocks ``layers`` for one session; returns its parameters by full-model name."""
-        wanted = settings.targets_for(self.family)
-        targets = modules_in_layers(self.trunk, self.family, present_targets(self.trunk, wanted), layers)
-        if not targets:
-            raise ValueError(f"none of the LoRA target modules {', '.join(wanted)} "
-                             f"exist in the trunk; the {self.family.name} projections are "
-                             f"{', '.join(self.family.lora_targets)}")
-        peft_config = settings.peft_config(self.family, targets)
+        peft_config = lora_config_for(self.trunk, self.family, settings, layers, where="the trunk")
         with self.lock:
+            # autocast_adapter_dtype: the adapter's weights are fp32 even on bf16/fp16 blocks.
             if self._peft is None:
-                self._peft = get_peft_model(self.trunk, peft_config, adapter_name=name)
+                self._peft = get_peft_model(self.trunk, peft_config, adapter_name=name, autocast_adapter_dtype=True)
             else:
-                self._peft.add_adapter(name, peft_config)
+                self._peft.add_adapter(name, peft_config, autocast_adapter_dtype=True)
             init_lora_weights(self._peft, seed, adapter_name=name)
             marker = f".{name}."
             return {
@@ -115,7 +121,7 @@ class TrunkHost:
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         with self.lock:
             state = get_peft_model_state_dict(self._peft, adapter_name=name)
-            return {key: value.detach().to("cpu").clone() for key, value in state.items()}
+            return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
         expected = self.adapter_state(name)
@@ -133,6 +139,12 @@ class TrunkHost:
             set_peft_model_state_dict(self._peft, state, adapter_name=name)
 
     # -------------------------------------------------------------- compute
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor off the wire, on the compute device: floats in the compute dtype, masks as they are."""
+        if tensor.is_floating_point():
+            return tensor.to(device=self.device, dtype=self.dtype)
+        return tensor.to(device=self.device)
 
     @contextlib.contextmanager
     def _adapter(self, name: str | None):
@@ -152,12 +164,13 @@ class TrunkHost:
 
     def forward(self, adapter: str | None, layers: range, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 past_key_values: Cache | None = None, training: bool = False, seed: int = 0) -> torch.Tensor:
-        """Run the blocks ``layers``; the caller decides whether autograd records (torch.no_grad or not).
+        """Run the blocks ``layers`` on tensors already on the device; the caller decides whether autograd
+        records (torch.no_grad or not).
 
         ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts,
-        with masks drawn from ``seed``.
+        with masks drawn from ``seed`` on the CPU and CUDA generators alike.
         """
-        with self.lock, self._adapter(adapter) as module, seeded_dropout(seed):
+        with self.lock, self._adapter(adapter) as module, seeded_dropout(seed, self.device):
             module.train(training)
             use_cache = past_key_values is not None
             return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
@@ -168,3 +181,40 @@ class TrunkHost:
         # gradients of leaves that no longer require grad: re-activate this session's adapter.
         with self.lock, self._adapter(adapter):
             output.backward(grad_output)
+
+    @contextlib.contextmanager
+    def memory_guard(self, session_id: str, what: str, shape):
+        """Turn the device running out of memory into OutOfMemory (RESOURCE_EXHAUSTED) naming the session
+        and the request size, after freeing what the failed call took."""
+        message = None
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            rows, positions = (list(shape) + [1, 1])[:2]
+            message = (f"session {session_id[:8]}: {what} of {rows} rows x {positions} positions did not fit in "
+                       f"the memory of {self.device} ({str(exc).splitlines()[0][:300]}); send fewer rows or "
+                       "positions per call, or try again when other sessions close")
+        if message is None:
+            return
+        # Out of the except block, the failed call's frames (and their tensors) are gone: free the cache.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(message)
+
+    # -------------------------------------------------------------- memory
+
+    def memory_total(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return 0
+
+    def memory_beyond_base(self, counted: int) -> int:
+        """What the sessions take: on a GPU the allocator's figure beyond the base weights (it sees
+        autograd graphs and workspaces too), on the CPU ``counted`` (their tensors, summed)."""
+        if self.device.type == "cuda":
+            return max(0, int(torch.cuda.memory_allocated(self.device)) - self.base_bytes)
+        return counted

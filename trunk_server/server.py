@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from .request_parsing import RequestParsingInterceptor
 from .servicer import TrunkServicer
 from .sessions import SessionRegistry
 
-log = logging.getLogger("trunk_server")
 SERVICE_NAME = "splitlearn.trunk.v1.Trunk"
 
 
@@ -40,7 +38,7 @@ class RunningServer:
 
 
 def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
-    registry = SessionRegistry(host, config.max_sessions, config.session_ttl_s, config.max_saved_activations)
+    registry = SessionRegistry(host, config.max_sessions, config.session_lease_s, config.budgets)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="trunk-rpc"),
         # Authenticate first; then parse requests in the handler, so junk answers INVALID_ARGUMENT.
@@ -77,10 +75,9 @@ def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
     stop = threading.Event()
 
     def sweep() -> None:
-        interval = max(1.0, min(30.0, config.session_ttl_s / 4))
+        interval = max(0.5, min(30.0, config.session_lease_s / 4))
         while not stop.wait(interval):
-            for session_id in registry.expire():
-                log.info("session %s expired after %ss idle", session_id[:8], config.session_ttl_s)
+            registry.expire()
 
     threading.Thread(target=sweep, name="session-sweeper", daemon=True).start()
     return RunningServer(server=server, port=port, health=health_servicer, registry=registry, _sweeper_stop=stop)

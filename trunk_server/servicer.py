@@ -1,7 +1,8 @@
-"""The gRPC servicer: decode, call the session registry, encode, map errors to codes.
+"""The gRPC servicer: decode, call the session, encode, map errors to codes.
 
-Every malformed request ends with INVALID_ARGUMENT (or NOT_FOUND, FAILED_PRECONDITION,
-RESOURCE_EXHAUSTED) and a reason; the server keeps serving.
+Every refusal ends with the status code and the reason that ``splitcore.remote.errors``
+gives it (the reason in the trailing metadata) and a message that says what and where;
+the server keeps serving.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 import grpc
 
 from splitcore import __version__
+from splitcore.remote.errors import REASON_KEY, STATUS, Reason, TrunkRefusal
+from splitcore.remote.messages import lora_from_proto, optimizer_from_proto
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.remote.messages import lora_from_proto, optimizer_from_proto
 from splitcore.remote.wire import (
     WireError,
     check_encoding,
@@ -25,33 +27,32 @@ from splitcore.remote.wire import (
 )
 
 from .config import TrunkServerConfig
-from .host import LayerRangeRefused, TrunkHost
-from .sessions import ActivationsGone, CapacityExceeded, SessionNotFound, SessionRegistry, StepConflict
+from .host import TrunkHost
+from .sessions import SessionRegistry, SessionRequest
 
 log = logging.getLogger("trunk_server")
 
-_STATUS = (
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (CapacityExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (LayerRangeRefused, grpc.StatusCode.OUT_OF_RANGE),
-    (ActivationsGone, grpc.StatusCode.FAILED_PRECONDITION),
-    (StepConflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (WireError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-)
+
+def _reason(exc: Exception) -> Reason | None:
+    if isinstance(exc, TrunkRefusal):
+        return exc.reason
+    if isinstance(exc, (WireError, ValueError)):
+        return Reason.BAD_REQUEST
+    return None
 
 
 def _mapped_errors(method):
-    """Translate exceptions into status codes, in one place."""
+    """Translate exceptions into status codes and reasons, in one place."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            for kind, code in _STATUS:
-                if isinstance(exc, kind):
-                    context.abort(code, str(exc))
+            reason = _reason(exc)
+            if reason is not None:
+                context.set_trailing_metadata(((REASON_KEY, reason.value),))
+                context.abort(STATUS[reason], str(exc))
             log.exception("internal error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
@@ -73,7 +74,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         hidden = decode_tensor(message, field, expected_shape=expected)
         if not hidden.numel():  # the model's blocks cannot run on an empty batch or sequence
             raise WireError(f"{field}: shape {list(hidden.shape)} is empty; send at least one row of one position")
-        return hidden.to(self.host.dtype)
+        return hidden
 
     def _mask(self, message: pb.Tensor, batch: int, min_length: int):
         if not message.ByteSize():
@@ -93,14 +94,21 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def info(self, layers: range | None = None) -> pb.InfoResponse:
         """What this server hosts; with ``layers``, as seen by a session running those blocks."""
         layers = self.host.bounds.default if layers is None else layers
+        budgets = self.config.budgets
         return pb.InfoResponse(
             model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint_of(layers),
             model_type=self.host.config.model_type, num_layers=self.host.num_layers,
             trunk_start=layers.start, trunk_end=layers.stop, hidden_size=self.host.hidden_size,
             dtype=str(self.host.dtype).removeprefix("torch."), max_sessions=self.registry.max_sessions,
             active_sessions=self.registry.active_count(), version=__version__,
-            max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_ttl_s,
+            max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_lease_s,
             min_trunk_start=self.host.bounds.lowest, max_trunk_end=self.host.bounds.highest,
+            device=str(self.host.device), memory_total_bytes=self.host.memory_total(),
+            memory_base_bytes=self.host.base_bytes,
+            memory_sessions_bytes=self.host.memory_beyond_base(self.registry.sessions_bytes()),
+            max_lora_rank=budgets.max_lora_rank, max_micro_batches=budgets.max_micro_batches,
+            max_tokens_per_request=budgets.max_tokens_per_request, max_positions=self.host.max_positions,
+            max_kv_tokens=budgets.max_kv_tokens, max_saved_graphs=budgets.max_saved_graphs,
         )
 
     # -------------------------------------------------------------- RPCs
@@ -113,17 +121,20 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     def OpenSession(self, request, context):
         if request.mode not in (pb.SESSION_MODE_TRAIN, pb.SESSION_MODE_INFERENCE):
             raise ValueError(f"mode must be SESSION_MODE_TRAIN or SESSION_MODE_INFERENCE, got {request.mode}")
-        encoding = check_encoding(request.wire_encoding or "fp32")
-        lora = lora_from_proto(request.lora) if request.HasField("lora") else None
-        layers = self.host.layers_for(request.trunk_start, request.trunk_end)
-        session = self.registry.open(
-            inference=request.mode == pb.SESSION_MODE_INFERENCE, lora=lora,
-            optimizer=optimizer_from_proto(request.optimizer), wire_encoding=encoding,
-            label=request.client_label[:200], dropout_seed=request.dropout_seed, layers=layers,
-        )
-        log.info("opened session %s (%s, layers %s-%s, trunk LoRA %s) for %r", session.id[:8],
-                 "inference" if session.inference else "training", layers.start, layers.stop - 1,
-                 "on" if lora else "off", session.label)
+        wanted = SessionRequest(
+            inference=request.mode == pb.SESSION_MODE_INFERENCE,
+            lora=lora_from_proto(request.lora) if request.HasField("lora") else None,
+            optimizer=optimizer_from_proto(request.optimizer),
+            wire_encoding=check_encoding(request.wire_encoding or "fp32"), label=request.client_label[:200],
+            layers=self.host.layers_for(request.trunk_start, request.trunk_end), dropout_seed=request.dropout_seed)
+        session, opened = self.registry.open(wanted, request.open_key)
+        layers = session.layers
+        if opened:
+            log.info("opened session %s (%s, layers %s-%s, trunk LoRA %s) for %r", session.id[:8],
+                     "inference" if session.inference else "training", layers.start, layers.stop - 1,
+                     "on" if wanted.lora else "off", session.label)
+        else:
+            log.info("OpenSession retried with the key of session %s: the same session", session.id[:8])
         return pb.OpenSessionResponse(session_id=session.id, info=self.info(layers))
 
     @_mapped_errors
@@ -138,14 +149,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
         mask = self._mask(request.attention_mask, batch, seq)
         if session.inference and not request.evaluate:
-            reply = self.registry.infer(session, request.step, hidden, mask, encode)
+            reply = session.infer(request.step, hidden, mask, encode)
         else:
             if mask.shape[1] != seq:
                 raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
             if request.evaluate:
-                reply = encode(self.registry.evaluate(session, hidden, mask))
+                reply = encode(session.evaluate(hidden, mask))
             else:
-                reply = self.registry.forward(session, request.step, request.micro_batch, hidden, mask, encode)
+                reply = session.forward(request.step, request.micro_batch, hidden, mask, encode)
         return self._stream(reply)
 
     @_mapped_errors
@@ -165,25 +176,24 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         def grad_output(shape):
             if not request.grad_output.ByteSize():
                 raise WireError("grad_output is missing")
-            return decode_tensor(request.grad_output, "grad_output", expected_shape=shape).to(self.host.dtype)
+            return decode_tensor(request.grad_output, "grad_output", expected_shape=shape)
 
         def encode(grad_input, sq_norm):
             return pb.BackwardResponse(grad_input=encode_tensor(grad_input, session.wire_encoding),
                                        trunk_grad_sq_norm=sq_norm)
 
-        reply = self.registry.backward(session, request.step, request.micro_batch, grad_output, resent, encode)
+        reply = session.backward(request.step, request.micro_batch, grad_output, resent, encode)
         return self._stream(reply)
 
     @_mapped_errors
     def Step(self, request, context):
         session = self.registry.get(request.session_id)
-        applied = self.registry.step(session, request.step, request.lr, request.clip_coef)
-        return pb.StepResponse(applied_step=applied)
+        return pb.StepResponse(applied_step=session.step(request.step, request.lr, request.clip_coef))
 
     @_mapped_errors
     def ExportState(self, request, context):
         session = self.registry.get(request.session_id)
-        data = self.registry.export_state(session)
+        data = session.export_state()
         return self._stream(pb.ExportStateResponse(step=session.applied_step, safetensors=data))
 
     @_mapped_errors
@@ -192,9 +202,10 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         session = self.registry.get(request.session_id)
         if request.step < 0:
             raise ValueError(f"step must be >= 0, got {request.step}")
-        return pb.ImportStateResponse(step=self.registry.import_state(session, request.step, request.safetensors))
+        return pb.ImportStateResponse(step=session.import_state(request.step, request.safetensors))
 
     @_mapped_errors
     def CloseSession(self, request, context):
-        self.registry.close(request.session_id)
+        session = self.registry.close(request.session_id)
+        log.info("closed session %s for %r", session.id[:8], session.label)
         return pb.CloseSessionResponse()

@@ -1,14 +1,21 @@
-"""Sessions: one client's trunk adapter, optimizer, saved activations and replies.
+"""Sessions: one client's trunk adapter, optimizer, saved activations, replies and KV cache.
+
+``Session`` holds what one client may use of the trunk and the operations on it; every
+request is checked against the session's budgets before it allocates anything.
+``SessionRegistry`` opens, finds, closes and expires sessions.
 
 Steps are idempotent. Replies to Forward and Backward are kept per (step, micro_batch)
-until the next optimizer step, so a retried call returns the same answer and never
-accumulates gradients twice; a retried Step for an applied step changes nothing.
+until the next optimizer step (a Forward's reply until its Backward is answered), so a
+retried call returns the same answer and never accumulates gradients twice; a retried
+Step for an applied step changes nothing. A session lives on a lease that each of its
+calls renews; a retried OpenSession with the same open key returns the same session.
 """
 
 from __future__ import annotations
 
 import copy
-import io
+import hashlib
+import logging
 import math
 import secrets
 import threading
@@ -17,47 +24,33 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from transformers import DynamicCache
 
 from splitcore.model.lora import LoraSettings
-from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
-from splitcore.remote.messages import OptimizerSettings
 from splitcore.model.seeding import TRUNK, dropout_seed
+from splitcore.remote import state as trunk_state
+from splitcore.remote.errors import ActivationsGone, BudgetExceeded, SessionGone, StepConflict, TrunkFull
+from splitcore.remote.messages import OptimizerSettings
+from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
 
-from .host import TrunkHost
+from .config import SessionBudgets
+from .host import TrunkHost, tensor_bytes
 
-ADAPTER_PREFIX = "adapter."
-OPTIMIZER_PREFIX = "optimizer."
-
-
-class SessionNotFound(LookupError):
-    pass
-
-
-class CapacityExceeded(RuntimeError):
-    pass
-
-
-class ActivationsGone(RuntimeError):
-    """Backward for a micro-batch whose activations are no longer held, without the inputs to recompute."""
-
-
-class StepConflict(ValueError):
-    """A call for a step that was already applied, or that breaks the step order."""
+log = logging.getLogger("trunk_server")
+MAX_OPEN_KEY = 128
 
 
 @dataclass
 class Saved:
-    input: torch.Tensor  # (batch, seq, hidden), requires grad
+    input: torch.Tensor  # (batch, seq, hidden) on the device, requires grad
     output: torch.Tensor  # (batch, seq, hidden), part of the autograd graph
 
 
 @dataclass
 class Session:
     id: str
+    host: TrunkHost
+    budgets: SessionBudgets
     inference: bool
     layers: range  # the decoder blocks this session runs
     adapter: str | None
@@ -67,6 +60,7 @@ class Session:
     label: str
     last_used: float
     dropout_seed: int = 0
+    open_key: str = ""
     applied_step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     saved: OrderedDict = field(default_factory=OrderedDict)
@@ -77,22 +71,254 @@ class Session:
     last_inference_reply: tuple[int, object] | None = None
     inference_batch: int | None = None  # rows in the KV cache, fixed by the first inference call
 
+    # -------------------------------------------------------------- budgets
+
+    def check_request(self, hidden: torch.Tensor, positions: int | None = None, micro: int | None = None) -> None:
+        """BudgetExceeded unless one call's ``hidden`` (rows x new positions, ``positions`` long with
+        the KV cache) and micro-batch index fit this session's budgets and the model's positions."""
+        rows, new = hidden.shape[:2]
+        positions = new if positions is None else positions
+        budgets = self.budgets
+        if micro is not None and micro >= budgets.max_micro_batches:
+            raise BudgetExceeded(f"micro-batch {micro} is beyond this trunk's budget of {budgets.max_micro_batches} "
+                                 f"micro-batches per step (indices 0-{budgets.max_micro_batches - 1}); "
+                                 "use fewer, larger micro-batches")
+        if rows * new > budgets.max_tokens_per_request:
+            raise BudgetExceeded(f"{rows} rows x {new} positions = {rows * new} tokens in one call is beyond this "
+                                 f"trunk's budget of {budgets.max_tokens_per_request} tokens per request; "
+                                 "send smaller micro-batches or shorter sequences")
+        if self.host.max_positions and positions > self.host.max_positions:
+            raise BudgetExceeded(f"a sequence of {positions} positions is longer than the model's "
+                                 f"{self.host.max_positions} positions")
+        if self.inference and rows * positions > budgets.max_kv_tokens:
+            raise BudgetExceeded(f"the KV cache would hold {rows} rows x {positions} positions = {rows * positions} "
+                                 f"tokens, beyond this trunk's budget of {budgets.max_kv_tokens} per session; "
+                                 "generate fewer tokens or from a shorter prompt")
+
+    # -------------------------------------------------------------- training
+
+    def _check_open_step(self, step: int) -> None:
+        if self.inference:
+            raise StepConflict("this is an inference session; open a training session for Forward/Backward "
+                               "with micro-batches")
+        if step <= self.applied_step:
+            raise StepConflict(f"step {step} was already applied (the last applied step is {self.applied_step})")
+
+    def forward(self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, encode) -> object:
+        """Training forward; ``encode(tensor)`` builds the reply message (kept for retries until the Backward)."""
+        with self.lock:
+            key = (step, micro)
+            if key in self.forward_replies:
+                return self.forward_replies[key]
+            self._check_open_step(step)
+            if key in self.backward_replies:
+                raise StepConflict(f"step {step} micro-batch {micro} already went backward; "
+                                   "its forward cannot run again in this step")
+            self.check_request(hidden, micro=micro)
+            saved = self._run_forward(step, micro, hidden, mask)
+            self.saved[key] = saved
+            while len(self.saved) > self.budgets.max_saved_graphs:
+                dropped, _ = self.saved.popitem(last=False)
+                log.info("session %s: dropped the graph of step %s micro-batch %s (budget of %s saved graphs); "
+                         "its Backward will ask for the inputs", self.id[:8], *dropped, self.budgets.max_saved_graphs)
+            reply = encode(saved.output.detach())
+            self.forward_replies[key] = reply
+            return reply
+
+    def backward(self, step: int, micro: int, grad_output_decoder,
+                 resent: tuple[torch.Tensor, torch.Tensor] | None, encode) -> object:
+        with self.lock:
+            key = (step, micro)
+            if key in self.backward_replies:
+                return self.backward_replies[key]
+            self._check_open_step(step)
+            saved = self.saved.pop(key, None)
+            if saved is None:
+                if resent is None:
+                    raise ActivationsGone(f"activations of step {step} micro-batch {micro} are not held; "
+                                          "send the hidden states and attention mask again to recompute them")
+                self.check_request(resent[0], micro=micro)
+                saved = self._run_forward(step, micro, *resent)
+            grad_output = self.host.to_device(grad_output_decoder(tuple(saved.output.shape)))
+            with self.host.memory_guard(self.id, "Backward", saved.output.shape):
+                self.host.backward(self.adapter, saved.output, grad_output)
+            reply = encode(saved.input.grad, self.grad_sq_norm())
+            self.backward_replies[key] = reply
+            self.forward_replies.pop(key, None)  # answered: a retry of this Forward cannot come any more
+            return reply
+
+    def _run_forward(self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor) -> Saved:
+        leaf = self.host.to_device(hidden).detach().requires_grad_(True)
+        with self.host.memory_guard(self.id, "Forward", hidden.shape), torch.enable_grad():
+            output = self.host.forward(self.adapter, self.layers, leaf, self.host.to_device(mask), training=True,
+                                       seed=dropout_seed(self.dropout_seed, step, micro, TRUNK))
+        return Saved(input=leaf, output=output)
+
+    def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Validation forward of a training session: no gradient, nothing kept."""
+        if self.inference:
+            raise StepConflict("evaluation forwards are for training sessions; this is an inference session")
+        self.check_request(hidden)
+        with self.lock, torch.no_grad(), self.host.memory_guard(self.id, "evaluation Forward", hidden.shape):
+            return self.host.forward(self.adapter, self.layers, self.host.to_device(hidden),
+                                     self.host.to_device(mask))
+
+    def step(self, step: int, lr: float, clip_coef: float) -> int:
+        # Training configs allow learning rates up to 1; far above, AdamW's update overflows float32.
+        if not (math.isfinite(lr) and 0 <= lr <= 1):
+            raise ValueError(f"lr must be a finite number in [0, 1], got {lr}")
+        if not (math.isfinite(clip_coef) and 0 < clip_coef <= 1):
+            raise ValueError(f"clip_coef must be in (0, 1], got {clip_coef}")
+        with self.lock:
+            if self.inference:
+                raise StepConflict("Step is for training sessions; this is an inference session")
+            if step <= self.applied_step:
+                return self.applied_step  # a retry: already applied, apply nothing
+            if self.optimizer is not None:
+                with self.host.lock:
+                    for param in self.params.values():
+                        if param.grad is not None:
+                            param.grad.mul_(clip_coef)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            self.applied_step = step
+            for replies in (self.forward_replies, self.backward_replies, self.saved):
+                for key in [k for k in replies if k[0] < step]:
+                    del replies[key]
+            return step
+
     def grad_sq_norm(self) -> float:
-        total = 0.0
-        for param in self.params.values():
-            if param.grad is not None:
-                total += float(param.grad.detach().double().pow(2).sum())
-        return total
+        grads = [p.grad.detach().double().pow(2).sum() for p in self.params.values() if p.grad is not None]
+        return float(torch.stack(grads).sum()) if grads else 0.0
+
+    # -------------------------------------------------------------- inference
+
+    def infer(self, step: int, hidden: torch.Tensor, mask: torch.Tensor, encode) -> object:
+        """Append ``hidden`` to the session's KV cache; ``step`` counts calls from 0 (retries repeat it)."""
+        with self.lock:
+            if not self.inference:
+                raise StepConflict("KV-cache forward needs an inference session")
+            if self.last_inference_reply is not None and step == self.last_inference_reply[0]:
+                return self.last_inference_reply[1]
+            if step != self.inference_steps:
+                raise StepConflict(f"inference step {step} is out of order; expected {self.inference_steps}")
+            if self.inference_batch is not None and hidden.shape[0] != self.inference_batch:
+                raise ValueError(f"hidden has {hidden.shape[0]} rows but this session's KV cache holds "
+                                 f"{self.inference_batch}; send the same rows as in the first call")
+            past = self.cache.get_seq_length(self.layers.start)
+            if mask.shape[1] != past + hidden.shape[1]:
+                raise ValueError(f"attention_mask covers {mask.shape[1]} positions; the cache holds {past} and "
+                                 f"{hidden.shape[1]} are new, so it must cover {past + hidden.shape[1]}")
+            self.check_request(hidden, positions=past + hidden.shape[1])
+            try:
+                with torch.no_grad(), self.host.memory_guard(self.id, "inference Forward", hidden.shape):
+                    output = self.host.forward(self.adapter, self.layers, self.host.to_device(hidden),
+                                               self.host.to_device(mask), past_key_values=self.cache)
+            except BaseException:
+                if self.cache.get_seq_length(self.layers.start) > past:
+                    self.cache.crop(past)  # a failed call leaves the cache as it was
+                raise
+            reply = encode(output)
+            self.inference_batch = hidden.shape[0]
+            self.inference_steps += 1
+            self.last_inference_reply = (step, reply)
+            return reply
+
+    # -------------------------------------------------------------- state
+
+    def export_state(self) -> bytes:
+        with self.lock:
+            adapter = {} if self.adapter is None else self.host.adapter_state(self.adapter)
+            optimizer = None if self.optimizer is None else adamw_state_tensors(
+                self.optimizer, self.params, trunk_state.OPTIMIZER_PREFIX)
+            return trunk_state.pack(adapter, optimizer, self.applied_step)
+
+    def _snapshot(self) -> tuple[dict | None, dict | None]:
+        adapter = None if self.adapter is None else self.host.adapter_state(self.adapter)  # a copy
+        optimizer = None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict())
+        return adapter, optimizer
+
+    def _restore(self, snapshot: tuple[dict | None, dict | None]) -> None:
+        adapter, optimizer = snapshot
+        if adapter is not None:
+            self.host.load_adapter_state(self.adapter, adapter)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
+
+    def import_state(self, step: int, data: bytes) -> int:
+        state = trunk_state.unpack(data)
+        with self.lock:
+            if self.adapter is None and (state.adapter or state.optimizer):
+                raise ValueError("this session has no trunk LoRA, but the state holds weights")
+            if state.optimizer and self.optimizer is None:
+                raise ValueError("optimizer state given for a session without a trunk optimizer")
+            before = self._snapshot()
+            try:  # all or nothing: a state refused half-way leaves the session as it was
+                if self.adapter is not None:
+                    self.host.load_adapter_state(self.adapter, state.adapter)
+                if self.optimizer is not None:
+                    load_adamw_state(self.optimizer, self.params, state.optimizer, trunk_state.OPTIMIZER_PREFIX)
+            except BaseException:
+                self._restore(before)
+                raise
+            for param in self.params.values():
+                param.grad = None
+            self.saved.clear()
+            self.forward_replies.clear()
+            self.backward_replies.clear()
+            self.applied_step = step
+            return step
+
+    # -------------------------------------------------------------- memory
+
+    def memory_bytes(self) -> int:
+        """Bytes of this session's tensors: adapter, gradients, optimizer state, saved graphs' ends, KV cache."""
+        tensors = [*self.params.values(), *(p.grad for p in self.params.values())]
+        if self.optimizer is not None:
+            tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        tensors += [t for saved in self.saved.values() for t in (saved.input, saved.output)]
+        for layer in getattr(self.cache, "layers", ()):
+            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        return tensor_bytes(t for t in tensors if torch.is_tensor(t))
+
+    def release(self) -> None:
+        with self.lock:
+            self.saved.clear()
+            self.forward_replies.clear()
+            self.backward_replies.clear()
+            self.cache = None
+            if self.adapter is not None:
+                self.host.remove_adapter(self.adapter)
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """What a client asks OpenSession for (the open key aside)."""
+
+    inference: bool
+    lora: tuple[LoraSettings, int] | None
+    optimizer: OptimizerSettings
+    wire_encoding: str
+    label: str
+    layers: range
+    dropout_seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()
 
 
 class SessionRegistry:
-    def __init__(self, host: TrunkHost, max_sessions: int, ttl_s: float, max_saved: int) -> None:
+    def __init__(self, host: TrunkHost, max_sessions: int, lease_s: float, budgets: SessionBudgets) -> None:
         self.host = host
         self.max_sessions = max_sessions
-        self.ttl_s = ttl_s
-        self.max_saved = max_saved
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        self.lease_s = lease_s
+        self.budgets = budgets
+        self._sessions: dict[str, Session | None] = {}  # None: a reserved slot, the session is being created
+        self._by_key: dict[str, tuple[str, str]] = {}  # open key -> (session id, request digest)
+        self._opened = threading.Condition()
+        self._lock = self._opened  # one lock for the tables; waiters on a pending open use the condition
 
     # -------------------------------------------------------------- lifecycle
 
@@ -101,242 +327,120 @@ class SessionRegistry:
         with self._lock:
             return len(self._sessions)
 
-    def open(self, inference: bool, lora: tuple[LoraSettings, int] | None, optimizer: OptimizerSettings,
-             wire_encoding: str, label: str, layers: range, dropout_seed: int = 0) -> Session:
+    def sessions_bytes(self) -> int:
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if s is not None]
+        return sum(session.memory_bytes() for session in sessions)
+
+    def open(self, request: SessionRequest, open_key: str = "") -> tuple[Session, bool]:
+        """The session for ``request``: a new one, or (same ``open_key``) the one a first try opened.
+        Returns (session, opened now)."""
+        if len(open_key) > MAX_OPEN_KEY:
+            raise ValueError(f"open_key is {len(open_key)} characters long; at most {MAX_OPEN_KEY}")
+        if request.lora is not None and request.lora[0].r > self.budgets.max_lora_rank:
+            raise BudgetExceeded(f"LoRA rank {request.lora[0].r} is beyond this trunk's budget of rank "
+                                 f"{self.budgets.max_lora_rank}; choose a rank of at most {self.budgets.max_lora_rank}")
         self.expire()
+        digest = request.digest()
         session_id = secrets.token_hex(16)
         with self._lock:
+            existing = self._existing(open_key, digest)
+            if existing is not None:
+                return existing, False
             if len(self._sessions) >= self.max_sessions:
-                raise CapacityExceeded(f"the trunk is at its capacity of {self.max_sessions} sessions; "
-                                       "try again when a session closes")
-            # Reserve the slot before the (slow) adapter creation.
-            self._sessions[session_id] = None  # type: ignore[assignment]
+                raise TrunkFull(f"the trunk is at its capacity of {self.max_sessions} sessions; "
+                                "try again when a session closes")
+            # Reserve the slot (and the key) before the (slow) adapter creation.
+            self._sessions[session_id] = None
+            if open_key:
+                self._by_key[open_key] = (session_id, digest)
         try:
-            adapter, params, optim = None, {}, None
-            if lora is not None:
-                adapter = f"s{session_id}"
-                settings, seed = lora
-                params = self.host.add_adapter(adapter, settings, seed, layers)
-                if not inference:
-                    optim = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(optimizer.beta1, optimizer.beta2),
-                                              eps=optimizer.eps, weight_decay=optimizer.weight_decay)
-            session = Session(id=session_id, inference=inference, layers=layers, adapter=adapter, params=params,
-                              optimizer=optim,
-                              wire_encoding=wire_encoding, label=label, last_used=time.monotonic(),
-                              dropout_seed=dropout_seed)
-            if inference:
-                session.cache = DynamicCache(config=self.host.config)
+            session = self._create(session_id, request, open_key)
         except BaseException:
             with self._lock:
                 self._sessions.pop(session_id, None)
+                self._by_key.pop(open_key, None)
+                self._opened.notify_all()
             raise
         with self._lock:
             self._sessions[session_id] = session
+            self._opened.notify_all()
+        return session, True
+
+    def _existing(self, open_key: str, digest: str) -> Session | None:
+        """Under the lock: the session a first try with ``open_key`` opened (waiting while it is created)."""
+        while open_key and open_key in self._by_key:
+            session_id, first_digest = self._by_key[open_key]
+            if first_digest != digest:
+                raise ValueError("open_key was already used for a different OpenSession request; "
+                                 "use a new key for each session")
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.last_used = time.monotonic()
+                return session
+            self._opened.wait(timeout=1.0)
+        return None
+
+    def _create(self, session_id: str, request: SessionRequest, open_key: str) -> Session:
+        adapter, params, optim = None, {}, None
+        if request.lora is not None:
+            adapter = f"s{session_id}"
+            settings, seed = request.lora
+            params = self.host.add_adapter(adapter, settings, seed, request.layers)
+            if not request.inference:
+                optimizer = request.optimizer
+                optim = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(optimizer.beta1, optimizer.beta2),
+                                          eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+        session = Session(id=session_id, host=self.host, budgets=self.budgets, inference=request.inference,
+                          layers=request.layers, adapter=adapter, params=params, optimizer=optim,
+                          wire_encoding=request.wire_encoding, label=request.label, last_used=time.monotonic(),
+                          dropout_seed=request.dropout_seed, open_key=open_key)
+        if request.inference:
+            session.cache = DynamicCache(config=self.host.config)
         return session
 
     def get(self, session_id: str) -> Session:
+        """The session, its lease renewed; SessionGone when there is none."""
         with self._lock:
             session = self._sessions.get(session_id)
+            if session is not None:
+                session.last_used = time.monotonic()
         if session is None:
-            raise SessionNotFound(f"unknown session {session_id[:64]!r} (closed, expired, or the server restarted)")
-        session.last_used = time.monotonic()
+            raise SessionGone(f"unknown session {session_id[:64]!r} (closed, its lease of {self.lease_s:g} s ran "
+                              "out, or the server restarted)")
         return session
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str) -> Session:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise SessionNotFound(f"unknown session {session_id[:64]!r}")
-        self._release(session)
+            session = self._sessions.get(session_id)
+            if session is None:
+                raise SessionGone(f"unknown session {session_id[:64]!r}")
+            self._forget(session)
+        session.release()
+        return session
 
     def close_all(self) -> None:
         with self._lock:
             sessions = [s for s in self._sessions.values() if s is not None]
-            self._sessions.clear()
+            for session in sessions:
+                self._forget(session)
         for session in sessions:
-            self._release(session)
+            session.release()
 
-    def expire(self) -> list[str]:
+    def expire(self) -> list[Session]:
+        """Close the sessions whose lease ran out; returns them."""
         now = time.monotonic()
         with self._lock:
-            stale = [sid for sid, s in self._sessions.items() if s is not None and now - s.last_used > self.ttl_s]
-            sessions = [self._sessions.pop(sid) for sid in stale]
-        for session in sessions:
-            self._release(session)
+            stale = [s for s in self._sessions.values() if s is not None and now - s.last_used > self.lease_s]
+            for session in stale:
+                self._forget(session)
+        for session in stale:
+            session.release()
+            log.info("session %s for %r expired: no call for %ss", session.id[:8], session.label, self.lease_s)
         return stale
 
-    def _release(self, session: Session) -> None:
-        with session.lock:
-            session.saved.clear()
-            session.cache = None
-            if session.adapter is not None:
-                self.host.remove_adapter(session.adapter)
-
-    # -------------------------------------------------------------- training
-
-    def forward(self, session: Session, step: int, micro: int, hidden: torch.Tensor,
-                mask: torch.Tensor, encode) -> object:
-        """Training forward; ``encode(tensor)`` builds the reply message (cached for retries)."""
-        with session.lock:
-            key = (step, micro)
-            if key in session.forward_replies:
-                return session.forward_replies[key]
-            self._check_open_step(session, step)
-            saved = self._run_forward(session, step, micro, hidden, mask)
-            session.saved[key] = saved
-            while len(session.saved) > self.max_saved:
-                session.saved.popitem(last=False)
-            reply = encode(saved.output.detach())
-            session.forward_replies[key] = reply
-            return reply
-
-    def backward(self, session: Session, step: int, micro: int, grad_output_decoder,
-                 resent: tuple[torch.Tensor, torch.Tensor] | None, encode) -> object:
-        with session.lock:
-            key = (step, micro)
-            if key in session.backward_replies:
-                return session.backward_replies[key]
-            self._check_open_step(session, step)
-            saved = session.saved.pop(key, None)
-            if saved is None:
-                if resent is None:
-                    raise ActivationsGone(f"activations of step {step} micro-batch {micro} are not held; "
-                                          "resend the hidden states and attention mask to recompute")
-                saved = self._run_forward(session, step, micro, *resent)
-            grad_output = grad_output_decoder(tuple(saved.output.shape))
-            self.host.backward(session.adapter, saved.output, grad_output)
-            reply = encode(saved.input.grad, session.grad_sq_norm())
-            session.backward_replies[key] = reply
-            return reply
-
-    def step(self, session: Session, step: int, lr: float, clip_coef: float) -> int:
-        # Training configs allow learning rates up to 1; far above, AdamW's update overflows float32.
-        if not (math.isfinite(lr) and 0 <= lr <= 1):
-            raise ValueError(f"lr must be a finite number in [0, 1], got {lr}")
-        if not (math.isfinite(clip_coef) and 0 < clip_coef <= 1):
-            raise ValueError(f"clip_coef must be in (0, 1], got {clip_coef}")
-        with session.lock:
-            if session.inference:
-                raise StepConflict("Step is for training sessions; this is an inference session")
-            if step <= session.applied_step:
-                return session.applied_step  # a retry: already applied, apply nothing
-            if session.optimizer is not None:
-                with self.host.lock:
-                    for param in session.params.values():
-                        if param.grad is not None:
-                            param.grad.mul_(clip_coef)
-                    for group in session.optimizer.param_groups:
-                        group["lr"] = lr
-                    session.optimizer.step()
-                    session.optimizer.zero_grad(set_to_none=True)
-            session.applied_step = step
-            for replies in (session.forward_replies, session.backward_replies, session.saved):
-                for key in [k for k in replies if k[0] < step]:
-                    del replies[key]
-            return step
-
-    def _check_open_step(self, session: Session, step: int) -> None:
-        if session.inference:
-            raise StepConflict("this is an inference session; open a training session for Forward/Backward "
-                               "with micro-batches")
-        if step <= session.applied_step:
-            raise StepConflict(f"step {step} was already applied (the last applied step is "
-                               f"{session.applied_step})")
-
-    def _run_forward(self, session: Session, step: int, micro: int, hidden: torch.Tensor,
-                     mask: torch.Tensor) -> Saved:
-        leaf = hidden.detach().requires_grad_(True)
-        with torch.enable_grad():
-            output = self.host.forward(session.adapter, session.layers, leaf, mask, training=True,
-                                       seed=dropout_seed(session.dropout_seed, step, micro, TRUNK))
-        return Saved(input=leaf, output=output)
-
-    def evaluate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Validation forward of a training session: no gradient, nothing kept."""
-        if session.inference:
-            raise StepConflict("evaluation forwards are for training sessions; this is an inference session")
-        with session.lock, torch.no_grad():
-            return self.host.forward(session.adapter, session.layers, hidden, mask)
-
-    # -------------------------------------------------------------- inference
-
-    def infer(self, session: Session, step: int, hidden: torch.Tensor, mask: torch.Tensor, encode) -> object:
-        """Append ``hidden`` to the session's KV cache; ``step`` counts calls from 0 (retries repeat it)."""
-        with session.lock:
-            if not session.inference:
-                raise StepConflict("KV-cache forward needs an inference session")
-            if session.last_inference_reply is not None and step == session.last_inference_reply[0]:
-                return session.last_inference_reply[1]
-            if step != session.inference_steps:
-                raise StepConflict(f"inference step {step} is out of order; expected {session.inference_steps}")
-            if session.inference_batch is not None and hidden.shape[0] != session.inference_batch:
-                raise ValueError(f"hidden has {hidden.shape[0]} rows but this session's KV cache holds "
-                                 f"{session.inference_batch}; send the same rows as in the first call")
-            past = session.cache.get_seq_length(session.layers.start)
-            if mask.shape[1] != past + hidden.shape[1]:
-                raise ValueError(f"attention_mask covers {mask.shape[1]} positions; the cache holds {past} and "
-                                 f"{hidden.shape[1]} are new, so it must cover {past + hidden.shape[1]}")
-            with torch.no_grad():
-                output = self.host.forward(session.adapter, session.layers, hidden, mask,
-                                           past_key_values=session.cache)
-            reply = encode(output)
-            session.inference_batch = hidden.shape[0]
-            session.inference_steps += 1
-            session.last_inference_reply = (step, reply)
-            return reply
-
-    # -------------------------------------------------------------- state
-
-    def export_state(self, session: Session) -> bytes:
-        with session.lock:
-            tensors: dict[str, torch.Tensor] = {}
-            if session.adapter is not None:
-                tensors.update({ADAPTER_PREFIX + k: v for k, v in self.host.adapter_state(session.adapter).items()})
-            if session.optimizer is not None:
-                tensors.update(adamw_state_tensors(session.optimizer, session.params, OPTIMIZER_PREFIX))
-            metadata = {"format": "splitlearn-trunk-state-v1", "applied_step": str(session.applied_step)}
-            return save_safetensors(tensors, metadata=metadata)
-
-    def _snapshot(self, session: Session) -> tuple[dict | None, dict | None]:
-        adapter = None if session.adapter is None else self.host.adapter_state(session.adapter)  # a copy
-        optimizer = None if session.optimizer is None else copy.deepcopy(session.optimizer.state_dict())
-        return adapter, optimizer
-
-    def _restore(self, session: Session, snapshot: tuple[dict | None, dict | None]) -> None:
-        adapter, optimizer = snapshot
-        if adapter is not None:
-            self.host.load_adapter_state(session.adapter, adapter)
-        if optimizer is not None:
-            session.optimizer.load_state_dict(optimizer)
-
-    def import_state(self, session: Session, step: int, data: bytes) -> int:
-        try:
-            tensors = load_safetensors(data) if data else {}
-        except (SafetensorError, ValueError, io.UnsupportedOperation) as exc:
-            raise ValueError(f"state is not a valid safetensors file: {exc}") from exc
-        with session.lock:
-            adapter = {k[len(ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADAPTER_PREFIX)}
-            optimizer = {k: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
-            other = set(tensors) - {ADAPTER_PREFIX + k for k in adapter} - set(optimizer)
-            if other:
-                raise ValueError(f"state holds an unknown entry {sorted(other)[0]!r}")
-            if session.adapter is None and tensors:
-                raise ValueError("this session has no trunk LoRA, but the state holds weights")
-            if optimizer and session.optimizer is None:
-                raise ValueError("optimizer state given for a session without a trunk optimizer")
-            before = self._snapshot(session)
-            try:  # all or nothing: a state refused half-way leaves the session as it was
-                if session.adapter is not None:
-                    self.host.load_adapter_state(session.adapter, adapter)
-                if session.optimizer is not None:
-                    load_adamw_state(session.optimizer, session.params, optimizer, OPTIMIZER_PREFIX)
-            except BaseException:
-                self._restore(session, before)
-                raise
-            for param in session.params.values():
-                param.grad = None
-            session.saved.clear()
-            session.forward_replies.clear()
-            session.backward_replies.clear()
-            session.applied_step = step
-            return step
+    def _forget(self, session: Session) -> None:
+        """Under the lock: drop the session and its open key from the tables."""
+        self._sessions.pop(session.id, None)
+        if session.open_key:
+            self._by_key.pop(session.open_key, None)

@@ -14,6 +14,8 @@ from pathlib import Path
 from django.conf import settings
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from splitcore.model.devices import resolve_device
+
 _lock = threading.Lock()
 
 
@@ -66,3 +68,12 @@ def fresh_model(model_id: str) -> PreTrainedModel:
 def tokenizer(model_id: str) -> PreTrainedTokenizerBase:
     with _lock:
         return _cached_tokenizer(model_dir(model_id))
+
+
+def worker_device() -> str:
+    """Where this worker computes its parts of a model: WORKER_DEVICE, checked against this machine
+    (ValueError saying what to change when it has no such device)."""
+    try:
+        return resolve_device(settings.WORKER_DEVICE)
+    except ValueError as exc:
+        raise ValueError(f"WORKER_DEVICE: {exc}; an administrator must set it to a device this worker has") from exc

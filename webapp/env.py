@@ -7,6 +7,7 @@ unset (the docker/compose convention).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -27,6 +28,14 @@ def env_str(name: str, default: str | None = None) -> str | None:
             except OSError as exc:
                 raise ImproperlyConfiguredEnv(f"{name}_FILE={file_name}: cannot read it ({exc.strerror})") from exc
     return default if value is None else value
+
+
+def env_match(name: str, default: str, pattern: re.Pattern, what: str) -> str:
+    """A string that must match ``pattern``; ``what`` says in words what it may be."""
+    value = env_str(name, default)
+    if not pattern.match(value):
+        raise ImproperlyConfiguredEnv(f"{name} must be {what}, got {value!r}")
+    return value
 
 
 def env_bool(name: str, default: bool) -> bool:

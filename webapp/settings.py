@@ -8,7 +8,9 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_path, env_str
+from splitcore.model.devices import DEVICE_NAME, DEVICES
+
+from .env import env_bool, env_float, env_int, env_list, env_match, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = env_path("SPLITLEARN_DATA_DIR", BASE_DIR / "data")
@@ -150,6 +152,8 @@ TRUNK_RPC_TIMEOUT_S = env_float("TRUNK_RPC_TIMEOUT_S", 120.0, minimum=1.0)
 # A job whose trunk cannot be reached waits this long (retrying) before it fails.
 TRUNK_WAIT_S = env_float("TRUNK_WAIT_S", 60.0, minimum=0.0)
 JOB_CHECKPOINT_EVERY = env_int("JOB_CHECKPOINT_EVERY", 25, minimum=1)
+# Where a worker computes its parts of a model (the Bottom and Top of jobs and generations).
+WORKER_DEVICE = env_match("WORKER_DEVICE", "cpu", DEVICE_NAME, DEVICES)
 # A running job's worker renews its lease every JOB_HEARTBEAT_S; a job whose lease is older
 # than JOB_STALE_AFTER_S (its worker died) is queued again by the sweep beat runs every
 # JOB_SWEEP_S, and continues from its last checkpoint. The sweep also re-sends queued jobs

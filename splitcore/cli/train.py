@@ -16,6 +16,7 @@ from splitcore.model.lora import LoraSettings
 from splitcore.privacy import ClientSecret, PrivacySettings
 from splitcore.remote.messages import OptimizerSettings
 from splitcore.model.split_spec import SplitSpec
+from splitcore.model.devices import DEVICES, resolve_device
 from splitcore.training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
@@ -57,6 +58,7 @@ def add_train_parser(commands) -> None:
     train.add_argument("--lora-dropout", type=float, default=0.05)
     train.add_argument("--lora-targets", help="comma-separated module names (default: every projection)")
     train.add_argument("--no-trunk-lora", action="store_true", help="keep the trunk frozen; train Bottom and Top")
+    train.add_argument("--device", default="cpu", help=f"where this machine's parts compute: {DEVICES}")
     train.add_argument("--wire", choices=FLOAT_ENCODINGS, default="fp32", help="encoding of tensors on the wire")
     train.add_argument("--val-fraction", type=float, default=0.0, help="share of examples held out for validation")
     train.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
@@ -121,14 +123,15 @@ def run_train(args: argparse.Namespace) -> int:
     data = prepare_training_data(tokenizer, load_dataset_file(args.data).examples, config)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     secret = client_secret(args)
+    device = resolve_device(args.device)
     if args.local:
         spec = SplitSpec(num_layers=model.config.num_hidden_layers,
                          n_bottom=LOCAL_CUT if args.bottom_layers is None else args.bottom_layers,
                          n_top=LOCAL_CUT if args.top_layers is None else args.top_layers)
-        engine = LocalEngine(model, config, spec, secret=secret)
+        engine = LocalEngine(model, config, spec, secret=secret, device=device)
     else:
         engine = SplitEngine(model, config, connect_trunk(args, config.wire_encoding), label=f"cli:{out.name}",
-                             secret=secret)
+                             secret=secret, device=device)
 
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: _request_cancel(cancel, previous))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -27,9 +27,9 @@ from splitcore.model.lora import LoraSettings
 from splitcore.model.parts import split_model
 from splitcore.model.fingerprint import weights_fingerprint
 from splitcore.remote.trunk import check_trunk_serves, choose_split
+from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
 
-TRUNK_ADAPTER_PREFIX = "adapter."
 
 
 def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
@@ -62,11 +62,13 @@ class SplitGenerator:
 
     def __init__(self, model: PreTrainedModel, client: TrunkClient,
                  adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
-                 n_top: int | None = None) -> None:
+                 n_top: int | None = None, device: str | torch.device = "cpu") -> None:
         """``model`` is a freshly loaded base model; it becomes the generator's (peft adds the adapter to it).
 
         ``n_bottom``/``n_top``: blocks kept here before and after the trunk (None: the trunk's default).
+        ``device``: where the Bottom and Top compute.
         """
+        self.device = torch.device(device)
         model.eval()
         self.config = model.config
         self.family = family_for(model.config)
@@ -83,7 +85,7 @@ class SplitGenerator:
             # peft injects the LoRA layers into the modules the parts share with ``model``.
             PeftModel.from_pretrained(model, adapter_dir).eval()
             self._trunk_share(adapter_dir, self.layers)
-        self.bottom, self.top = bottom, top
+        self.bottom, self.top = bottom.to(self.device), top.to(self.device)
         self.client = client
         self.generation_config = model.generation_config
 
@@ -99,7 +101,7 @@ class SplitGenerator:
         trunk = {k: v for k, v in weights.items() if _layer_of(k, marker) in trunk_layers}
         if trunk:
             self.trunk_lora = adapter_lora_settings(adapter_dir)
-            self.trunk_weights = save({TRUNK_ADAPTER_PREFIX + k: v for k, v in trunk.items()})
+            self.trunk_weights = trunk_state.pack(trunk)
 
     def _eos_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
         eos = self.generation_config.eos_token_id
@@ -123,8 +125,8 @@ class SplitGenerator:
             check_trunk_serves(reply.info, self.config, self.family, trunk_fingerprint=self._trunk_fingerprint)
             if self.trunk_weights is not None:
                 self.client.import_state(0, self.trunk_weights)
-            mask = torch.ones_like(input_ids)
-            new_ids = input_ids
+            new_ids = input_ids.to(self.device)
+            mask = torch.ones_like(new_ids)
             for position in range(settings.max_new_tokens):
                 hidden = self.bottom(new_ids, mask, past_key_values=bottom_cache, use_cache=True)
                 hidden = self.client.infer(position, hidden, mask)  # (1, new, hidden)
@@ -134,8 +136,8 @@ class SplitGenerator:
                 yield token
                 if token in eos_ids:
                     return
-                new_ids = torch.tensor([[token]])
-                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+                new_ids = torch.tensor([[token]], device=self.device)
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype, device=self.device)], dim=1)
         finally:
             self.client.close_session()
 
@@ -143,7 +145,7 @@ class SplitGenerator:
     def _choose(logits: torch.Tensor, settings: GenerationSettings, top_p, generator) -> int:
         if settings.temperature == 0:
             return int(logits.argmax(dim=-1))
-        scores = logits.float() / settings.temperature
+        scores = logits.float().cpu() / settings.temperature  # the sampling generator is the CPU's
         if top_p is not None:
             scores = top_p(None, scores)
         probs = torch.softmax(scores, dim=-1)

@@ -96,20 +96,26 @@ def modules_in_layers(module: nn.Module, family: ArchitectureFamily, targets: tu
     return tuple(names)
 
 
-def add_lora(part: nn.Module, family: ArchitectureFamily, settings: LoraSettings, seed: int = 0) -> PeftModel:
-    """Wrap one part with peft LoRA adapters and initialise them from ``seed``.
-
-    Targets missing from this part (e.g. ``lm_head`` in the Trunk) are skipped; a part
-    with none of the targets is an error.
-    """
+def lora_config_for(module: nn.Module, family: ArchitectureFamily, settings: LoraSettings,
+                    layers: set[int] | range | None = None, where: str | None = None) -> LoraConfig:
+    """The peft config of ``settings`` on ``module``: the targets it has (inside decoder blocks
+    ``layers`` only, when given). Targets missing from it (e.g. ``lm_head`` in the Trunk) are
+    skipped; none at all is a ValueError that names ``where`` (default: the module's class)."""
     wanted = settings.targets_for(family)
-    targets = present_targets(part, wanted)
+    targets = present_targets(module, wanted)
+    if layers is not None:
+        targets = modules_in_layers(module, family, targets, layers)
     if not targets:
         raise ValueError(
-            f"none of the LoRA target modules {', '.join(wanted)} exist in {type(part).__name__}; "
+            f"none of the LoRA target modules {', '.join(wanted)} exist in {where or type(module).__name__}; "
             f"the {family.name} family's projections are {', '.join(family.lora_targets)}"
         )
-    peft_part = get_peft_model(part, settings.peft_config(family, targets))
+    return settings.peft_config(family, tuple(targets))
+
+
+def add_lora(part: nn.Module, family: ArchitectureFamily, settings: LoraSettings, seed: int = 0) -> PeftModel:
+    """Wrap one part with peft LoRA adapters (see ``lora_config_for``) and initialise them from ``seed``."""
+    peft_part = get_peft_model(part, lora_config_for(part, family, settings))
     init_lora_weights(peft_part, seed)
     return peft_part
 

@@ -24,8 +24,11 @@ def dropout_seed(seed: int, step: int, micro_batch: int, part: str) -> int:
 
 
 @contextmanager
-def seeded_dropout(seed: int):
-    """Run a block with the CPU generator seeded, then restore it (other users of the generator see no change)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+def seeded_dropout(seed: int, device: torch.device | str = "cpu"):
+    """Run a block with the generators of the CPU (and of ``device``, when it is a CUDA device)
+    seeded, then restore them: other users of the generators see no change."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.manual_seed(seed)  # seeds the CUDA generators too
         yield

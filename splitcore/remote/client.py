@@ -8,6 +8,7 @@ streams large tensors in chunks, and counts the bytes that cross the wire.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,24 +20,15 @@ import torch
 from splitcore.model.lora import LoraSettings
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.remote.errors import Fault, TrunkError
 from splitcore.remote.messages import OptimizerSettings, lora_to_proto, optimizer_to_proto
 from splitcore.remote.wire import check_encoding, decode_tensor, encode_mask, encode_tensor, encoded_size, join_messages, split_message
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Upper bound of one reassembled reply stream (an exported trunk state can be large).
 MAX_REPLY_BYTES = 1 << 34
-
-
-class TrunkError(RuntimeError):
-    """A trunk call failed for good; ``code`` is the gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"trunk {code.name}: {message}")
-        self.code = code
-        self.details = message
 
 
 @dataclass(frozen=True)
@@ -97,11 +89,11 @@ class TrunkClient:
             try:
                 return call()
             except grpc.RpcError as error:
-                code = error.code()
-                delay = next(delays, None) if code in RETRYABLE else None
+                failure = TrunkError.from_rpc(error)
+                delay = next(delays, None) if failure.fault == Fault.RETRYABLE else None
                 if delay is None:
-                    raise TrunkError(code, error.details() or "") from None
-                log.warning("%s: trunk %s (%s); retrying in %.1fs", what, code.name, error.details(), delay)
+                    raise TrunkError.from_rpc(error, retried=failure.fault == Fault.RETRYABLE) from None
+                log.warning("%s: trunk %s (%s); retrying in %.1fs", what, failure.code.name, failure.details, delay)
                 time.sleep(delay)
 
     def _unary(self, method, request):
@@ -139,9 +131,11 @@ class TrunkClient:
         self.bytes_sent += encoded_size(message)
         return message
 
-    def _received(self, message: pb.Tensor, field: str, shape) -> torch.Tensor:
+    def _received(self, message: pb.Tensor, field: str, like: torch.Tensor) -> torch.Tensor:
+        """A reply tensor of ``like``'s shape, on its device and in its dtype."""
         self.bytes_received += encoded_size(message)
-        return decode_tensor(message, field, expected_shape=shape)
+        tensor = decode_tensor(message, field, expected_shape=tuple(like.shape))
+        return tensor.to(device=like.device, dtype=like.dtype)
 
     # -------------------------------------------------------------- RPCs
 
@@ -154,11 +148,13 @@ class TrunkClient:
 
         ``seed`` seeds the trunk's LoRA initialisation and dropout masks. Training runs send a
         value derived from their run seed with their client secret, never the run seed itself.
+        Every try of this call carries the same open key, so a retried open returns the session
+        the first try opened.
         """
         request = pb.OpenSessionRequest(
             mode=pb.SESSION_MODE_INFERENCE if inference else pb.SESSION_MODE_TRAIN,
             optimizer=optimizer_to_proto(optimizer), wire_encoding=self.wire_encoding, client_label=label,
-            dropout_seed=seed,
+            dropout_seed=seed, open_key=secrets.token_hex(16),
         )
         if layers is not None:
             request.trunk_start, request.trunk_end = layers.start, layers.stop
@@ -174,14 +170,14 @@ class TrunkClient:
         request = pb.ForwardRequest(session_id=self._require_session(), step=step, micro_batch=micro_batch,
                                     hidden=self._tensor(hidden), attention_mask=self._mask(attention_mask))
         reply = self._streaming(self._stub.Forward, request)
-        return self._received(reply.hidden, "hidden", tuple(hidden.shape)).to(hidden.dtype)
+        return self._received(reply.hidden, "hidden", hidden)
 
     def evaluate(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Training session: a validation forward (no gradient, nothing kept on the trunk)."""
         request = pb.ForwardRequest(session_id=self._require_session(), evaluate=True,
                                     hidden=self._tensor(hidden), attention_mask=self._mask(attention_mask))
         reply = self._streaming(self._stub.Forward, request)
-        return self._received(reply.hidden, "hidden", tuple(hidden.shape)).to(hidden.dtype)
+        return self._received(reply.hidden, "hidden", hidden)
 
     def backward(self, step: int, micro_batch: int, grad_output: torch.Tensor,
                  hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -191,13 +187,13 @@ class TrunkClient:
         try:
             reply = self._streaming(self._stub.Backward, request)
         except TrunkError as error:
-            if error.code != grpc.StatusCode.FAILED_PRECONDITION or "resend" not in error.details:
+            if error.fault != Fault.ACTIVATIONS_GONE:
                 raise
             log.info("trunk lost the activations of step %s micro-batch %s; resending inputs", step, micro_batch)
             request.hidden.CopyFrom(self._tensor(hidden))
             request.attention_mask.CopyFrom(self._mask(attention_mask))
             reply = self._streaming(self._stub.Backward, request)
-        grad_input = self._received(reply.grad_input, "grad_input", tuple(hidden.shape)).to(hidden.dtype)
+        grad_input = self._received(reply.grad_input, "grad_input", hidden)
         return grad_input, reply.trunk_grad_sq_norm
 
     def step(self, step: int, lr: float, clip_coef: float = 1.0) -> int:
@@ -230,7 +226,7 @@ class TrunkClient:
         try:
             self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id))
         except TrunkError as error:
-            if error.code != grpc.StatusCode.NOT_FOUND:
+            if error.fault != Fault.SESSION_GONE:
                 raise
         finally:
             self.session_id = None

@@ -69,6 +69,12 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (itself when it is there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
     @property
     def num_trained_tokens(self) -> int:
         """Labelled next-token targets (the loss shifts labels by one)."""

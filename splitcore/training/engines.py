@@ -12,32 +12,30 @@ from abc import ABC, abstractmethod
 
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load as load_safetensors
 from transformers import PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from splitcore.model.adapter_export import part_adapter_state
 from splitcore.model.architectures import ArchitectureFamily, family_for
 from splitcore.model.fingerprint import weights_fingerprint
-from splitcore.model.lora import add_lora, init_lora_weights, modules_in_layers, present_targets
+from splitcore.model.lora import add_lora, init_lora_weights, lora_config_for
 from splitcore.model.parts import positions_from_mask, split_model
 from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
 from splitcore.model.split_spec import SplitSpec
+from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
-
-TRUNK_ADAPTER_PREFIX = "adapter."
-
 
 class Engine(ABC):
     """One run's model; ``params`` are the LoRA weights this process trains."""
 
     family: ArchitectureFamily
     params: dict[str, torch.nn.Parameter]
+    device: torch.device = torch.device("cpu")  # where this process's parts compute
 
     @abstractmethod
     def loss(self, batch: Batch, step: int, micro_batch: int, num_items_in_batch: int) -> torch.Tensor:
@@ -92,23 +90,23 @@ class LocalEngine(Engine):
     """
 
     def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None,
-                 secret: ClientSecret | None = None) -> None:
+                 secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
         if config.privacy.needs_cut:
             raise ValueError("noise, NoPeek and a private Bottom act where the model is cut; "
                              "a local run has no cut, so run it split over a trunk")
         _freeze(model)
+        self.device = torch.device(device)
+        model.to(self.device)
         self.family = family_for(model.config)
         self.vocab_size = model.config.vocab_size
-        targets = present_targets(model, config.lora.targets_for(self.family))
+        trained = None  # every block
         if not config.train_trunk_lora:
             if spec is None:
                 raise ValueError("a local run without trunk LoRA needs the split (bottom and top layers)")
             trained = set(spec.top_layers)
             if config.privacy.gradients_to_trunk:  # else the Bottom stays as it starts, as in a split run
                 trained |= set(spec.bottom_layers)
-            targets = modules_in_layers(model, self.family, targets, trained)
-        peft_config = config.lora.peft_config(self.family, tuple(targets))
-        self.model: PeftModel = get_peft_model(model, peft_config)
+        self.model: PeftModel = get_peft_model(model, lora_config_for(model, self.family, config.lora, trained))
         init_lora_weights(self.model, config.seed)
         self.secret = secret
         if secret is not None and spec is not None and config.train_trunk_lora:
@@ -119,17 +117,18 @@ class LocalEngine(Engine):
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def _logits(self, batch: Batch) -> torch.Tensor:
+        batch = batch.to(self.device)
         positions = positions_from_mask(batch.attention_mask, batch.input_ids.shape[1])
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=positions).logits  # (batch, seq, vocab)
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
-        return ForCausalLMLoss(self._logits(batch), batch.labels, vocab_size=self.vocab_size,
+        return ForCausalLMLoss(self._logits(batch), batch.labels.to(self.device), vocab_size=self.vocab_size,
                                num_items_in_batch=num_items_in_batch)
 
     @torch.no_grad()
     def eval_loss_sum(self, batch, index):
-        return float(ForCausalLMLoss(self._logits(batch), batch.labels, vocab_size=self.vocab_size,
+        return float(ForCausalLMLoss(self._logits(batch), batch.labels.to(self.device), vocab_size=self.vocab_size,
                                      num_items_in_batch=1))
 
     def train(self, mode):
@@ -153,8 +152,9 @@ class SplitEngine(Engine):
     """
 
     def __init__(self, model: PreTrainedModel, config: TrainConfig, client: TrunkClient, label: str = "",
-                 secret: ClientSecret | None = None) -> None:
+                 secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
         _freeze(model)
+        self.device = torch.device(device)
         self.family = family_for(model.config)
         self.secret = secret if secret is not None else ClientSecret.generate()
         info = client.info()
@@ -163,6 +163,8 @@ class SplitEngine(Engine):
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
         trunk_fingerprint = weights_fingerprint(trunk)
         del trunk  # the trunk's blocks stay on the trunk server
+        bottom.to(self.device)
+        top.to(self.device)
         self.spec = spec
         self.noise = ChannelNoise(self.secret, config.seed, config.privacy.hidden_noise, config.privacy.grad_noise)
         self.nopeek = config.privacy.nopeek
@@ -189,6 +191,7 @@ class SplitEngine(Engine):
         self.link = TrunkLink(client)
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
+        batch = batch.to(self.device)
         mask = batch.attention_mask
         bottom_out = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
         hidden = self.noise.on_hidden(bottom_out, mask, step, micro_batch)  # what the trunk receives
@@ -206,6 +209,7 @@ class SplitEngine(Engine):
 
     @torch.no_grad()
     def eval_loss_sum(self, batch, index):
+        batch = batch.to(self.device)
         mask = batch.attention_mask
         # Validation batches cross the cut too; step 0 is never a training step.
         hidden = self.noise.on_hidden(self.bottom(batch.input_ids, mask), mask, 0, index)
@@ -237,7 +241,7 @@ class SplitEngine(Engine):
     def adapter_states(self):
         states = [part_adapter_state(self.bottom), part_adapter_state(self.top)]
         if self.trains_trunk:
-            states.append(trunk_adapter_state(self.client.export_state()[1]))
+            states.append(trunk_state.adapter_weights(self.client.export_state()[1]))
         return states
 
     def wire_bytes(self):
@@ -248,10 +252,3 @@ class SplitEngine(Engine):
 
     def close(self):
         self.client.close_session_quietly()
-
-
-def trunk_adapter_state(exported: bytes) -> dict[str, torch.Tensor]:
-    """The trunk LoRA weights (full-model PEFT keys) from an ``ExportState`` reply."""
-    tensors = load_safetensors(exported)
-    return {k[len(TRUNK_ADAPTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRUNK_ADAPTER_PREFIX)}
-

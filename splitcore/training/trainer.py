@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from splitcore.model.adapter_export import export_adapter
+from splitcore.remote.state import ADAPTER_PREFIX, OPTIMIZER_PREFIX
 from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
 from splitcore.privacy import PrivacySettings
 from splitcore.model.seeding import CLIENT, dropout_seed, seeded_dropout
@@ -29,8 +30,6 @@ from splitcore.training.config import TrainConfig
 from splitcore.training.engines import Engine, SplitEngine
 from splitcore.training.schedule import learning_rate_at
 
-ADAPTER_PREFIX = "adapter."
-OPTIMIZER_PREFIX = "optimizer."
 RNG_KEY = "rng.torch"
 
 
@@ -137,7 +136,7 @@ class SplitTrainer:
         num_items = sum(batch.num_trained_tokens for batch in batches)
         loss = 0.0
         for micro, batch in enumerate(batches):
-            with seeded_dropout(dropout_seed(self.config.seed, step, micro, CLIENT)):
+            with seeded_dropout(dropout_seed(self.config.seed, step, micro, CLIENT), self.engine.device):
                 micro_loss = self.engine.loss(batch, step, micro, num_items)
                 micro_loss.backward()
             loss += float(micro_loss.detach())

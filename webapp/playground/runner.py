@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
 from django.conf import settings
 from django.utils import timezone
 
 from splitcore.generation.local import encode_prompt
 from splitcore.generation.split import SplitGenerator
-from splitcore.remote.client import RetryPolicy, TrunkError
+from splitcore.remote.client import RetryPolicy
+from splitcore.remote.errors import Fault, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer
@@ -85,7 +85,8 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
     try:
         deadline = time.monotonic() + settings.GENERATION_TIMEOUT_S
         with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
-            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir, *cut)
+            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir, *cut,
+                                       device=base_models.worker_device())
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
                 _stream(generation, decoder, token_id)
                 if time.monotonic() > deadline:
@@ -133,13 +134,7 @@ def _finish(generation: Generation, decoder: IncrementalDecoder | None, status: 
 
 def _trunk_failure(trunk: TrunkServer, error: TrunkError) -> str:
     where = f"the trunk server {trunk.name} at {trunk.address}"
-    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return (f"{where} could not be reached ({error.code.name}: {error.details}); check that it is running, "
-                "then try again")
-    if error.code == grpc.StatusCode.UNAUTHENTICATED:
-        return f"{where} refused the token; an administrator must update it"
-    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return f"{where} is at its session capacity; try again in a moment"
-    if error.code == grpc.StatusCode.NOT_FOUND:
-        return f"{where} lost the generation's session (it restarted or the session expired); try again"
-    return f"{where} answered {error.code.name}: {error.details}"
+    advice = ("check that it is running, then try again" if error.fault in (Fault.LOST, Fault.RETRYABLE)
+              else "try again in a moment" if error.fault in (Fault.FULL, Fault.SESSION_GONE) else "")
+    message = error.explain(where, session="the generation's session")
+    return f"{message}; {advice}" if advice else message

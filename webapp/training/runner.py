@@ -15,7 +15,6 @@ import logging
 import time
 from pathlib import Path
 
-import grpc
 from django.conf import settings
 from django.utils import timezone
 
@@ -33,7 +32,8 @@ from splitcore.training import (
 )
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
-from splitcore.remote.client import TrunkClient, TrunkError
+from splitcore.remote.client import TrunkClient
+from splitcore.remote.errors import Fault, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 CAPACITY_POLL_S = 2.0
 # A trunk that stopped answering or forgot the job's session (it restarted) can be waited for.
-TRUNK_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND)
+# A job continues from its checkpoint after these (the trunk came back, or a session was opened anew).
+TRUNK_LOST = (Fault.LOST, Fault.RETRYABLE, Fault.SESSION_GONE)
 
 
 class JobFailed(Exception):
@@ -137,7 +138,7 @@ def _train(job: Job, lease: Lease) -> str | None:
         except TrunkError as error:
             progressed = _checkpoint_step(job) > (read_checkpoint_state(resume).step if resume else 0)
             losses = 1 if progressed else losses + 1
-            if error.code not in TRUNK_LOST or losses > settings.JOB_TRUNK_RECOVERIES:
+            if error.fault not in TRUNK_LOST or losses > settings.JOB_TRUNK_RECOVERIES:
                 raise JobFailed(_trunk_failure(trunk, error, job)) from error
             events.job_log(job, f"{_trunk_lost(trunk, error, job)}; waiting for it to answer again, then "
                                 f"continuing from {_kept(job)}", JobLog.Level.WARNING)
@@ -212,7 +213,7 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
             events.job_log(job, f"connected to the trunk server {trunk.name} (layers {trunk.layer_range})")
             return trunk, client
         except (NoTrunkAvailable, TrunkError) as error:
-            if isinstance(error, TrunkError) and error.code == grpc.StatusCode.UNAUTHENTICATED:
+            if isinstance(error, TrunkError) and error.fault == Fault.UNAUTHENTICATED:
                 raise JobFailed(f"the trunk server {job.trunk or ''} refused the token; an administrator must "
                                 "update it") from error
             if lease.cancel_requested():
@@ -230,8 +231,7 @@ def _unreachable(job: Job, error: Exception) -> str:
         return f"{error} ({waited})"
     trunk = job.trunk
     where = f"the trunk server {trunk.name} at {trunk.address}" if trunk else "the trunk server"
-    return (f"{where} could not be reached {waited} ({error.code.name}: {error.details}); "
-            "check that it is running, then resume the job")
+    return f"{error.explain(where)} {waited}; check that it is running, then resume the job"
 
 
 def _audit(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples, moment: str) -> None:
@@ -276,9 +276,9 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
     while True:
         try:
             return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}",
-                               secret=client_secret())
+                               secret=client_secret(), device=base_models.worker_device())
         except TrunkError as error:
-            if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if error.fault != Fault.FULL:
                 client.close()
                 raise JobFailed(_trunk_failure(trunk, error, job)) from error
             if not told:
@@ -297,14 +297,10 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
 def _trunk_lost(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
     """What happened to the trunk, in a user's words."""
     where = f"the trunk server {trunk.name} at {trunk.address}"
-    job.refresh_from_db(fields=["current_step"])
-    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if error.fault in (Fault.LOST, Fault.RETRYABLE):
+        job.refresh_from_db(fields=["current_step"])
         return f"{where} stopped answering at step {job.current_step + 1}"
-    if error.code == grpc.StatusCode.NOT_FOUND:
-        return f"{where} lost this job's session (it restarted or the session expired)"
-    if error.code == grpc.StatusCode.UNAUTHENTICATED:
-        return f"{where} refused the token; an administrator must update it"
-    return f"{where} answered {error.code.name}: {error.details}"
+    return error.explain(where, session="this job's session")
 
 
 def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:

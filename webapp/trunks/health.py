@@ -19,7 +19,8 @@ from django.utils import timezone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitcore.remote.proto import trunk_pb2 as pb
-from splitcore.remote.client import RetryPolicy, TrunkError
+from splitcore.remote.client import RetryPolicy
+from splitcore.remote.errors import TrunkError
 
 from .models import TrunkServer
 
@@ -29,14 +30,16 @@ DEFAULT_TIMEOUT_S = 5.0
 # Probes are network waits, not CPU work: this many run at once in ``check_trunks``.
 MAX_PARALLEL_PROBES = 8
 
-# Every field a check writes; ``save(update_fields=...)`` leaves the admin's fields alone.
-HEALTH_FIELDS = (
-    "status", "latency_ms", "model_id", "model_type", "weights_fingerprint", "num_layers", "trunk_start",
-    "trunk_end", "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version", "last_error", "last_checked_at",
-)
-# Info fields copied as they are (strings are cut to the column's length).
+# Info fields copied as they are (strings are cut to the column's length; "" is blank: not reported).
 _INFO_FIELDS = ("model_id", "model_type", "weights_fingerprint", "num_layers", "trunk_start", "trunk_end",
-                "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version")
+                "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version",
+                "device", "dtype")
+# Info fields a trunk from before them leaves at 0: stored as NULL, "not reported".
+_REPORTED_IF_SET = ("memory_total_bytes", "memory_base_bytes", "max_lora_rank", "max_micro_batches",
+                    "max_tokens_per_request", "max_positions", "max_kv_tokens", "max_saved_graphs")
+# Every field a check writes; ``save(update_fields=...)`` leaves the admin's fields alone.
+HEALTH_FIELDS = ("status", "latency_ms", *_INFO_FIELDS, *_REPORTED_IF_SET, "memory_sessions_bytes", "last_error",
+                 "last_checked_at")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def probe(trunk: TrunkServer, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProbeResu
         try:
             info = client.info()
         except TrunkError as error:
-            raise _CheckFailed(_describe(error.code, error.details, trunk, timeout_s, "Info")) from None
+            raise _CheckFailed(_describe(error, trunk, timeout_s, "Info")) from None
         latency_ms = (time.perf_counter() - started) * 1000.0
         return ProbeResult(info=info, latency_ms=latency_ms)
     except _CheckFailed as failure:
@@ -95,6 +98,10 @@ def record(trunk: TrunkServer, result: ProbeResult) -> TrunkServer:
             value = getattr(info, field)
             max_length = TrunkServer._meta.get_field(field).max_length
             setattr(trunk, field, value[:max_length] if max_length else value)
+        for field in _REPORTED_IF_SET:
+            setattr(trunk, field, getattr(info, field) or None)
+        # Idle sessions take no memory: 0 is a figure whenever the trunk reports its memory at all.
+        trunk.memory_sessions_bytes = info.memory_sessions_bytes if info.memory_total_bytes else None
         trunk.status = TrunkServer.Status.UP
         trunk.latency_ms = result.latency_ms
         trunk.last_error = ""
@@ -141,32 +148,27 @@ def _check_serving(channel: grpc.Channel, trunk: TrunkServer, timeout_s: float) 
     try:
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
     except grpc.RpcError as error:
-        raise _CheckFailed(_describe(error.code(), error.details() or "", trunk, timeout_s, "health")) from None
+        raise _CheckFailed(_describe(TrunkError.from_rpc(error, retried=True), trunk, timeout_s, "health")) from None
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         raise _CheckFailed(f"health service reports {status}: the trunk server at {trunk.address} is starting "
                            f"or shutting down; check again in a moment")
 
 
-def _describe(code: grpc.StatusCode | None, details: str, trunk: TrunkServer, timeout_s: float, call: str) -> str:
-    name = code.name if code is not None else "UNKNOWN"
-    status = f"{name}: {details}" if details else name
+def _describe(error: TrunkError, trunk: TrunkServer, timeout_s: float, call: str) -> str:
+    """A failed check in an admin's words: the connection hints a check can give, else the error's own."""
+    code = error.code
     if code == grpc.StatusCode.UNAVAILABLE:
         tls = "on" if trunk.use_tls else "off"
-        return (f"cannot reach {trunk.address} ({status}); is the trunk server running there, "
+        return (f"cannot reach {trunk.address} ({code.name}: {error.details}); is the trunk server running there, "
                 f"and does it use TLS (TLS is {tls} here)?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return (f"no answer from {trunk.address} within {timeout_s:g} s ({name}); "
+        return (f"no answer from {trunk.address} within {timeout_s:g} s ({code.name}); "
                 f"the trunk is overloaded or a firewall drops the traffic")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return ("the token was refused (UNAUTHENTICATED); enter the token the trunk server was started with "
-                "(its TRUNK_TOKEN)")
     if code == grpc.StatusCode.UNIMPLEMENTED:
         what = "the gRPC health service" if call == "health" else "the trunk service"
-        return f"{trunk.address} does not offer {what} ({name}); is this address a trunk server?"
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return f"the trunk at {trunk.address} is at its limit of concurrent calls ({status}); it is busy"
-    return f"{call} call to {trunk.address} failed ({status})"
+        return f"{trunk.address} does not offer {what} ({code.name}); is this address a trunk server?"
+    return f"{call} call: {error.explain(f'the trunk server at {trunk.address}')}"
 
 
 def _scrub(message: str, token: str) -> str:
