@@ -7,9 +7,12 @@ process on loopback, one per wire encoding. Prints
 - median local and split (fp32) step times and their ratio (target: <= 1.05);
 - wire bytes per optimizer step for each encoding;
 - how far the bf16 / fp16 / int8 losses drift from the fp32 losses after the run;
+- a trunk computing in bf16 (``--dtype bf16``; fp32 on the wire): its step time and how far its
+  losses drift from the fp32 trunk's;
 - the trunk's resident memory with 1 and with 8 open training sessions.
 
     .venv/bin/python benchmarks/split_overhead.py [--steps 20] [--batch-size 8] [--seq-len 256]
+        [--encodings fp32,bf16] [--trunk-device cpu|cuda] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -105,7 +108,12 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--bottom-layers", type=int, default=2)
     parser.add_argument("--top-layers", type=int, default=2)
+    parser.add_argument("--encodings", default=",".join(FLOAT_ENCODINGS),
+                        help="wire encodings to run (comma-separated; fp32 always runs)")
+    parser.add_argument("--trunk-device", default="cpu", help="where the trunks compute (cpu, cuda, cuda:N)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the resident-memory measurement")
     args = parser.parse_args()
+    encodings = ["fp32"] + [e for e in args.encodings.split(",") if e and e != "fp32"]
     model_dir = args.model or default_model.prepare_default_model()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -125,9 +133,10 @@ def main() -> int:
 
     split: dict[str, list[StepMetrics]] = {}
     with tempfile.TemporaryDirectory() as log_dir:
-        trunk = start_trunk(model_dir, Path(log_dir), n_bottom=args.bottom_layers, n_top=args.top_layers)
+        trunk = start_trunk(model_dir, Path(log_dir), "--device", args.trunk_device, n_bottom=args.bottom_layers,
+                            n_top=args.top_layers)
         try:
-            for encoding in FLOAT_ENCODINGS:
+            for encoding in encodings:
                 client = TrunkClient(trunk.address, trunk.token, wire_encoding=encoding)
                 spec = spec_from_info(client.info())
                 assert (spec.n_bottom, spec.n_top) == (args.bottom_layers, args.top_layers)
@@ -138,8 +147,19 @@ def main() -> int:
                       f"final loss {split[encoding][-1].loss:.5f}", flush=True)
         finally:
             trunk.stop()
-        one = trunk_memory(model_dir, Path(log_dir), lora, 1)
-        eight = trunk_memory(model_dir, Path(log_dir), lora, 8)
+        bf16_trunk = start_trunk(model_dir, Path(log_dir), "--device", args.trunk_device, "--dtype", "bf16",
+                                 n_bottom=args.bottom_layers, n_top=args.top_layers)
+        try:
+            with TrunkClient(bf16_trunk.address, bf16_trunk.token) as client:
+                model = AutoModelForCausalLM.from_pretrained(model_dir)
+                bf16_compute = run(SplitEngine(model, config("fp32"), client), config("fp32"), data, pad_id)
+        finally:
+            bf16_trunk.stop()
+        print(f"split on a bf16 trunk: median step {median_step_s(bf16_compute):.3f} s, "
+              f"final loss {bf16_compute[-1].loss:.5f}", flush=True)
+        if not args.skip_memory:
+            one = trunk_memory(model_dir, Path(log_dir), lora, 1)
+            eight = trunk_memory(model_dir, Path(log_dir), lora, 8)
 
     local_s, split_s = median_step_s(local), median_step_s(split["fp32"])
     print()
@@ -154,8 +174,15 @@ def main() -> int:
         drift_max = max(abs(a.loss - b.loss) / b.loss for a, b in zip(steps, fp32))
         print(f"{encoding:>8} {per_step / 2**20:9.2f} {per_step / statistics.median(s.wire_bytes for s in fp32):8.3f} "
               f"{steps[-1].loss:11.5f} {drift_last:11.2e} {drift_max:10.2e}")
-    print(f"trunk resident memory: {one:.0f} MiB with 1 session, {eight:.0f} MiB with 8 sessions "
-          f"(+{(eight - one) / 7:.1f} MiB per extra session)")
+    fp32_trunk_s, bf16_trunk_s = median_step_s(fp32), median_step_s(bf16_compute)
+    print(f"trunk compute dtype ({args.trunk_device}): bf16 step {bf16_trunk_s:.3f} s vs fp32 {fp32_trunk_s:.3f} s "
+          f"(bf16/fp32 = {bf16_trunk_s / fp32_trunk_s:.3f}); after {len(bf16_compute)} steps the final loss is "
+          f"{bf16_compute[-1].loss:.5f} vs {fp32[-1].loss:.5f} (drift {abs(bf16_compute[-1].loss - fp32[-1].loss):.2e}, "
+          f"{abs(bf16_compute[-1].loss - fp32[-1].loss) / fp32[-1].loss:.2e} relative; largest over the run "
+          f"{max(abs(a.loss - b.loss) / b.loss for a, b in zip(bf16_compute, fp32)):.2e})")
+    if not args.skip_memory:
+        print(f"trunk resident memory: {one:.0f} MiB with 1 session, {eight:.0f} MiB with 8 sessions "
+              f"(+{(eight - one) / 7:.1f} MiB per extra session)")
     return 0
 
 
