@@ -14,11 +14,14 @@ import pytest
 import torch
 from trunk_process import start_trunk
 
+from transformers import AutoModelForCausalLM
+
 from splitcore import LoraSettings
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.errors import REASON_KEY, Fault, Reason, TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.training import SplitEngine, TrainConfig
 
 HIDDEN = 64
 BUDGETS = ("--max-micro-batches", "4", "--max-tokens-per-request", "1024", "--max-saved-graphs", "2",
@@ -204,3 +207,17 @@ def test_a_session_without_calls_loses_its_lease_and_one_that_calls_keeps_it(sho
         assert gone.value.code == grpc.StatusCode.NOT_FOUND and gone.value.fault == Fault.SESSION_GONE
         assert "lease of 3 s ran out" in gone.value.details
     assert "expired: no call for 3s" in trunk.log()
+
+
+def test_a_run_beyond_the_budgets_is_refused_before_a_session_opens(tiny_dirs, trunk, client):
+    """The client reads the budgets from Info and says what to change, instead of failing mid-run."""
+    config = TrainConfig(lora=LoraSettings(r=16, alpha=16), max_steps=1, batch_size=4, grad_accum=5, seq_len=600)
+    before = client.info().active_sessions
+    with pytest.raises(ValueError) as refused:
+        SplitEngine(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]), config, client)
+    message = str(refused.value)
+    for words in ("5 micro-batches per step", "it allows 4", "4 x 600 = 2400 tokens", "it allows 1024 per call",
+                  "sequences of 600 tokens; the model has 512 positions", "rank 16; it allows rank 8"):
+        assert words in message
+    assert client.info().active_sessions == before
+

@@ -22,6 +22,7 @@ from trunk_process import start_trunk
 from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
 
 from webapp.datasets.models import Dataset
+from webapp.training.forms import JobForm
 from webapp.training.lease import claim
 from webapp.training.models import Job, MetricPoint
 from webapp.training.tasks import run_job
@@ -171,9 +172,8 @@ def test_a_job_whose_trunk_is_down_fails_with_a_clear_message(api, owner, celery
     job_id = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": dead.pk}, format="json").json()["id"]
     job = wait_for_job(job_id, timeout=120, worker=celery_worker)
     assert job.status == "failed"
-    assert f"the trunk server dead at 127.0.0.1:9 could not be reached after waiting {WORKER_TRUNK_WAIT_S} s" \
-        in job.error_message
-    assert "resume" in job.error_message
+    assert job.error_message.startswith("the trunk server dead at 127.0.0.1:9 could not be reached (UNAVAILABLE")
+    assert f"after waiting {WORKER_TRUNK_WAIT_S} s; check that it is running, then resume" in job.error_message
 
 
 def test_a_redelivered_task_never_runs_a_job_twice(api, owner, registered_trunk, celery_worker):
@@ -242,3 +242,52 @@ def test_a_trunk_at_its_session_cap_makes_the_job_wait_not_fail(api, owner, web_
         assert job.current_step == 6
     finally:
         full.stop()
+
+
+# ------------------------------------------------------------------ a trunk's LoRA rank cap
+
+
+def capped_trunk(name: str, max_lora_rank: int | None) -> TrunkServer:
+    """A healthy trunk of the tiny model as its last check recorded it, with its cap on a session's LoRA rank."""
+    return TrunkServer.objects.create(
+        name=name, address=f"{name}.example:50051", token="x" * 24, status=TrunkServer.Status.UP,
+        model_id=TINY_MODEL_ID, num_layers=6, trunk_start=2, trunk_end=4, max_sessions=4, active_sessions=0,
+        max_lora_rank=max_lora_rank)
+
+
+def job_form(owner, dataset_id: int, **given) -> JobForm:
+    """The job form as the API fills it in: every field the request leaves out takes its starting value."""
+    initial = {name: field.initial for name, field in JobForm(user=owner).fields.items() if field.initial is not None}
+    return JobForm(data={**initial, **JOB, "dataset": dataset_id, **given}, user=owner)
+
+
+def test_a_chosen_trunk_refuses_a_lora_rank_above_its_cap(api, owner, web_dirs):
+    capped = capped_trunk("capped", 8)
+    dataset_id = upload(api)
+    refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": capped.pk, "lora_r": 16},
+                       format="json")
+    assert refused.status_code == 400
+    assert refused.json() == {"lora_r": [
+        "capped does not take a trunk LoRA of rank 16: it allows LoRA rank 8 at most; lower the rank, choose "
+        "another trunk, or turn off 'Train LoRA on the trunk too'"]}
+    assert not Job.objects.exists()
+
+    assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=8).is_valid()
+    assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=16, train_trunk_lora=False).is_valid(), \
+        "without a trunk LoRA the trunk's cap does not apply"
+    TrunkServer.objects.filter(pk=capped.pk).update(max_lora_rank=None)  # a trunk that reports no cap
+    assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=256).is_valid()
+
+
+def test_auto_choice_needs_a_trunk_whose_cap_takes_the_lora_rank(api, owner, web_dirs):
+    capped_trunk("small", 4)
+    dataset_id = upload(api)
+    refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "lora_r": 16}, format="json")
+    assert refused.status_code == 400
+    assert refused.json() == {"lora_r": [
+        f"no healthy trunk for '{TINY_MODEL_ID}' takes a trunk LoRA of rank 16 (small: it allows LoRA rank 4 "
+        f"at most): lower the LoRA rank to 4 or less, or do not train LoRA on the trunk"]}
+    assert job_form(owner, dataset_id, lora_r=16, train_trunk_lora=False).is_valid()
+
+    capped_trunk("large", 64)
+    assert job_form(owner, dataset_id, lora_r=16).is_valid()

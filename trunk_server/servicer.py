@@ -140,69 +140,69 @@ class TrunkServicer(pb_grpc.TrunkServicer):
     @_mapped_errors
     def Forward(self, request_iterator, context):
         request = self._join(request_iterator)
-        session = self.registry.get(request.session_id)
-        hidden = self._hidden(request.hidden, "hidden")
-        batch, seq = hidden.shape[:2]
+        with self.registry.use(request.session_id) as session:
+            hidden = self._hidden(request.hidden, "hidden")
+            batch, seq = hidden.shape[:2]
 
-        def encode(output):
-            return pb.ForwardResponse(hidden=encode_tensor(output, session.wire_encoding))
+            def encode(output):
+                return pb.ForwardResponse(hidden=encode_tensor(output, session.wire_encoding))
 
-        mask = self._mask(request.attention_mask, batch, seq)
-        if session.inference and not request.evaluate:
-            reply = session.infer(request.step, hidden, mask, encode)
-        else:
-            if mask.shape[1] != seq:
-                raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
-            if request.evaluate:
-                reply = encode(session.evaluate(hidden, mask))
+            mask = self._mask(request.attention_mask, batch, seq)
+            if session.inference and not request.evaluate:
+                reply = session.infer(request.step, hidden, mask, encode)
             else:
-                reply = session.forward(request.step, request.micro_batch, hidden, mask, encode)
-        return self._stream(reply)
+                if mask.shape[1] != seq:
+                    raise WireError(f"attention_mask must be ({batch}, {seq}) in training, got {list(mask.shape)}")
+                if request.evaluate:
+                    reply = encode(session.evaluate(hidden, mask))
+                else:
+                    reply = session.forward(request.step, request.micro_batch, hidden, mask, encode)
+            return self._stream(reply)
 
     @_mapped_errors
     def Backward(self, request_iterator, context):
         request = self._join(request_iterator)
-        session = self.registry.get(request.session_id)
-        resent = None
-        if request.HasField("hidden"):
-            hidden = self._hidden(request.hidden, "hidden")
-            batch, seq = hidden.shape[:2]
-            mask = self._mask(request.attention_mask, batch, seq)
-            if mask.shape[1] != seq:
-                raise WireError(f"attention_mask must be ({batch}, {seq}) like the resent hidden states, "
-                                f"got {list(mask.shape)}")
-            resent = (hidden, mask)
+        with self.registry.use(request.session_id) as session:
+            resent = None
+            if request.HasField("hidden"):
+                hidden = self._hidden(request.hidden, "hidden")
+                batch, seq = hidden.shape[:2]
+                mask = self._mask(request.attention_mask, batch, seq)
+                if mask.shape[1] != seq:
+                    raise WireError(f"attention_mask must be ({batch}, {seq}) like the resent hidden states, "
+                                    f"got {list(mask.shape)}")
+                resent = (hidden, mask)
 
-        def grad_output(shape):
-            if not request.grad_output.ByteSize():
-                raise WireError("grad_output is missing")
-            return decode_tensor(request.grad_output, "grad_output", expected_shape=shape)
+            def grad_output(shape):
+                if not request.grad_output.ByteSize():
+                    raise WireError("grad_output is missing")
+                return decode_tensor(request.grad_output, "grad_output", expected_shape=shape)
 
-        def encode(grad_input, sq_norm):
-            return pb.BackwardResponse(grad_input=encode_tensor(grad_input, session.wire_encoding),
-                                       trunk_grad_sq_norm=sq_norm)
+            def encode(grad_input, sq_norm):
+                return pb.BackwardResponse(grad_input=encode_tensor(grad_input, session.wire_encoding),
+                                           trunk_grad_sq_norm=sq_norm)
 
-        reply = session.backward(request.step, request.micro_batch, grad_output, resent, encode)
-        return self._stream(reply)
+            reply = session.backward(request.step, request.micro_batch, grad_output, resent, encode)
+            return self._stream(reply)
 
     @_mapped_errors
     def Step(self, request, context):
-        session = self.registry.get(request.session_id)
-        return pb.StepResponse(applied_step=session.step(request.step, request.lr, request.clip_coef))
+        with self.registry.use(request.session_id) as session:
+            return pb.StepResponse(applied_step=session.step(request.step, request.lr, request.clip_coef))
 
     @_mapped_errors
     def ExportState(self, request, context):
-        session = self.registry.get(request.session_id)
-        data = session.export_state()
-        return self._stream(pb.ExportStateResponse(step=session.applied_step, safetensors=data))
+        with self.registry.use(request.session_id) as session:
+            data = session.export_state()
+            return self._stream(pb.ExportStateResponse(step=session.applied_step, safetensors=data))
 
     @_mapped_errors
     def ImportState(self, request_iterator, context):
         request = self._join(request_iterator)
-        session = self.registry.get(request.session_id)
-        if request.step < 0:
-            raise ValueError(f"step must be >= 0, got {request.step}")
-        return pb.ImportStateResponse(step=session.import_state(request.step, request.safetensors))
+        with self.registry.use(request.session_id) as session:
+            if request.step < 0:
+                raise ValueError(f"step must be >= 0, got {request.step}")
+            return pb.ImportStateResponse(step=session.import_state(request.step, request.safetensors))
 
     @_mapped_errors
     def CloseSession(self, request, context):

@@ -13,6 +13,7 @@ calls renews; a retried OpenSession with the same open key returns the same sess
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -61,6 +62,8 @@ class Session:
     last_used: float
     dropout_seed: int = 0
     open_key: str = ""
+    calls: int = 0  # calls in progress: a session is never expired under one
+    counted_bytes: int = 0
     applied_step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     saved: OrderedDict = field(default_factory=OrderedDict)
@@ -274,7 +277,17 @@ class Session:
     # -------------------------------------------------------------- memory
 
     def memory_bytes(self) -> int:
-        """Bytes of this session's tensors: adapter, gradients, optimizer state, saved graphs' ends, KV cache."""
+        """Bytes of this session's tensors: adapter, gradients, optimizer state, saved graphs' ends, KV cache
+        (counted between calls: while one runs, the count from before it)."""
+        if not self.lock.acquire(blocking=False):
+            return self.counted_bytes
+        try:
+            self.counted_bytes = self._count_bytes()
+        finally:
+            self.lock.release()
+        return self.counted_bytes
+
+    def _count_bytes(self) -> int:
         tensors = [*self.params.values(), *(p.grad for p in self.params.values())]
         if self.optimizer is not None:
             tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
@@ -410,6 +423,20 @@ class SessionRegistry:
                               "out, or the server restarted)")
         return session
 
+    @contextlib.contextmanager
+    def use(self, session_id: str):
+        """The session for the length of one call: its lease is renewed at both ends, and it does not
+        expire while the call runs (however long it waits for the model)."""
+        session = self.get(session_id)
+        with self._lock:
+            session.calls += 1
+        try:
+            yield session
+        finally:
+            with self._lock:
+                session.calls -= 1
+                session.last_used = time.monotonic()
+
     def close(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
@@ -431,7 +458,8 @@ class SessionRegistry:
         """Close the sessions whose lease ran out; returns them."""
         now = time.monotonic()
         with self._lock:
-            stale = [s for s in self._sessions.values() if s is not None and now - s.last_used > self.lease_s]
+            stale = [s for s in self._sessions.values()
+                     if s is not None and not s.calls and now - s.last_used > self.lease_s]
             for session in stale:
                 self._forget(session)
         for session in stale:

@@ -73,6 +73,8 @@ class SplitGenerator:
         self.config = model.config
         self.family = family_for(model.config)
         info = client.info()
+        self._positions_allowed = min(n for n in (info.max_positions, info.max_kv_tokens) if n) \
+            if (info.max_positions or info.max_kv_tokens) else None
         spec = choose_split(info, n_bottom, n_top)
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
         check_trunk_serves(info, model.config, self.family)
@@ -116,6 +118,11 @@ class SplitGenerator:
         """Yield new token ids one by one for a (1, seq) prompt; stops at an end-of-sequence token."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt of shape (1, seq), got {tuple(input_ids.shape)}")
+        wanted = input_ids.shape[1] + settings.max_new_tokens
+        if self._positions_allowed is not None and wanted > self._positions_allowed:
+            raise ValueError(f"a prompt of {input_ids.shape[1]} tokens and {settings.max_new_tokens} new tokens need "
+                             f"{wanted} positions; the trunk allows {self._positions_allowed} per generation "
+                             "(a shorter prompt or fewer new tokens)")
         eos_ids = self._eos_ids(tokenizer)
         generator = torch.Generator().manual_seed(settings.seed)
         top_p = TopPLogitsWarper(settings.top_p) if settings.top_p < 1.0 else None

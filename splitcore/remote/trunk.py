@@ -93,3 +93,31 @@ def check_trunk_serves(info: pb.InfoResponse, config: PretrainedConfig, family: 
         if trunk_fingerprint != info.weights_fingerprint:
             raise ValueError(f"{where} serves layers {info.trunk_start}-{info.trunk_end - 1} with different weights "
                              "than this model's; use the same base model on both sides")
+
+
+def budget_problems(info: pb.InfoResponse, batch_size: int, seq_len: int, micro_batches: int,
+                    lora_rank: int | None) -> list[str]:
+    """What a run with these settings would ask beyond the trunk's per-session budgets (a trunk that
+    reports none: nothing), each in words that say what to change."""
+    problems = []
+    if info.max_micro_batches and micro_batches > info.max_micro_batches:
+        problems.append(f"{micro_batches} micro-batches per step (gradient accumulation); it allows "
+                        f"{info.max_micro_batches}")
+    if info.max_tokens_per_request and batch_size * seq_len > info.max_tokens_per_request:
+        problems.append(f"micro-batches of up to {batch_size} x {seq_len} = {batch_size * seq_len} tokens; it "
+                        f"allows {info.max_tokens_per_request} per call (lower the batch size or the sequence "
+                        "length)")
+    if info.max_positions and seq_len > info.max_positions:
+        problems.append(f"sequences of {seq_len} tokens; the model has {info.max_positions} positions")
+    if info.max_lora_rank and lora_rank is not None and lora_rank > info.max_lora_rank:
+        problems.append(f"a trunk LoRA of rank {lora_rank}; it allows rank {info.max_lora_rank}")
+    return problems
+
+
+def check_budgets(info: pb.InfoResponse, batch_size: int, seq_len: int, micro_batches: int,
+                  lora_rank: int | None) -> None:
+    """ValueError, before any session opens, when the run would exceed one of the trunk's budgets."""
+    problems = budget_problems(info, batch_size, seq_len, micro_batches, lora_rank)
+    if problems:
+        raise ValueError(f"the trunk ({info.model_id!r}) would refuse this run: " + "; ".join(problems))
+

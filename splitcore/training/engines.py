@@ -23,7 +23,7 @@ from splitcore.model.parts import positions_from_mask, split_model
 from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
-from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_trunk_serves, choose_split
+from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_budgets, check_trunk_serves, choose_split
 from splitcore.model.split_spec import SplitSpec
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
@@ -160,6 +160,8 @@ class SplitEngine(Engine):
         info = client.info()
         check_trunk_serves(info, model.config, self.family)
         spec = choose_split(info, config.privacy.bottom_layers, config.privacy.top_layers)
+        check_budgets(info, config.batch_size, config.seq_len, config.grad_accum,
+                      config.lora.r if config.train_trunk_lora else None)
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
         trunk_fingerprint = weights_fingerprint(trunk)
         del trunk  # the trunk's blocks stay on the trunk server

@@ -79,7 +79,7 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
     job = generation.job
     cut = (job.bottom_layers, job.top_layers) if job is not None else (None, None)
     try:
-        trunk = pick_trunk(generation.base_model, cut)
+        trunk = pick_trunk(generation.base_model, cut, lora_rank=job.trunk_lora_rank if job is not None else None)
     except NoTrunkAvailable as exc:
         raise GenerationFailed(str(exc)) from exc
     try:

@@ -131,6 +131,9 @@ class JobForm(forms.ModelForm):
         if trunk is not None and trunk.model_id != data.get("base_model"):
             self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")
         self._check_cut(data, trunk)
+        self._check_lora_rank(data, trunk)
+        if self.errors:
+            return data  # a field with an error has left ``data``; the checks below need every field
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
         data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
         for name in ("hidden_noise", "grad_noise", "nopeek", "private_bottom"):
@@ -160,6 +163,22 @@ class JobForm(forms.ModelForm):
             pick_trunk(data.get("base_model"), cut)
         except NoTrunkAvailable as exc:
             self.add_error("bottom_layers", str(exc))
+
+    def _check_lora_rank(self, data: dict, trunk: TrunkServer | None) -> None:
+        """A trunk LoRA's rank must be within the job's trunk's cap (for auto: some trunk's that allows the cut)."""
+        rank = data.get("lora_r") if data.get("train_trunk_lora") else None
+        if rank is None or self.has_error("trunk") or self.has_error("bottom_layers"):
+            return
+        if trunk is not None:
+            problem = trunk.lora_rank_problem(rank)
+            if problem:
+                self.add_error("lora_r", f"{trunk.name} does not take a trunk LoRA of rank {rank}: {problem}; lower "
+                                         f"the rank, choose another trunk, or turn off 'Train LoRA on the trunk too'")
+            return
+        try:
+            pick_trunk(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), lora_rank=rank)
+        except NoTrunkAvailable as exc:
+            self.add_error("lora_r", str(exc))
 
     def save(self, commit: bool = False) -> Job:
         job = super().save(commit=False)

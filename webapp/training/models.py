@@ -123,6 +123,11 @@ class Job(models.Model):
 
     # ------------------------------------------------------------ settings
 
+    @property
+    def trunk_lora_rank(self) -> int | None:
+        """The rank of the LoRA this job trains on the trunk; None when it trains none there."""
+        return self.lora_r if self.train_trunk_lora else None
+
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
 

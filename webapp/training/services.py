@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from celery import signature
 from django.db import transaction
 from django.utils import timezone
 
 from . import events
 from .models import Job
+
+# The name tasks.py registers run_job under. Sending by name keeps this module free of an import of
+# tasks.py, which imports recovery.py, which enqueues through this module.
+RUN_JOB_TASK = "training.run_job"
 
 
 class JobStateError(Exception):
@@ -14,9 +19,8 @@ class JobStateError(Exception):
 
 
 def enqueue(job: Job) -> None:
-    from .tasks import run_job
-
-    transaction.on_commit(lambda: run_job.delay(job.pk))
+    """Send the job to the workers once the current transaction commits."""
+    transaction.on_commit(lambda: signature(RUN_JOB_TASK, args=(job.pk,)).delay())
 
 
 def create_job(job: Job) -> Job:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from celery import shared_task
 
 from . import recovery, runner
+from .services import RUN_JOB_TASK
 
 
-@shared_task(name="training.run_job", acks_late=True, reject_on_worker_lost=True)
+@shared_task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: int) -> str | None:
     return runner.run_job(job_id)
 

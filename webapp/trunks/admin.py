@@ -13,6 +13,8 @@ from .models import TrunkServer
 TOKEN_HELP_NEW = "The bearer token the trunk server was started with (its TRUNK_TOKEN). It is never shown again."
 TOKEN_HELP_EDIT = ("The bearer token the trunk server was started with (its TRUNK_TOKEN). It is never shown: "
                    "leave this blank to keep the current token, or enter a new one to replace it.")
+# Shown for a figure the trunk did not report (one from before it).
+NOT_REPORTED = "not reported"
 # Changing any of these makes the last check's result meaningless.
 CONNECTION_FIELDS = ("address", "token", "use_tls", "tls_ca_certificate")
 
@@ -52,11 +54,11 @@ class TrunkServerForm(forms.ModelForm):
 class TrunkServerAdmin(admin.ModelAdmin):
     form = TrunkServerForm
     list_display = ("name", "address", "enabled", "status_badge", "latency", "model_id", "layers", "sessions",
-                    "last_checked_at", "short_error")
+                    "device_and_dtype", "memory", "last_checked_at", "short_error")
     list_filter = ("status", "enabled")
     search_fields = ("name", "address", "model_id")
     actions = ("check_now", "enable", "disable")
-    readonly_fields = ("status_badge", "latency", "layers", "cuts", "sessions") + tuple(
+    readonly_fields = ("status_badge", "latency", "layers", "cuts", "sessions", "device_and_dtype", "memory") + tuple(
         field for field in HEALTH_FIELDS if field not in ("status", "latency_ms"))
     fieldsets = (
         (None, {"fields": ("name", "address", "token", "use_tls", "tls_ca_certificate", "enabled")}),
@@ -66,7 +68,14 @@ class TrunkServerAdmin(admin.ModelAdmin):
             "fields": ("status_badge", "latency", "last_checked_at", "last_error", "model_id", "model_type",
                        "weights_fingerprint", "layers", "num_layers", "trunk_start", "trunk_end", "cuts",
                        "min_trunk_start", "max_trunk_end", "hidden_size",
-                       "sessions", "max_sessions", "active_sessions", "version"),
+                       "sessions", "max_sessions", "active_sessions", "version", "device_and_dtype", "memory"),
+        }),
+        ("Per-session budgets", {
+            "classes": ("collapse",),
+            "description": "What one session may ask of the trunk; it refuses more. Empty: not reported "
+                           "(a trunk from before these budgets).",
+            "fields": ("max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions",
+                       "max_kv_tokens", "max_saved_graphs"),
         }),
     )
 
@@ -97,6 +106,14 @@ class TrunkServerAdmin(admin.ModelAdmin):
         if trunk.max_sessions is None:
             return "-"
         return f"{trunk.active_sessions if trunk.active_sessions is not None else '?'}/{trunk.max_sessions}"
+
+    @admin.display(description="device")
+    def device_and_dtype(self, trunk: TrunkServer) -> str:
+        return trunk.device_summary or NOT_REPORTED
+
+    @admin.display(description="memory")
+    def memory(self, trunk: TrunkServer) -> str:
+        return trunk.memory_summary or NOT_REPORTED
 
     @admin.display(description="last error")
     def short_error(self, trunk: TrunkServer) -> str:

@@ -7,6 +7,8 @@ from django.db import models
 from splitcore.model.split_spec import CutBounds
 from splitcore.remote.client import RetryPolicy, TrunkClient
 
+from ..byte_sizes import format_bytes
+
 
 class TrunkServer(models.Model):
     class Status(models.TextChoices):
@@ -38,6 +40,21 @@ class TrunkServer(models.Model):
     max_sessions = models.PositiveIntegerField(null=True, blank=True)
     active_sessions = models.PositiveIntegerField(null=True, blank=True)
     version = models.CharField(max_length=50, blank=True)
+    # Blank or NULL: the trunk did not report it (a trunk from before these fields).
+    device = models.CharField(max_length=50, blank=True, help_text='where the frozen blocks run: "cpu", "cuda:0"')
+    dtype = models.CharField(max_length=20, blank=True, help_text="the compute dtype of the frozen blocks")
+    memory_total_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    memory_base_bytes = models.PositiveBigIntegerField(null=True, blank=True,
+                                                       help_text="taken by the shared base weights")
+    memory_sessions_bytes = models.PositiveBigIntegerField(null=True, blank=True,
+                                                           help_text="taken by the open sessions")
+    # Per-session budgets: a session that asks for more is refused.
+    max_lora_rank = models.PositiveIntegerField(null=True, blank=True)
+    max_micro_batches = models.PositiveIntegerField(null=True, blank=True)
+    max_tokens_per_request = models.PositiveBigIntegerField(null=True, blank=True)
+    max_positions = models.PositiveIntegerField(null=True, blank=True)
+    max_kv_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    max_saved_graphs = models.PositiveIntegerField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
 
@@ -58,6 +75,27 @@ class TrunkServer(models.Model):
         if self.trunk_start is None or self.trunk_end is None:
             return ""
         return f"{self.trunk_start}-{self.trunk_end - 1} of {self.num_layers}"
+
+    @property
+    def device_summary(self) -> str:
+        """Where and in what dtype the trunk computes: "cuda:0 · bfloat16" ("" when it did not say)."""
+        return " · ".join(part for part in (self.device, self.dtype) if part)
+
+    @property
+    def memory_summary(self) -> str:
+        """The device's memory in use: "1.2 GiB of 80 GiB (base 1 GiB, sessions 204.8 MiB)" ("" when the
+        trunk did not report it)."""
+        if self.memory_total_bytes is None:
+            return ""
+        base, sessions = self.memory_base_bytes or 0, self.memory_sessions_bytes or 0
+        return (f"{format_bytes(base + sessions)} of {format_bytes(self.memory_total_bytes)} "
+                f"(base {format_bytes(base)}, sessions {format_bytes(sessions)})")
+
+    def lora_rank_problem(self, rank: int | None) -> str:
+        """Why this trunk cannot train a trunk LoRA of ``rank`` (None: the job trains none), or "" when it can."""
+        if rank is None or self.max_lora_rank is None or rank <= self.max_lora_rank:
+            return ""
+        return f"it allows LoRA rank {self.max_lora_rank} at most"
 
     @property
     def cut_bounds(self) -> str:

@@ -7,6 +7,11 @@ The trunk only ever receives hidden states, the 2-D padding mask and gradients o
 hidden states; never token ids or labels. Tensors are explicit {dtype, shape,
 encoding, bytes}; nothing is pickled. RPCs that carry tensors are streams: a tensor
 larger than one message is split over several messages (see splitcore/remote/wire.py).
+
+Every refusal carries, besides its status code, a reason in the trailing metadata under
+the key "splitlearn-reason" (session-gone, full, out-of-memory, budget, layers-refused,
+activations-gone, step-conflict, bad-request); splitcore/remote/errors.py says what each
+means for a client.
 """
 
 from collections import abc as _abc
