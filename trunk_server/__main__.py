@@ -2,7 +2,9 @@
 
 ``--bottom-layers``/``--top-layers`` set the default cut. ``--min-bottom-layers`` and
 ``--min-top-layers`` let sessions choose their own cut: the server then holds every block
-between them and each session runs the range its client asks for.
+between them and each session runs the range its client asks for. ``--device`` and
+``--dtype`` choose where and in which dtype the frozen blocks compute; the budget options
+bound what one session may ask for.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import threading
 from pathlib import Path
 
 from splitcore.cli.trunk import TOKEN_ENV, resolve_token
-
 from splitcore.model.devices import DEVICES
 
 from .config import DTYPES, SessionBudgets, TrunkServerConfig
@@ -61,10 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgets = parser.add_argument_group("per-session budgets (a request beyond one is refused)")
     for name, help_text in _BUDGET_HELP.items():
         budgets.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int,
-                             default=getattr(SessionBudgets, name), help=help_text)
-    # The former name of --max-saved-graphs.
-    budgets.add_argument("--max-saved-activations", dest="max_saved_graphs", type=int, default=argparse.SUPPRESS,
-                         help=argparse.SUPPRESS)
+                             default=getattr(SessionBudgets, name), help=f"{help_text} (default: %(default)s)")
     return parser
 
 
