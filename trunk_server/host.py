@@ -62,7 +62,10 @@ class TrunkHost:
         self._fingerprints: dict[range, str] = {}
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
-        self.trunk = trunk.to(device=self.device, dtype=self.dtype)
+        # The weights take the compute dtype; buffers (the rotary frequencies) keep their precision.
+        self.trunk = trunk.to(device=self.device)
+        for param in self.trunk.parameters():
+            param.data = param.data.to(self.dtype)
         self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
         self.lock = threading.RLock()
         self._peft: PeftModel | None = None
