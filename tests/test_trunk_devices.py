@@ -140,3 +140,19 @@ def test_devices_this_machine_lacks_are_refused_with_the_reason(tiny_dirs):
                                 capture_output=True, text=True, env={**os.environ, "TRUNK_TOKEN": "x" * 32},
                                 cwd=PROJECT_ROOT, timeout=120)
         assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_blocks_take_the_compute_dtype_while_adapters_and_rotary_frequencies_stay_fp32(tiny_dirs, dtype,
+                                                                                            torch_dtype):
+    config = TrunkServerConfig(model_dir=tiny_dirs["llama"], n_bottom=2, n_top=2, token="t" * 32, dtype=dtype)
+    host = TrunkHost(config)
+    params = host.add_adapter("s1", LoraSettings(r=4, alpha=8), seed=0, layers=host.bounds.default)
+    assert params and all(param.dtype == torch.float32 for param in params.values())
+    frozen = {param.dtype for name, param in host.trunk.named_parameters() if "lora_" not in name}
+    assert frozen == {torch_dtype}
+    buffers = {name: buffer.dtype for name, buffer in host.trunk.named_buffers() if "inv_freq" in name}
+    assert buffers and set(buffers.values()) == {torch.float32}
+    hidden = host.to_device(torch.randn(1, 4, HIDDEN))
+    out = host.forward("s1", host.bounds.default, hidden, torch.ones(1, 4, dtype=torch.long))
+    assert out.dtype == torch_dtype and torch.isfinite(out).all()

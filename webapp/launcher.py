@@ -10,12 +10,14 @@ Settings (environment): ``SPLITLEARN_DATA_DIR`` (./data), ``HOST`` (127.0.0.1),
 ``PORT`` (8000), ``REDIS_PORT`` (6390), ``TRUNK_PORT`` (50151), ``TRUNK_BOTTOM_LAYERS`` and
 ``TRUNK_TOP_LAYERS`` (2 and 2, the default cut), ``TRUNK_MIN_BOTTOM_LAYERS`` and
 ``TRUNK_MIN_TOP_LAYERS`` (1 and 1: jobs may choose any cut that keeps at least that many
-blocks on each side), ``WORKER_CONCURRENCY`` (2).
+blocks on each side), ``TRUNK_DEVICE`` (auto: a GPU when there is one) and ``TRUNK_DTYPE``
+(fp32), ``WORKER_CONCURRENCY`` (2).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import sys
@@ -23,13 +25,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .env import env_int, env_path, env_str
+from splitcore.model.devices import DEVICE_NAME, DEVICES
+
+from .env import env_int, env_match, env_path, env_str
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DATASET = Path(__file__).resolve().parent / "demo" / "lighthouse_keeper.jsonl"
 DEMO_NAME = "Lighthouse keeper (demo)"
 ADMIN_USERNAME = "admin"
 LOCAL_TRUNK = "local"
+TRUNK_DTYPE = re.compile(r"^(fp32|bf16|fp16)$")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class LauncherConfig:
     top_layers: int
     min_bottom_layers: int
     min_top_layers: int
+    trunk_device: str
+    trunk_dtype: str
     worker_concurrency: int
 
     @classmethod
@@ -57,6 +64,8 @@ class LauncherConfig:
             top_layers=env_int("TRUNK_TOP_LAYERS", 2, 1),
             min_bottom_layers=env_int("TRUNK_MIN_BOTTOM_LAYERS", 1, 1),
             min_top_layers=env_int("TRUNK_MIN_TOP_LAYERS", 1, 1),
+            trunk_device=env_match("TRUNK_DEVICE", "auto", DEVICE_NAME, DEVICES),
+            trunk_dtype=env_match("TRUNK_DTYPE", "fp32", TRUNK_DTYPE, "fp32, bf16 or fp16"),
             worker_concurrency=env_int("WORKER_CONCURRENCY", 2, 1, 64),
         )
 
@@ -138,6 +147,7 @@ class Launcher:
         trunk = start_trunk(self.model_dir, self.log_dir, "--port", str(config.trunk_port),
                             "--min-bottom-layers", str(min(config.min_bottom_layers, config.bottom_layers)),
                             "--min-top-layers", str(min(config.min_top_layers, config.top_layers)),
+                            "--device", config.trunk_device, "--dtype", config.trunk_dtype,
                             token=token, n_bottom=config.bottom_layers, n_top=config.top_layers)
         self.children.append(trunk)
         self._register_trunk(trunk.address, token)
