@@ -34,8 +34,9 @@ from trunk_server.host import TrunkHost
 from trunk_server.server import create_server
 
 HIDDEN = 64
-# Ten steps of the arithmetic run: the bf16 trunk's losses stay within this of the fp32 run's.
-BF16_LOSS_TOLERANCE = 0.05
+# Ten steps of the arithmetic run at lr 2e-3: the bf16 trunk's losses stay within this of the fp32
+# run's (measured: 4e-4 at most, with different client secrets and with the rotary frequencies in bf16).
+BF16_LOSS_TOLERANCE = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,11 @@ def test_split_training_on_a_bf16_trunk_stays_close_to_fp32_and_exports_fp32_lor
     path = tmp_path / "arithmetic.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"})
                               for i in range(30)) + "\n")
-    full, _ = train_cli(tiny_dirs, path, tmp_path / "fp32", *trunk_args(fp32_trunk))
-    half, _ = train_cli(tiny_dirs, path, tmp_path / "bf16", *trunk_args(bf16_trunk))
+    # A gentler learning rate than the equivalence tests': at 2e-2 this run is on the edge of
+    # instability, where any rounding (bf16's or another CPU's) grows from step to step.
+    gentle = ("--lr", "2e-3")
+    full, _ = train_cli(tiny_dirs, path, tmp_path / "fp32", *trunk_args(fp32_trunk), extra=gentle)
+    half, _ = train_cli(tiny_dirs, path, tmp_path / "bf16", *trunk_args(bf16_trunk), extra=gentle)
     drift = max(abs(a["loss"] - b["loss"]) for a, b in zip(half, full, strict=True))
     assert 0 < drift <= BF16_LOSS_TOLERANCE, drift  # bf16 rounds, but not far
     assert half[-1]["loss"] < half[0]["loss"]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
+from splitcore.cli.stop_signal import StopSignal
 from splitcore.cli.trunk import TOKEN_ENV, resolve_token
 from splitcore.model.devices import DEVICES
 
@@ -86,22 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stopped = threading.Event()
-
-    def on_signal(signum, _frame):
-        logging.getLogger("trunk_server").info("signal %s: shutting down", signum)
-        stopped.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopSignal()
     print(f"trunk server listening on {config.host}:{running.port} "
           f"(layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
           f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id}; "
           f"{host.device}, {config.dtype})",
           flush=True)
-    # Poll: a bare wait() in the main thread may not wake up for the signal handler.
-    while not stopped.wait(0.5):
+    while not stop.wait(1.0):
         pass
+    logging.getLogger("trunk_server").info("signal %s: shutting down", stop.received)
     running.stop()
     print("trunk server stopped", flush=True)
     return 0

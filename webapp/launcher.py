@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitcore.cli.stop_signal import StopSignal
 from splitcore.model.devices import DEVICE_NAME, DEVICES
 
 from .env import env_int, env_match, env_path, env_str
@@ -178,9 +177,7 @@ class Launcher:
 def main() -> int:
     config = LauncherConfig.from_env()
     launcher = Launcher(config)
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = StopSignal()
     try:
         launcher.prepare()
         login = launcher.admin_login()
