@@ -32,6 +32,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from splitcore import LoraSettings  # noqa: E402
 from splitcore.model import default_model  # noqa: E402
+from splitcore.model.split_spec import SplitSpec  # noqa: E402
+from splitcore.privacy import ClientSecret  # noqa: E402
 from splitcore.data.examples import TokenizedExample  # noqa: E402
 from splitcore.remote.trunk import spec_from_info  # noqa: E402
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig  # noqa: E402
@@ -127,7 +129,11 @@ def main() -> int:
         return TrainConfig(lora=lora, max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            learning_rate=2e-4, wire_encoding=encoding)
 
-    local = run(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config("fp32")), config("fp32"),
+    # One key for every run: the split runs' trunk LoRA starts as the local run's does.
+    secret = ClientSecret.generate()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    spec = SplitSpec(model.config.num_hidden_layers, args.bottom_layers, args.top_layers)
+    local = run(LocalEngine(model, config("fp32"), spec, secret=secret), config("fp32"),
                 data, pad_id)
     print(f"local: median step {median_step_s(local):.3f} s, final loss {local[-1].loss:.5f}", flush=True)
 
@@ -141,7 +147,8 @@ def main() -> int:
                 spec = spec_from_info(client.info())
                 assert (spec.n_bottom, spec.n_top) == (args.bottom_layers, args.top_layers)
                 model = AutoModelForCausalLM.from_pretrained(model_dir)
-                split[encoding] = run(SplitEngine(model, config(encoding), client), config(encoding), data, pad_id)
+                split[encoding] = run(SplitEngine(model, config(encoding), client, secret=secret), config(encoding),
+                                      data, pad_id)
                 client.close()
                 print(f"split {encoding}: median step {median_step_s(split[encoding]):.3f} s, "
                       f"final loss {split[encoding][-1].loss:.5f}", flush=True)
@@ -152,7 +159,8 @@ def main() -> int:
         try:
             with TrunkClient(bf16_trunk.address, bf16_trunk.token) as client:
                 model = AutoModelForCausalLM.from_pretrained(model_dir)
-                bf16_compute = run(SplitEngine(model, config("fp32"), client), config("fp32"), data, pad_id)
+                bf16_compute = run(SplitEngine(model, config("fp32"), client, secret=secret), config("fp32"), data,
+                                   pad_id)
         finally:
             bf16_trunk.stop()
         print(f"split on a bf16 trunk: median step {median_step_s(bf16_compute):.3f} s, "
