@@ -31,15 +31,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from splitcore import LoraSettings  # noqa: E402
-from splitcore.model import default_model  # noqa: E402
 from splitcore.data.formats import load_dataset_file  # noqa: E402
+from splitcore.model import default_model  # noqa: E402
 from splitcore.privacy import ClientSecret, PrivacySettings  # noqa: E402
 from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy  # noqa: E402
 from splitcore.privacy.measured import MEASURED_PATH  # noqa: E402
-from splitcore.training import SplitEngine, SplitTrainer, TrainConfig  # noqa: E402
-from splitcore.training.batches import prepare_training_data  # noqa: E402
 from splitcore.remote.client import TrunkClient  # noqa: E402
 from splitcore.remote.process import start_trunk  # noqa: E402
+from splitcore.training import SplitEngine, SplitTrainer, TrainConfig  # noqa: E402
+from splitcore.training.batches import prepare_training_data  # noqa: E402
 
 DEMO_DATA = PROJECT_ROOT / "webapp" / "demo" / "lighthouse_keeper.jsonl"
 BASELINE = "undefended, default cut"

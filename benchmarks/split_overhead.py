@@ -31,16 +31,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from splitcore import LoraSettings  # noqa: E402
+from splitcore.data.examples import TokenizedExample  # noqa: E402
 from splitcore.model import default_model  # noqa: E402
 from splitcore.model.split_spec import SplitSpec  # noqa: E402
 from splitcore.privacy import ClientSecret  # noqa: E402
-from splitcore.data.examples import TokenizedExample  # noqa: E402
+from splitcore.remote.client import TrunkClient  # noqa: E402
+from splitcore.remote.process import start_trunk  # noqa: E402
 from splitcore.remote.trunk import spec_from_info  # noqa: E402
+from splitcore.remote.wire import FLOAT_ENCODINGS  # noqa: E402
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig  # noqa: E402
 from splitcore.training.batches import TrainingData  # noqa: E402
-from splitcore.remote.client import TrunkClient  # noqa: E402
-from splitcore.remote.wire import FLOAT_ENCODINGS  # noqa: E402
-from splitcore.remote.process import start_trunk  # noqa: E402
 
 WORDS = ("split learning keeps every token of the data with its owner while a remote trunk computes the middle "
          "layers of the model and returns hidden states and gradients").split()

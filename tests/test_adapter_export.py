@@ -14,8 +14,15 @@ from test_lora_parts import randomise_lora_b
 from test_split_equivalence import run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from splitcore import LoraSettings, add_lora, export_adapter, export_parts_adapter, family_for, positions_from_mask
-from splitcore import split_model
+from splitcore import (
+    LoraSettings,
+    add_lora,
+    export_adapter,
+    export_parts_adapter,
+    family_for,
+    positions_from_mask,
+    split_model,
+)
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter_states, part_adapter_state
 
 

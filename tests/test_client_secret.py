@@ -13,10 +13,10 @@ from trunk_process import start_trunk
 from splitcore import LoraSettings
 from splitcore.data.formats import load_dataset_file
 from splitcore.privacy import ClientSecret, PrivacySettings
+from splitcore.remote.client import TrunkClient
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.training import SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
-from splitcore.remote.client import TrunkClient
 
 SEED = 86753090
 SERVICE = "/splitlearn.trunk.v1.Trunk/"

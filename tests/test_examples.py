@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from splitcore.data.formats import ChatExample, ChatMessage, PromptCompletionExample, TextExample
 from splitcore.data.examples import (
     IGNORE_INDEX,
     NO_CHAT_TEMPLATE,
@@ -16,6 +15,7 @@ from splitcore.data.examples import (
     tokenize_example,
     tokenize_examples,
 )
+from splitcore.data.formats import ChatExample, ChatMessage, PromptCompletionExample, TextExample
 from splitcore.model.tiny_models import EOS_TOKEN, IM_END
 
 SYSTEM = ChatMessage("system", "Answer briefly.")

@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 
 import pytest
+from fuzzing import examples, mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from fuzzing import examples, mutated
 from test_data_formats import jsonl
 
 from splitcore.data.formats import (

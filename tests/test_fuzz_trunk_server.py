@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import grpc
 import pytest
 import torch
-from google.protobuf.message import DecodeError
 from fuzzing import examples, mutated
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors
@@ -30,9 +30,9 @@ from safetensors.torch import save as save_safetensors
 from test_trunk_server import HIDDEN, LORA, inputs, raw_stub
 from trunk_process import start_trunk
 
-from splitcore.remote.proto import trunk_pb2 as pb
-from splitcore.remote.messages import lora_to_proto
 from splitcore.remote.client import RetryPolicy, TrunkClient
+from splitcore.remote.messages import lora_to_proto
+from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.wire import (
     DEFAULT_MAX_ELEMENTS,
     FLOAT_ENCODINGS,

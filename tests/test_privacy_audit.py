@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from splitcore.cli.main import main
@@ -30,8 +31,6 @@ from splitcore.privacy.audit import (
     audit_privacy,
 )
 from splitcore.privacy.public_text import public_token_chunks
-
-from conftest import PROJECT_ROOT
 
 DEMO = PROJECT_ROOT / "webapp" / "demo" / "lighthouse_keeper.jsonl"
 FAST = AuditConfig(sample=4, max_tokens=64, candidates=8, public_tokens=2048, seed=0)

@@ -17,13 +17,13 @@ from trunk_process import start_trunk
 
 from splitcore import LoraSettings, positions_from_mask, split_model
 from splitcore.data.formats import load_dataset_file
+from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ChannelNoise, ClientSecret, PrivacySettings, clip_and_noise
 from splitcore.privacy.noise import CLIP_MULTIPLE
 from splitcore.privacy.nopeek import distance_correlation, nopeek_penalty
-from splitcore.model.split_spec import SplitSpec
+from splitcore.remote.client import TrunkClient
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
-from splitcore.remote.client import TrunkClient
 
 
 def test_clipping_bounds_each_position_and_the_noise_has_the_asked_scale():

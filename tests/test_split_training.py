@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import pytest
 import torch
 from conftest import run_concurrently
@@ -22,11 +23,11 @@ from splitcore import LoraSettings
 from splitcore.data.formats import load_dataset_file
 from splitcore.generation.local import GenerationSettings, encode_prompt
 from splitcore.generation.split import SplitGenerator
-from splitcore.privacy import ClientSecret
 from splitcore.model.split_spec import SplitSpec
+from splitcore.privacy import ClientSecret
+from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
-from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
 
 STEPS = 10
 # The data owner's key: the same in every run of a test, so split and local runs start alike and resume.

@@ -11,11 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings
-from splitcore.data.formats import PromptCompletionExample, TextExample
 from splitcore.data.examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from splitcore.data.formats import PromptCompletionExample, TextExample
 from splitcore.model.split_spec import SplitSpec
-from splitcore.training import LocalEngine, SplitTrainer, StepMetrics, TrainConfig, list_checkpoints, split_train_val
+from splitcore.training import LocalEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training import checkpoints as checkpoints_module
+from splitcore.training import list_checkpoints, split_train_val
 from splitcore.training.batches import MicroBatches, collate
 from splitcore.training.checkpoints import read_checkpoint_state
 from splitcore.training.schedule import learning_rate_at

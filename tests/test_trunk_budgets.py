@@ -12,9 +12,8 @@ import time
 import grpc
 import pytest
 import torch
-from trunk_process import start_trunk
-
 from transformers import AutoModelForCausalLM
+from trunk_process import start_trunk
 
 from splitcore import LoraSettings
 from splitcore.remote.client import TrunkClient

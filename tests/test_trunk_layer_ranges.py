@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings, split_model
+from splitcore.generation.split import SplitGenerator
 from splitcore.privacy import ClientSecret, PrivacySettings
+from splitcore.remote.client import TrunkClient, TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.trunk import choose_split
-from splitcore.generation.split import SplitGenerator
 from splitcore.training import SplitEngine, TrainConfig
-from splitcore.remote.client import TrunkClient, TrunkError
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 

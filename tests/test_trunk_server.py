@@ -6,17 +6,17 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from conftest import run_concurrently
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from transformers import AutoModelForCausalLM
-from conftest import run_concurrently
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings, add_lora, family_for, split_model
+from splitcore.remote.client import TrunkClient, TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
-from splitcore.remote.client import TrunkClient, TrunkError
 from splitcore.remote.wire import encode_mask, encode_tensor
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

@@ -15,8 +15,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from transformers import AutoTokenizer
 
-from splitcore.data.formats import parse_dataset
 from splitcore.data.examples import NO_CHAT_TEMPLATE, preview_segments, token_stats, tokenize_examples
+from splitcore.data.formats import parse_dataset
 from webapp import base_models
 from webapp.datasets import services
 from webapp.datasets.models import Dataset

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_services import start_redis, start_worker
 
+from splitcore.remote.process import start_trunk
 from splitcore.training import list_checkpoints
 from splitcore.training.checkpoints import checkpoint_name, load_checkpoint, read_checkpoint_state
-from splitcore.remote.process import start_trunk
 from webapp.datasets.services import create_dataset
 from webapp.playground.models import Generation
 from webapp.processes import start_beat

@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
 
+from splitcore.remote.client import TrunkClient
 from webapp.datasets.models import Dataset
 from webapp.training.forms import JobForm
 from webapp.training.lease import claim
 from webapp.training.models import Job, MetricPoint
 from webapp.training.tasks import run_job
-from splitcore.remote.client import TrunkClient
 from webapp.trunks.models import TrunkServer
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from splitcore.model import default_model
 from splitcore.cli.privacy import add_audit_parser
 from splitcore.cli.train import add_train_parser
 from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
 from splitcore.generation.local import GenerationSettings, encode_prompt, generate_text, load_for_inference
+from splitcore.model import default_model
 from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, write_tiny_model
 
 

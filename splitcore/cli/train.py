@@ -9,19 +9,19 @@ import sys
 import threading
 from pathlib import Path
 
-from splitcore.model import default_model
 from splitcore.cli.privacy import add_defense_arguments, defense_settings
 from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
+from splitcore.model import default_model
+from splitcore.model.devices import DEVICES, resolve_device
 from splitcore.model.lora import LoraSettings
+from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ClientSecret, PrivacySettings
 from splitcore.remote.messages import OptimizerSettings
-from splitcore.model.split_spec import SplitSpec
-from splitcore.model.devices import DEVICES, resolve_device
+from splitcore.remote.wire import FLOAT_ENCODINGS
 from splitcore.training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
 from splitcore.training.metrics_log import MetricsJsonl, ProgressReporter
-from splitcore.remote.wire import FLOAT_ENCODINGS
 
 TRAINING_ARGS = "training_args.json"
 SECRET_FILE_NAME = "client-secret"

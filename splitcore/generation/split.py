@@ -20,16 +20,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TopPLogitsWarper
 
+from splitcore.generation.local import GenerationSettings
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from splitcore.model.architectures import family_for
-from splitcore.generation.local import GenerationSettings
+from splitcore.model.fingerprint import weights_fingerprint
 from splitcore.model.lora import LoraSettings
 from splitcore.model.parts import split_model
-from splitcore.model.fingerprint import weights_fingerprint
-from splitcore.remote.trunk import check_trunk_serves, choose_split
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
-
+from splitcore.remote.trunk import check_trunk_serves, choose_split
 
 
 def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:

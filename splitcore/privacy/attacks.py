@@ -39,8 +39,8 @@ from transformers import DynamicCache
 
 from splitcore.data.examples import IGNORE_INDEX, TokenizedExample
 from splitcore.model.parts import Bottom, Top
-from splitcore.training.batches import collate
 from splitcore.privacy.noise import CLIP_MULTIPLE, clip_and_noise
+from splitcore.training.batches import collate
 
 # Ridge penalty, relative to the number of public positions, on standardised features.
 RIDGE = 1e-3

@@ -21,18 +21,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from splitcore.model.adapter_export import ADAPTER_CONFIG
-from splitcore.data.formats import Example
-from splitcore.model.lora import LoraSettings, add_lora
 from splitcore.data.examples import tokenize_examples
+from splitcore.data.formats import Example
+from splitcore.model.adapter_export import ADAPTER_CONFIG
+from splitcore.model.lora import LoraSettings, add_lora
 from splitcore.model.parts import Bottom, Top, Trunk, split_model
-from splitcore.training.batches import Batch, MicroBatches, split_train_val
 from splitcore.privacy import attacks
 from splitcore.privacy.client_secret import ClientSecret
 from splitcore.privacy.noise import ChannelNoise
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.privacy.public_text import public_token_chunks
 from splitcore.privacy.settings import PrivacySettings
+from splitcore.training.batches import Batch, MicroBatches, split_train_val
 
 LEARNED_INVERSION = "learned_inversion"
 EXACT_SEARCH = "exact_search"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
-from splitcore.data.formats import ChatExample, ChatMessage, Example, TextExample
 from splitcore.data.examples import tokenize_example
+from splitcore.data.formats import ChatExample, ChatMessage, Example, TextExample
 
 MIN_PARAGRAPH_CHARS = 40
 # A fixed order, unrelated to any run's seed: the public corpus is the same for every audit.

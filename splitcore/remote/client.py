@@ -18,11 +18,19 @@ import grpc
 import torch
 
 from splitcore.model.lora import LoraSettings
-from splitcore.remote.proto import trunk_pb2 as pb
-from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.remote.errors import Fault, TrunkError
 from splitcore.remote.messages import OptimizerSettings, lora_to_proto, optimizer_to_proto
-from splitcore.remote.wire import check_encoding, decode_tensor, encode_mask, encode_tensor, encoded_size, join_messages, split_message
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
+from splitcore.remote.wire import (
+    check_encoding,
+    decode_tensor,
+    encode_mask,
+    encode_tensor,
+    encoded_size,
+    join_messages,
+    split_message,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,9 +14,9 @@ from transformers import PretrainedConfig
 
 from splitcore.model.architectures import ArchitectureFamily
 from splitcore.model.fingerprint import weights_fingerprint
-from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.model.split_spec import CutBounds, SplitSpec
 from splitcore.remote.client import TrunkClient
+from splitcore.remote.proto import trunk_pb2 as pb
 
 
 @dataclass

@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import torch
 
-from splitcore.data.formats import Example
 from splitcore.data.examples import IGNORE_INDEX, TokenizedExample, tokenize_examples
+from splitcore.data.formats import Example
 from splitcore.training.config import TrainConfig
 
 

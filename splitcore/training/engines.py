@@ -20,15 +20,16 @@ from splitcore.model.architectures import ArchitectureFamily, family_for
 from splitcore.model.fingerprint import weights_fingerprint
 from splitcore.model.lora import add_lora, init_lora_weights, lora_config_for
 from splitcore.model.parts import positions_from_mask, split_model
+from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
-from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_budgets, check_trunk_serves, choose_split
-from splitcore.model.split_spec import SplitSpec
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
+from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_budgets, check_trunk_serves, choose_split
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
+
 
 class Engine(ABC):
     """One run's model; ``params`` are the LoRA weights this process trains."""

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from splitcore.model.adapter_export import export_adapter
-from splitcore.remote.state import ADAPTER_PREFIX, OPTIMIZER_PREFIX
-from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
-from splitcore.privacy import PrivacySettings
 from splitcore.model.seeding import CLIENT, dropout_seed, seeded_dropout
+from splitcore.privacy import PrivacySettings
+from splitcore.remote.state import ADAPTER_PREFIX, OPTIMIZER_PREFIX
 from splitcore.training.batches import MicroBatches, TrainingData, evaluation_batches
 from splitcore.training.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from splitcore.training.config import TrainConfig
 from splitcore.training.engines import Engine, SplitEngine
+from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
 from splitcore.training.schedule import learning_rate_at
 
 RNG_KEY = "rng.torch"

@@ -16,8 +16,8 @@ from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.db import transaction
 
-from splitcore.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
 from splitcore.data.examples import TokenStats, preview_segments, token_stats, tokenize_examples
+from splitcore.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
 
 from .. import base_models
 from .models import Dataset

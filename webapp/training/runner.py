@@ -20,6 +20,8 @@ from django.utils import timezone
 
 from splitcore.data.formats import DatasetFormatError, parse_dataset
 from splitcore.privacy import ClientSecret
+from splitcore.remote.client import TrunkClient
+from splitcore.remote.errors import Fault, TrunkError
 from splitcore.training import (
     CheckpointSaved,
     EvalMetrics,
@@ -32,8 +34,6 @@ from splitcore.training import (
 )
 from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
-from splitcore.remote.client import TrunkClient
-from splitcore.remote.errors import Fault, TrunkError
 
 from .. import base_models
 from ..trunks.models import TrunkServer

@@ -18,9 +18,9 @@ from django.db import DatabaseError
 from django.utils import timezone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.client import RetryPolicy
 from splitcore.remote.errors import TrunkError
+from splitcore.remote.proto import trunk_pb2 as pb
 
 from .models import TrunkServer
 
