@@ -244,15 +244,15 @@ def test_a_trunk_at_its_session_cap_makes_the_job_wait_not_fail(api, owner, web_
         full.stop()
 
 
-# ------------------------------------------------------------------ a trunk's LoRA rank cap
+# ------------------------------------------------------------------ a trunk's per-session budgets
 
 
-def capped_trunk(name: str, max_lora_rank: int | None) -> TrunkServer:
-    """A healthy trunk of the tiny model as its last check recorded it, with its cap on a session's LoRA rank."""
+def budgeted_trunk(name: str, **budgets) -> TrunkServer:
+    """A healthy trunk of the tiny model as its last check recorded it, with some per-session budgets."""
     return TrunkServer.objects.create(
         name=name, address=f"{name}.example:50051", token="x" * 24, status=TrunkServer.Status.UP,
         model_id=TINY_MODEL_ID, num_layers=6, trunk_start=2, trunk_end=4, max_sessions=4, active_sessions=0,
-        max_lora_rank=max_lora_rank)
+        **budgets)
 
 
 def job_form(owner, dataset_id: int, **given) -> JobForm:
@@ -261,33 +261,43 @@ def job_form(owner, dataset_id: int, **given) -> JobForm:
     return JobForm(data={**initial, **JOB, "dataset": dataset_id, **given}, user=owner)
 
 
-def test_a_chosen_trunk_refuses_a_lora_rank_above_its_cap(api, owner, web_dirs):
-    capped = capped_trunk("capped", 8)
+def test_a_chosen_trunk_refuses_settings_beyond_its_budgets_on_the_fields_that_change_them(api, owner, web_dirs):
+    capped = budgeted_trunk("capped", max_lora_rank=8, max_micro_batches=4, max_tokens_per_request=1024,
+                            max_positions=512)
     dataset_id = upload(api)
-    refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": capped.pk, "lora_r": 16},
+    refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "trunk": capped.pk, "lora_r": 16,
+                                      "grad_accum_steps": 5, "batch_size": 4, "max_seq_length": 600},
                        format="json")
     assert refused.status_code == 400
-    assert refused.json() == {"lora_r": [
-        "capped does not take a trunk LoRA of rank 16: it allows LoRA rank 8 at most; lower the rank, choose "
-        "another trunk, or turn off 'Train LoRA on the trunk too'"]}
+    assert refused.json() == {
+        "lora_r": ["capped would refuse a trunk LoRA of rank 16; it allows rank 8; lower the rank, choose another "
+                   "trunk, or turn off 'Train LoRA on the trunk too'"],
+        "grad_accum_steps": ["capped would refuse 5 micro-batches per step (gradient accumulation); it allows 4; "
+                             "accumulate fewer micro-batches or choose another trunk"],
+        "batch_size": ["capped would refuse micro-batches of up to 4 x 600 = 2400 tokens; it allows 1024 per call "
+                       "(lower the batch size or the sequence length); lower the batch size or the max sequence "
+                       "length, or choose another trunk"],
+        "max_seq_length": ["capped would refuse sequences of 600 tokens; the model has 512 positions; lower the max "
+                           "sequence length"],
+    }
     assert not Job.objects.exists()
 
     assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=8).is_valid()
     assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=16, train_trunk_lora=False).is_valid(), \
-        "without a trunk LoRA the trunk's cap does not apply"
+        "without a trunk LoRA the trunk's rank cap does not apply"
     TrunkServer.objects.filter(pk=capped.pk).update(max_lora_rank=None)  # a trunk that reports no cap
     assert job_form(owner, dataset_id, trunk=capped.pk, lora_r=256).is_valid()
 
 
-def test_auto_choice_needs_a_trunk_whose_cap_takes_the_lora_rank(api, owner, web_dirs):
-    capped_trunk("small", 4)
+def test_auto_choice_needs_a_trunk_whose_budgets_take_the_job(api, owner, web_dirs):
+    budgeted_trunk("small", max_lora_rank=4)
     dataset_id = upload(api)
     refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "lora_r": 16}, format="json")
     assert refused.status_code == 400
-    assert refused.json() == {"lora_r": [
-        f"no healthy trunk for '{TINY_MODEL_ID}' takes a trunk LoRA of rank 16 (small: it allows LoRA rank 4 "
-        f"at most): lower the LoRA rank to 4 or less, or do not train LoRA on the trunk"]}
+    assert refused.json() == {"non_field_errors": [
+        f"no healthy trunk for '{TINY_MODEL_ID}' takes these settings (small would refuse a trunk LoRA of rank 16; "
+        "it allows rank 4); change them, or ask an administrator for a trunk with larger budgets"]}
     assert job_form(owner, dataset_id, lora_r=16, train_trunk_lora=False).is_valid()
 
-    capped_trunk("large", 64)
+    budgeted_trunk("large", max_lora_rank=64)
     assert job_form(owner, dataset_id, lora_r=16).is_valid()

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from trunk_process import start_trunk
 
 from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.trunk import SessionNeeds
 from webapp.byte_sizes import format_bytes
 from webapp.trunks.health import ProbeResult, check_trunk, record
 from webapp.trunks.models import TrunkServer
@@ -112,7 +113,8 @@ def test_record_stores_nothing_for_what_an_older_trunk_does_not_report():
 
     record(trunk, ProbeResult(info=reported_info(dtype="")))
     assert trunk.device_summary == ""
-    assert trunk.lora_rank_problem(256) == ""  # no cap reported: the trunk judges the rank itself
+    assert trunk.budget_problems(SessionNeeds(batch_size=64, seq_len=1 << 20, micro_batches=1 << 20,
+                                              lora_rank=4096)) == {}  # nothing reported: the trunk judges
 
 
 def test_record_of_a_failed_check_keeps_the_last_reported_figures():
@@ -255,22 +257,22 @@ def test_pick_trunk_prefers_free_sessions_then_latency_then_name():
     assert pick_trunk(MODEL_ID).name == "also-fast"  # a full tie goes to the name
 
 
-def test_pick_trunk_skips_trunks_whose_lora_rank_cap_is_below_the_jobs_rank():
+def test_pick_trunk_skips_trunks_whose_budgets_are_below_the_jobs_needs():
     make_trunk("small-cap", active=0, max_lora_rank=8)
     make_trunk("large-cap", active=2, max_lora_rank=64)
     assert pick_trunk(MODEL_ID).name == "small-cap"
-    assert pick_trunk(MODEL_ID, lora_rank=8).name == "small-cap"
-    assert pick_trunk(MODEL_ID, lora_rank=16).name == "large-cap"
+    assert pick_trunk(MODEL_ID, needs=SessionNeeds(lora_rank=8)).name == "small-cap"
+    assert pick_trunk(MODEL_ID, needs=SessionNeeds(lora_rank=16)).name == "large-cap"
 
     with pytest.raises(NoTrunkAvailable) as refused:
-        pick_trunk(MODEL_ID, lora_rank=128)
+        pick_trunk(MODEL_ID, needs=SessionNeeds(lora_rank=128))
     assert str(refused.value) == (
-        "no healthy trunk for 'llama' takes a trunk LoRA of rank 128 (large-cap: it allows LoRA rank 64 at most; "
-        "small-cap: it allows LoRA rank 8 at most): lower the LoRA rank to 64 or less, or do not train LoRA on "
-        "the trunk")
+        "no healthy trunk for 'llama' takes these settings (large-cap would refuse a trunk LoRA of rank 128; it "
+        "allows rank 64; small-cap would refuse a trunk LoRA of rank 128; it allows rank 8); change them, or ask an "
+        "administrator for a trunk with larger budgets")
 
     make_trunk("no-cap-reported", active=3)  # an older trunk: it judges the rank itself when the job opens
-    assert pick_trunk(MODEL_ID, lora_rank=128).name == "no-cap-reported"
+    assert pick_trunk(MODEL_ID, needs=SessionNeeds(lora_rank=128)).name == "no-cap-reported"
 
 
 def test_pick_trunk_explains_what_to_do_when_none_is_available():

@@ -95,29 +95,42 @@ def check_trunk_serves(info: pb.InfoResponse, config: PretrainedConfig, family: 
                              "than this model's; use the same base model on both sides")
 
 
-def budget_problems(info: pb.InfoResponse, batch_size: int, seq_len: int, micro_batches: int,
-                    lora_rank: int | None) -> list[str]:
-    """What a run with these settings would ask beyond the trunk's per-session budgets (a trunk that
-    reports none: nothing), each in words that say what to change."""
-    problems = []
-    if info.max_micro_batches and micro_batches > info.max_micro_batches:
-        problems.append(f"{micro_batches} micro-batches per step (gradient accumulation); it allows "
-                        f"{info.max_micro_batches}")
-    if info.max_tokens_per_request and batch_size * seq_len > info.max_tokens_per_request:
-        problems.append(f"micro-batches of up to {batch_size} x {seq_len} = {batch_size * seq_len} tokens; it "
-                        f"allows {info.max_tokens_per_request} per call (lower the batch size or the sequence "
-                        "length)")
-    if info.max_positions and seq_len > info.max_positions:
-        problems.append(f"sequences of {seq_len} tokens; the model has {info.max_positions} positions")
-    if info.max_lora_rank and lora_rank is not None and lora_rank > info.max_lora_rank:
-        problems.append(f"a trunk LoRA of rank {lora_rank}; it allows rank {info.max_lora_rank}")
-    return problems
+@dataclass(frozen=True)
+class SessionNeeds:
+    """What a run (or a generation) will ask of a trunk session, to hold against the trunk's budgets."""
+
+    batch_size: int = 1
+    seq_len: int = 0  # 0: not known in advance
+    micro_batches: int = 1
+    lora_rank: int | None = None  # None: no trunk LoRA
+
+    @classmethod
+    def of(cls, config) -> SessionNeeds:
+        """The needs of a run with this ``TrainConfig``."""
+        return cls(batch_size=config.batch_size, seq_len=config.seq_len, micro_batches=config.grad_accum,
+                   lora_rank=config.lora.r if config.train_trunk_lora else None)
+
+    def problems(self, info: pb.InfoResponse) -> dict[str, str]:
+        """What these needs ask beyond the budgets in ``info`` (a budget it does not report: none), by
+        what to change: "micro_batches", "tokens", "positions" or "lora_rank"."""
+        problems = {}
+        if info.max_micro_batches and self.micro_batches > info.max_micro_batches:
+            problems["micro_batches"] = (f"{self.micro_batches} micro-batches per step (gradient accumulation); "
+                                         f"it allows {info.max_micro_batches}")
+        tokens = self.batch_size * self.seq_len
+        if info.max_tokens_per_request and tokens > info.max_tokens_per_request:
+            problems["tokens"] = (f"micro-batches of up to {self.batch_size} x {self.seq_len} = {tokens} tokens; it "
+                                  f"allows {info.max_tokens_per_request} per call (lower the batch size or the "
+                                  "sequence length)")
+        if info.max_positions and self.seq_len > info.max_positions:
+            problems["positions"] = f"sequences of {self.seq_len} tokens; the model has {info.max_positions} positions"
+        if info.max_lora_rank and self.lora_rank is not None and self.lora_rank > info.max_lora_rank:
+            problems["lora_rank"] = f"a trunk LoRA of rank {self.lora_rank}; it allows rank {info.max_lora_rank}"
+        return problems
 
 
-def check_budgets(info: pb.InfoResponse, batch_size: int, seq_len: int, micro_batches: int,
-                  lora_rank: int | None) -> None:
+def check_budgets(info: pb.InfoResponse, needs: SessionNeeds) -> None:
     """ValueError, before any session opens, when the run would exceed one of the trunk's budgets."""
-    problems = budget_problems(info, batch_size, seq_len, micro_batches, lora_rank)
+    problems = needs.problems(info)
     if problems:
-        raise ValueError(f"the trunk ({info.model_id!r}) would refuse this run: " + "; ".join(problems))
-
+        raise ValueError(f"the trunk ({info.model_id!r}) would refuse this run: " + "; ".join(problems.values()))

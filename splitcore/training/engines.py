@@ -26,7 +26,14 @@ from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
-from splitcore.remote.trunk import RemoteTrunk, TrunkLink, check_budgets, check_trunk_serves, choose_split
+from splitcore.remote.trunk import (
+    RemoteTrunk,
+    SessionNeeds,
+    TrunkLink,
+    check_budgets,
+    check_trunk_serves,
+    choose_split,
+)
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
 
@@ -161,8 +168,7 @@ class SplitEngine(Engine):
         info = client.info()
         check_trunk_serves(info, model.config, self.family)
         spec = choose_split(info, config.privacy.bottom_layers, config.privacy.top_layers)
-        check_budgets(info, config.batch_size, config.seq_len, config.grad_accum,
-                      config.lora.r if config.train_trunk_lora else None)
+        check_budgets(info, SessionNeeds.of(config))
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
         trunk_fingerprint = weights_fingerprint(trunk)
         del trunk  # the trunk's blocks stay on the trunk server

@@ -20,6 +20,7 @@ from splitcore.generation.local import encode_prompt
 from splitcore.generation.split import SplitGenerator
 from splitcore.remote.client import RetryPolicy
 from splitcore.remote.errors import Fault, TrunkError
+from splitcore.remote.trunk import SessionNeeds
 
 from .. import base_models
 from ..trunks.models import TrunkServer
@@ -79,7 +80,8 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
     job = generation.job
     cut = (job.bottom_layers, job.top_layers) if job is not None else (None, None)
     try:
-        trunk = pick_trunk(generation.base_model, cut, lora_rank=job.trunk_lora_rank if job is not None else None)
+        needs = SessionNeeds(lora_rank=job.trunk_lora_rank) if job is not None else None
+        trunk = pick_trunk(generation.base_model, cut, needs=needs)
     except NoTrunkAvailable as exc:
         raise GenerationFailed(str(exc)) from exc
     try:

@@ -7,6 +7,7 @@ from django.conf import settings
 
 from splitcore.privacy.measured import measured_meta, recommended_point
 from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
+from splitcore.remote.trunk import SessionNeeds
 
 from ..datasets.models import Dataset
 from ..ownership import owned
@@ -14,6 +15,13 @@ from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
 from .models import Job
 
+# A trunk budget a job exceeds: the form field that changes it, and what to do.
+_BUDGET_ADVICE = {
+    "micro_batches": ("grad_accum_steps", "accumulate fewer micro-batches or choose another trunk"),
+    "tokens": ("batch_size", "lower the batch size or the max sequence length, or choose another trunk"),
+    "positions": ("max_seq_length", "lower the max sequence length"),
+    "lora_rank": ("lora_r", "lower the rank, choose another trunk, or turn off 'Train LoRA on the trunk too'"),
+}
 PRIVACY_FIELDS = ["bottom_layers", "top_layers", "private_bottom", "gradients_to_trunk", "hidden_noise",
                   "grad_noise", "nopeek"]
 FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
@@ -131,7 +139,7 @@ class JobForm(forms.ModelForm):
         if trunk is not None and trunk.model_id != data.get("base_model"):
             self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")
         self._check_cut(data, trunk)
-        self._check_lora_rank(data, trunk)
+        self._check_budgets(data, trunk)
         if self.errors:
             return data  # a field with an error has left ``data``; the checks below need every field
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
@@ -164,21 +172,24 @@ class JobForm(forms.ModelForm):
         except NoTrunkAvailable as exc:
             self.add_error("bottom_layers", str(exc))
 
-    def _check_lora_rank(self, data: dict, trunk: TrunkServer | None) -> None:
-        """A trunk LoRA's rank must be within the job's trunk's cap (for auto: some trunk's that allows the cut)."""
-        rank = data.get("lora_r") if data.get("train_trunk_lora") else None
-        if rank is None or self.has_error("trunk") or self.has_error("bottom_layers"):
+    def _check_budgets(self, data: dict, trunk: TrunkServer | None) -> None:
+        """The job's sessions must fit the budgets of its trunk (for auto: of some trunk that allows the cut),
+        as the trunks' last checks recorded them; each problem goes to the field that changes it."""
+        sizes = [data.get(name) for name in ("batch_size", "max_seq_length", "grad_accum_steps", "lora_r")]
+        if None in sizes or self.has_error("trunk") or self.has_error("bottom_layers"):
             return
+        batch_size, seq_len, micro_batches, rank = sizes
+        needs = SessionNeeds(batch_size=batch_size, seq_len=seq_len, micro_batches=micro_batches,
+                             lora_rank=rank if data.get("train_trunk_lora") else None)
         if trunk is not None:
-            problem = trunk.lora_rank_problem(rank)
-            if problem:
-                self.add_error("lora_r", f"{trunk.name} does not take a trunk LoRA of rank {rank}: {problem}; lower "
-                                         f"the rank, choose another trunk, or turn off 'Train LoRA on the trunk too'")
+            for what, problem in trunk.budget_problems(needs).items():
+                advice = _BUDGET_ADVICE[what][1]
+                self.add_error(_BUDGET_ADVICE[what][0], f"{trunk.name} would refuse {problem}; {advice}")
             return
         try:
-            pick_trunk(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), lora_rank=rank)
+            pick_trunk(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), needs=needs)
         except NoTrunkAvailable as exc:
-            self.add_error("lora_r", str(exc))
+            self.add_error(None, str(exc))
 
     def save(self, commit: bool = False) -> Job:
         job = super().save(commit=False)

@@ -9,6 +9,7 @@ from django.db import models
 
 from splitcore import LoraSettings
 from splitcore.privacy import PrivacySettings
+from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
 
 
@@ -127,6 +128,11 @@ class Job(models.Model):
     def trunk_lora_rank(self) -> int | None:
         """The rank of the LoRA this job trains on the trunk; None when it trains none there."""
         return self.lora_r if self.train_trunk_lora else None
+
+    def session_needs(self) -> SessionNeeds:
+        """What this job's trunk session will ask for, to hold against a trunk's budgets."""
+        return SessionNeeds(batch_size=self.batch_size, seq_len=self.max_seq_length,
+                            micro_batches=self.grad_accum_steps, lora_rank=self.trunk_lora_rank)
 
     def lora_settings(self) -> LoraSettings:
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)

@@ -200,8 +200,7 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
     while True:
         try:
             trunk = (job.trunk if (job.trunk is not None and not job.trunk_auto)
-                     else pick_trunk(job.base_model, (job.bottom_layers, job.top_layers),
-                                     lora_rank=job.trunk_lora_rank))
+                     else pick_trunk(job.base_model, (job.bottom_layers, job.top_layers), needs=job.session_needs()))
             client = trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
             try:
                 client.info()

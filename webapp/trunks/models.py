@@ -6,8 +6,14 @@ from django.db import models
 
 from splitcore.model.split_spec import CutBounds
 from splitcore.remote.client import RetryPolicy, TrunkClient
+from splitcore.remote.proto import trunk_pb2 as pb
+from splitcore.remote.trunk import SessionNeeds
 
 from ..byte_sizes import format_bytes
+
+# The per-session budgets a trunk reports (the TrunkServer fields of the same names).
+BUDGET_FIELDS = ("max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens",
+                 "max_saved_graphs")
 
 
 class TrunkServer(models.Model):
@@ -91,11 +97,13 @@ class TrunkServer(models.Model):
         return (f"{format_bytes(base + sessions)} of {format_bytes(self.memory_total_bytes)} "
                 f"(base {format_bytes(base)}, sessions {format_bytes(sessions)})")
 
-    def lora_rank_problem(self, rank: int | None) -> str:
-        """Why this trunk cannot train a trunk LoRA of ``rank`` (None: the job trains none), or "" when it can."""
-        if rank is None or self.max_lora_rank is None or rank <= self.max_lora_rank:
-            return ""
-        return f"it allows LoRA rank {self.max_lora_rank} at most"
+    def budget_problems(self, needs: SessionNeeds | None) -> dict[str, str]:
+        """What ``needs`` asks beyond this trunk's per-session budgets as its last check recorded them (a
+        budget it did not report: nothing; it judges that one itself when the session opens)."""
+        if needs is None:
+            return {}
+        recorded = pb.InfoResponse(**{name: getattr(self, name) or 0 for name in BUDGET_FIELDS})
+        return needs.problems(recorded)
 
     @property
     def cut_bounds(self) -> str:

@@ -6,6 +6,7 @@ import math
 
 from django.db.models import QuerySet
 
+from splitcore.remote.trunk import SessionNeeds
 from webapp.base_models import installed_models
 
 from .models import TrunkServer
@@ -24,10 +25,10 @@ def healthy_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
 
 
 def pick_trunk(model_id: str, cut: tuple[int | None, int | None] = (None, None), *,
-               lora_rank: int | None = None) -> TrunkServer:
+               needs: SessionNeeds | None = None) -> TrunkServer:
     """The healthy trunk for ``model_id`` that allows ``cut`` (Bottom, Top blocks; None: a trunk's
-    default) and a trunk LoRA of ``lora_rank`` (None: the job trains none there) with the most free
-    sessions; ties go to the lower latency, then the name.
+    default) and whose budgets take ``needs`` (None: anything), with the most free sessions; ties go
+    to the lower latency, then the name.
 
     A trunk that looked full at its last check is still a candidate when nothing better exists:
     its session count is up to one check interval old, and a job waits for a free session.
@@ -40,13 +41,12 @@ def pick_trunk(model_id: str, cut: tuple[int | None, int | None] = (None, None),
         reasons = "; ".join(f"{trunk.name}: {trunk.cut_problem(*cut)}" for trunk in candidates)
         raise NoTrunkAvailable(f"no healthy trunk for '{model_id}' allows keeping {_cut_words(cut)} on the data "
                                f"owner's machine ({reasons})")
-    candidates = [trunk for trunk in allowing if not trunk.lora_rank_problem(lora_rank)]
+    candidates = [trunk for trunk in allowing if not trunk.budget_problems(needs)]
     if not candidates:
-        reasons = "; ".join(f"{trunk.name}: {trunk.lora_rank_problem(lora_rank)}" for trunk in allowing)
-        highest = max(trunk.max_lora_rank for trunk in allowing)
-        raise NoTrunkAvailable(f"no healthy trunk for '{model_id}' takes a trunk LoRA of rank {lora_rank} "
-                               f"({reasons}): lower the LoRA rank to {highest} or less, or do not train LoRA "
-                               f"on the trunk")
+        reasons = "; ".join(f"{trunk.name} would refuse {'; '.join(trunk.budget_problems(needs).values())}"
+                            for trunk in allowing)
+        raise NoTrunkAvailable(f"no healthy trunk for '{model_id}' takes these settings ({reasons}); change them, "
+                               "or ask an administrator for a trunk with larger budgets")
     return min(candidates, key=lambda trunk: (
         -trunk.free_sessions,
         trunk.latency_ms if trunk.latency_ms is not None else math.inf,
