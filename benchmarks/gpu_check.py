@@ -39,17 +39,19 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from splitcore import LoraSettings  # noqa: E402
 from splitcore.data.examples import TokenizedExample  # noqa: E402
-from splitcore.model.devices import resolve_device  # noqa: E402
+from splitcore.model.devices import DTYPES, resolve_device  # noqa: E402
 from splitcore.model.split_spec import SplitSpec  # noqa: E402
 from splitcore.privacy import ClientSecret  # noqa: E402
 from splitcore.remote.client import TrunkClient  # noqa: E402
 from splitcore.remote.process import start_trunk  # noqa: E402
-from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig  # noqa: E402
+from splitcore.training import LocalEngine, SplitEngine, TrainConfig  # noqa: E402
 from splitcore.training.batches import TrainingData  # noqa: E402
+from split_overhead import median_step_s, run  # noqa: E402 - the same training loop and timing
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_model_config.json")
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0)
 MIB = 1 << 20
+PAD_ID = 0  # the random data has no padding; ids from 3 on
 
 
 def random_weight_model(config_path: Path, out_dir: Path) -> Path:
@@ -70,19 +72,6 @@ def random_data(vocab_size: int, batch_size: int, seq_len: int) -> TrainingData:
         ids = tuple(rng.randrange(3, vocab_size) for _ in range(seq_len))
         examples.append(TokenizedExample(input_ids=ids, labels=ids, full_length=seq_len))
     return TrainingData(train=tuple(examples), val=(), dropped=0)
-
-
-def train(engine, config: TrainConfig, data: TrainingData) -> list[StepMetrics]:
-    steps: list[StepMetrics] = []
-    SplitTrainer(engine, config, data, 0, callbacks=[lambda e: steps.append(e) if isinstance(
-        e, StepMetrics) else None]).run()
-    engine.close()
-    return steps
-
-
-def median_step_s(steps: list[StepMetrics]) -> float:
-    durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:])]  # the first step warms up
-    return statistics.median(durations) if durations else steps[0].elapsed_s
 
 
 def throughput(trunk, hidden_size: int, sessions: int, batch: int, seq: int, seconds: float) -> float:
@@ -150,7 +139,7 @@ def memory_per_session(trunk, hidden_size: int, sessions: int, batch: int, seq: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="where the trunk (and the second client) compute")
-    parser.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="the trunk's compute dtype")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="the trunk's compute dtype")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="a model's config.json")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -180,8 +169,8 @@ def main() -> int:
               f"{model_config.hidden_size}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
               f"split {args.bottom_layers}/{args.top_layers}", flush=True)
 
-        reference = train(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, spec, secret=secret),
-                          config, data)
+        reference = run(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, spec, secret=secret),
+                        config, data, PAD_ID)
         print(f"reference (unsplit, fp32, cpu): median step {median_step_s(reference):.3f} s, "
               f"final loss {reference[-1].loss:.5f}", flush=True)
 
@@ -197,8 +186,8 @@ def main() -> int:
             for client_device in dict.fromkeys(("cpu", device)):
                 with TrunkClient(trunk.address, trunk.token) as client:
                     model = AutoModelForCausalLM.from_pretrained(model_dir)
-                    steps = train(SplitEngine(model, config, client, secret=secret, device=client_device),
-                                  config, data)
+                    steps = run(SplitEngine(model, config, client, secret=secret, device=client_device),
+                                config, data, PAD_ID)
                 drift = max(abs(a.loss - b.loss) / b.loss for a, b in zip(steps, reference, strict=True))
                 verdict = "ok" if drift <= args.tolerance else "FAILED"
                 failed |= drift > args.tolerance

@@ -69,7 +69,7 @@ def run(engine, config, data, pad_id) -> list[StepMetrics]:
 
 def median_step_s(steps: list[StepMetrics]) -> float:
     durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:])]  # the first step warms up
-    return statistics.median(durations)
+    return statistics.median(durations) if durations else steps[0].elapsed_s
 
 
 def rss_mib(pid: int) -> float:

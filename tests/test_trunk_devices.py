@@ -10,7 +10,6 @@ the server keeps serving.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_split_training import train_cli, trunk_args
+from test_split_training import dataset, train_cli, trunk_args  # noqa: F401 - dataset is a fixture
 from transformers import AutoModelForCausalLM
 from trunk_process import start_trunk
 
@@ -75,15 +74,12 @@ def test_a_bf16_trunk_reports_its_device_dtype_and_memory_and_keeps_the_fp32_fin
 
 
 def test_split_training_on_a_bf16_trunk_stays_close_to_fp32_and_exports_fp32_lora(
-        tiny_dirs, bf16_trunk, fp32_trunk, tmp_path):
-    path = tmp_path / "arithmetic.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"})
-                              for i in range(30)) + "\n")
+        tiny_dirs, dataset, bf16_trunk, fp32_trunk, tmp_path):
     # A gentler learning rate than the equivalence tests': at 2e-2 this run is on the edge of
     # instability, where any rounding (bf16's or another CPU's) grows from step to step.
     gentle = ("--lr", "2e-3")
-    full, _ = train_cli(tiny_dirs, path, tmp_path / "fp32", *trunk_args(fp32_trunk), extra=gentle)
-    half, _ = train_cli(tiny_dirs, path, tmp_path / "bf16", *trunk_args(bf16_trunk), extra=gentle)
+    full, _ = train_cli(tiny_dirs, dataset, tmp_path / "fp32", *trunk_args(fp32_trunk), extra=gentle)
+    half, _ = train_cli(tiny_dirs, dataset, tmp_path / "bf16", *trunk_args(bf16_trunk), extra=gentle)
     drift = max(abs(a["loss"] - b["loss"]) for a, b in zip(half, full, strict=True))
     assert 0 < drift <= BF16_LOSS_TOLERANCE, drift  # bf16 rounds, but not far
     assert half[-1]["loss"] < half[0]["loss"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from splitcore.cli.stop_signal import StopSignal
 from splitcore.cli.trunk import TOKEN_ENV, resolve_token
-from splitcore.model.devices import DEVICES
+from splitcore.model.devices import DEVICES, DTYPES
 
-from .config import DTYPES, SessionBudgets, TrunkServerConfig
+from .config import SessionBudgets, TrunkServerConfig
 
 _BUDGET_HELP = {
     "max_micro_batches": "micro-batch indices per step",

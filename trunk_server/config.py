@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from splitcore.model.devices import resolve_device
+from splitcore.model.devices import DTYPES, resolve_device
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,7 @@ class SessionBudgets:
     max_lora_rank: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_micro_batches", "max_tokens_per_request", "max_saved_graphs", "max_kv_tokens",
-                     "max_lora_rank"):
+        for name in (budget.name for budget in fields(self)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be a whole number of at least 1, got {value!r}")

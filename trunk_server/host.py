@@ -55,8 +55,7 @@ class TrunkHost:
         self.bounds = CutBounds(num_layers=self.num_layers, default=default.trunk_layers,
                                 lowest=trunk.layer_indices[0], highest=trunk.layer_indices[-1] + 1)
         self.hidden_size = int(self.config.hidden_size)
-        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0)
-                                 or getattr(self.config, "n_positions", 0) or 0)
+        self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
         # Digests of the weights as loaded, before the cast: the fingerprint a fp32 client computes.
         self._digests = tensor_digests(trunk.state_dict())
         self._fingerprints: dict[range, str] = {}

@@ -330,8 +330,8 @@ class SessionRegistry:
         self.budgets = budgets
         self._sessions: dict[str, Session | None] = {}  # None: a reserved slot, the session is being created
         self._by_key: dict[str, tuple[str, str]] = {}  # open key -> (session id, request digest)
-        self._opened = threading.Condition()
-        self._lock = self._opened  # one lock for the tables; waiters on a pending open use the condition
+        # Guards the tables; a retried open waits on it while the first try creates the session.
+        self._lock = threading.Condition()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -373,11 +373,11 @@ class SessionRegistry:
             with self._lock:
                 self._sessions.pop(session_id, None)
                 self._by_key.pop(open_key, None)
-                self._opened.notify_all()
+                self._lock.notify_all()
             raise
         with self._lock:
             self._sessions[session_id] = session
-            self._opened.notify_all()
+            self._lock.notify_all()
         return session, True
 
     def _existing(self, open_key: str, digest: str) -> Session | None:
@@ -391,7 +391,7 @@ class SessionRegistry:
             if session is not None:
                 session.last_used = time.monotonic()
                 return session
-            self._opened.wait(timeout=1.0)
+            self._lock.wait(timeout=1.0)
         return None
 
     def _create(self, session_id: str, request: SessionRequest, open_key: str) -> Session:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitcore.cli.stop_signal import StopSignal
-from splitcore.model.devices import DEVICE_NAME, DEVICES
+from splitcore.model.devices import DEVICE_NAME, DEVICES, DTYPES
 
 from .env import env_int, env_match, env_path, env_str
 
@@ -33,7 +33,7 @@ DEMO_DATASET = Path(__file__).resolve().parent / "demo" / "lighthouse_keeper.jso
 DEMO_NAME = "Lighthouse keeper (demo)"
 ADMIN_USERNAME = "admin"
 LOCAL_TRUNK = "local"
-TRUNK_DTYPE = re.compile(r"^(fp32|bf16|fp16)$")
+TRUNK_DTYPE = re.compile(f"^({'|'.join(DTYPES)})$")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LauncherConfig:
             min_bottom_layers=env_int("TRUNK_MIN_BOTTOM_LAYERS", 1, 1),
             min_top_layers=env_int("TRUNK_MIN_TOP_LAYERS", 1, 1),
             trunk_device=env_match("TRUNK_DEVICE", "auto", DEVICE_NAME, DEVICES),
-            trunk_dtype=env_match("TRUNK_DTYPE", "fp32", TRUNK_DTYPE, "fp32, bf16 or fp16"),
+            trunk_dtype=env_match("TRUNK_DTYPE", "fp32", TRUNK_DTYPE, ", ".join(DTYPES)),
             worker_concurrency=env_int("WORKER_CONCURRENCY", 2, 1, 64),
         )
 

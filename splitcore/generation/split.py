@@ -72,8 +72,8 @@ class SplitGenerator:
         self.config = model.config
         self.family = family_for(model.config)
         info = client.info()
-        self._positions_allowed = min(n for n in (info.max_positions, info.max_kv_tokens) if n) \
-            if (info.max_positions or info.max_kv_tokens) else None
+        # One row: the model's positions and the KV-cache budget bound the same length (0: not reported).
+        self._positions_allowed = min((n for n in (info.max_positions, info.max_kv_tokens) if n), default=None)
         spec = choose_split(info, n_bottom, n_top)
         bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
         check_trunk_serves(info, model.config, self.family)

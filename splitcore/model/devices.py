@@ -7,6 +7,8 @@ import re
 import torch
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+# Compute dtypes by the names users give them.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 

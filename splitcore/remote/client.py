@@ -98,9 +98,12 @@ class TrunkClient:
                 return call()
             except grpc.RpcError as error:
                 failure = TrunkError.from_rpc(error)
-                delay = next(delays, None) if failure.fault == Fault.RETRYABLE else None
+                if failure.fault != Fault.RETRYABLE:
+                    raise failure from None
+                delay = next(delays, None)
                 if delay is None:
-                    raise TrunkError.from_rpc(error, retried=failure.fault == Fault.RETRYABLE) from None
+                    failure.fault = Fault.LOST  # the retries are used up
+                    raise failure from None
                 log.warning("%s: trunk %s (%s); retrying in %.1fs", what, failure.code.name, failure.details, delay)
                 time.sleep(delay)
 

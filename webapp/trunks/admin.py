@@ -8,7 +8,7 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 
 from .health import HEALTH_FIELDS, check_trunks
-from .models import TrunkServer
+from .models import BUDGET_FIELDS, TrunkServer
 
 TOKEN_HELP_NEW = "The bearer token the trunk server was started with (its TRUNK_TOKEN). It is never shown again."
 TOKEN_HELP_EDIT = ("The bearer token the trunk server was started with (its TRUNK_TOKEN). It is never shown: "
@@ -74,8 +74,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
             "classes": ("collapse",),
             "description": "What one session may ask of the trunk; it refuses more. Empty: not reported "
                            "(a trunk from before these budgets).",
-            "fields": ("max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions",
-                       "max_kv_tokens", "max_saved_graphs"),
+            "fields": BUDGET_FIELDS,
         }),
     )
 

@@ -22,7 +22,7 @@ from splitcore.remote.client import RetryPolicy
 from splitcore.remote.errors import TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 
-from .models import TrunkServer
+from .models import BUDGET_FIELDS, TrunkServer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ _INFO_FIELDS = ("model_id", "model_type", "weights_fingerprint", "num_layers", "
                 "min_trunk_start", "max_trunk_end", "hidden_size", "max_sessions", "active_sessions", "version",
                 "device", "dtype")
 # Info fields a trunk from before them leaves at 0: stored as NULL, "not reported".
-_REPORTED_IF_SET = ("memory_total_bytes", "memory_base_bytes", "max_lora_rank", "max_micro_batches",
-                    "max_tokens_per_request", "max_positions", "max_kv_tokens", "max_saved_graphs")
+_REPORTED_IF_SET = ("memory_total_bytes", "memory_base_bytes", *BUDGET_FIELDS)
 # Every field a check writes; ``save(update_fields=...)`` leaves the admin's fields alone.
 HEALTH_FIELDS = ("status", "latency_ms", *_INFO_FIELDS, *_REPORTED_IF_SET, "memory_sessions_bytes", "last_error",
                  "last_checked_at")
