@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import zipfile
 
 import pytest
-from conftest import PROJECT_ROOT
-from playwright.sync_api import expect, sync_playwright
+from browser_fixtures import ARTIFACTS, browser, log_in, page  # noqa: F401 - fixtures
+from playwright.sync_api import expect
 from web_fixtures import TINY_MODEL_ID
 
 from webapp.training import services
@@ -23,41 +22,7 @@ from webapp.training.models import Job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(40)]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    # Playwright's sync API keeps an event loop in this thread; the ORM calls of the test
-    # itself are still plain synchronous code.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-background-networking", "--disable-component-update"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser, web_server):
-    context = browser.new_context(base_url=web_server.url, viewport={"width": 1280, "height": 1000},
-                                  accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    yield page
-    context.close()
-
-
-def log_in(page, django_user_model):
-    django_user_model.objects.create_user("ada", password="ada-long-password-1")
-    page.goto("/accounts/login/")
-    page.fill("input[name=username]", "ada")
-    page.fill("input[name=password]", "ada-long-password-1")
-    page.click("button[type=submit]")
-    expect(page).to_have_url("/jobs/")
 
 
 def live_steps(page) -> list[int]:
@@ -134,46 +99,6 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     assert download.suggested_filename == f"adapter-job-{job.pk}.zip"
     bundle = zipfile.ZipFile(io.BytesIO(open(download.path(), "rb").read()))
     assert "adapter_model.safetensors" in bundle.namelist() and "README.md" in bundle.namelist()
-
-    # The playground streams the base model's and the adapter's answers side by side.
-    token_frames: dict[str, int] = {}
-
-    def watch(socket):
-        token_frames.setdefault(socket.url, 0)
-
-        def on_frame(payload):
-            if '"type": "token"' in str(payload) or '"type":"token"' in str(payload):
-                token_frames[socket.url] += 1
-
-        socket.on("framereceived", on_frame)
-
-    page.on("websocket", watch)
-    page.click("text=Try in the playground")
-    page.fill("textarea[name=prompt]", "Q: what is 7 plus 7?\nA:")
-    page.fill("input[name=max_new_tokens]", "24")
-    page.click("text=Generate")
-    panels = page.locator(".panel")
-    expect(panels).to_have_count(2)
-    for index in range(2):
-        expect(panels.nth(index)).to_have_attribute("data-status", "succeeded", timeout=120_000)
-    from webapp.playground.models import Generation
-
-    generations = {g.pk: g for g in Generation.objects.all()}
-    assert len(generations) == 2 and all(g.status == "succeeded" for g in generations.values())
-    for index in range(2):
-        panel = panels.nth(index)
-        stored = generations[int(panel.get_attribute("data-generation"))]
-        assert panel.locator("[data-role=output]").inner_text() == stored.output
-    generation_sockets = {int(url.rstrip("/").rsplit("/", 1)[1]): url for url in token_frames
-                          if "/ws/generations/" in url}
-    assert sorted(generation_sockets) == sorted(generations), token_frames
-    base = next(g for g in generations.values() if g.job_id is None)
-    assert base.output, "the base model answers the prompt"
-    # Every answer with text streamed it token by token. (The adapter's answer may be empty, an end of
-    # sequence at once: its training run depends on the client secret, which each test run draws anew.)
-    for pk, generation in generations.items():
-        assert token_frames[generation_sockets[pk]] > 0 or not generation.output, (pk, token_frames)
-    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
 
 
 def test_job_list_updates_statuses_live(page, django_user_model, registered_trunk, celery_worker, tmp_path):

@@ -128,3 +128,27 @@ def test_live_events_reach_the_owner_only(job, owner, other, redis_server):
             await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_an_idle_socket_stays_up_past_the_redis_read_timeouts(job, owner, redis_server):
+    """A page with nothing to show for a while keeps its socket: the consumer's blocking Redis reads
+    (5 s each) must not hit the client's socket timeout, which would kill the consumer."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()  # a layer of this event loop, built with the project's settings
+    headers = headers_for(owner)
+
+    async def scenario():
+        watcher = communicator(f"/ws/jobs/{job.pk}/", headers)
+        assert (await watcher.connect(timeout=10))[0]
+        await receive_all(watcher, 2)
+        # Several blocking reads' worth of silence; a dying consumer raises out of receive_nothing.
+        assert await watcher.receive_nothing(timeout=17, interval=0.5)
+        point = await sync_to_async(MetricPoint.objects.create)(
+            job=job, step=6, kind="train", loss=2.2, lr=1e-3, grad_norm=0.5, tokens_per_s=90.0, wire_bytes=900,
+            elapsed_s=3.0)
+        await sync_to_async(events.publish)(job, events.point_event(point))
+        assert (await watcher.receive_json_from(timeout=10))["step"] == 6
+        await watcher.disconnect()
+
+    async_to_sync(scenario)()

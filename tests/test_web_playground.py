@@ -139,8 +139,10 @@ def test_compare_base_and_adapter_side_by_side(client, owner, registered_trunk, 
 
 
 def test_tokens_stream_over_the_websocket(client, owner, registered_trunk, celery_worker, redis_server, settings):
+    from webapp.settings import channel_layer_host
+
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                                           "CONFIG": {"hosts": [redis_server.url]}}}
+                                           "CONFIG": {"hosts": [channel_layer_host(redis_server.url)]}}}
     # Created without its task, so that the page is connected before the worker starts.
     generation = Generation.objects.create(owner=owner, base_model=TINY_MODEL_ID, prompt="hello, how are you?",
                                            chat=True, max_new_tokens=24)

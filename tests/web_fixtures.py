@@ -54,11 +54,12 @@ def redis_server(tmp_path_factory):
     from channels.layers import channel_layers
     from django.conf import settings
 
+    from webapp import settings as settings_module
     from webapp.celery import app
 
     server = start_redis(tmp_path_factory.mktemp("redis"))
     app.conf.broker_url = server.url
-    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [server.url]
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [settings_module.channel_layer_host(server.url)]
     channel_layers.backends.clear()  # layers built before this point would talk to another Redis
     yield server
     server.stop()

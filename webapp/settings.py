@@ -195,10 +195,24 @@ CELERY_BEAT_SCHEDULE = {
 
 # ---------------------------------------------------------------- Channels (live pages)
 
+# Each WebSocket consumer waits for its next message in a blocking Redis read of up to 5 s
+# (channels_redis's BZPOPMIN), and redis-py's default socket timeout is 5 s too: an idle page's
+# read would time out about as often as not, killing its consumer and dropping the socket. Reads
+# get a timeout well past the blocking wait; a dead Redis is still noticed within it.
+CHANNEL_LAYER_SOCKET_TIMEOUT_S = 30.0
+
+
+def channel_layer_host(url: str) -> dict:
+    """One Redis of the channel layer, as channels_redis takes it (also used by the tests)."""
+    return {"address": url, "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_S, "socket_connect_timeout": 5.0,
+            "socket_keepalive": True}
+
+
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [env_str("CHANNEL_LAYER_URL") or REDIS_URL], "capacity": 1000, "expiry": 60},
+        "CONFIG": {"hosts": [channel_layer_host(env_str("CHANNEL_LAYER_URL") or REDIS_URL)], "capacity": 1000,
+                   "expiry": 60},
     }
 }
 

@@ -7,7 +7,10 @@ shifts labels by one, so the label at position 0 never contributes to the loss.
 * text: every token is trained, and the tokenizer's end-of-sequence token is appended
   so the model learns to stop.
 * prompt/completion: the prompt is context only; the completion and the end-of-sequence
-  token are trained.
+  token are trained. When the model's tokenizer has a chat template, the pair is a
+  conversation of one user turn (the prompt) and one assistant turn (the completion),
+  rendered with the template, so a chat model trains in the format it is asked in
+  (``uses_chat_template``); without one, prompt and completion are joined as they are.
 * messages: rendered with the model's chat template; only the assistant turns (their
   content and the template's end-of-turn tokens) are trained.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from splitcore.data.formats import ChatExample, Example, PromptCompletionExample, TextExample
+from splitcore.data.formats import ChatExample, ChatMessage, Example, PromptCompletionExample, TextExample
 
 IGNORE_INDEX = -100
 
@@ -62,6 +65,17 @@ class TokenStats:
     trained_tokens: int  # after truncation: what the loss will actually cover
     truncated: int  # examples longer than max_length
     max_length: int
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def uses_chat_template(tokenizer, kind: str) -> bool:
+    """Whether examples of ``kind`` train through the tokenizer's chat template: chat messages always,
+    prompt/completion pairs when the tokenizer has a template, plain text never. A model trained this
+    way should be asked with the template too."""
+    return kind == "messages" or (kind == "prompt_completion" and has_chat_template(tokenizer))
 
 
 def tokenize_example(tokenizer, example: Example, max_length: int) -> TokenizedExample:
@@ -129,6 +143,9 @@ def _tokenize_text(tokenizer, example: TextExample) -> tuple[TokenIds, TokenIds]
 
 
 def _tokenize_prompt_completion(tokenizer, example: PromptCompletionExample) -> tuple[TokenIds, TokenIds]:
+    if has_chat_template(tokenizer):
+        return _tokenize_messages(tokenizer, ChatExample(messages=(
+            ChatMessage(role="user", content=example.prompt), ChatMessage(role="assistant", content=example.completion))))
     # Two separate calls, so the prompt/completion boundary falls exactly between tokens.
     prompt = _encode(tokenizer, example.prompt, add_special_tokens=True)
     completion = _with_eos(tokenizer, _encode(tokenizer, example.completion, add_special_tokens=False))
@@ -136,7 +153,7 @@ def _tokenize_prompt_completion(tokenizer, example: PromptCompletionExample) -> 
 
 
 def _tokenize_messages(tokenizer, example: ChatExample) -> tuple[TokenIds, TokenIds]:
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ValueError(NO_CHAT_TEMPLATE)
     messages = [{"role": message.role, "content": message.content} for message in example.messages]
     rendered = _render(tokenizer, messages)

@@ -13,6 +13,9 @@ from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
 
 
+NAME_MAX_LENGTH = 120
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "queued"
@@ -34,9 +37,14 @@ class Job(models.Model):
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    # Shown wherever a job is listed or picked; defaults to the dataset's name and the start time.
+    name = models.CharField(max_length=NAME_MAX_LENGTH, blank=True)
     dataset = models.ForeignKey("datasets.Dataset", on_delete=models.SET_NULL, null=True, related_name="jobs")
     dataset_name = models.CharField(max_length=200)  # kept when the dataset is deleted
     base_model = models.CharField(max_length=200)
+    # The examples trained through the tokenizer's chat template (the playground asks the same way);
+    # None for jobs from before this was recorded.
+    chat_format = models.BooleanField(null=True, blank=True, editable=False)
     trunk = models.ForeignKey("trunks.TrunkServer", on_delete=models.SET_NULL, null=True, blank=True,
                               related_name="jobs")
     trunk_auto = models.BooleanField(default=True, help_text="pick the healthy trunk with the most free sessions")
@@ -75,6 +83,8 @@ class Job(models.Model):
     # The running worker's lease: a token from its claim, renewed by heartbeats (see lease.py).
     lease_token = models.CharField(max_length=32, blank=True, editable=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # What a running job is doing before and between its steps, in a user's words (see runner.py).
+    phase = models.CharField(max_length=200, blank=True, editable=False)
     current_step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(null=True, blank=True)
     train_examples = models.PositiveIntegerField(null=True, blank=True)
@@ -90,7 +100,12 @@ class Job(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"job {self.pk} ({self.dataset_name}, {self.status})"
+        return f"job {self.pk} ({self.display_name}, {self.status})"
+
+    @property
+    def display_name(self) -> str:
+        """The job's name, or (for a job saved without one) its dataset's."""
+        return self.name or self.dataset_name or f"job {self.pk}"
 
     # ------------------------------------------------------------ files
 

@@ -6,8 +6,11 @@ from celery import signature
 from django.db import transaction
 from django.utils import timezone
 
+from splitcore.data.examples import uses_chat_template
+
+from .. import base_models
 from . import events
-from .models import Job
+from .models import NAME_MAX_LENGTH, Job
 
 # The name tasks.py registers run_job under. Sending by name keeps this module free of an import of
 # tasks.py, which imports recovery.py, which enqueues through this module.
@@ -23,10 +26,29 @@ def enqueue(job: Job) -> None:
     transaction.on_commit(lambda: signature(RUN_JOB_TASK, args=(job.pk,)).delay())
 
 
+def default_name(dataset_name: str, when=None) -> str:
+    """A job's name when its owner gives none: the dataset's name and the time, in the site's time zone."""
+    stamp = timezone.localtime(when or timezone.now()).strftime("%Y-%m-%d %H:%M")
+    suffix = f" · {stamp}"
+    return dataset_name[: NAME_MAX_LENGTH - len(suffix)] + suffix
+
+
+def trains_in_chat_format(job: Job) -> bool | None:
+    """Whether the job's examples go through its base model's chat template (None when unknown here)."""
+    if job.dataset is None:
+        return None
+    try:
+        return uses_chat_template(base_models.tokenizer(job.base_model), job.dataset.kind)
+    except (base_models.BaseModelUnavailable, OSError):
+        return None
+
+
 def create_job(job: Job) -> Job:
     """Save a validated (unsaved) job as queued and send it to the workers."""
     job.status = Job.Status.QUEUED
     job.dataset_name = job.dataset.name if job.dataset else job.dataset_name
+    job.name = job.name.strip() or default_name(job.dataset_name)
+    job.chat_format = trains_in_chat_format(job)
     with transaction.atomic():
         job.save()
         enqueue(job)
