@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
+import zipfile
 
 import pytest
 
@@ -125,15 +128,74 @@ def test_invalid_utf8_column_counts_characters_not_bytes():
     assert rejection(data, "d.txt") == "d.txt: line 1: not valid UTF-8 (byte 0xe9 at column 4); save the file as UTF-8"
 
 
-def test_utf16_is_rejected_as_not_utf8():
-    data = "text\nhello\n".encode("utf-16")
-    assert rejection(data, "d.csv") == "d.csv: line 1: not valid UTF-8 (byte 0xff at column 1); save the file as UTF-8"
+def save_as_utf8(encoding: str) -> str:
+    return (f'the file is {encoding} text; save it as UTF-8 (for example in Excel choose Save As > "CSV UTF-8", '
+            f'in Notepad choose Save As with Encoding "UTF-8", or run iconv -f {encoding} -t UTF-8)')
 
 
-def test_nul_bytes_are_rejected():
-    assert rejection(b"hello\nwor\x00ld\n", "d.txt") == (
-        "d.txt: line 2: contains a NUL byte (column 4); this looks like a binary or UTF-16 file, save it as UTF-8 text"
+NOT_TEXT = "not text: upload JSONL, CSV or plain text saved as UTF-8"
+WIDE_TEXT = {
+    "csv": "text\nhello, world\n",
+    "jsonl": '{"prompt": "Capital of France?", "completion": " Paris."}\n',
+    # Mostly Cyrillic letters: the NUL high bytes come from spaces, digits and punctuation.
+    "txt": "Привет, мир! Как дела? 1, 2, 3.\n\nВторой абзац: всё хорошо.\n",
+}
+
+
+@pytest.mark.parametrize("file_format", WIDE_TEXT)
+@pytest.mark.parametrize("codec,encoding", [
+    ("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"),
+    ("utf-32", "UTF-32"), ("utf-32-le", "UTF-32"), ("utf-32-be", "UTF-32"),
+])
+def test_utf16_and_utf32_are_named_with_or_without_a_byte_order_mark(file_format, codec, encoding):
+    data = WIDE_TEXT[file_format].encode(codec)
+    assert data.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")) == (codec in ("utf-16", "utf-32"))
+    filename = f"d.{file_format}"
+    assert rejection(data, filename) == f"{filename}: {save_as_utf8(encoding)}"
+
+
+def zip_bytes() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("sheet.csv", "text\nhello\n")
+    return buffer.getvalue()
+
+
+BINARY_FILES = {
+    "zip or xlsx": (zip_bytes, "a ZIP archive or an Excel .xlsx workbook"),
+    "xls": (lambda: b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)),
+            "an Excel .xls workbook or a Word .doc file"),
+    "gzip": (lambda: gzip.compress(b'{"text": "hello"}\n'), "a gzip-compressed file"),
+    "pdf": (lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\n", "a PDF document"),
+    "parquet": (lambda: b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00\x12\x00\x00PAR1", "a Parquet file"),
+    "png": (lambda: b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a PNG image"),
+}
+
+
+@pytest.mark.parametrize("extension", [".jsonl", ".csv", ".txt"])
+@pytest.mark.parametrize("case", BINARY_FILES)
+def test_binary_files_are_named_by_their_magic_number(case, extension):
+    make, description = BINARY_FILES[case]
+    assert rejection(make(), "upload" + extension) == (
+        f"upload{extension}: this is a binary file (it looks like {description}), {NOT_TEXT}"
     )
+
+
+def test_a_nul_byte_in_otherwise_unknown_data_says_where():
+    assert rejection(b"hello\nwor\x00ld\n", "d.txt") == (
+        "d.txt: line 2: this looks like a binary file, not text (it has a NUL byte at column 4): "
+        "upload JSONL, CSV or plain text saved as UTF-8"
+    )
+    assert rejection(bytes(64), "d.jsonl") == (
+        "d.jsonl: line 1: this looks like a binary file, not text (it has a NUL byte at column 1): "
+        "upload JSONL, CSV or plain text saved as UTF-8"
+    )
+
+
+def test_text_that_starts_like_a_binary_format_is_still_text():
+    # Magic numbers only explain data that is not UTF-8 text; "PAR1" or "BZh" may begin a line of text.
+    parsed = parse_dataset(b"PAR1 is a part number.\n\nBZh, said the bee.\n", "d.txt")
+    assert parsed.examples == (TextExample("PAR1 is a part number."), TextExample("BZh, said the bee."))
 
 
 # --- JSONL ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from splitcore.data.examples import (
     token_stats,
     tokenize_example,
     tokenize_examples,
+    uses_chat_template,
 )
 from splitcore.data.formats import ChatExample, ChatMessage, PromptCompletionExample, TextExample
 from splitcore.model.tiny_models import EOS_TOKEN, IM_END
@@ -66,6 +67,10 @@ def test_without_an_eos_token_nothing_is_appended(tokenizer):
     assert tokenizer.eos_token_id is None
     tokenized = tokenize_example(tokenizer, TextExample("Paris"), max_length=64)
     assert tokenized.input_ids == tuple(tokenizer("Paris").input_ids)
+    # With the chat template the turn ends with the template's end-of-turn tokens, eos or not.
+    chat = tokenize_example(tokenizer, PromptCompletionExample("Q: ", "Paris"), max_length=64)
+    assert tokenizer.decode(trained_ids(chat), skip_special_tokens=False) == "Paris" + IM_END + "\n"
+    tokenizer.chat_template = None
     completion = tokenize_example(tokenizer, PromptCompletionExample("Q: ", "Paris"), max_length=64)
     assert trained_ids(completion) == tokenizer("Paris").input_ids
 
@@ -73,7 +78,54 @@ def test_without_an_eos_token_nothing_is_appended(tokenizer):
 # --- prompt / completion --------------------------------------------------------------
 
 
-def test_prompt_is_masked_and_completion_plus_eos_is_trained(tokenizer):
+def chat_turns(prompt: str, completion: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+@pytest.mark.parametrize("kind,with_template,without_template", [
+    ("text", False, False), ("prompt_completion", True, False), ("messages", True, True),
+])
+def test_uses_chat_template_by_kind_and_tokenizer(tokenizer, kind, with_template, without_template):
+    assert uses_chat_template(tokenizer, kind) is with_template
+    tokenizer.chat_template = None
+    # "messages" stays True: such rows cannot train without a template, and say so.
+    assert uses_chat_template(tokenizer, kind) is without_template
+
+
+def test_with_a_chat_template_prompt_and_completion_are_a_user_and_an_assistant_turn(tokenizer):
+    example = PromptCompletionExample(prompt="What is the capital of France?", completion="The capital is Paris.")
+    tokenized = tokenize_example(tokenizer, example, max_length=512)
+    rendered = tokenizer.apply_chat_template(chat_turns(example.prompt, example.completion), tokenize=False)
+    assert rendered == ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                        "<|im_start|>assistant\nThe capital is Paris.<|im_end|>\n")
+    assert tokenized.input_ids == tuple(tokenizer(rendered, add_special_tokens=False).input_ids)
+    assert tokenizer.decode(tokenized.input_ids, skip_special_tokens=False) == rendered
+    # Trained: exactly the completion and the end of its turn, one run at the end; no end-of-sequence token.
+    end_of_turn = IM_END + "\n"
+    trained = tokenizer(example.completion + end_of_turn, add_special_tokens=False).input_ids
+    context = len(tokenized.input_ids) - len(trained)
+    assert tokenized.input_ids[context:] == tuple(trained)
+    assert tokenized.labels == (*[IGNORE_INDEX] * context, *trained)
+    assert tokenized.num_trained_tokens == len(trained)
+    assert tokenizer.eos_token_id not in tokenized.input_ids
+    assert preview_segments(tokenizer, tokenized) == [
+        ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("The capital is Paris." + end_of_turn, True),
+    ]
+    # The same pair written as a chat row trains on the same tokens.
+    as_chat = ChatExample((ChatMessage("user", example.prompt), ChatMessage("assistant", example.completion)))
+    assert tokenize_example(tokenizer, as_chat, max_length=512) == tokenized
+
+
+def test_with_a_chat_template_an_empty_prompt_is_an_empty_user_turn(tokenizer):
+    tokenized = tokenize_example(tokenizer, PromptCompletionExample("", "hello there"), max_length=64)
+    assert tokenizer.decode(tokenized.input_ids, skip_special_tokens=False) == (
+        tokenizer.apply_chat_template(chat_turns("", "hello there"), tokenize=False))
+    assert trained_runs(tokenizer, tokenized) == ["hello there<|im_end|>\n"]
+
+
+def test_without_a_chat_template_prompt_is_masked_and_completion_plus_eos_is_trained(tokenizer):
+    tokenizer.chat_template = None
     example = PromptCompletionExample(prompt="Question: What is the capital of France? Answer: ", completion="Paris")
     tokenized = tokenize_example(tokenizer, example, max_length=512)
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True).input_ids
@@ -85,9 +137,11 @@ def test_prompt_is_masked_and_completion_plus_eos_is_trained(tokenizer):
     assert tokenizer.decode(tokenized.input_ids[: len(prompt_ids)]) == example.prompt
     assert tokenized.num_trained_tokens == len(completion_ids) + 1
     assert preview_segments(tokenizer, tokenized) == [(example.prompt, False), ("Paris" + EOS_TOKEN, True)]
+    assert IM_END not in tokenizer.decode(tokenized.input_ids, skip_special_tokens=False)
 
 
-def test_empty_prompt_trains_everything(tokenizer):
+def test_without_a_chat_template_an_empty_prompt_trains_everything(tokenizer):
+    tokenizer.chat_template = None
     tokenized = tokenize_example(tokenizer, PromptCompletionExample("", "hello there"), max_length=64)
     assert tokenized.labels == tokenized.input_ids
     assert tokenizer.decode(tokenized.input_ids, skip_special_tokens=False) == "hello there" + EOS_TOKEN
@@ -165,6 +219,16 @@ def test_default_model_trains_assistant_turns_only(default_model_dir):
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in untrained
     assert untrained.endswith("<|im_start|>user\nAnd numbers?<|im_end|>\n<|im_start|>assistant\n")
     assert "".join(text for text, _ in segments) == tokenizer.decode(tokenized.input_ids, skip_special_tokens=False)
+
+
+@pytest.mark.default_model
+def test_default_model_trains_prompt_completion_as_a_chat_turn(default_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    assert uses_chat_template(tokenizer, "prompt_completion")
+    tokenized = tokenize_example(tokenizer, PromptCompletionExample(USER_1.content, ANSWER_1.content), 4096)
+    rendered = tokenizer.apply_chat_template(chat_turns(USER_1.content, ANSWER_1.content), tokenize=False)
+    assert tokenizer.decode(tokenized.input_ids, skip_special_tokens=False) == rendered
+    assert trained_runs(tokenizer, tokenized) == ["The capital of France is Paris.<|im_end|>\n"]
 
 
 # --- truncation -----------------------------------------------------------------------

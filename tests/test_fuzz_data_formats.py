@@ -41,7 +41,8 @@ EXTENSIONS = tuple(FILE_FORMATS)  # .jsonl, .ndjson, .csv, .txt
 BOM = codecs.BOM_UTF8
 _LOCATION = re.compile(r"^(?:(line|row) (\d+)|block (\d+) \(line (\d+)\))$")
 # The only rejections that name no line or row: they are about the file as a whole.
-_WHOLE_FILE_REASONS = ("unsupported file type", "no examples found", "more than")
+_WHOLE_FILE_REASONS = ("unsupported file type", "no examples found", "more than", "the file is UTF-",
+                       "this is a binary file")
 # Inputs of several kilobytes are the point here; building them takes a moment.
 _BIG_INPUTS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 

@@ -231,6 +231,21 @@ def test_train_cli_reports_what_is_wrong(tiny_dirs, dataset, trunk, tmp_path):
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+def test_train_cli_says_when_the_examples_trained_in_the_chat_template(tiny_dirs, dataset, tmp_path):
+    plain = tmp_path / "no-template"
+    plain.mkdir()
+    for source in tiny_dirs["llama"].iterdir():
+        if source.name != "chat_template.jinja":
+            (plain / source.name).symlink_to(source)
+    note = "the examples trained in the chat template of {}; ask the adapter the same way: generate --chat"
+    for model_dir, says in ((tiny_dirs["llama"], True), (plain, False)):
+        result = splitcore_cli("train", "--model", str(model_dir), "--data", str(dataset), "--out",
+                               str(tmp_path / model_dir.name), "--steps", "1", "--local")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (note.format(model_dir.name) in result.stderr) is says, result.stderr[-2000:]
+    assert "chat template" not in result.stderr
+
+
 def test_train_cli_resume_rewrites_the_metrics_after_the_checkpoint(tiny_dirs, dataset, tmp_path):
     out = tmp_path / "run"
     steps, _ = train_cli(tiny_dirs, dataset, out, "--local", extra=("--checkpoint-every", "4"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,18 @@ def tokenizer(tiny_dirs):
 
 
 @pytest.fixture
+def no_template_model(models_dir, tiny_dirs) -> str:
+    """The tiny model installed once more as "no-template", without its chat template."""
+    plain = models_dir / "no-template"
+    plain.mkdir()
+    for source in tiny_dirs["llama"].iterdir():
+        if source.name != "chat_template.jinja":
+            (plain / source.name).symlink_to(source)
+    assert not AutoTokenizer.from_pretrained(plain).chat_template
+    return plain.name
+
+
+@pytest.fixture
 def owner(django_user_model):
     return django_user_model.objects.create_user("owner")
 
@@ -111,11 +125,30 @@ def api_upload(api: APIClient, filename: str, data: bytes, name: str | None = No
 
 # ---------------------------------------------------------------- rejected uploads
 
+
+def xlsx_like() -> bytes:
+    """A ZIP archive holding what an .xlsx workbook holds first."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("[Content_Types].xml", '<?xml version="1.0" encoding="UTF-8"?><Types/>')
+        archive.writestr("xl/worksheets/sheet1.xml", "<worksheet/>")
+    return buffer.getvalue()
+
+
 BAD_FILES = {
     "bad extension": ("data.xlsx", b"text\nhello\n", "data.xlsx: unsupported file type (the extension '.xlsx')"),
     "invalid JSON": ("bad.jsonl", b'{"text": "fine"}\n{"text": "broken\n', "bad.jsonl: line 2: invalid JSON"),
     "missing CSV column": ("qa.csv", b"prompt,answer\nhi,there\n", "qa.csv: row 1: missing column 'completion'"),
     "invalid UTF-8": ("latin.txt", "caf\u00e9 au lait\n".encode("latin-1"), "latin.txt: line 1: not valid UTF-8"),
+    "UTF-16 text": (
+        "unicode.csv", "prompt,completion\nBonjour?,Salut.\n".encode("utf-16"),
+        'unicode.csv: the file is UTF-16 text; save it as UTF-8 (for example in Excel choose Save As > "CSV UTF-8"',
+    ),
+    "Excel workbook": (
+        "sheet.csv", xlsx_like(),
+        "sheet.csv: this is a binary file (it looks like a ZIP archive or an Excel .xlsx workbook), not text: "
+        "upload JSONL, CSV or plain text saved as UTF-8",
+    ),
     "empty file": ("empty.jsonl", b"", "empty.jsonl: no examples found"),
     "mixed kinds": (
         "mixed.jsonl",
@@ -283,7 +316,8 @@ def test_detail_shows_facts_statistics_and_marked_preview(owner_client, owner, t
     dataset.refresh_from_db()
     assert dataset.stats_cache[f"{MODEL_ID}|512"]["total_tokens"] == stats.total_tokens
 
-    # The first three examples, prompt as context and completion marked as trained.
+    # The first three examples as they train: a user turn (the prompt) and an assistant turn (the completion,
+    # marked as trained with the end of its turn), in the model's chat template.
     examples = parse_dataset(PROMPT_COMPLETION, "qa.jsonl").examples[:3]
     previews = [preview_segments(tokenizer, t) for t in tokenize_examples(tokenizer, examples, 512)]
     assert response.context["preview"] == previews
@@ -292,25 +326,63 @@ def test_detail_shows_facts_statistics_and_marked_preview(owner_client, owner, t
         f'<mark class="trained">{escape(text)}</mark>' if trained else escape(text) for text, trained in previews[0]
     )
     assert f'<pre class="example">{first}</pre>' in page
-    assert '<mark class="trained"> Paris.&lt;|endoftext|&gt;</mark>' in page
-    assert "Question: What is the capital of France?" in page
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Question: What is the capital of France?"},
+                                              {"role": "assistant", "content": " Paris."}], tokenize=False)
+    assert "".join(text for text, _ in previews[0]) == rendered
+    assert previews[0] == [("<|im_start|>user\nQuestion: What is the capital of France?<|im_end|>\n"
+                            "<|im_start|>assistant\n", False), (" Paris.<|im_end|>\n", True)]
+    assert '<mark class="trained"> Paris.&lt;|im_end|&gt;\n</mark>' in page
+    assert "&lt;|endoftext|&gt;" not in page
+    assert response.context["chat_format"] is True
+    assert escape(f"Prompt/completion rows train in the chat template of {MODEL_ID} (as a user turn and an "
+                  "assistant turn); the playground asks an adapter trained on them in the same format.") in page
+    assert "joined" not in page
 
 
 @pytest.mark.django_db
 def test_statistics_count_truncation_at_the_chosen_length(owner_client, owner, tokenizer):
     dataset = make_dataset(owner)
-    stats = expected_stats(tokenizer, PROMPT_COMPLETION, "qa.jsonl", 16)
+    stats = expected_stats(tokenizer, PROMPT_COMPLETION, "qa.jsonl", 28)
     assert 0 < stats.truncated < stats.examples
-    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]), {"model": MODEL_ID, "max_length": 16})
+    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]), {"model": MODEL_ID, "max_length": 28})
     assert response.status_code == 200
     assert response.context["stats"] == stats
-    assert "Truncated at 16</th>" in response.content.decode()
+    assert "Truncated at 28</th>" in response.content.decode()
     assert f"<td>{stats.truncated}</td>" in response.content.decode()
     dataset.refresh_from_db()
-    assert set(dataset.stats_cache) == {f"{MODEL_ID}|16"}
+    assert set(dataset.stats_cache) == {f"{MODEL_ID}|28"}
     # Later requests are answered from the cache.
     dataset.file.delete(save=False)
-    assert services.dataset_statistics(dataset, MODEL_ID, 16) == stats
+    assert services.dataset_statistics(dataset, MODEL_ID, 28) == stats
+
+
+@pytest.mark.django_db
+def test_without_a_chat_template_prompt_and_completion_are_shown_joined(owner_client, owner, no_template_model):
+    dataset = make_dataset(owner)
+    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]), {"model": no_template_model})
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert response.context["chat_format"] is False
+    assert response.context["preview"][0] == [("Question: What is the capital of France?", False),
+                                              (" Paris.<|endoftext|>", True)]
+    assert '<pre class="example">Question: What is the capital of France?<mark class="trained"> Paris.' in page
+    assert "&lt;|im_start|&gt;" not in page
+    assert escape("Prompt/completion rows train as plain text, prompt and completion joined (no-template has no "
+                  "chat template); the playground asks an adapter trained on them in the same format.") in page
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("filename,data,sentence", [
+    ("chat.jsonl", CHAT, f"Chat rows train in the chat template of {MODEL_ID}; the playground asks an adapter "
+                         "trained on them in the same format."),
+    ("notes.txt", b"Split learning keeps the data with its owner.\n", "Text rows train as plain text."),
+])
+def test_detail_says_how_chat_and_text_rows_train(owner_client, owner, filename, data, sentence):
+    dataset = make_dataset(owner, filename, data)
+    page = owner_client.get(reverse("datasets:detail", args=[dataset.pk])).content.decode()
+    assert escape(sentence) in page
+    assert page.count('<p class="train-format">') == 1
+    assert "Prompt/completion rows" not in page
 
 
 @pytest.mark.django_db
@@ -323,17 +395,13 @@ def test_chat_preview_marks_only_the_assistant_turn(owner_client, owner):
 
 
 @pytest.mark.django_db
-def test_chat_rows_with_a_model_without_chat_template_show_the_reason(owner_client, owner, models_dir, tiny_dirs):
-    plain = models_dir / "no-template"
-    plain.mkdir()
-    for source in tiny_dirs["llama"].iterdir():
-        if source.name != "chat_template.jinja":
-            (plain / source.name).symlink_to(source)
+def test_chat_rows_with_a_model_without_chat_template_show_the_reason(owner_client, owner, no_template_model):
     dataset = make_dataset(owner, "chat.jsonl", CHAT)
-    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]), {"model": "no-template"})
+    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]), {"model": no_template_model})
     assert response.status_code == 200
     assert response.context["stats"] is None
     assert escape(f"Cannot tokenize this dataset with no-template: {NO_CHAT_TEMPLATE}") in response.content.decode()
+    assert 'class="train-format"' not in response.content.decode()
 
 
 @pytest.mark.django_db
@@ -539,3 +607,62 @@ def test_admin_lists_and_filters_datasets(client, django_user_model, owner):
     url = reverse("admin:datasets_dataset_changelist")
     assert "admin-visible" in client.get(url, {"kind__exact": "prompt_completion", "q": "qa"}).content.decode()
     assert "admin-visible" not in client.get(url, {"kind__exact": "text"}).content.decode()
+
+
+# ---------------------------------------------------------------- from a dataset to a job
+
+
+def dataset_select(page: str) -> str:
+    """The job form's dataset <select>."""
+    start = page.index('<select name="dataset"')
+    return page[start:page.index("</select>", start)]
+
+
+@pytest.mark.django_db
+def test_train_button_and_list_link_open_the_job_form_with_the_dataset_chosen(owner_client, owner, other):
+    older = make_dataset(owner, name="older")
+    chosen = make_dataset(owner, name="chosen")
+    make_dataset(owner, name="newest")
+    new_job = f"{reverse('training:job-new')}?dataset={chosen.pk}"
+    assert new_job == f"/jobs/new/?dataset={chosen.pk}"
+
+    detail = owner_client.get(reverse("datasets:detail", args=[chosen.pk])).content.decode()
+    assert f'<a class="button" href="{new_job}">Train on this dataset</a>' in detail
+    listing = owner_client.get(reverse("datasets:list")).content.decode()
+    for dataset in Dataset.objects.filter(owner=owner):
+        assert f'<a href="/jobs/new/?dataset={dataset.pk}">Train on it</a>' in listing
+
+    response = owner_client.get(new_job)
+    assert response.status_code == 200
+    select = dataset_select(response.content.decode())
+    assert f'<option value="{chosen.pk}" selected>' in select
+    assert f'<option value="{older.pk}">' in select
+    assert select.count(" selected") == 1
+
+    # Someone else's dataset is neither chosen nor shown.
+    theirs = make_dataset(other, name="theirs-dataset")
+    page = owner_client.get(f"/jobs/new/?dataset={theirs.pk}").content.decode()
+    assert "theirs-dataset" not in page
+    assert f'value="{theirs.pk}" selected' not in dataset_select(page)
+
+
+@pytest.mark.django_db
+def test_empty_job_list_offers_the_newest_dataset_or_an_upload(owner_client, owner, other):
+    upload_first = f'No jobs yet. <a href="{reverse("datasets:list")}">Upload a dataset</a>, then start a job.'
+    page = owner_client.get(reverse("training:job-list")).content.decode()
+    assert upload_first in page
+    assert "Start a job on" not in page
+
+    make_dataset(other, name="theirs-dataset")  # another user's datasets do not count
+    page = owner_client.get(reverse("training:job-list")).content.decode()
+    assert upload_first in page and "theirs-dataset" not in page
+
+    make_dataset(owner, name="Lighthouse keeper (demo)")
+    newest = make_dataset(owner, name="Capitals <v2>")
+    for response in (owner_client.get(reverse("training:job-list")), owner_client.get("/", follow=True)):
+        page = response.content.decode()
+        assert response.status_code == 200
+        assert (f'No jobs yet. <a href="/jobs/new/?dataset={newest.pk}">Start a job on {escape(newest.name)}</a>,'
+                in page)
+        assert f'or <a href="{reverse("datasets:list")}">upload a dataset</a> of your own first.' in page
+        assert upload_first not in page

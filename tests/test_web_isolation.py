@@ -272,6 +272,13 @@ PAGE_PROBES = [
     # The other user names the owner's job: a form error, and no generation for anyone.
     P("playground/", "POST", "/playground/", To("/playground/?ids="), 200, LOGIN, data=playground_data,
       effect=lambda world: Generation.objects.filter(owner=world.owner).count() == 3),
+    P("playground/generations/<int:pk>/stop/", "GET", "/playground/generations/{generation}/stop/", 405, 405, LOGIN),
+    # The owner's generation has ended: a message, and nothing changes (stopping: test_web_playground.py).
+    P("playground/generations/<int:pk>/stop/", "POST", "/playground/generations/{generation}/stop/",
+      To("/playground/?ids="), 404, LOGIN),
+    # The same icon for everyone: browsers ask for it before anyone logs in.
+    P("favicon.ico", "GET", "/favicon.ico", To("/static/favicon.svg"), To("/static/favicon.svg"),
+      To("/static/favicon.svg")),
 ]
 
 API_PROBES = [
@@ -753,7 +760,9 @@ def test_json_embedded_in_a_page_cannot_end_its_script(world, hostile):
     html = client_for(world.owner).get(f"/jobs/compare/?ids={job}&ids={failed}").content.decode()
     embedded = re.search(r'<script id="compare-series" type="application/json">(.*?)</script>', html, re.S).group(1)
     assert "<" not in embedded and ">" not in embedded, "json_script escapes angle brackets"
-    assert [series["label"] for series in json.loads(embedded)] == [f"#{job} {XSS_NAME}", f"#{failed} {XSS_NAME}"]
+    # The failed job recorded no loss: the page leaves it out of the chart (and names it in a note).
+    assert [(series["id"], series["name"]) for series in json.loads(embedded)] == [(job, XSS_NAME)]
+    assert f'{escape(XSS_NAME)} <small>#{failed}</small>' in html
 
 
 def test_json_output_keeps_the_text_and_is_never_html(world, hostile):

@@ -114,7 +114,7 @@ def test_live_events_reach_the_owner_only(job, owner, other, redis_server):
         await sync_to_async(events.publish)(job, events.point_event(point))
         live = await watcher.receive_json_from(timeout=10)
         assert live == {"type": "metric", "step": 6, "loss": 2.2, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 90.0,
-                        "wire_bytes": 900, "elapsed_s": 3.0}
+                        "wire_bytes": 900, "elapsed_s": 3.0, "time": point.created_at.isoformat()}
 
         await sync_to_async(Job.objects.filter(pk=job.pk).update)(status=Job.Status.CANCELLED)
         fresh = await sync_to_async(Job.objects.get)(pk=job.pk)

@@ -90,6 +90,12 @@ class Launcher:
         self.children: list = []
         self.env: dict[str, str] = {}
 
+    @property
+    def secret_key_file(self) -> Path:
+        """The generated Django key; the settings read it when SECRET_KEY is unset (settings.LAUNCHER_SECRET_KEY_FILE),
+        so `manage.py` commands work on this data directory without exporting it."""
+        return self.run_dir / "secret_key"
+
     def prepare(self) -> None:
         from splitcore.model import default_model
 
@@ -98,7 +104,7 @@ class Launcher:
         self.model_dir = default_model.prepare_default_model(self.config.data_dir)
         self.env = {
             "SPLITLEARN_DATA_DIR": str(self.config.data_dir),
-            "SECRET_KEY": os.environ.get("SECRET_KEY") or _secret(self.run_dir / "secret_key"),
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or _secret(self.secret_key_file),
             "REDIS_URL": f"redis://127.0.0.1:{self.config.redis_port}/0",
             "DEFAULT_BASE_MODEL": self.model_dir.name,
             "ALLOWED_HOSTS": os.environ.get("ALLOWED_HOSTS", f"127.0.0.1,localhost,{self.config.host}"),

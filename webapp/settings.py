@@ -19,12 +19,23 @@ DATA_DIR.mkdir(parents=True, exist_ok=True)  # the SQLite database and generated
 DEBUG = env_bool("DEBUG", False)
 
 
+# The key `make run` generates for this data directory (webapp/launcher.py, Launcher.secret_key_file).
+# Commands run beside it (`manage.py drf_create_token admin`) read it; only the launcher writes it.
+LAUNCHER_SECRET_KEY_FILE = DATA_DIR / "run" / "secret_key"
+
+
 def _secret_key() -> str:
     key = env_str("SECRET_KEY")
     if key:
         return key
+    if LAUNCHER_SECRET_KEY_FILE.is_file():
+        key = LAUNCHER_SECRET_KEY_FILE.read_text().strip()
+        if key:
+            return key
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off")
+        raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is off; "
+                                   f"`make run` generates one in {LAUNCHER_SECRET_KEY_FILE}, which is read when "
+                                   "present")
     # Development: one generated key, kept in the data directory so restarts keep sessions.
     path = DATA_DIR / "secret_key"
     if not path.is_file():
@@ -141,6 +152,8 @@ MAX_REQUEST_BYTES = DATASET_MAX_UPLOAD_BYTES + 1024 * 1024
 # Per-user limits (0: no limit): stored datasets, and jobs queued or running at once.
 MAX_DATASETS_PER_USER = env_int("MAX_DATASETS_PER_USER", 100, minimum=0)
 MAX_ACTIVE_JOBS_PER_USER = env_int("MAX_ACTIVE_JOBS_PER_USER", 3, minimum=0)
+# The most optimizer steps one job may run, whether set as max steps or reached by epochs over its dataset.
+MAX_JOB_STEPS = env_int("MAX_JOB_STEPS", 100_000, minimum=1)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 # Base models the workers can load (Bottom and Top run there): MODELS_DIR/<model id>/.

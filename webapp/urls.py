@@ -1,7 +1,9 @@
 """URLs: pages per app, the JSON API under /api/, the admin."""
 
 from django.contrib import admin
+from django.templatetags.static import static
 from django.urls import include, path
+from django.utils.functional import lazy
 from django.views.generic import RedirectView
 
 urlpatterns = [
@@ -12,4 +14,6 @@ urlpatterns = [
     path("playground/", include("webapp.playground.urls")),
     path("api/", include("webapp.api_urls")),
     path("admin/", admin.site.urls),
+    # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG among the static files.
+    path("favicon.ico", RedirectView.as_view(url=lazy(static, str)("favicon.svg"), permanent=False)),
 ]

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", help="PEFT adapter directory to load on top of the model")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="apply the tokenizer's chat template to the prompt; an adapter trained on chat rows, or "
+                          "on prompt/completion rows with a model that has a chat template, expects it")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -114,13 +114,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from splitcore.data.examples import uses_chat_template
     from splitcore.data.formats import load_dataset_file
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model directory {model_dir} has no config.json")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = prepare_training_data(tokenizer, load_dataset_file(args.data).examples, config)
+    dataset = load_dataset_file(args.data)
+    data = prepare_training_data(tokenizer, dataset.examples, config)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     secret = client_secret(args)
     device = resolve_device(args.device)
@@ -162,6 +164,9 @@ def run_train(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"trained {result.step} steps: loss {result.loss:.4f}{val}; adapter written to {out}", file=sys.stderr)
+    if uses_chat_template(tokenizer, dataset.kind):
+        print(f"the examples trained in the chat template of {model_dir.name}; ask the adapter the same way: "
+              "generate --chat", file=sys.stderr)
     print(out)
     return 0
 

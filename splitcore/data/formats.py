@@ -5,12 +5,14 @@ Every file holds one kind of example:
 * text: ``{"text": ...}`` rows, a CSV ``text`` column, or blank-line-separated blocks
   of a ``.txt`` file; the loss covers the whole text.
 * prompt/completion: ``{"prompt": ..., "completion": ...}`` rows or CSV columns; the
-  loss covers the completion only.
+  loss covers the completion only (a user and an assistant turn of the model's chat
+  template when it has one, see ``splitcore.data.examples``).
 * messages: ``{"messages": [{"role": ..., "content": ...}, ...]}`` rows, rendered with
   the model's chat template; the loss covers the assistant turns only.
 
-A rejected file raises :class:`DatasetFormatError`, which names the file, the line or
-row, and what to change.
+Files are UTF-8 (a BOM is fine); UTF-16/UTF-32 text and binary files (a spreadsheet, an
+archive, a PDF) are named as such. A rejected file raises :class:`DatasetFormatError`,
+which names the file, the line or row, and what to change.
 """
 
 from __future__ import annotations
@@ -36,6 +38,35 @@ CHAT_ROLES = ("system", "user", "assistant")
 FILE_FORMATS: dict[str, FileFormat] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
 
 _KIND_LABELS: dict[str, str] = {"text": "text", "prompt_completion": "prompt/completion", "messages": "chat messages"}
+
+SAVE_AS_TEXT = "upload JSONL, CSV or plain text saved as UTF-8"
+# How to get UTF-8 out of the programs that write UTF-16 (Excel's "Unicode Text" is UTF-16, tab-separated).
+_SAVE_AS_UTF8 = ('for example in Excel choose Save As > "CSV UTF-8", in Notepad choose Save As with Encoding '
+                 '"UTF-8", or run iconv -f {encoding} -t UTF-8')
+# Byte-order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_UNICODE_BOMS: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+# Magic numbers of files people upload by mistake; checked only when the data is not UTF-8 text.
+_BINARY_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a ZIP archive or an Excel .xlsx workbook"),
+    (b"PK\x05\x06", "an empty ZIP archive"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Excel .xls workbook or a Word .doc file"),
+    (b"\x1f\x8b", "a gzip-compressed file"),
+    (b"BZh", "a bzip2-compressed file"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file"),
+    (b"\x28\xb5\x2f\xfd", "a Zstandard-compressed file"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"%PDF-", "a PDF document"),
+    (b"PAR1", "a Parquet file"),
+    (b"ARROW1", "an Arrow (Feather) file"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+)
+# Bytes looked at to recognise UTF-16 or UTF-32 text without a byte-order mark.
+_ENCODING_SAMPLE = 64 * 1024
 
 _FORMAT_HINTS: dict[str, str] = {
     "jsonl": 'a JSONL file needs one JSON object per line: {"text": ...}, {"prompt": ..., "completion": ...} '
@@ -139,12 +170,19 @@ def _file_format(filename: str) -> FileFormat:
 
 
 def _decode_utf8(data: bytes) -> str:
-    """UTF-8 text with any BOM removed and CRLF line ends turned into LF."""
+    """UTF-8 text with any BOM removed and CRLF line ends turned into LF.
+
+    Data that is not UTF-8 text is explained when it can be: UTF-16 or UTF-32 text, or a
+    binary file (by its magic number, or its NUL bytes)."""
+    for bom, encoding in _UNICODE_BOMS:
+        if data.startswith(bom):
+            raise _Invalid("", _other_encoding(encoding))
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        _explain_non_text(data)
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         line = data.count(b"\n", 0, exc.start) + 1
         column = len(data[line_start:exc.start].decode("utf-8")) + 1
@@ -154,14 +192,50 @@ def _decode_utf8(data: bytes) -> str:
         ) from None
     nul = text.find("\x00")
     if nul >= 0:
+        _explain_non_text(data)
         line_start = text.rfind("\n", 0, nul) + 1
         line = text.count("\n", 0, nul) + 1
         raise _Invalid(
             f"line {line}",
-            f"contains a NUL byte (column {nul - line_start + 1}); this looks like a binary or UTF-16 file, "
-            "save it as UTF-8 text",
+            f"this looks like a binary file, not text (it has a NUL byte at column {nul - line_start + 1}): "
+            f"{SAVE_AS_TEXT}",
         )
     return text.replace("\r\n", "\n")
+
+
+def _explain_non_text(data: bytes) -> None:
+    """Raise a whole-file rejection when ``data`` (not UTF-8 text) is recognisably a binary file or
+    BOM-less UTF-16/UTF-32 text; return when it is neither."""
+    for signature, description in _BINARY_SIGNATURES:
+        if data.startswith(signature):
+            raise _Invalid("", f"this is a binary file (it looks like {description}), not text: {SAVE_AS_TEXT}")
+    encoding = _bomless_wide_encoding(data[:_ENCODING_SAMPLE])
+    if encoding:
+        raise _Invalid("", _other_encoding(encoding))
+
+
+def _other_encoding(encoding: str) -> str:
+    return f"the file is {encoding} text; save it as UTF-8 ({_SAVE_AS_UTF8.format(encoding=encoding)})"
+
+
+def _bomless_wide_encoding(sample: bytes) -> str | None:
+    """The encoding ("UTF-32" or "UTF-16") whose NUL bytes ``sample`` has, for text without a byte-order mark.
+
+    Dataset files are full of characters below U+0100 (digits, spaces, punctuation, the syntax
+    of JSON and CSV, Latin letters), whose high byte is NUL, while the low byte of a character
+    is rarely NUL. So in UTF-16 one byte of each two is often NUL and the other almost never;
+    in UTF-32 the two high bytes of each four are NUL for any character below U+10000."""
+    for width, encoding, high_share in ((4, "UTF-32", 0.9), (2, "UTF-16", 0.3)):
+        units = len(sample) // width
+        if units < 4:
+            continue
+        nul_share = [sample[offset: units * width: width].count(0) / units for offset in range(width)]
+        little, big = nul_share, nul_share[::-1]  # offset 0 is the low byte in little-endian order
+        for shares in (little, big):
+            always_nul = shares[2:] if width == 4 else shares[1:]
+            if shares[0] <= 0.05 and min(always_nul) >= high_share:
+                return encoding
+    return None
 
 
 def _collect(located: Located, file_format: FileFormat) -> tuple[ExampleKind, tuple[Example, ...]]:

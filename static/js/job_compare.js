@@ -1,6 +1,16 @@
-// Overlaid loss curves of several jobs (data embedded in the page by the server).
+// Overlaid loss curves of several jobs (data embedded in the page by the server), and the settings
+// table's "only the settings that differ" switch.
 (function () {
   "use strict";
+  const onlyDiffering = document.getElementById("only-differing");
+  if (onlyDiffering) {
+    onlyDiffering.addEventListener("change", () => {
+      document.querySelectorAll("table.compare tr.setting").forEach((row) => {
+        row.hidden = onlyDiffering.checked && !row.classList.contains("differs");
+      });
+    });
+  }
+
   const source = document.getElementById("compare-series");
   const container = document.getElementById("compare-chart");
   if (!source || !container) return;
@@ -24,13 +34,23 @@
     return columns;
   }
 
+  // A legend entry: the job's name, its id small and muted, then which curve (built as text, never markup).
+  function legendLabel(run, curve) {
+    const label = document.createElement("span");
+    const id = document.createElement("small");
+    id.className = "muted";
+    id.textContent = "#" + run.id;
+    label.append(run.name + " ", id, " " + curve);
+    return label;
+  }
+
   function draw(logScale) {
     if (plot) plot.destroy();
     const series = [{ label: "step" }];
     runs.forEach((r, i) => {
       const color = colors[i % colors.length];
-      series.push({ label: r.label + " train", stroke: color, width: 2, spanGaps: true });
-      series.push({ label: r.label + " val", stroke: color, width: 2, dash: [6, 4], spanGaps: true,
+      series.push({ label: legendLabel(r, "train"), stroke: color, width: 2, spanGaps: true });
+      series.push({ label: legendLabel(r, "val"), stroke: color, width: 2, dash: [6, 4], spanGaps: true,
                     points: { show: true, size: 5 } });
     });
     plot = new uPlot({ width: Math.max(320, container.clientWidth || 800), height: 340,

@@ -17,7 +17,10 @@
     logScale: false,
     retries: 0,
     socket: null,
+    clockOffset: 0, // the server's clock minus this browser's, from the last status event
   };
+  const times = window.splitlearnTimes;
+  const renderedStatus = root.dataset.status;
   window.jobLive = state; // for tests and the console
 
   // ------------------------------------------------------------------ chart
@@ -46,7 +49,8 @@
       axes: [
         { label: "step" },
         { label: "loss", scale: "y" },
-        { label: "learning rate", scale: "lr", side: 1, grid: { show: false },
+        // Room for ticks like "2.0e-4" between the plot and the axis title.
+        { label: "learning rate", scale: "lr", side: 1, size: 70, labelGap: 8, grid: { show: false },
           values: (u, ticks) => ticks.map((t) => t.toExponential(1)) },
       ],
       series: [
@@ -69,6 +73,7 @@
       if (!plot) makePlot();
       else plot.setData(chartData());
       $("chart-points").textContent = String(state.metrics.size);
+      $("chart-points-unit").textContent = state.metrics.size === 1 ? "step" : "steps";
     });
   }
 
@@ -98,18 +103,71 @@
     $("progress-bar").max = total || 1;
     $("progress-bar").value = Math.min(step, total || step);
     $("progress-text").textContent = total ? `${step} / ${total}` : String(step);
-    const elapsed = last ? last.elapsed_s : null;
-    $("elapsed").textContent = formatSeconds(elapsed);
-    const running = status.status === "running";
-    $("eta").textContent = running && elapsed && step && total ? formatSeconds(elapsed / step * (total - step)) : "–";
+    tick();
     $("tokens-per-s").textContent = last && last.tokens_per_s != null ? Math.round(last.tokens_per_s).toLocaleString() : "–";
     let wire = 0;
     state.metrics.forEach((m) => { wire += m.wire_bytes || 0; });
     $("wire-bytes").textContent = last ? `${formatBytes(last.wire_bytes)} per step, ${formatBytes(wire)} in all` : "–";
   }
 
+  // Wall-clock seconds per step over the last (up to) 20 steps, from the times the steps ended.
+  function secondsPerStep() {
+    const steps = Array.from(state.metrics.keys()).sort((a, b) => a - b).slice(-21);
+    const timed = steps.map((s) => state.metrics.get(s)).filter((m) => m.time);
+    if (timed.length < 2) return null;
+    const first = timed[0], last = timed[timed.length - 1];
+    const seconds = (new Date(last.time) - new Date(first.time)) / 1000;
+    return last.step > first.step && seconds > 0 ? seconds / (last.step - first.step) : null;
+  }
+
+  // Elapsed and time left, every second, from the server's start time (not only when a step ends).
+  function tick() {
+    const status = state.status || {};
+    const now = Date.now() + state.clockOffset;
+    const started = status.started_at ? new Date(status.started_at).getTime() : null;
+    const finished = status.finished_at ? new Date(status.finished_at).getTime() : null;
+    const running = status.status === "running";
+    $("elapsed").textContent = started ? formatSeconds(((running ? now : finished || now) - started) / 1000) : "–";
+    const steps = Array.from(state.metrics.keys());
+    const step = steps.length ? Math.max(...steps) : 0;
+    const total = status.total_steps;
+    const perStep = secondsPerStep();
+    let eta = "–";
+    if (running && total && step && step < total && perStep) {
+      const sinceLast = Math.max(0, (now - new Date(state.metrics.get(step).time).getTime()) / 1000);
+      eta = formatSeconds(Math.max(0, (total - step) * perStep - sinceLast));
+    } else if (running && total && step >= total) {
+      eta = "finishing";
+    }
+    $("eta").textContent = eta;
+  }
+
+  function statusLine(event) {
+    const steps = Array.from(state.metrics.keys());
+    const step = steps.length ? Math.max(...steps) : 0;
+    if (event.status === "running" && !event.cancel_requested && (event.phase === "training" || !event.phase) && step) {
+      return `Training: step ${step}` + (event.total_steps ? ` of ${event.total_steps}` : "") + " done";
+    }
+    return event.status_line || "";
+  }
+
+  function showTime(id, iso) {
+    const cell = $(id);
+    cell.replaceChildren(iso ? times.element(iso) : "–");
+  }
+
   function updateStatus(event) {
     state.status = event;
+    if (event.server_time) state.clockOffset = new Date(event.server_time).getTime() - Date.now();
+    if (event.status !== renderedStatus) {
+      // A message from the last action ("Queued again…") no longer describes the job.
+      document.querySelectorAll(".messages").forEach((list) => { list.hidden = true; });
+    }
+    if (event.name) $("job-name").textContent = event.name;
+    if (event.trunk) $("fact-trunk").textContent = event.trunk;
+    const phase = $("job-phase");
+    phase.textContent = statusLine(event);
+    phase.hidden = !phase.textContent;
     const badge = $("job-status");
     badge.textContent = event.status_display || event.status;
     badge.className = "status status-" + event.status;
@@ -122,8 +180,8 @@
     $("fact-progress").textContent = `step ${event.current_step}` + (event.total_steps ? ` of ${event.total_steps}` : "");
     $("fact-loss").textContent = event.last_loss != null ? event.last_loss.toFixed(4) : "–";
     $("fact-val-loss").textContent = event.last_val_loss != null ? event.last_val_loss.toFixed(4) : "–";
-    $("fact-started").textContent = event.started_at ? new Date(event.started_at).toLocaleString() : "–";
-    $("fact-finished").textContent = event.finished_at ? new Date(event.finished_at).toLocaleString() : "–";
+    showTime("fact-started", event.started_at);
+    showTime("fact-finished", event.finished_at);
     const download = $("download-link");
     if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
     $("playground-link").hidden = !event.download_url;
@@ -179,8 +237,7 @@
     const line = document.createElement("div");
     line.className = "log-" + entry.level;
     line.dataset.id = entry.id;
-    const time = new Date(entry.time);
-    line.textContent = `${time.toLocaleTimeString()}  ${entry.message}`;
+    line.append(times.element(entry.time, "time"), `  ${entry.message}`);
     list.appendChild(line);
     while (list.childElementCount > 200) list.removeChild(list.firstChild);
     list.scrollTop = list.scrollHeight;
@@ -204,6 +261,11 @@
         $("fact-progress").textContent = `step ${event.step}` + (event.total_steps ? ` of ${event.total_steps}` : "");
         $("fact-loss").textContent = event.loss.toFixed(4);
         if (state.status && event.total_steps) state.status.total_steps = event.total_steps;
+        if (state.status) {
+          const phase = $("job-phase");
+          phase.textContent = statusLine(state.status);
+          phase.hidden = !phase.textContent;
+        }
         redraw();
         updateProgress();
         break;
@@ -260,4 +322,5 @@
   window.addEventListener("resize", () => { if (plot) plot.setSize({ width: $("loss-chart").clientWidth, height: 320 }); });
   makePlot();
   connect();
+  window.setInterval(tick, 1000);
 })();

@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.db import transaction
 
-from splitcore.data.examples import TokenStats, preview_segments, token_stats, tokenize_examples
+from splitcore.data.examples import TokenStats, preview_segments, token_stats, tokenize_examples, uses_chat_template
 from splitcore.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
 
 from .. import base_models
@@ -168,6 +168,12 @@ def dataset_preview(
     tokenizer = base_models.tokenizer(model_id)
     examples = _parse(dataset).examples[:count]
     return [preview_segments(tokenizer, tokenized) for tokenized in tokenize_examples(tokenizer, examples, max_length)]
+
+
+def trains_in_chat_template(dataset: Dataset, model_id: str) -> bool:
+    """Whether the dataset's examples train through ``model_id``'s chat template (then an adapter trained
+    on them is asked through it too); False means plain text."""
+    return uses_chat_template(base_models.tokenizer(model_id), dataset.kind)
 
 
 def _check_max_length(max_length: int) -> None:

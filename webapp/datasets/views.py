@@ -59,12 +59,14 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = _dataset_for(request, dataset_id)
     models = base_models.installed_models()
     form = StatisticsForm(request.GET, models=models, default_model=base_models.default_model_id())
-    context = {"dataset": dataset, "form": form, "models": models, "stats": None, "preview": [], "error": ""}
+    context = {"dataset": dataset, "form": form, "models": models, "stats": None, "preview": [], "error": "",
+               "chat_format": None}
     if models and form.is_valid():
         model_id, max_length = form.choice()
         try:
             context["stats"] = services.dataset_statistics(dataset, model_id, max_length)
             context["preview"] = services.dataset_preview(dataset, model_id, max_length)
+            context["chat_format"] = services.trains_in_chat_template(dataset, model_id)
         except ValueError as exc:
             context["error"] = f"Cannot tokenize this dataset with {model_id}: {exc}"
     return render(request, "datasets/detail.html", context, status=400 if models and form.errors else 200)

@@ -28,15 +28,23 @@ class IncrementalDecoder:
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         if text.endswith(REPLACEMENT_CHARACTER):
             return None
-        offset = _common_prefix_length(self.text, text)
-        if offset == len(self.text) == len(text):
-            return None
-        self.text = text
-        return offset, text[offset:]
+        change = text_change(self.text, text)
+        if change is not None:
+            self.text = text
+        return change
 
     def final_text(self) -> str:
         """Everything decoded, an incomplete last character included."""
         return self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+def text_change(old: str, new: str) -> tuple[int, str] | None:
+    """``(offset, delta)`` with ``new == old[:offset] + delta``, the offset as large as it can be;
+    None when the texts are equal."""
+    if old == new:
+        return None
+    offset = _common_prefix_length(old, new)
+    return offset, new[offset:]
 
 
 def _common_prefix_length(a: str, b: str) -> int:

@@ -2,17 +2,24 @@
 
 Every event is a JSON object with a ``type``:
 
-- ``snapshot`` (from the consumer on connect): status, the text so far, error_message;
-- ``status``: the worker took the generation (status ``running``);
-- ``token``: new text: ``{"type": "token", "text": delta, "offset": n}``; the page's text becomes
-  its first ``n`` characters followed by ``delta`` (``n`` is nearly always the current length: it
-  is smaller only when decoding one more token changed text already sent);
+- ``snapshot`` (from the consumer on connect): status, the text so far with the number of tokens
+  it covers (``token_count``), error_message, stop_requested;
+- ``status``: the worker took the generation (status ``running``), or its owner asked to stop it
+  (``stop_requested``);
+- ``token``: new text: ``{"type": "token", "text": delta, "offset": n, "token_count": c,
+  "previous_count": p}``; the text covering ``p`` tokens becomes its first ``n`` characters followed
+  by ``delta``, and covers ``c`` tokens (``n`` is nearly always the current length: it is smaller
+  only when decoding one more token changed text already sent);
 - ``done``: the end: status, the whole text, error_message and token_count.
 
-The worker stores the text before it sends a token event, and the consumer joins the group
-before it reads the row, so a snapshot plus the events after it never miss text; a token
-the snapshot already holds is recognised by its offset. A publish that fails (Redis away)
-costs a live update, never the output: it is in the database.
+The worker stores the text and its token count before it sends a token event, and the
+consumer joins the group before it reads the row, then sends the snapshot before any event
+(a consumer handles one message at a time). So a snapshot plus the events after it hold all
+text, once: a token event whose ``token_count`` the snapshot already covers is skipped, and one
+whose ``previous_count`` is not the page's count means an event was lost (the page then asks
+for a new snapshot). The token events of a generation, applied in order, end at its stored
+output. A publish that fails (Redis away) costs a live update, never the output: it is in
+the database.
 """
 
 from __future__ import annotations
@@ -34,15 +41,17 @@ def generation_group(generation_id: int) -> str:
 def snapshot_event(generation: Generation) -> dict:
     return {"type": "snapshot", "generation": generation.pk, "status": generation.status,
             "text": generation.output, "error_message": generation.error_message,
-            "token_count": generation.token_count}
+            "token_count": generation.token_count, "stop_requested": generation.stop_requested}
 
 
 def status_event(generation: Generation) -> dict:
-    return {"type": "status", "generation": generation.pk, "status": generation.status}
+    return {"type": "status", "generation": generation.pk, "status": generation.status,
+            "stop_requested": generation.stop_requested}
 
 
-def token_event(delta: str, offset: int) -> dict:
-    return {"type": "token", "text": delta, "offset": offset}
+def token_event(delta: str, offset: int, token_count: int, previous_count: int) -> dict:
+    return {"type": "token", "text": delta, "offset": offset, "token_count": token_count,
+            "previous_count": previous_count}
 
 
 def done_event(generation: Generation) -> dict:

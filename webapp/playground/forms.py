@@ -9,19 +9,39 @@ from ..ownership import owned
 from ..training.models import Job
 from ..trunks.selection import served_models
 from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE
-from .services import has_chat_template
+from .services import PromptFormat, base_model_format, job_format
+
+
+class FormatSelect(forms.Select):
+    """A select whose options say how to send a prompt for them (``data-chat``, ``data-chat-hint``), so
+    that the page's script sets the chat checkbox when the choice changes."""
+
+    def __init__(self, *args, prompt_format=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_format = prompt_format  # option value (a Job for a job) -> PromptFormat
+
+    def create_option(self, name, value, label, selected, index, subindex=None, attrs=None):
+        option = super().create_option(name, value, label, selected, index, subindex, attrs)
+        choice = getattr(value, "instance", value)  # a ModelChoiceIteratorValue holds the job
+        if self.prompt_format is not None and choice not in (None, ""):
+            prompt_format = self.prompt_format(choice)
+            option["attrs"].update({"data-chat": "true" if prompt_format.chat else "false",
+                                    "data-chat-hint": prompt_format.reason})
+        return option
 
 
 class JobChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, job: Job) -> str:
-        return f"Job {job.pk}: {job.dataset_name} on {job.base_model}"
+        return job.display_name
 
 
 class PlaygroundForm(forms.Form):
     job = JobChoiceField(queryset=Job.objects.none(), required=False, empty_label="Base model only",
-                         label="Adapter", help_text="a succeeded job: its answer is shown next to the base model's")
-    base_model = forms.ChoiceField(required=False, help_text="for 'base model only' (a job uses the model it "
-                                                             "was trained on); models served by a healthy trunk")
+                         label="Adapter", help_text="a succeeded job: its answer is shown next to the base model's",
+                         widget=FormatSelect(prompt_format=job_format))
+    base_model = forms.ChoiceField(required=False, widget=FormatSelect(prompt_format=base_model_format),
+                                   help_text="for 'base model only' (a job uses the model it was trained on); "
+                                             "models served by a healthy trunk")
     prompt = forms.CharField(strip=False, widget=forms.Textarea(attrs={"rows": 6, "maxlength": MAX_PROMPT_CHARS}),
                              help_text=f"at most {MAX_PROMPT_CHARS} characters")
     chat = forms.BooleanField(required=False, label="Apply the chat template",
@@ -40,8 +60,19 @@ class PlaygroundForm(forms.Form):
         if "base_model" not in self.initial and self.served:
             self.initial["base_model"] = (settings.DEFAULT_BASE_MODEL if settings.DEFAULT_BASE_MODEL in self.served
                                           else self.served[0])
-        if "chat" not in self.initial and self.initial.get("base_model"):
-            self.initial["chat"] = has_chat_template(self.initial["base_model"])
+        self.prompt_format = self._initial_format()
+        if "chat" not in self.initial and self.prompt_format is not None:
+            self.initial["chat"] = self.prompt_format.chat
+
+    def _initial_format(self) -> PromptFormat | None:
+        """How the initially chosen job trained, or what the initial base model's tokenizer suggests."""
+        job_id = self.initial.get("job")
+        job = self.fields["job"].queryset.filter(pk=job_id).first() if job_id is not None else None
+        if job is not None:
+            return job_format(job)
+        if self.initial.get("base_model"):
+            return base_model_format(self.initial["base_model"])
+        return None
 
     def clean_prompt(self) -> str:
         # Browsers send a textarea's line breaks as CRLF; the model should see what the user typed.

@@ -4,14 +4,19 @@ A generation is claimed with a conditional UPDATE (queued -> running), so a rede
 task message never runs it twice. Bottom and Top run here (with the job's adapter for the
 adapter side), the trunk runs on a trunk server in an inference session; both keep a KV
 cache. The text so far is stored before each live event, so a page that connects late
-gets it in its snapshot. Every failure ends the generation as ``failed`` with a message
-that says what happened and what to do.
+gets it in its snapshot (see events.py). Every failure ends the generation as ``failed`` with
+a message that says what happened and what to do.
+
+Storing the text of a token is conditional on the row still running with no stop requested;
+when it is not (its owner pressed Stop, or the sweep ended it, or it was deleted), the worker
+stops between two tokens: a stopped generation keeps the text it had and ends as ``stopped``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.utils import timezone
@@ -26,7 +31,7 @@ from .. import base_models
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, pick_trunk
 from . import events
-from .decoding import IncrementalDecoder
+from .decoding import IncrementalDecoder, text_change
 from .models import Generation
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,18 @@ TRUNK_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.5, max_backoff_s=2.0)
 
 class GenerationFailed(Exception):
     """Ends a generation as failed with this message for the user."""
+
+
+class GenerationStopped(Exception):
+    """The row takes no more text: its owner asked to stop it, or it ended or went away meanwhile."""
+
+
+@dataclass
+class SentText:
+    """What the token events of a generation have carried so far: the text and the tokens it covers."""
+
+    text: str = ""
+    token_count: int = 0
 
 
 def claim(generation_id: int) -> bool:
@@ -54,22 +71,25 @@ def run_generation(generation_id: int) -> str | None:
         return None
     events.publish(generation.pk, events.status_event(generation))
     decoder = None
+    sent = SentText()
     try:
         tokenizer = base_models.tokenizer(generation.base_model)
         decoder = IncrementalDecoder(tokenizer)
-        _generate(generation, tokenizer, decoder)
+        _generate(generation, tokenizer, decoder, sent)
+    except GenerationStopped:
+        return _finish(generation, decoder, sent, Generation.Status.STOPPED)
     except GenerationFailed as failure:
-        return _finish(generation, decoder, Generation.Status.FAILED, str(failure))
+        return _finish(generation, decoder, sent, Generation.Status.FAILED, str(failure))
     except base_models.BaseModelUnavailable as exc:
-        return _finish(generation, decoder, Generation.Status.FAILED, str(exc))
+        return _finish(generation, decoder, sent, Generation.Status.FAILED, str(exc))
     except Exception as exc:  # noqa: BLE001 - any crash must end the generation with a message
         log.exception("generation %s crashed", generation_id)
-        return _finish(generation, decoder, Generation.Status.FAILED,
+        return _finish(generation, decoder, sent, Generation.Status.FAILED,
                        f"unexpected error in the worker: {type(exc).__name__}: {exc}")
-    return _finish(generation, decoder, Generation.Status.SUCCEEDED)
+    return _finish(generation, decoder, sent, Generation.Status.SUCCEEDED)
 
 
-def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) -> None:
+def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, sent: SentText) -> None:
     try:
         input_ids = encode_prompt(tokenizer, generation.prompt, generation.chat)  # (1, seq)
     except ValueError as exc:  # a chat prompt for a tokenizer without a chat template
@@ -90,7 +110,7 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder) ->
             generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir, *cut,
                                        device=base_models.worker_device())
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
-                _stream(generation, decoder, token_id)
+                _stream(generation, decoder, sent, token_id)
                 if time.monotonic() > deadline:
                     raise GenerationFailed(f"stopped after {settings.GENERATION_TIMEOUT_S:.0f} s, the time limit "
                                            "of a generation; the text so far is kept — ask for fewer new tokens")
@@ -110,26 +130,55 @@ def _adapter_dir(generation: Generation):
     return job.adapter_dir
 
 
-def _stream(generation: Generation, decoder: IncrementalDecoder, token_id: int) -> None:
-    """Store the text so far, then send what is new (in this order: see events.py)."""
-    change = decoder.push(token_id)
+def _stream(generation: Generation, decoder: IncrementalDecoder, sent: SentText, token_id: int) -> None:
+    """Store the text so far, then send what is new (in this order: see events.py).
+
+    Raises ``GenerationStopped`` when the row takes no more text (checked at every token).
+    """
+    decoder.push(token_id)
+    taking_text = Generation.objects.filter(pk=generation.pk, status=Generation.Status.RUNNING,
+                                            stop_requested=False)
+    if decoder.text == sent.text:  # nothing to show yet (an incomplete character, a special token)
+        if not taking_text.exists():
+            raise GenerationStopped
+        return
+    if not taking_text.update(output=decoder.text, token_count=len(decoder.token_ids)):
+        raise GenerationStopped
+    _send_text(generation, sent, decoder.text, len(decoder.token_ids))
+
+
+def _send_text(generation: Generation, sent: SentText, text: str, token_count: int) -> None:
+    change = text_change(sent.text, text)
     if change is None:
         return
     offset, delta = change
-    Generation.objects.filter(pk=generation.pk).update(output=decoder.text, token_count=len(decoder.token_ids))
-    events.publish(generation.pk, events.token_event(delta, offset))
+    events.publish(generation.pk, events.token_event(delta, offset, token_count, sent.token_count))
+    sent.text, sent.token_count = text, token_count
 
 
-def _finish(generation: Generation, decoder: IncrementalDecoder | None, status: str, message: str = "") -> str:
+def stopped_message(token_count: int) -> str:
+    return f"stopped by you after {token_count} token{'' if token_count == 1 else 's'}; the text so far is kept"
+
+
+def _finish(generation: Generation, decoder: IncrementalDecoder | None, sent: SentText, status: str,
+            message: str = "") -> str:
+    token_count = len(decoder.token_ids) if decoder is not None else 0
+    if status == Generation.Status.STOPPED:
+        message = stopped_message(token_count)
     fields = dict(status=status, error_message=message, finished_at=timezone.now())
     if decoder is not None:
-        fields.update(output=decoder.final_text(), token_count=len(decoder.token_ids))
-    if not Generation.objects.filter(pk=generation.pk, status=Generation.Status.RUNNING).update(**fields):
+        fields.update(output=decoder.final_text(), token_count=token_count)
+    running = Generation.objects.filter(pk=generation.pk, status=Generation.Status.RUNNING)
+    if status == Generation.Status.STOPPED:
+        running = running.filter(stop_requested=True)  # else it was swept or deleted, not stopped
+    if not running.update(**fields):
         log.info("generation %s was deleted or ended by the sweep while it ran", generation.pk)
         return status
     generation.refresh_from_db()
     if message:
         log.info("generation %s %s: %s", generation.pk, status, message)
+    # The last text the token events carry is the stored output: the page needs no other source.
+    _send_text(generation, sent, generation.output, generation.token_count)
     events.publish(generation.pk, events.done_event(generation))
     return status
 

@@ -1,15 +1,24 @@
-"""Starting generations: validate the request, store the rows, send them to the workers."""
+"""Starting and stopping generations: validate the request, store the rows, send them to the workers."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from .. import base_models
 from ..training.models import Job
+from . import events
 from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE, Generation
+
+STOPPED_BEFORE_START = "stopped by you before it started"
+
+
+class GenerationStateError(Exception):
+    """The generation cannot do that in its state (e.g. stop when it has already ended)."""
 
 
 def has_chat_template(model_id: str) -> bool:
@@ -18,6 +27,30 @@ def has_chat_template(model_id: str) -> bool:
         return bool(base_models.tokenizer(model_id).chat_template)
     except (base_models.BaseModelUnavailable, OSError):
         return False
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How to send a prompt by default (through the chat template or not), and why, in a user's words."""
+
+    chat: bool
+    reason: str
+
+
+def base_model_format(model_id: str) -> PromptFormat:
+    if has_chat_template(model_id):
+        return PromptFormat(True, f"the tokenizer of {model_id} has a chat template")
+    return PromptFormat(False, f"the tokenizer of {model_id} has no chat template")
+
+
+def job_format(job: Job) -> PromptFormat:
+    """Ask a job's adapter the way its examples trained; for an older job, as its base model suggests."""
+    if job.chat_format is True:
+        return PromptFormat(True, "this job trained with the chat template")
+    if job.chat_format is False:
+        return PromptFormat(False, "this job trained on plain text (no chat template)")
+    base = base_model_format(job.base_model)
+    return PromptFormat(base.chat, f"this job's format was not recorded; {base.reason}")
 
 
 def start_comparison(owner, prompt: str, job: Job | None = None, *, base_model: str | None = None,
@@ -70,7 +103,7 @@ def start_comparison(owner, prompt: str, job: Job | None = None, *, base_model: 
     with transaction.atomic():
         generations = [Generation.objects.create(job=None, **common)]
         if job is not None:
-            generations.append(Generation.objects.create(job=job, **common))
+            generations.append(Generation.objects.create(job=job, paired_with=generations[0], **common))
         for generation in generations:
             enqueue(generation)
     return generations
@@ -80,3 +113,23 @@ def enqueue(generation: Generation) -> None:
     from .tasks import generate
 
     transaction.on_commit(lambda: generate.delay(generation.pk))
+
+
+def stop_generation(generation: Generation) -> Generation:
+    """A queued generation stops at once; a running one after its current token, keeping its text.
+
+    Raises ``GenerationStateError`` when it has already ended.
+    """
+    if Generation.objects.filter(pk=generation.pk, status=Generation.Status.QUEUED).update(
+            status=Generation.Status.STOPPED, stop_requested=True, error_message=STOPPED_BEFORE_START,
+            finished_at=timezone.now()):
+        generation.refresh_from_db()
+        events.publish(generation.pk, events.done_event(generation))
+        return generation
+    if Generation.objects.filter(pk=generation.pk, status=Generation.Status.RUNNING).update(stop_requested=True):
+        generation.refresh_from_db()
+        events.publish(generation.pk, events.status_event(generation))
+        return generation
+    generation.refresh_from_db()
+    raise GenerationStateError(f"This answer has already {generation.status}: only a queued or running one can "
+                               "be stopped.")

@@ -28,7 +28,9 @@ class JobList(ListCreateAPIView):
             raise ValidationError({"non_field_errors": ["send a JSON object"]})
         given = request.data.dict() if hasattr(request.data, "dict") else dict(request.data)
         defaults = JobForm(user=request.user, base_model=given.get("base_model")).fields
-        data = {name: field.initial for name, field in defaults.items() if field.initial is not None}
+        # Without a preset, the run length is the one given (or the fields' defaults, the balanced preset's).
+        data = {name: field.initial for name, field in defaults.items()
+                if field.initial is not None and name != "preset"}
         form = JobForm(data={**data, **given}, user=request.user)
         if not form.is_valid():
             errors = {("non_field_errors" if k == "__all__" else k): v for k, v in form.errors.items()}

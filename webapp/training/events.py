@@ -2,8 +2,10 @@
 
 Every event is a JSON object with a ``type``:
 
-- ``status``: the job's status, progress and timestamps (also sent to the job list);
-- ``metric``: one training step (step, loss, lr, grad_norm, tokens_per_s, wire_bytes, elapsed_s);
+- ``status``: the job's name, status, phase (what it does before and between steps), trunk, progress,
+  timestamps and the server's clock (also sent to the job list);
+- ``metric``: one training step (step, loss, lr, grad_norm, tokens_per_s, wire_bytes, elapsed_s, and the
+  time it ended);
 - ``eval``: one evaluation (step, val_loss);
 - ``log``: one line of the job's log (id, level, message, time);
 - ``done``: the job ended (status, and the download URL when it succeeded).
@@ -19,6 +21,7 @@ import logging
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.urls import reverse
+from django.utils import timezone
 
 from .models import Job, JobLog, MetricPoint
 from .privacy import audit_summary
@@ -35,14 +38,18 @@ def user_jobs_group(user_id: int) -> str:
 
 
 def status_event(job: Job) -> dict:
+    trunk = job.trunk
     return {
-        "type": "status", "job": job.pk, "status": job.status, "status_display": job.get_status_display(),
+        "type": "status", "job": job.pk, "name": job.display_name, "status": job.status,
+        "status_display": job.get_status_display(), "phase": job.phase, "status_line": job.status_line,
+        "trunk": f"{trunk.name} (layers {trunk.layer_range})" if trunk is not None else None,
         "error_message": job.error_message, "cancel_requested": job.cancel_requested,
         "current_step": job.current_step, "total_steps": job.total_steps, "last_loss": job.last_loss,
         "last_val_loss": job.last_val_loss, "can_cancel": job.can_cancel, "can_resume": job.can_resume,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "server_time": timezone.now().isoformat(),
         "download_url": reverse("training:job-adapter", args=[job.pk]) if job.has_adapter else None,
         "privacy": audit_summary(job),
     }
@@ -52,6 +59,8 @@ def point_event(point: MetricPoint) -> dict:
     data = point.as_dict()
     data["type"] = "metric" if point.kind == MetricPoint.Kind.TRAIN else "eval"
     del data["kind"]
+    if point.kind == MetricPoint.Kind.TRAIN and point.created_at is not None:
+        data["time"] = point.created_at.isoformat()  # when the step ended, for the time left
     return data
 
 

@@ -13,7 +13,9 @@ from ..datasets.models import Dataset
 from ..ownership import owned
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
-from .models import Job
+from . import presets
+from .estimates import planned_steps
+from .models import NAME_MAX_LENGTH, Job
 
 # A trunk budget a job exceeds: the form field that changes it, and what to do.
 _BUDGET_ADVICE = {
@@ -24,9 +26,14 @@ _BUDGET_ADVICE = {
 }
 PRIVACY_FIELDS = ["bottom_layers", "top_layers", "private_bottom", "gradients_to_trunk", "hidden_noise",
                   "grad_noise", "nopeek"]
-FIELDS = ["dataset", "base_model", "trunk", "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora",
-          "learning_rate", "epochs", "max_steps", "batch_size", "grad_accum_steps", "max_seq_length",
-          "warmup_steps", "lr_schedule", "seed", "val_fraction", "wire_encoding", *PRIVACY_FIELDS]
+# What a new user chooses; the Advanced group holds the rest (the form's "preset" sets the run length).
+BASIC_FIELDS = ["dataset", "name", "base_model", "preset"]
+ADVANCED_FIELDS = ["trunk", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps",
+                   "max_seq_length", "warmup_steps", "lr_schedule", "lora_r", "lora_alpha", "lora_dropout",
+                   "train_trunk_lora", "val_fraction", "seed", "wire_encoding"]
+FIELDS = ["dataset", "name", "base_model", *ADVANCED_FIELDS, *PRIVACY_FIELDS]
+MAX_EPOCHS = 100
+_BALANCED = presets.BY_KEY[presets.DEFAULT_PRESET]
 
 
 class _YesNoSelect(forms.NullBooleanSelect):
@@ -38,23 +45,47 @@ class _YesNoSelect(forms.NullBooleanSelect):
 
 
 class JobForm(forms.ModelForm):
+    name = forms.CharField(max_length=NAME_MAX_LENGTH, required=False, strip=True,
+                           help_text="how the job is listed in the jobs, the playground and comparisons (empty: the "
+                                     "dataset's name and the time)")
     base_model = forms.ChoiceField(help_text="models served by a healthy trunk server")
+    preset = forms.ChoiceField(
+        choices=presets.choices(), required=False, initial=presets.DEFAULT_PRESET, widget=forms.RadioSelect,
+        label="Run length", help_text="how long and how hard to train; Custom uses the values under Advanced")
     trunk = forms.ModelChoiceField(queryset=TrunkServer.objects.none(), required=False, empty_label="auto",
                                    help_text="auto: the healthy trunk with the most free sessions")
-    lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8, label="LoRA rank r")
-    lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0, label="LoRA alpha")
-    lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05, label="LoRA dropout")
-    train_trunk_lora = forms.BooleanField(required=False, initial=True, label="Train LoRA on the trunk too")
-    learning_rate = forms.FloatField(min_value=1e-7, max_value=1.0, initial=2e-4)
-    epochs = forms.FloatField(min_value=0.01, max_value=1000, required=False, initial=1.0,
-                              help_text="passes over the data (ignored when max steps is set)")
-    max_steps = forms.IntegerField(min_value=1, max_value=1_000_000, required=False)
-    batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4)
-    grad_accum_steps = forms.IntegerField(min_value=1, max_value=512, initial=1, label="Gradient accumulation")
-    max_seq_length = forms.IntegerField(min_value=16, max_value=32768, initial=512, label="Max sequence length")
-    warmup_steps = forms.IntegerField(min_value=0, max_value=100_000, initial=0)
-    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0)
-    val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1, label="Validation fraction")
+    lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8, label="LoRA rank r",
+                                help_text="size of the trained low-rank matrices: higher learns more, costs more")
+    lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0, label="LoRA alpha",
+                                  help_text="scale of the LoRA update (alpha / r multiplies it); often 2 × r")
+    lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05, label="LoRA dropout",
+                                    help_text="share of the LoRA inputs dropped while training, against overfitting")
+    train_trunk_lora = forms.BooleanField(required=False, initial=True, label="Train LoRA on the trunk too",
+                                          help_text="also adapt the trunk's blocks (one adapter over the whole model)")
+    learning_rate = forms.FloatField(min_value=1e-7, max_value=1.0, initial=_BALANCED.learning_rate,
+                                     help_text="peak step size of AdamW (from 1e-7 to 1); LoRA usually takes 1e-4 to "
+                                               "1e-3")
+    epochs = forms.FloatField(min_value=0.01, max_value=MAX_EPOCHS, required=False, initial=_BALANCED.epochs,
+                              help_text=f"passes over the training examples, at most {MAX_EPOCHS} (ignored when max "
+                                        "steps is set)")
+    max_steps = forms.IntegerField(min_value=1, max_value=settings.MAX_JOB_STEPS, required=False,
+                                   help_text=f"a fixed number of optimizer steps instead of epochs (at most "
+                                             f"{settings.MAX_JOB_STEPS:,})")
+    batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4,
+                                    help_text="examples per micro-batch (the trunk's budget may allow fewer)")
+    grad_accum_steps = forms.IntegerField(min_value=1, max_value=512, initial=1, label="Gradient accumulation",
+                                          help_text="micro-batches per optimizer step: a step uses batch size × "
+                                                    "this many examples")
+    max_seq_length = forms.IntegerField(min_value=16, max_value=32768, initial=512, label="Max sequence length",
+                                        help_text="examples are cut to this many tokens (the dataset's page shows "
+                                                  "how many would be cut)")
+    warmup_steps = forms.IntegerField(min_value=0, max_value=100_000, initial=0,
+                                      help_text="steps over which the learning rate rises from 0 to its peak")
+    seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0,
+                              help_text="of the LoRA initialisation and the order of the examples: same seed, same run")
+    val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1, label="Validation fraction",
+                                    help_text="share of the examples held out to measure the validation loss (0 to "
+                                              "0.5)")
     bottom_layers = forms.IntegerField(
         min_value=1, max_value=256, required=False, label="Blocks kept before the trunk",
         help_text="the cut depth: decoder blocks that run on this site's workers before the trunk (empty: the "
@@ -94,6 +125,10 @@ class JobForm(forms.ModelForm):
         self.user = user
         self.fields["dataset"].queryset = owned(Dataset, user)
         self.fields["dataset"].empty_label = None if self.fields["dataset"].queryset.exists() else "no datasets yet"
+        self.fields["dataset"].help_text = "the examples to train on (upload more on the Datasets page)"
+        self.fields["lr_schedule"].help_text = "how the learning rate falls from its peak to 0 by the last step"
+        self.fields["wire_encoding"].help_text = ("how hidden states and gradients travel to the trunk: fp32 is "
+                                                  "exact, the others send fewer bytes and round")
         models = served_models()
         self.fields["base_model"].choices = [(m, m) for m in models]
         if settings.DEFAULT_BASE_MODEL in models:
@@ -118,8 +153,11 @@ class JobForm(forms.ModelForm):
         if not point.privacy.gradients_to_trunk:
             self.fields["train_trunk_lora"].initial = False  # nothing behind the cut can learn without gradients
 
-    def general_fields(self):
-        return [self[name] for name in self.fields if name not in PRIVACY_FIELDS]
+    def basic_fields(self):
+        return [self[name] for name in BASIC_FIELDS]
+
+    def advanced_fields(self):
+        return [self[name] for name in ADVANCED_FIELDS]
 
     def privacy_fields(self):
         return [self[name] for name in PRIVACY_FIELDS]
@@ -148,16 +186,40 @@ class JobForm(forms.ModelForm):
             data[name] = data.get(name) or 0.0
         if data.get("gradients_to_trunk") is None:
             data["gradients_to_trunk"] = True
+        self._apply_preset(data)
         if data.get("max_steps"):
             data["epochs"] = None
         elif not data.get("epochs"):
-            data["epochs"] = 1.0
+            data["epochs"] = _BALANCED.epochs
+        self._check_length(data)
+        if self.errors:
+            return data
         probe = Job(**{name: data.get(name) for name in FIELDS if name not in ("dataset", "trunk")})
         try:
             probe.train_config()  # the library's own checks, as a last line
         except ValueError as exc:
             raise forms.ValidationError(str(exc)) from exc
         return data
+
+    @staticmethod
+    def _apply_preset(data: dict) -> None:
+        """A preset (not custom, not absent: an API call without one keeps its own values) sets the run length."""
+        preset = presets.BY_KEY.get(data.get("preset") or presets.CUSTOM)
+        if preset is not None:
+            data.update(epochs=preset.epochs, learning_rate=preset.learning_rate, max_steps=None)
+
+    def _check_length(self, data: dict) -> None:
+        """At most MAX_JOB_STEPS optimizer steps, however they are asked for."""
+        dataset = data.get("dataset")
+        if dataset is None or data.get("max_steps"):
+            return  # max steps has its own limit on the field
+        steps = planned_steps(dataset.num_examples, val_fraction=data["val_fraction"], epochs=data["epochs"],
+                              max_steps=None, batch_size=data["batch_size"],
+                              grad_accum_steps=data["grad_accum_steps"])
+        limit = settings.MAX_JOB_STEPS
+        if steps > limit:
+            self.add_error("epochs", f"{data['epochs']:g} epochs of {dataset.name} would be {steps:,} steps; at most "
+                                     f"{limit:,} are allowed: train fewer epochs or more examples per step")
 
     def _check_cut(self, data: dict, trunk: TrunkServer | None) -> None:
         """The chosen cut must be one the job's trunk (or, for auto, some healthy trunk) allows."""

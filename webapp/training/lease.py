@@ -109,4 +109,4 @@ def release_stale(job: Job, **changes) -> bool:
     its worker renewed the lease meanwhile."""
     changes = {"status": Job.Status.QUEUED, **changes}
     return bool(Job.objects.filter(_stale(), pk=job.pk, lease_token=job.lease_token).update(
-        lease_token="", worker="", updated_at=timezone.now(), **changes))
+        lease_token="", worker="", phase="", updated_at=timezone.now(), **changes))

@@ -14,6 +14,39 @@ from splitcore.training import TrainConfig
 
 
 NAME_MAX_LENGTH = 120
+# What the pages call each key of Job.hyperparameters() (the job form's labels); the model card and
+# training_args.json keep the keys.
+HYPERPARAMETER_LABELS = {
+    "base_model": "Base model",
+    "lora_r": "LoRA rank r",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "train_trunk_lora": "Train LoRA on the trunk too",
+    "learning_rate": "Learning rate",
+    "epochs": "Epochs",
+    "max_steps": "Max steps",
+    "batch_size": "Batch size",
+    "grad_accum_steps": "Gradient accumulation",
+    "max_seq_length": "Max sequence length",
+    "warmup_steps": "Warmup steps",
+    "lr_schedule": "Learning-rate schedule",
+    "seed": "Seed",
+    "val_fraction": "Validation fraction",
+    "wire_encoding": "Wire encoding",
+    "bottom_layers": "Blocks kept before the trunk",
+    "top_layers": "Blocks kept after the trunk",
+    "hidden_noise": "Noise on hidden states",
+    "grad_noise": "Noise on gradients",
+    "nopeek": "NoPeek weight",
+    "private_bottom": "Private Bottom",
+    "gradients_to_trunk": "Send gradients to the trunk",
+}
+
+
+def _scientific(number: float) -> str:
+    """2e-04, 1.5e-05: a learning rate as people write it."""
+    mantissa, exponent = f"{number:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 class Job(models.Model):
@@ -134,6 +167,22 @@ class Job(models.Model):
         return self.status in (self.Status.QUEUED, self.Status.RUNNING) and not self.cancel_requested
 
     @property
+    def status_line(self) -> str:
+        """What a queued or running job is doing, for the line above its progress bar ("" once it ended)."""
+        if self.status == self.Status.QUEUED:
+            return "Queued: waiting for a free worker" + (" (it continues from its last checkpoint)"
+                                                          if self.attempts else "")
+        if self.status != self.Status.RUNNING:
+            return ""
+        if self.cancel_requested:
+            return "Stopping after the current step…"
+        if self.phase in ("", "training"):
+            total = f" of {self.total_steps}" if self.total_steps else ""
+            return (f"Training: step {self.current_step}{total} done" if self.current_step
+                    else "Training: starting step 1")
+        return self.phase[:1].upper() + self.phase[1:] + "…"
+
+    @property
     def can_resume(self) -> bool:
         return self.status in (self.Status.CANCELLED, self.Status.FAILED)
 
@@ -181,6 +230,24 @@ class Job(models.Model):
             "nopeek": self.nopeek, "private_bottom": self.private_bottom,
             "gradients_to_trunk": self.gradients_to_trunk,
         }
+
+    def labelled_hyperparameters(self) -> list[tuple[str, str]]:
+        """(label, value) pairs of hyperparameters() in its order, as the pages show them: yes/no, "–" for
+        none, a choice's description, the learning rate in scientific notation."""
+        pairs = []
+        for name, value in self.hyperparameters().items():
+            if value is None:
+                shown = "–"
+            elif isinstance(value, bool):
+                shown = "yes" if value else "no"
+            elif name == "learning_rate":
+                shown = _scientific(value)
+            elif isinstance(value, float):
+                shown = f"{value:g}"
+            else:
+                shown = str(dict(self._meta.get_field(name).choices or ()).get(value, value))
+            pairs.append((HYPERPARAMETER_LABELS.get(name, name), shown))
+        return pairs
 
 
 class MetricPoint(models.Model):

@@ -65,8 +65,8 @@ def run_job(job_id: int) -> str | None:
         log.info("job %s is not queued (taken by another worker, cancelled or gone); skipping", job_id)
         return None
     job = Job.objects.get(pk=job_id)
-    events.publish_status(job)
     events.job_log(job, f"started on worker {job.worker} (attempt {job.attempts})")
+    set_phase(job, "preparing the examples")
     with Lease(job_id, token) as lease:
         try:
             status = _train(job, lease)
@@ -84,8 +84,15 @@ def run_job(job_id: int) -> str | None:
     return status
 
 
+def set_phase(job: Job, phase: str) -> None:
+    """What the job is doing now (before and between steps), stored and sent live to its page."""
+    Job.objects.filter(pk=job.pk).update(phase=phase)
+    job.phase = phase
+    events.publish_status(job)
+
+
 def _finish(job: Job, lease: Lease, status: str, message: str = "") -> str | None:
-    if not lease.mine().update(status=status, error_message=message, finished_at=timezone.now(),
+    if not lease.mine().update(status=status, error_message=message, finished_at=timezone.now(), phase="",
                                cancel_requested=False, lease_token="", updated_at=timezone.now()):
         log.warning("job %s: not recording %s, another worker holds it now", job.pk, status)
         return None
@@ -122,7 +129,9 @@ def _train(job: Job, lease: Lease) -> str | None:
         engine = _open_engine(job, config, trunk, client, lease)
         events.job_log(job, _describe_cut(engine))
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
+            set_phase(job, "measuring what the trunk could read (the leakage audit)")
             _audit(job, lease, engine, tokenizer, examples, privacy.FIRST_STEP)
+        set_phase(job, "training")
         trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                                callbacks=[lambda event: _record(job, lease, event)],
                                should_cancel=lease.cancel_requested)
@@ -132,7 +141,9 @@ def _train(job: Job, lease: Lease) -> str | None:
                 return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
                                                                  "resume to continue from there")
             if config.privacy.nopeek > 0:
+                set_phase(job, "measuring what the trunk could read after training")
                 _audit(job, lease, engine, tokenizer, examples, privacy.LAST_STEP)
+            set_phase(job, "writing the adapter")
             trainer.export_adapter(job.adapter_dir, job.base_model)
             break
         except TrunkError as error:
@@ -201,6 +212,7 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
         try:
             trunk = (job.trunk if (job.trunk is not None and not job.trunk_auto)
                      else pick_trunk(job.base_model, (job.bottom_layers, job.top_layers), needs=job.session_needs()))
+            set_phase(job, f"connecting to the trunk server {trunk.name}")
             client = trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
             try:
                 client.info()
@@ -221,6 +233,7 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
             if time.monotonic() >= deadline:
                 raise JobFailed(_unreachable(job, error)) from error
             events.job_log(job, f"waiting for a trunk server: {error}", JobLog.Level.WARNING)
+            set_phase(job, "waiting for a trunk server to answer")
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 15.0)
 
@@ -273,6 +286,7 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
     """Open the trunk session. A trunk at its session cap makes the job wait (until a session
     frees up or the user cancels), not fail."""
     told = False
+    set_phase(job, f"loading the model and opening a session on {trunk.name}")
     while True:
         try:
             return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}",
@@ -284,6 +298,7 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
             if not told:
                 events.job_log(job, f"{trunk.name} is at its session capacity; waiting for a free session",
                                JobLog.Level.WARNING)
+                set_phase(job, f"waiting for a free session on {trunk.name}")
                 told = True
             if lease.cancel_requested():
                 client.close()
@@ -317,8 +332,7 @@ def _record(job: Job, lease: Lease, event: TrainerEvent) -> None:
             job=job, step=event.step, kind=MetricPoint.Kind.TRAIN, defaults=dict(
                 loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens_per_s=event.tokens_per_s,
                 wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
-        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps,
-                             "finished_at": event.time})
+        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps})
     elif isinstance(event, EvalMetrics):
         if not lease.mine().update(last_val_loss=event.val_loss):
             raise LeaseLost(f"job {job.pk} was taken over by another worker")

@@ -61,7 +61,7 @@ def cancel_job(job: Job) -> Job:
     """A queued job is cancelled at once; a running one stops after its current step (keeping a checkpoint)."""
     now = timezone.now()
     if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
-            status=Job.Status.CANCELLED, finished_at=now, error_message="cancelled before it started",
+            status=Job.Status.CANCELLED, finished_at=now, error_message="cancelled before it started", phase="",
             updated_at=now):
         job.refresh_from_db()
         events.job_log(job, "cancelled before it started")
@@ -80,7 +80,7 @@ def resume_job(job: Job) -> Job:
     """Queue a cancelled or failed job again; it continues from its last checkpoint."""
     with transaction.atomic():
         resumed = Job.objects.filter(pk=job.pk, status__in=[Job.Status.CANCELLED, Job.Status.FAILED]).update(
-            status=Job.Status.QUEUED, cancel_requested=False, error_message="", finished_at=None,
+            status=Job.Status.QUEUED, cancel_requested=False, error_message="", finished_at=None, phase="",
             updated_at=timezone.now())
         job.refresh_from_db()
         if not resumed:

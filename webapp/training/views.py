@@ -9,10 +9,11 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from ..ownership import get_owned_or_404, owned, possible_pks
-from . import services
+from . import presets, services
 from .adapter_package import build_adapter_zip, zip_name
-from .forms import JobForm
 from .consumers import LOG_TAIL
+from .estimates import estimate_context
+from .forms import JobForm
 from .models import Job, JobLog, MetricPoint
 from .privacy import audit_summary, measured_context
 
@@ -20,7 +21,7 @@ from .privacy import audit_summary, measured_context
 @login_required
 def job_list(request: HttpRequest) -> HttpResponse:
     jobs = owned(Job, request.user).select_related("trunk")
-    return render(request, "training/job_list.html", {"jobs": jobs})
+    return render(request, "training/job_list.html", {"jobs": jobs, "own_datasets": request.user.datasets.all()})
 
 
 @login_required
@@ -28,18 +29,24 @@ def job_compare(request: HttpRequest) -> HttpResponse:
     """Loss curves of several of the user's jobs on one chart, hyper-parameters side by side."""
     ids = possible_pks(int(part) for part in request.GET.getlist("ids") + request.GET.get("id", "").split(",")
                        if part.isdecimal())  # isdigit() also takes "²", which int() refuses
-    jobs = list(owned(Job, request.user).filter(pk__in=ids).order_by("pk")) if ids else []
-    curves = {job.pk: {"train": [], "val": []} for job in jobs}
-    for point in MetricPoint.objects.filter(job__in=jobs).order_by("step"):
+    chosen = list(owned(Job, request.user).filter(pk__in=ids).order_by("pk")) if ids else []
+    curves = {job.pk: {"train": [], "val": []} for job in chosen}
+    for point in MetricPoint.objects.filter(job__in=chosen).order_by("step"):
         if point.kind == MetricPoint.Kind.TRAIN:
             curves[point.job_id]["train"].append([point.step, point.loss])
         else:
             curves[point.job_id]["val"].append([point.step, point.val_loss])
-    names = sorted({name for job in jobs for name in job.hyperparameters()})
-    rows = [(name, [job.hyperparameters().get(name) for job in jobs]) for name in names]
-    series = [{"id": job.pk, "label": f"#{job.pk} {job.dataset_name}", **curves[job.pk]} for job in jobs]
+    # A job without a single metric point (e.g. cancelled before its first step) has no curve to compare.
+    jobs = [job for job in chosen if curves[job.pk]["train"] or curves[job.pk]["val"]]
+    without_metrics = [job for job in chosen if job not in jobs]
+    columns = [[("Dataset", job.dataset_name), *job.labelled_hyperparameters()] for job in jobs]
+    # (label, one value per job, whether the values differ); every job has the same labels in the same order.
+    rows = [(cells[0][0], [value for _, value in cells], len({value for _, value in cells}) > 1)
+            for cells in zip(*columns)]
+    series = [{"id": job.pk, "name": job.display_name, **curves[job.pk]} for job in jobs]
+    candidates = owned(Job, request.user).filter(metrics__isnull=False).distinct()[:100]
     return render(request, "training/job_compare.html", {
-        "jobs": jobs, "rows": rows, "series": series, "candidates": owned(Job, request.user)[:100]})
+        "jobs": jobs, "without_metrics": without_metrics, "rows": rows, "series": series, "candidates": candidates})
 
 
 @login_required
@@ -47,9 +54,12 @@ def job_new(request: HttpRequest) -> HttpResponse:
     form = JobForm(request.POST or None, user=request.user, initial={"dataset": request.GET.get("dataset")})
     if request.method == "POST" and form.is_valid():
         job = services.create_job(form.save())
-        messages.success(request, f"Job {job.pk} is queued.")
-        return redirect("training:job-detail", pk=job.pk)
-    return render(request, "training/job_new.html", {"form": form, **measured_context(form.recommended)})
+        return redirect("training:job-detail", pk=job.pk)  # its page says it is queued, and what follows
+    advanced_open = form.is_bound and (any(field.errors for field in form.advanced_fields())
+                                       or form.data.get("preset") == presets.CUSTOM)
+    return render(request, "training/job_new.html", {
+        "form": form, "estimate_data": estimate_context(form), "advanced_open": advanced_open,
+        **measured_context(form.recommended)})
 
 
 @login_required
@@ -58,7 +68,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     points = list(MetricPoint.objects.filter(job=job).order_by("-step", "kind")[:30])
     logs = reversed(JobLog.objects.filter(job=job).order_by("-id")[:LOG_TAIL])
     return render(request, "training/job_detail.html", {
-        "job": job, "points": points, "logs": logs, "hyperparameters": job.hyperparameters(),
+        "job": job, "points": points, "logs": logs, "status_line": job.status_line, "hyperparameters": job.labelled_hyperparameters(),
         "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe()})
 
 

@@ -1,0 +1,110 @@
+// The job form: a preset sets the run length; the estimate of steps and duration follows every choice.
+//
+// The steps are counted as the trainer counts them (webapp/training/estimates.py); the duration comes
+// from step times measured on recent jobs of the same base model (on the same trunk when one is chosen).
+(function () {
+  "use strict";
+  const source = document.getElementById("job-estimate-data");
+  const out = document.getElementById("job-estimate");
+  if (!source || !out) return;
+  const data = JSON.parse(source.textContent);
+  const form = out.closest("form");
+  const RUN_LENGTH = ["epochs", "max_steps", "learning_rate"];
+  let applying = false;
+
+  function value(name) {
+    const field = form.elements[name];
+    return field ? field.value : "";
+  }
+
+  function number(name) {
+    const raw = value(name);
+    return raw === "" ? null : Number(raw);
+  }
+
+  function preset() {
+    const checked = form.querySelector("input[name=preset]:checked");
+    return checked ? data.presets[checked.value] || null : null;
+  }
+
+  function setField(name, newValue) {
+    const field = form.elements[name];
+    if (field) field.value = newValue;
+  }
+
+  function applyPreset() {
+    const chosen = preset();
+    if (!chosen) return;
+    applying = true;
+    setField("epochs", String(chosen.epochs));
+    setField("learning_rate", String(chosen.learning_rate));
+    setField("max_steps", "");
+    applying = false;
+  }
+
+  function toCustom() {
+    if (applying) return;
+    const custom = form.querySelector("input[name=preset][value=custom]");
+    if (custom && !custom.checked) custom.checked = true;
+  }
+
+  function trainingExamples(examples, valFraction) {
+    const heldOut = valFraction > 0 ? Math.max(1, Math.round(examples * valFraction)) : 0;
+    return Math.max(0, examples - heldOut);
+  }
+
+  function duration(seconds) {
+    if (seconds < 60) return `${Math.max(1, Math.round(seconds))} s`;
+    const minutes = Math.round(seconds / 60);
+    if (minutes < 60) return `${minutes} min`;
+    const hours = Math.floor(minutes / 60);
+    return `${hours} h ${minutes % 60} min`;
+  }
+
+  function estimate() {
+    const dataset = data.datasets[value("dataset")];
+    if (!dataset) return "Choose a dataset to see how many steps the job will run.";
+    const batch = number("batch_size"), accum = number("grad_accum_steps");
+    const valFraction = number("val_fraction") || 0;
+    if (!(batch >= 1 && accum >= 1)) return "Set the batch size and gradient accumulation to see the steps.";
+    const perStep = batch * accum;
+    const train = trainingExamples(dataset.examples, valFraction);
+    const maxSteps = number("max_steps");
+    const epochs = number("epochs") || 1;
+    const steps = maxSteps ? maxSteps : Math.max(1, Math.ceil(epochs * train / perStep));
+    const how = maxSteps ? `${steps.toLocaleString()} steps` :
+      `${steps.toLocaleString()} steps (${epochs} epoch${epochs === 1 ? "" : "s"} of ${train} training examples, ` +
+      `${perStep} per step)`;
+    if (steps > data.max_steps) {
+      return `${how}: more than the ${data.max_steps.toLocaleString()} steps a job may run.`;
+    }
+    const model = value("base_model"), trunk = value("trunk");
+    const rates = data.rates[model] || {};
+    const rate = (trunk && rates[trunk]) || rates.any;
+    if (!rate) {
+      return `${how}. No job has run on ${model} yet, so there is no measured step time: ` +
+        "the job's page shows the time left once its first steps are done.";
+    }
+    const seconds = (rate.startup_s || 0) + steps * perStep * rate.seconds_per_example;
+    const where = trunk && rates[trunk] ? `on ${data.trunks[trunk]}` : `on ${model}`;
+    return `${how}, about ${duration(seconds)}: measured on ${rate.jobs} recent job${rate.jobs === 1 ? "" : "s"} ` +
+      `${where}.`;
+  }
+
+  function update() {
+    out.textContent = estimate();
+  }
+
+  form.querySelectorAll("input[name=preset]").forEach((radio) => {
+    radio.addEventListener("change", () => { applyPreset(); update(); });
+  });
+  RUN_LENGTH.forEach((name) => {
+    const field = form.elements[name];
+    if (field) field.addEventListener("input", toCustom);
+  });
+  form.addEventListener("input", update);
+  form.addEventListener("change", update);
+  applyPreset();
+  update();
+  window.jobForm = { estimate: estimate }; // for tests and the console
+})();
