@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import zipfile
 
@@ -29,9 +30,27 @@ def live_steps(page) -> list[int]:
     return page.evaluate("Array.from(window.jobLive.metrics.keys()).sort((a, b) => a - b)")
 
 
+# What the status line may say before step 1 (it moves on fast; the page sees at least one of these).
+PHASES_BEFORE_STEP_1 = {"Queued: waiting for a free worker", "Preparing the examples…",
+                        "Connecting to the trunk server local…",
+                        "Loading the model and opening a session on local…",
+                        "Measuring what the trunk could read (the leakage audit)…", "Training: starting step 1"}
+RECORD_PHASES = """
+window.phases = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const line = document.getElementById("job-phase");
+  if (!line) return;
+  const record = () => { if (line.textContent) window.phases.push(line.textContent); };
+  record();
+  new MutationObserver(record).observe(line, {childList: true, characterData: true, subtree: true});
+});
+"""
+
+
 def test_train_watch_reload_cancel_resume_download(page, django_user_model, registered_trunk, celery_worker,
-                                                   tmp_path):
+                                                   web_server, tmp_path):
     log_in(page, django_user_model)
+    page.add_init_script(RECORD_PHASES)
 
     dataset = tmp_path / "sums.jsonl"
     dataset.write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
@@ -40,23 +59,57 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     page.click("form[enctype='multipart/form-data'] button[type=submit]")
     expect(page.locator("body")).to_contain_text("40")  # examples, on the dataset page
 
-    page.goto("/jobs/new/")
+    # From the dataset's page to the job form, with the dataset chosen.
+    page.click("text=Train on this dataset")
+    expect(page).to_have_url(re.compile(r"/jobs/new/\?dataset=\d+$"))
     page.select_option("select[name=base_model]", TINY_MODEL_ID)
+    # The preset sets the run length and the estimate follows: 40 examples, 4 held out, 4 per step.
+    estimate = page.locator("#job-estimate")
+    expect(estimate).to_contain_text("27 steps (3 epochs of 36 training examples, 4 per step)")
+    expect(estimate).to_contain_text("No job has run on tiny-llama yet")
+    page.check("input[name=preset][value=quick]")
+    expect(estimate).to_contain_text("18 steps (2 epochs of 36 training examples")
+    assert page.input_value("input[name=epochs]") == "2"
+    page.fill("input[name=name]", "Sums, fast and long")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "job-form.png"), full_page=True)
+    # The rest waits under Advanced; typing a run length there makes the preset "custom".
+    expect(page.locator("input[name=max_steps]")).to_be_hidden()
+    page.click("#advanced summary")
     page.fill("input[name=max_steps]", "400")
+    expect(page.locator("input[name=preset][value=custom]")).to_be_checked()
+    expect(estimate).to_contain_text("400 steps")
     page.fill("input[name=batch_size]", "2")
     page.fill("input[name=max_seq_length]", "32")
     page.fill("input[name=learning_rate]", "0.01")
     page.fill("input[name=val_fraction]", "0.1")
+    # Every connection to the job's socket, and every time the job's page loads.
+    sockets: list[str] = []
+    loads: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url) if "/ws/jobs/" in socket.url
+            and not socket.url.split("?")[0].endswith("/ws/jobs/") else None)
+    page.on("load", lambda loaded: loads.append(loaded.url) if re.search(r"/jobs/\d+/$", loaded.url) else None)
     page.click("text=Start training")
     expect(page.locator("#job-live")).to_be_visible()
     job = Job.objects.get()
     expect(page).to_have_url(f"/jobs/{job.pk}/")
+    assert job.name == "Sums, fast and long" and job.max_steps == 400 and job.learning_rate == 0.01
+    expect(page.locator("#job-name")).to_have_text("Sums, fast and long")
+    # Before the first step the page says what the job is doing, then counts the steps.
+    expect(page.locator("#job-phase")).to_contain_text("Training: step", timeout=120_000)
+    assert set(page.evaluate("window.phases")) & PHASES_BEFORE_STEP_1, page.evaluate("window.phases")
+    expect(page.locator("#fact-trunk")).to_contain_text("local (layers")
 
     # Points arrive without a reload.
     page.wait_for_function("window.jobLive && window.jobLive.metrics.size >= 3")
     first = len(live_steps(page))
     page.wait_for_function(f"window.jobLive.metrics.size > {first}")
     expect(page.locator("#job-status")).to_have_text("running")
+    # Elapsed counts from the server's start time and ticks between steps; the time left is shown.
+    elapsed = page.inner_text("#elapsed")
+    assert re.fullmatch(r"(\d+m )?\d+s", elapsed), elapsed
+    page.wait_for_function(f"document.getElementById('elapsed').textContent !== {json.dumps(elapsed)}")
+    expect(page.locator("#eta")).not_to_have_text("–")
     # The worker's leakage audit runs before the first step: its panel fills in without a reload.
     audit = page.locator("#privacy-audit .audit[data-moment=first_step]")
     expect(audit).to_have_count(1)
@@ -92,6 +145,13 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     assert page.evaluate("window.jobLive.evals.size") >= 1
     expect(page.locator("#log-tail")).to_contain_text(f"resuming from the checkpoint of step {stopped}")
     page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+
+    # One socket per page load, plus the one dropped on purpose: no reconnects of its own, not even
+    # across a quiet spell longer than the Redis reads' old 5 s timeout.
+    page.wait_for_timeout(12_000)
+    assert page.evaluate("window.jobLive.socket.readyState") == 1  # open
+    assert len(sockets) == len(loads) + 1, (sockets, loads)
+    assert "Traceback" not in web_server.log() and "TimeoutError" not in web_server.log()
 
     with page.expect_download() as info:
         page.click("#download-link")

@@ -476,8 +476,8 @@ def test_the_page_lists_the_users_recent_comparisons(client, owner, other, web_d
     row = page[page.index(f'data-comparison="{base.pk}"'):]
     row = row[:row.index("</tr>")]
     assert "x" * 79 + "…</a>" in row, "a long prompt is cut"
-    assert 'status-succeeded" title="Base model">succeeded' in row
-    assert 'status-failed" title="With adapter: sums &lt;v2&gt;">failed' in row
+    assert f'status-succeeded" title="Base model" data-history-of="{base.pk}">succeeded' in row
+    assert f'status-failed" title="With adapter: sums &lt;v2&gt;" data-history-of="{adapted.pk}">failed' in row
     stamp = f'<time datetime="{date_filter(base.created_at, "c")}">{date_filter(base.created_at, "Y-m-d H:i")}</time>'
     assert stamp in row and re.search(r">\d{4}-\d\d-\d\d \d\d:\d\d</time>", row)
 

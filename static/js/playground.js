@@ -36,10 +36,16 @@
     let reconnectsLeft = 1;
     let resyncsLeft = MAX_RESYNCS;
 
+    // The panel's badge, and the generation's in the list of recent comparisons.
+    const badges = [badge].concat(Array.from(
+      document.querySelectorAll("#history [data-history-of='" + panel.dataset.generation + "']")));
+
     function setStatus(status) {
       panel.dataset.status = status;
-      badge.textContent = status;
-      badge.className = "status status-" + status;
+      badges.forEach(function (each) {
+        each.textContent = status;
+        each.className = "status status-" + status;
+      });
       if (FINISHED.has(status)) {
         stopForm.hidden = true;
         stopping.hidden = true;

@@ -68,7 +68,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     points = list(MetricPoint.objects.filter(job=job).order_by("-step", "kind")[:30])
     logs = reversed(JobLog.objects.filter(job=job).order_by("-id")[:LOG_TAIL])
     return render(request, "training/job_detail.html", {
-        "job": job, "points": points, "logs": logs, "status_line": job.status_line, "hyperparameters": job.labelled_hyperparameters(),
+        "job": job, "points": points, "logs": logs, "status_line": job.status_line,
+        "hyperparameters": job.labelled_hyperparameters(),
         "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe()})
 
 
