@@ -110,6 +110,9 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     assert re.fullmatch(r"(\d+m )?\d+s", elapsed), elapsed
     page.wait_for_function(f"document.getElementById('elapsed').textContent !== {json.dumps(elapsed)}")
     expect(page.locator("#eta")).not_to_have_text("–")
+    # A running job has no adapter yet: its download and playground links stay hidden.
+    expect(page.locator("#download-link")).to_be_hidden()
+    expect(page.locator("#playground-link")).to_be_hidden()
     # The worker's leakage audit runs before the first step: its panel fills in without a reload.
     audit = page.locator("#privacy-audit .audit[data-moment=first_step]")
     expect(audit).to_have_count(1)

@@ -1,14 +1,16 @@
 """The playground in a real headless Chromium against uvicorn, a Celery worker and a trunk.
 
 Pick a trained job (the chat box follows it), generate, and check that each panel's socket
-brought all of its answer once, however early or late it connected; stop a queued answer
-from its panel. Screenshots go to test-artifacts/.
+brought all of its answer once, however early or late it connected; a repeated event is
+skipped and a lost one brings a new snapshot; stop a queued answer from its panel.
+Screenshots go to test-artifacts/.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import defaultdict
 from urllib.parse import urlsplit
@@ -19,6 +21,7 @@ from playwright.sync_api import expect
 from test_web_playground import assemble, train_job
 from web_fixtures import TINY_MODEL_ID
 
+from webapp.playground import events
 from webapp.playground.models import Generation
 from webapp.playground.services import base_model_format, job_format
 
@@ -114,7 +117,56 @@ def test_each_panel_shows_all_of_its_answer_once(page, django_user_model, regist
     expect(history.locator(".status")).to_have_text(["succeeded", "succeeded"])  # followed the panels
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
-    print(f"the playground browser test took {time.monotonic() - started:.1f} s")
+    token_frames = {path: sum(frame["type"] == "token" for frame in sockets.frames[path]) for path in paths}
+    print(f"the playground browser test took {time.monotonic() - started:.1f} s; token frames: {token_frames}")
+
+
+def publish_from_a_thread(generation: Generation, event: dict) -> None:
+    """As the worker would: this thread runs Playwright's event loop, where the channel layer's sync
+    wrapper cannot run."""
+    sender = threading.Thread(target=events.publish, args=(generation.pk, event))
+    sender.start()
+    sender.join(30)
+
+
+def test_the_page_skips_what_it_has_and_resyncs_after_a_lost_event(page, django_user_model, redis_server):
+    log_in(page, django_user_model)
+    owner = django_user_model.objects.get(username="ada")
+    generation = Generation.objects.create(owner=owner, base_model=TINY_MODEL_ID, prompt="hello", max_new_tokens=9,
+                                           status=Generation.Status.RUNNING)
+    sockets = SocketLog(page)
+    path = f"/ws/generations/{generation.pk}/"
+    page.goto(f"/playground/?ids={generation.pk}")
+    output = page.locator(f".panel[data-generation='{generation.pk}'] [data-role=output]")
+    sockets.wait_until(page, lambda: bool(sockets.frames[path]))  # the snapshot: the page is listening
+
+    def store(text: str, token_count: int) -> None:
+        Generation.objects.filter(pk=generation.pk).update(output=text, token_count=token_count)
+
+    # In order, with an event sent twice: the repeat is text the page already has.
+    hello, world = events.token_event("Hello", 0, 2, 0), events.token_event(" world", 5, 3, 2)
+    store("Hello world!", 4)
+    for event in (hello, world, hello, events.token_event("!", 11, 4, 3)):
+        publish_from_a_thread(generation, event)
+    expect(output).to_have_text("Hello world!")
+    # An event lost (tokens 4 -> 5): the next one does not follow, so the page asks for a new snapshot.
+    store("Hello world! How are", 6)
+    publish_from_a_thread(generation, events.token_event(" are", 16, 6, 5))
+    expect(output).to_have_text("Hello world! How are")
+    sockets.wait_until(page, lambda: len(sockets.frames[path]) >= 7)
+    assert len(sockets.sockets[path]) == 2, "one new connection for the new snapshot"
+    assert sockets.frames[path][-1] == {**sockets.frames[path][0], "status": "running", "text": "Hello world! How are",
+                                        "token_count": 6}
+    publish_from_a_thread(generation, events.token_event(" you?", 20, 7, 6))
+    expect(output).to_have_text("Hello world! How are you?")
+
+    Generation.objects.filter(pk=generation.pk).update(status=Generation.Status.SUCCEEDED, token_count=7,
+                                                       output="Hello world! How are you?")
+    generation.refresh_from_db()
+    publish_from_a_thread(generation, events.done_event(generation))
+    expect(page.locator(f".panel[data-generation='{generation.pk}']")).to_have_attribute("data-status", "succeeded")
+    expect(output).to_have_text("Hello world! How are you?")
+    assert len(sockets.sockets[path]) == 2
 
 
 def test_stop_ends_a_queued_answer_on_the_page(page, django_user_model, redis_server):

@@ -9,5 +9,5 @@ class GenerationAdmin(admin.ModelAdmin):
     list_filter = ["status", "base_model", "owner"]
     search_fields = ["prompt", "owner__username", "error_message"]
     readonly_fields = ["owner", "job", "base_model", "prompt", "chat", "max_new_tokens", "temperature", "seed",
-                       "status", "output", "token_count", "error_message", "created_at", "started_at",
-                       "finished_at"]
+                       "status", "output", "token_count", "error_message", "stop_requested", "created_at",
+                       "started_at", "finished_at"]

@@ -1,8 +1,10 @@
 """``/ws/generations/<id>/``: one generation's text as it is written, for its owner only.
 
 On connect: the group is joined first, then the row is read and sent as a ``snapshot``
-(status and the text so far), then live ``status``/``token``/``done`` events are forwarded
-(see events.py). Refusals close with 4401 (not logged in) or 4404 (no such generation of
+(status, the text so far and the tokens it covers), then live ``status``/``token``/``done``
+events are forwarded (see events.py). A consumer handles one message at a time, so no event
+reaches the page before its snapshot; events stored before the snapshot was read and sent
+after it are recognised by their token count. Refusals close with 4401 (not logged in) or 4404 (no such generation of
 this user), like the job consumers.
 """
 
