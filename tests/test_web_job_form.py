@@ -107,8 +107,12 @@ def test_absurd_run_lengths_are_refused_with_what_is_allowed(client, owner, data
 def test_a_job_is_named_after_its_dataset_and_time_unless_given_a_name(client, owner, dataset, registered_trunk,
                                                                       redis_server):
     client.force_login(owner)
-    assert post(client, dataset, preset="quick").status_code == 302
+    response = post(client, dataset, preset="quick")
+    assert response.status_code == 302
     job = Job.objects.get()
+    # Its page says it is queued in the status line, which follows the job, not in a message that stays.
+    page = client.get(response["Location"]).content.decode()
+    assert 'class="messages"' not in page and "Queued: waiting for a free worker" in page
     # Named just before it was saved: the same minute, or the one before when the minute turned in between.
     created = timezone.localtime(job.created_at)
     assert job.name in {f"sums · {when:%Y-%m-%d %H:%M}" for when in (created, created - timedelta(minutes=1))}

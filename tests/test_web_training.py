@@ -92,7 +92,12 @@ def test_upload_train_download_and_load_the_adapter(client, owner, registered_tr
                                          "metrics.csv", "training_args.json"]
     card = bundle.read("README.md").decode()
     assert TINY_MODEL_ID in card and "PeftModel.from_pretrained" in card and "sums" in card
-    assert json.loads(bundle.read("training_args.json"))["max_steps"] == 6
+    assert f"# {job.display_name}: a LoRA adapter for {TINY_MODEL_ID} (job {job.pk})" in card
+    # Prompt/completion rows trained through the tiny model's chat template: the card says to ask that way.
+    assert job.chat_format is True and "apply_chat_template" in card
+    args = json.loads(bundle.read("training_args.json"))
+    assert args["max_steps"] == 6 and args["name"] == job.display_name and args["chat_format"] is True
+    assert job.phase == "", "a finished job is doing nothing"
     assert bundle.read("metrics.csv").decode().splitlines()[0].startswith("step,kind,loss")
     bundle.extractall(tmp_path / "adapter")
 

@@ -21,6 +21,8 @@ def zip_name(job: Job) -> str:
 def training_args(job: Job) -> dict:
     return {
         "job": job.pk,
+        "name": job.display_name,
+        "chat_format": job.chat_format,
         **job.hyperparameters(),
         "dataset": job.dataset_name,
         "train_examples": job.train_examples,
@@ -59,7 +61,7 @@ tags:
 - split-learning
 ---
 
-# LoRA adapter for {job.base_model} (job {job.pk})
+# {job.display_name}: a LoRA adapter for {job.base_model} (job {job.pk})
 
 Fine-tuned with split learning: the data owner's worker ran the embeddings, the first and
 the last decoder blocks and the LM head; a trunk server ran the middle blocks and saw only
@@ -99,8 +101,21 @@ model = PeftModel.from_pretrained(base, "path/to/this/unzipped/directory")
 tokenizer = AutoTokenizer.from_pretrained("{job.base_model}")
 ```
 
+{_prompt_format(job)}
+
 `metrics.csv` holds the loss curve; `training_args.json` every setting of the run.
 """
+
+
+def _prompt_format(job: Job) -> str:
+    """How to ask the adapter: in the format its examples trained in."""
+    if job.chat_format is None:
+        return "Ask it in the format of the training examples."
+    if job.chat_format:
+        return ("The examples trained through the tokenizer's chat template: ask it the same way, with "
+                "`tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], "
+                "add_generation_prompt=True, return_tensors=\"pt\")`.")
+    return "The examples trained as plain text (no chat template): ask it with the prompt as it is."
 
 
 def build_adapter_zip(job: Job) -> tempfile.SpooledTemporaryFile:

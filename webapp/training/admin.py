@@ -6,11 +6,11 @@ from .models import Job, MetricPoint
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "dataset_name", "base_model", "trunk", "status", "progress", "last_loss",
+    list_display = ["id", "name", "owner", "dataset_name", "base_model", "trunk", "status", "progress", "last_loss",
                     "created_at"]
     list_filter = ["status", "base_model", "trunk", "owner"]
-    search_fields = ["dataset_name", "owner__username", "error_message"]
-    readonly_fields = ["status", "error_message", "cancel_requested", "attempts", "worker", "current_step",
+    search_fields = ["name", "dataset_name", "owner__username", "error_message"]
+    readonly_fields = ["status", "phase", "chat_format", "error_message", "cancel_requested", "attempts", "worker", "current_step",
                        "total_steps", "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at",
                        "started_at", "finished_at", "updated_at", "heartbeat_at"]
     actions = ["cancel", "resume"]
