@@ -31,7 +31,7 @@ def live_steps(page) -> list[int]:
 
 
 # What the status line may say before step 1 (it moves on fast; the page sees at least one of these).
-PHASES_BEFORE_STEP_1 = {"Queued: waiting for a free worker", "Preparing the examples…",
+PHASES_BEFORE_STEP_1 = {"Queued: waiting for a free worker", "Starting…", "Preparing the examples…",
                         "Connecting to the trunk server local…",
                         "Loading the model and opening a session on local…",
                         "Measuring what the trunk could read (the leakage audit)…", "Training: starting step 1"}

@@ -171,7 +171,9 @@ def test_the_status_line_says_what_the_job_does_before_and_between_steps(owner):
     assert job.status_line == "Queued: waiting for a free worker"
     job.attempts = 1
     assert job.status_line.endswith("(it continues from its last checkpoint)")
-    job.status, job.phase = Job.Status.RUNNING, "connecting to the trunk server local"
+    job.status = Job.Status.RUNNING
+    assert job.status_line == "Starting…"
+    job.phase = "connecting to the trunk server local"
     assert job.status_line == "Connecting to the trunk server local…"
     job.phase = "training"
     assert job.status_line == "Training: starting step 1"

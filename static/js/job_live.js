@@ -165,6 +165,9 @@
     }
     if (event.name) $("job-name").textContent = event.name;
     if (event.trunk) $("fact-trunk").textContent = event.trunk;
+    if (event.train_examples != null) {
+      $("fact-examples").textContent = `${event.train_examples} training, ${event.val_examples} validation`;
+    }
     const phase = $("job-phase");
     phase.textContent = statusLine(event);
     phase.hidden = !phase.textContent;

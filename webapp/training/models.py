@@ -176,7 +176,9 @@ class Job(models.Model):
             return ""
         if self.cancel_requested:
             return "Stopping after the current step…"
-        if self.phase in ("", "training"):
+        if not self.phase:
+            return "Starting…"
+        if self.phase == "training":
             total = f" of {self.total_steps}" if self.total_steps else ""
             return (f"Training: step {self.current_step}{total} done" if self.current_step
                     else "Training: starting step 1")
