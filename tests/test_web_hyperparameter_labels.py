@@ -9,7 +9,6 @@ import pytest
 from webapp.training.forms import JobForm
 from webapp.training.models import HYPERPARAMETER_LABELS, Job
 
-
 # Where the pages use other words than the form (which says "Lr schedule" after the model field).
 OWN_WORDS = {"lr_schedule"}
 

@@ -12,7 +12,6 @@ from splitcore.privacy import PrivacySettings
 from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
 
-
 NAME_MAX_LENGTH = 120
 # What the pages call each key of Job.hyperparameters() (the job form's labels); the model card and
 # training_args.json keep the keys.
