@@ -144,8 +144,9 @@ def _tokenize_text(tokenizer, example: TextExample) -> tuple[TokenIds, TokenIds]
 
 def _tokenize_prompt_completion(tokenizer, example: PromptCompletionExample) -> tuple[TokenIds, TokenIds]:
     if has_chat_template(tokenizer):
-        return _tokenize_messages(tokenizer, ChatExample(messages=(
-            ChatMessage(role="user", content=example.prompt), ChatMessage(role="assistant", content=example.completion))))
+        turns = (ChatMessage(role="user", content=example.prompt),
+                 ChatMessage(role="assistant", content=example.completion))
+        return _tokenize_messages(tokenizer, ChatExample(messages=turns))
     # Two separate calls, so the prompt/completion boundary falls exactly between tokens.
     prompt = _encode(tokenizer, example.prompt, add_special_tokens=True)
     completion = _with_eos(tokenizer, _encode(tokenizer, example.completion, add_special_tokens=False))

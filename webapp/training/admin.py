@@ -10,8 +10,8 @@ class JobAdmin(admin.ModelAdmin):
                     "created_at"]
     list_filter = ["status", "base_model", "trunk", "owner"]
     search_fields = ["name", "dataset_name", "owner__username", "error_message"]
-    readonly_fields = ["status", "phase", "chat_format", "error_message", "cancel_requested", "attempts", "worker", "current_step",
-                       "total_steps", "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at",
+    readonly_fields = ["status", "phase", "chat_format", "error_message", "cancel_requested", "attempts", "worker",
+                       "current_step", "total_steps", "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at",
                        "started_at", "finished_at", "updated_at", "heartbeat_at"]
     actions = ["cancel", "resume"]
 

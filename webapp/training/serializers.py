@@ -10,8 +10,8 @@ class JobSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Job
-        fields = ["id", "name", "dataset", "dataset_name", "base_model", "chat_format", "trunk", "trunk_auto", "lora_r", "lora_alpha",
-                  "lora_dropout", "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
+        fields = ["id", "name", "dataset", "dataset_name", "base_model", "chat_format", "trunk", "trunk_auto",
+                  "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
                   "grad_accum_steps", "max_seq_length", "warmup_steps", "lr_schedule", "seed", "val_fraction",
                   "wire_encoding", "bottom_layers", "top_layers", "hidden_noise", "grad_noise", "nopeek",
                   "private_bottom", "gradients_to_trunk",
