@@ -101,7 +101,11 @@ def test_each_panel_shows_all_of_its_answer_once(page, django_user_model, regist
 
     for generation_id, path in zip(labels, paths):
         generation = Generation.objects.get(pk=generation_id)
-        assert generation.status == "succeeded" and generation.output, generation.error_message
+        assert generation.status == "succeeded", generation.error_message
+        # The base model always answers this prompt; the adapter may answer with an end of sequence at once
+        # (its training depends on the client secret, which each test run draws anew): then the page must
+        # show the empty answer it was sent.
+        assert generation.output or generation.job_id is not None, "the base model answers the prompt"
         assembled, last = assemble(sockets.frames[path])
         assert assembled == generation.output, (path, sockets.frames[path])
         assert last["text"] == generation.output and last["token_count"] == generation.token_count
