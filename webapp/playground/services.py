@@ -9,6 +9,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from splitcore.data.examples import has_chat_template as tokenizer_has_chat_template
+
 from .. import base_models
 from ..training.models import Job
 from . import events
@@ -24,7 +26,7 @@ class GenerationStateError(Exception):
 def has_chat_template(model_id: str) -> bool:
     """Whether the tokenizer of an installed base model has a chat template (False when not installed)."""
     try:
-        return bool(base_models.tokenizer(model_id).chat_template)
+        return tokenizer_has_chat_template(base_models.tokenizer(model_id))
     except (base_models.BaseModelUnavailable, OSError):
         return False
 

@@ -25,7 +25,8 @@ MAX_PANELS = 10
 @login_required
 def playground(request: HttpRequest) -> HttpResponse:
     generations = _requested_generations(request)
-    job_problem = "" if generations else _job_problem(request)
+    requested_job = None if generations else _requested_job(request)
+    job_problem = "" if generations else _job_problem(request, requested_job)
     if request.method == "POST":
         form = PlaygroundForm(request.POST, user=request.user)
         if form.is_valid():
@@ -37,7 +38,7 @@ def playground(request: HttpRequest) -> HttpResponse:
                 ids = ",".join(str(generation.pk) for generation in created)
                 return redirect(f"{reverse('playground:index')}?ids={ids}")
     else:
-        form = PlaygroundForm(user=request.user, initial=_initial(request, generations))
+        form = PlaygroundForm(user=request.user, initial=_initial(generations, requested_job))
     return render(request, "playground/index.html", {
         "form": form, "generations": generations, "job_problem": job_problem,
         "history": recent_comparisons(request.user), "history_size": HISTORY_SIZE})
@@ -87,7 +88,7 @@ def _requested_generations(request: HttpRequest) -> list[Generation]:
     return [found[pk] for pk in ids]
 
 
-def _initial(request: HttpRequest, generations: list[Generation]) -> dict:
+def _initial(generations: list[Generation], job: Job | None) -> dict:
     """The shown generations' prompt and settings (to try again), or ``?job=N`` from a job's page."""
     if generations:
         first = generations[0]
@@ -95,7 +96,6 @@ def _initial(request: HttpRequest, generations: list[Generation]) -> dict:
         return {"job": job_id, "base_model": first.base_model, "prompt": first.prompt, "chat": first.chat,
                 "max_new_tokens": first.max_new_tokens, "temperature": first.temperature, "seed": first.seed}
     initial: dict = {}
-    job = _requested_job(request)
     if job is not None and job.has_adapter:
         initial.update(job=job.pk, base_model=job.base_model)
     return initial
@@ -109,11 +109,10 @@ def _requested_job(request: HttpRequest) -> Job | None:
     return owned(Job, request.user).filter(pk__in=possible_pks([int(job_id)])).first()
 
 
-def _job_problem(request: HttpRequest) -> str:
-    """Why the job of ``?job=`` cannot be tried ("" when it can, or when none was asked for)."""
+def _job_problem(request: HttpRequest, job: Job | None) -> str:
+    """Why ``job``, the user's job of ``?job=``, cannot be tried ("" when it can, or when none was asked for)."""
     if not request.GET.get("job", "").strip():
         return ""
-    job = _requested_job(request)
     if job is None:  # the same for another user's job as for a missing one
         return "There is no such job of yours: choose one of your succeeded jobs below."
     if job.has_adapter:

@@ -67,6 +67,8 @@ class Job(models.Model):
         INT8 = "int8", "int8 (a quarter of the bytes)"
 
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+    # The phase of a job running its steps (the status line then counts them).
+    TRAINING_PHASE = "training"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
     # Shown wherever a job is listed or picked; defaults to the dataset's name and the start time.
@@ -177,7 +179,7 @@ class Job(models.Model):
             return "Stopping after the current step…"
         if not self.phase:
             return "Starting…"
-        if self.phase == "training":
+        if self.phase == self.TRAINING_PHASE:
             total = f" of {self.total_steps}" if self.total_steps else ""
             return (f"Training: step {self.current_step}{total} done" if self.current_step
                     else "Training: starting step 1")

@@ -131,7 +131,7 @@ def _train(job: Job, lease: Lease) -> str | None:
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
             set_phase(job, "measuring what the trunk could read (the leakage audit)")
             _audit(job, lease, engine, tokenizer, examples, privacy.FIRST_STEP)
-        set_phase(job, "training")
+        set_phase(job, Job.TRAINING_PHASE)
         trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                                callbacks=[lambda event: _record(job, lease, event)],
                                should_cancel=lease.cancel_requested)

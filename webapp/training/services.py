@@ -6,9 +6,8 @@ from celery import signature
 from django.db import transaction
 from django.utils import timezone
 
-from splitcore.data.examples import uses_chat_template
-
 from .. import base_models
+from ..datasets.services import trains_in_chat_template
 from . import events
 from .models import NAME_MAX_LENGTH, Job
 
@@ -38,7 +37,7 @@ def trains_in_chat_format(job: Job) -> bool | None:
     if job.dataset is None:
         return None
     try:
-        return uses_chat_template(base_models.tokenizer(job.base_model), job.dataset.kind)
+        return trains_in_chat_template(job.dataset, job.base_model)
     except (base_models.BaseModelUnavailable, OSError):
         return None
 
