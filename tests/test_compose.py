@@ -25,7 +25,9 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SETTINGS_FILE = ROOT / "webapp" / "settings.py"
 
-DJANGO_SERVICES = ("web", "worker", "beat")
+# One Celery worker per queue of webapp/settings.py (name -> queue); only the control worker loads no model.
+WORKER_QUEUES = {"training-worker": "training", "generation-worker": "generation", "control-worker": "control"}
+DJANGO_SERVICES = ("web", *WORKER_QUEUES, "beat")
 APP_SERVICES = (*DJANGO_SERVICES, "trunk", "prepare-model")
 TEST_SECRETS = {
     "SECRET_KEY": "compose-test-secret-key-0123456789abcdef",
@@ -171,7 +173,7 @@ def test_django_services_run_without_debug_and_take_secrets_from_the_environment
 def test_data_lives_on_named_volumes_where_the_settings_point(config):
     services = config["services"]
     assert set(config["volumes"]) >= {"media", "jobs", "models", "postgres-data", "redis-data", "beat-schedule"}
-    for name in ("web", "worker"):
+    for name in ("web", "training-worker", "generation-worker"):
         env, mounted = services[name]["environment"], mounts(services[name])
         assert mounted["media"] == env["MEDIA_ROOT"], name
         assert mounted["jobs"] == env["SPLITLEARN_JOBS_DIR"], name
@@ -198,8 +200,11 @@ def test_each_service_runs_its_process(config):
     assert any(str(port.get("target") if isinstance(port, dict) else port).endswith("8000")
                for port in services["web"]["ports"])
     assert {"postgres", "redis"} <= set(services["web"]["depends_on"])
-    assert command_words(services["worker"])[:4] == ["celery", "-A", "webapp", "worker"]
-    assert "--concurrency" in command_words(services["worker"])
+    for name, queue in WORKER_QUEUES.items():
+        words = command_words(services[name])
+        assert words[:4] == ["celery", "-A", "webapp", "worker"], name
+        assert words[words.index("-Q") + 1] == queue, name
+        assert "--concurrency" in words, name
     assert command_words(services["beat"])[:4] == ["celery", "-A", "webapp", "beat"]
     trunk = command_words(services["trunk"])
     assert trunk[:3] == ["python", "-m", "trunk_server"]
@@ -210,6 +215,22 @@ def test_each_service_runs_its_process(config):
     assert services["prepare-model"]["restart"] == "no"
     for name in ("redis", "postgres", "web", "trunk"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_one_worker_per_queue_with_its_own_concurrency(example_config, settings):
+    """Generations and control tasks never wait behind training jobs: each queue has its workers."""
+    services = example_config["services"]
+    assert set(WORKER_QUEUES.values()) == set(settings.ALL_QUEUES)
+    values = env_example_values()
+    concurrency = {}
+    for name, queue in WORKER_QUEUES.items():
+        words = command_words(services[name])
+        concurrency[queue] = words[words.index("--concurrency") + 1]
+        assert words[words.index("-n") + 1] == f"{queue}@%h", "distinct node names on one host"
+    assert concurrency == {"training": values["WORKER_CONCURRENCY"], "generation": values["GENERATION_CONCURRENCY"],
+                           "control": "2"}
+    assert mounts(services["control-worker"]) == {}, "health checks and sweeps need no model, no data"
+    assert "prepare-model" not in services["control-worker"]["depends_on"]
 
 
 @pytest.mark.parametrize("missing", sorted(TEST_SECRETS))

@@ -71,6 +71,20 @@ def session_processes(session_id: int) -> list[int]:
     return alive
 
 
+def celery_workers(session_id: int) -> dict[str, tuple[str, str]]:
+    """The Celery workers of a session: node name -> (queues, concurrency), from their command lines."""
+    workers = {}
+    for pid in session_processes(session_id):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if words[1:5] == ["-m", "celery", "-A", "webapp"] and words[5] == "worker":  # pool children repeat it
+            workers[words[words.index("-n") + 1]] = (words[words.index("-Q") + 1],
+                                                     words[words.index("--concurrency") + 1])
+    return workers
+
+
 def start_make_run(env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(["make", "run"], cwd=PROJECT_ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,6 +125,13 @@ def test_make_run_serves_the_whole_application_and_stops_cleanly(default_model_d
     try:
         output = wait_ready(first, tmp_path / "first.log")
         password = re.search(r"log in as 'admin' with password (\S+) ", output).group(1)
+        # One worker per queue: health checks, sweeps and generations never wait behind training jobs.
+        assert celery_workers(first.pid) == {"training-worker@%h": ("training", "1"),
+                                             "generation-worker@%h": ("generation", "1"),
+                                             "control-worker@%h": ("control", "2")}
+        logs = data / "run" / "logs"
+        for queue in ("training", "generation", "control"):
+            assert " ready." in (logs / f"{queue}-worker.log").read_text(), queue
         client = Browserless(f"http://127.0.0.1:{port}")
         client.log_in("admin", password)
         trunks = client.api("/api/trunks/")["results"]

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from celery import Celery
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
-from web_services import start_redis, start_worker
+from web_services import sender_for_broker, start_redis, start_worker
 
 from splitcore.remote.process import start_trunk
 from splitcore.training import list_checkpoints
@@ -64,9 +63,9 @@ def fault_env(service_env, fault_redis) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def broker(fault_redis):
-    """Sends task messages to this module's Redis (the test process's own app talks to the session's)."""
-    app = Celery("faults", broker=fault_redis.url, set_as_current=False)  # the tasks keep the main app
-    app.conf.task_serializer = "json"
+    """Sends task messages to this module's Redis, on their queues (the test process's own app talks to the
+    session's)."""
+    app = sender_for_broker(fault_redis.url)
     yield lambda row, task="training.run_job": app.send_task(task, args=[row.pk])
     app.close()
 

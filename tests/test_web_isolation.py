@@ -199,7 +199,7 @@ class Probe:
     owner: Expected
     other: Expected
     anonymous: Expected
-    staff: Expected | None = None  # admin URLs only
+    staff: Expected | None = None  # admin URLs and /metrics only
     data: Callable[[World], dict] | None = None
     json: bool = False
     lists: bool = False  # the owner sees their objects here, the other user only theirs
@@ -279,6 +279,13 @@ PAGE_PROBES = [
     # The same icon for everyone: browsers ask for it before anyone logs in.
     P("favicon.ico", "GET", "/favicon.ico", To("/static/favicon.svg"), To("/static/favicon.svg"),
       To("/static/favicon.svg")),
+    # Staff only (a session or an API token: test_web_metrics.py); to everyone else it does not exist.
+    P("metrics", "GET", "/metrics", 404, 404, 404, staff=200),
+    # The fleet console: staff only, to everyone else no such page (actions: test_web_fleet.py).
+    P("fleet/", "GET", "/fleet/", 404, 404, 404, staff=200),
+    P("fleet/<int:pk>/<slug:action>/", "GET", "/fleet/{trunk}/drain/", 404, 404, 404, staff=405),
+    P("fleet/<int:pk>/<slug:action>/", "POST", "/fleet/{trunk}/drain/", 404, 404, 404, staff=To("/fleet/"),
+      effect=lambda world: not TrunkServer.objects.get(pk=world.ids["trunk"]).draining),
 ]
 
 API_PROBES = [
@@ -351,6 +358,7 @@ class SocketRow:
     other: bool | int
     anonymous: bool | int
     about: str | None = None  # the object (a key of World.ids) the first message of an accepted socket is about
+    staff: bool | int | None = None  # staff-only sockets
 
 
 ACCEPTED = True
@@ -359,6 +367,8 @@ SOCKETS = {
     "ws/jobs/<int:job_id>/": SocketRow("/ws/jobs/{job}/", ACCEPTED, 4404, 4401, about="job"),
     "ws/generations/<int:generation_id>/": SocketRow("/ws/generations/{generation}/", ACCEPTED, 4404, 4401,
                                                      about="generation"),
+    # The fleet page's socket: staff only; to anyone else as if there were no such socket.
+    "ws/fleet/": SocketRow("/ws/fleet/", 4404, 4404, 4401, staff=ACCEPTED),
 }
 
 
@@ -521,8 +531,11 @@ def test_socket_access(route, world):
     path = world.url(row.url)
 
     async def scenario():
-        for role, user, expected in (("anonymous", None, row.anonymous), ("other", world.other, row.other),
-                                     ("owner", world.owner, row.owner)):
+        roles = [("anonymous", None, row.anonymous), ("other", world.other, row.other),
+                 ("owner", world.owner, row.owner)]
+        if row.staff is not None:
+            roles.append(("staff", world.staff, row.staff))
+        for role, user, expected in roles:
             communicator, accepted, code = await open_socket(path, user)
             if expected is ACCEPTED:
                 assert accepted, f"{role} was refused {path} with {code}"
@@ -714,6 +727,10 @@ def hostile(world) -> dict[str, object]:
     generation = Generation.objects.create(owner=world.owner, job=job, base_model=TINY_MODEL_ID,
                                            prompt=f"{TEXTAREA} {SCRIPT}", status=Generation.Status.SUCCEEDED,
                                            output=IMG, error_message="")
+    # On the fleet page (staff): a running job of the owner's and the trunk's last error.
+    Job.objects.create(owner=world.owner, dataset=dataset, dataset_name=dataset.name, base_model=TINY_MODEL_ID,
+                       status=Job.Status.RUNNING, trunk_id=world.ids["trunk"])
+    TrunkServer.objects.filter(pk=world.ids["trunk"]).update(last_error=IMG)
     return {"dataset": dataset, "job": job, "failed": failed, "generation": generation}
 
 
@@ -732,6 +749,7 @@ def xss_pages(objects) -> dict[str, tuple[str, list[str]]]:
         "/jobs/new/": ("owner", [XSS_NAME]),
         "/playground/": ("owner", [XSS_NAME]),
         f"/playground/?ids={g}": ("owner", [f"{TEXTAREA} {SCRIPT}", IMG]),  # the prompt: above and in the form
+        "/fleet/": ("staff", [XSS_NAME, IMG]),
         f"/accounts/login/?next={urllib.parse.quote(IMG)}": (None, []),
         "/admin/datasets/dataset/": ("staff", [XSS_NAME]),
         f"/admin/datasets/dataset/{d}/change/": ("staff", [XSS_NAME, XSS_FILENAME]),

@@ -280,7 +280,7 @@ def test_pick_trunk_explains_what_to_do_when_none_is_available():
         pick_trunk(MODEL_ID)
 
     make_trunk("sleeping", status=TrunkServer.Status.DOWN)
-    with pytest.raises(NoTrunkAvailable, match="sleeping served it but is down or disabled; start the trunk"):
+    with pytest.raises(NoTrunkAvailable, match="sleeping served it but is down, disabled or draining; start the trunk"):
         pick_trunk(MODEL_ID)
 
     make_trunk("gpt2-box", model_id="gpt2")
@@ -332,7 +332,7 @@ def test_admin_pages_never_show_the_token(admin_client):
     for html in pages:
         assert SECRET not in html
     changelist = pages[0]
-    assert "shown.example:50052" in changelist and ">unknown</span>" in changelist
+    assert "shown.example:50052" in changelist and ">down</span>" in changelist  # checked on save
     assert "leave this blank to keep the current token" in pages[1]
     assert "Changed token" not in pages[2]
 
@@ -343,12 +343,6 @@ def test_admin_shows_the_device_memory_and_budgets_or_that_they_were_not_reporte
     older = make_trunk("older")
     record(older, ProbeResult(info=reported_info()))
     make_trunk("never-checked", status=TrunkServer.Status.UNKNOWN)
-
-    changelist = admin_page(admin_client, "changelist")
-    assert "cuda:0 · bfloat16" in changelist
-    assert "1.2 GiB of 80 GiB (base 1 GiB, sessions 200 MiB)" in changelist
-    assert ">float32</td>" in changelist  # the older trunk reports its dtype only
-    assert changelist.count("not reported") == 3  # the older trunk's memory; device and memory of the other
 
     page = admin_page(admin_client, "change", reporting.pk)
     assert "cuda:0 · bfloat16" in page and "1.2 GiB of 80 GiB (base 1 GiB, sessions 200 MiB)" in page
@@ -380,10 +374,43 @@ def test_admin_edit_keeps_or_replaces_the_token(admin_client):
     trunk.refresh_from_db()
     assert (trunk.name, trunk.token, trunk.status) == ("edited-2", "token-of-edited", "up")
 
-    assert admin_client.post(url, {**data, "token": SECRET}).status_code == 302
+    response = admin_client.post(url, {**data, "token": SECRET}, follow=True)
     trunk.refresh_from_db()
     assert trunk.token == SECRET
-    assert trunk.status == "unknown"  # new connection settings: the old check no longer counts
+    # New connection settings: the old check no longer counts; the save checks them (nothing listens there).
+    assert trunk.status == "down" and trunk.last_checked_at is not None
+    assert "Checked on save. Trunk edited: down: cannot reach edited.example:50051" in response.content.decode()
+
+
+def test_admin_add_checks_the_trunk_and_says_what_it_found(admin_client, trunk_process):
+    data = {"name": "added", "address": trunk_process.address, "token": trunk_process.token,
+            "tls_ca_certificate": "", "enabled": "on"}
+    response = admin_client.post(reverse("admin:trunks_trunkserver_add"), data, follow=True)
+    html = response.content.decode()
+    trunk = TrunkServer.objects.get(name="added")
+    assert trunk.status == "up" and trunk.model_id == MODEL_ID and trunk.samples.count() == 1
+    assert f"Checked on save. Trunk added: up, {trunk.latency_ms:.1f} ms, model {MODEL_ID}, layers 2-3 of 6" in html
+    assert trunk_process.token not in html
+
+    wrong = {**data, "name": "wrong-token", "token": "not-the-trunk-token-0000"}
+    html = admin_client.post(reverse("admin:trunks_trunkserver_add"), wrong, follow=True).content.decode()
+    assert TrunkServer.objects.get(name="wrong-token").status == "down"
+    assert "Checked on save. Trunk wrong-token: down: " in html and "token" in html.split("Checked on save")[1]
+
+
+def test_admin_list_fits_a_laptop_screen_and_says_disabled_or_draining(admin_client):
+    make_trunk("plain")
+    make_trunk("off", enabled=False)
+    TrunkServer.objects.filter(pk=make_trunk("emptying").pk).update(draining=True)
+    changelist = admin_page(admin_client, "changelist")
+    columns = re.findall(r'<th scope="col"[^>]*class="[^"]*column-(\w+)', changelist)
+    assert columns == ["name", "address", "status_badge", "model_id", "sessions", "latency", "last_checked_at",
+                       "short_error"]
+    for name, status in (("plain", "up"), ("off", "disabled"), ("emptying", "draining")):
+        row = re.search(rf'<tr>.*?>{name}</a>.*?</tr>', changelist, re.S).group(0)
+        assert f">{status}</span>" in row, name
+    page = admin_page(admin_client, "change", TrunkServer.objects.get(name="plain").pk)
+    assert "Use TLS" in page and "TLS CA certificate" in page and "Use tls" not in page
 
 
 def test_admin_check_now_action_updates_the_status(admin_client, live_trunk):
@@ -396,7 +423,7 @@ def test_admin_check_now_action_updates_the_status(admin_client, live_trunk):
     live_trunk.refresh_from_db()
     broken.refresh_from_db()
     assert live_trunk.status == "up" and broken.status == "down"
-    assert "Trunk live: up" in html and f"model {MODEL_ID}, layers 2-3 of 6, sessions 0/4" in html
+    assert "Trunk live: up" in html and f"model {MODEL_ID}, layers 2-3 of 6, cpu · float32, sessions 0/4" in html
     assert "Trunk broken: down: cannot reach 127.0.0.1:5" in html
     assert SECRET not in html and live_trunk.token not in html
 

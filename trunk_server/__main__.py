@@ -4,7 +4,8 @@
 ``--min-top-layers`` let sessions choose their own cut: the server then holds every block
 between them and each session runs the range its client asks for. ``--device`` and
 ``--dtype`` choose where and in which dtype the frozen blocks compute; the budget options
-bound what one session may ask for.
+bound what one session may ask for. ``--metrics-port`` serves Prometheus metrics at ``/metrics``
+on a port of their own (off by default).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                         default=TrunkServerConfig.session_lease_s,
                         help="seconds a session lives without a call; each call renews it")
     parser.add_argument("--max-message-mb", type=int, default=8, help="largest single gRPC message")
+    metrics = parser.add_argument_group("Prometheus metrics (off by default)")
+    metrics.add_argument("--metrics-port", type=int, metavar="PORT",
+                         help="serve metrics at http://HOST:PORT/metrics (sessions, requests by RPC and "
+                              "status code, latency, tokens, busy time, memory); 0 picks a free port (printed)")
+    metrics.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                         help="address the metrics endpoint listens on (default: %(default)s; it has no "
+                              "authentication, so expose it only to your monitoring)")
     budgets = parser.add_argument_group("per-session budgets (a request beyond one is refused)")
     for name, help_text in _BUDGET_HELP.items():
         budgets.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int,
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
             tls_key=args.tls_key, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
             session_lease_s=args.session_lease, max_message_bytes=args.max_message_mb << 20,
+            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
             budgets=SessionBudgets(**{name: getattr(args, name) for name in _BUDGET_HELP}),
         )
         from .host import TrunkHost
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trunk server listening on {config.host}:{running.port} "
           f"(layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
           f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id}; "
-          f"{host.device}, {config.dtype})",
+          f"{host.device}, {config.dtype})"
+          + ("" if running.metrics is None else f"; metrics on {running.metrics.url}"),
           flush=True)
     while not stop.wait(1.0):
         pass

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 import grpc
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Told of each refused call: (RPC name, status code name, seconds it took).
+RefusalCounter = Callable[[str, str, float], None]
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Aborts with UNAUTHENTICATED unless ``authorization: Bearer <token>`` matches."""
+    """Aborts with UNAUTHENTICATED unless ``authorization: Bearer <token>`` matches; ``count`` (if given)
+    is told of each call it refuses."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, count: RefusalCounter | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._count = count
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -23,11 +28,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         presented = str(metadata.get("authorization", "")).encode()
         if hmac.compare_digest(presented, self._expected):
             return handler
-        return _denying(handler, "missing authorization" if not presented else "invalid bearer token")
+        reason = "missing authorization" if not presented else "invalid bearer token"
+        return _denying(handler, reason, handler_call_details.method.rsplit("/", 1)[-1], self._count)
 
 
-def _denying(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+def _denying(handler: grpc.RpcMethodHandler, reason: str, rpc: str,
+             count: RefusalCounter | None) -> grpc.RpcMethodHandler:
     def deny(_request, context):
+        if count is not None:
+            count(rpc, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send 'authorization: Bearer <trunk token>'")
 
     def deny_stream(_request, context):

@@ -64,6 +64,9 @@ class TrunkServerConfig:
     max_request_bytes: int = 1 << 30
     max_concurrent_rpcs: int = 32
     worker_threads: int = 16
+    # Prometheus metrics at http://metrics_host:metrics_port/metrics; None: off (0 picks a free port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.token or len(self.token) < 16:
@@ -72,6 +75,14 @@ class TrunkServerConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.metrics_port is not None:
+            metrics_port = self.metrics_port
+            if isinstance(metrics_port, bool) or not isinstance(metrics_port, int) or not 0 <= metrics_port <= 65535:
+                raise ValueError(f"metrics port must be in [0, 65535] (0: a free one), got {metrics_port!r}")
+            if metrics_port and metrics_port == self.port:
+                raise ValueError(f"the metrics port {metrics_port} is the gRPC port; choose another one")
+            if not self.metrics_host:
+                raise ValueError("metrics host must not be empty (e.g. 127.0.0.1, or 0.0.0.0 for every interface)")
         for name in ("max_sessions", "session_lease_s", "max_concurrent_rpcs", "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from splitcore.model.split_spec import CutBounds, SplitSpec
 from splitcore.remote.errors import LayersRefused, OutOfMemory
 
 from .config import TrunkServerConfig
+from .stats import TrunkStats
 
 
 def tensor_bytes(tensors) -> int:
@@ -68,6 +70,8 @@ class TrunkHost:
         self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
         self.lock = threading.RLock()
         self._peft: PeftModel | None = None
+        # The server's counters: the host measures busy time, sessions and the servicer feed the rest.
+        self.stats = TrunkStats()
 
     # -------------------------------------------------------------- layer ranges
 
@@ -149,6 +153,19 @@ class TrunkHost:
         return tensor.to(device=self.device)
 
     @contextlib.contextmanager
+    def computing(self):
+        """Hold the model lock for one computation; the time it is held (not the wait for it) counts
+        as busy. On a GPU the clock stops when the device has finished, not when the kernels are queued."""
+        with self.lock:
+            started = time.perf_counter()
+            try:
+                yield
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self.stats.add_busy(time.perf_counter() - started)
+
+    @contextlib.contextmanager
     def _adapter(self, name: str | None):
         """Run with the session's adapter active, or with every adapter off."""
         if self._peft is None:
@@ -172,7 +189,7 @@ class TrunkHost:
         ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts,
         with masks drawn from ``seed`` on the CPU and CUDA generators alike.
         """
-        with self.lock, self._adapter(adapter) as module, seeded_dropout(seed, self.device):
+        with self.computing(), self._adapter(adapter) as module, seeded_dropout(seed, self.device):
             module.train(training)
             use_cache = past_key_values is not None
             return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
@@ -181,7 +198,7 @@ class TrunkHost:
     def backward(self, adapter: str | None, output: torch.Tensor, grad_output: torch.Tensor) -> None:
         # set_adapter() turns requires_grad off for every other adapter, and autograd drops
         # gradients of leaves that no longer require grad: re-activate this session's adapter.
-        with self.lock, self._adapter(adapter):
+        with self.computing(), self._adapter(adapter):
             output.backward(grad_output)
 
     @contextlib.contextmanager

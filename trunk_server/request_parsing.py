@@ -13,12 +13,17 @@ from google.protobuf.message import DecodeError
 
 from splitcore.remote.wire import WireError
 
+from .auth import RefusalCounter
+
 
 class RequestParsingInterceptor(grpc.ServerInterceptor):
-    """For the methods under ``service_prefix``: parse in the handler, refuse junk with a reason."""
+    """For the methods under ``service_prefix``: parse in the handler, refuse junk with a reason. ``count``
+    (if given) is told of each single request refused here; a stream's bad message is refused (and
+    counted) by the servicer."""
 
-    def __init__(self, service_prefix: str) -> None:
+    def __init__(self, service_prefix: str, count: RefusalCounter | None = None) -> None:
         self._prefix = service_prefix
+        self._count = count
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -26,7 +31,7 @@ class RequestParsingInterceptor(grpc.ServerInterceptor):
                 or not handler_call_details.method.startswith(self._prefix)):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        return _parsing(handler, _parser(handler.request_deserializer, method))
+        return _parsing(handler, _parser(handler.request_deserializer, method), method, self._count)
 
 
 def _parser(deserialize, method: str):
@@ -42,12 +47,15 @@ def _parser(deserialize, method: str):
     return parse
 
 
-def _parsing(handler: grpc.RpcMethodHandler, parse) -> grpc.RpcMethodHandler:
+def _parsing(handler: grpc.RpcMethodHandler, parse, method: str,
+             count: RefusalCounter | None) -> grpc.RpcMethodHandler:
     def unary(behavior):
         def call(payload, context):
             try:
                 request = parse(payload)
             except WireError as exc:
+                if count is not None:
+                    count(method, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return behavior(request, context)
 

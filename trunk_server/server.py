@@ -14,6 +14,7 @@ from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
 from .auth import BearerTokenInterceptor
 from .config import TrunkServerConfig
 from .host import TrunkHost
+from .metrics import MetricsServer, serve_metrics
 from .request_parsing import RequestParsingInterceptor
 from .servicer import TrunkServicer
 from .sessions import SessionRegistry
@@ -28,6 +29,7 @@ class RunningServer:
     health: health.HealthServicer
     registry: SessionRegistry
     _sweeper_stop: threading.Event
+    metrics: MetricsServer | None = None  # None: no metrics endpoint
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, finish in-flight RPCs (up to ``grace_s``), drop every session."""
@@ -35,14 +37,18 @@ class RunningServer:
         self._sweeper_stop.set()
         self.server.stop(grace_s).wait()
         self.registry.close_all()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
     registry = SessionRegistry(host, config.max_sessions, config.session_lease_s, config.budgets)
+    count = host.stats.request_done  # calls refused before the servicer are counted too
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.worker_threads, thread_name_prefix="trunk-rpc"),
         # Authenticate first; then parse requests in the handler, so junk answers INVALID_ARGUMENT.
-        interceptors=[BearerTokenInterceptor(config.token), RequestParsingInterceptor(f"/{SERVICE_NAME}/")],
+        interceptors=[BearerTokenInterceptor(config.token, count),
+                      RequestParsingInterceptor(f"/{SERVICE_NAME}/", count)],
         options=[
             # One message is at most this big; larger tensors arrive as chunked streams.
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -68,7 +74,15 @@ def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    metrics = None
+    if config.metrics_port is not None:
+        try:
+            metrics = serve_metrics(config.metrics_host, config.metrics_port, host, registry)
+        except OSError as exc:
+            server.stop(None)
+            raise OSError(f"could not serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}") from exc
     server.start()
+    host.stats.mark_started()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -80,4 +94,5 @@ def create_server(config: TrunkServerConfig, host: TrunkHost) -> RunningServer:
             registry.expire()
 
     threading.Thread(target=sweep, name="session-sweeper", daemon=True).start()
-    return RunningServer(server=server, port=port, health=health_servicer, registry=registry, _sweeper_stop=stop)
+    return RunningServer(server=server, port=port, health=health_servicer, registry=registry, _sweeper_stop=stop,
+                         metrics=metrics)

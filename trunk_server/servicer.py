@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import grpc
 
@@ -42,19 +43,25 @@ def _reason(exc: Exception) -> Reason | None:
 
 
 def _mapped_errors(method):
-    """Translate exceptions into status codes and reasons, in one place."""
+    """Translate exceptions into status codes and reasons, in one place; count each call by its code."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             reason = _reason(exc)
             if reason is not None:
+                code = STATUS[reason]
                 context.set_trailing_metadata(((REASON_KEY, reason.value),))
-                context.abort(STATUS[reason], str(exc))
+                context.abort(code, str(exc))
             log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            code = grpc.StatusCode.INTERNAL
+            context.abort(code, f"internal error: {type(exc).__name__}")
+        finally:  # context.abort raises: the call is counted on its way out either way
+            self.host.stats.request_done(method.__name__, code.name, time.perf_counter() - started)
 
     return wrapper
 
@@ -95,12 +102,14 @@ class TrunkServicer(pb_grpc.TrunkServicer):
         """What this server hosts; with ``layers``, as seen by a session running those blocks."""
         layers = self.host.bounds.default if layers is None else layers
         budgets = self.config.budgets
+        active = self.registry.active_count()  # expires stale sessions first: then they are counted below
+        stats = self.host.stats.snapshot()
         return pb.InfoResponse(
             model_id=self.host.model_id, weights_fingerprint=self.host.fingerprint_of(layers),
             model_type=self.host.config.model_type, num_layers=self.host.num_layers,
             trunk_start=layers.start, trunk_end=layers.stop, hidden_size=self.host.hidden_size,
             dtype=str(self.host.dtype).removeprefix("torch."), max_sessions=self.registry.max_sessions,
-            active_sessions=self.registry.active_count(), version=__version__,
+            active_sessions=active, version=__version__,
             max_message_bytes=self.config.max_message_bytes, session_ttl_s=self.config.session_lease_s,
             min_trunk_start=self.host.bounds.lowest, max_trunk_end=self.host.bounds.highest,
             device=str(self.host.device), memory_total_bytes=self.host.memory_total(),
@@ -109,6 +118,9 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             max_lora_rank=budgets.max_lora_rank, max_micro_batches=budgets.max_micro_batches,
             max_tokens_per_request=budgets.max_tokens_per_request, max_positions=self.host.max_positions,
             max_kv_tokens=budgets.max_kv_tokens, max_saved_graphs=budgets.max_saved_graphs,
+            uptime_s=stats.uptime_s, sessions_opened=sum(stats.sessions_opened.values()),
+            sessions_closed=stats.sessions_ended["closed"], sessions_expired=stats.sessions_ended["expired"],
+            tokens_processed=sum(stats.tokens.values()), busy_s=stats.busy_s,
         )
 
     # -------------------------------------------------------------- RPCs
@@ -206,6 +218,5 @@ class TrunkServicer(pb_grpc.TrunkServicer):
 
     @_mapped_errors
     def CloseSession(self, request, context):
-        session = self.registry.close(request.session_id)
-        log.info("closed session %s for %r", session.id[:8], session.label)
+        self.registry.close(request.session_id)  # it logs the session's summary
         return pb.CloseSessionResponse()

@@ -41,6 +41,10 @@ log = logging.getLogger("trunk_server")
 MAX_OPEN_KEY = 128
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 @dataclass
 class Saved:
     input: torch.Tensor  # (batch, seq, hidden) on the device, requires grad
@@ -73,6 +77,26 @@ class Session:
     inference_steps: int = 0
     last_inference_reply: tuple[int, object] | None = None
     inference_batch: int | None = None  # rows in the KV cache, fixed by the first inference call
+    # For the server's counters and the summary logged when the session ends.
+    opened_at: float = field(default_factory=time.monotonic)
+    tokens: int = 0  # rows x positions this session's calls ran forward (retries answered from a kept reply: not)
+    steps_applied: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "inference" if self.inference else "training"
+
+    def summary(self) -> str:
+        """One line for the log: what the session did, in counts (never its data)."""
+        work = (_counted(self.inference_steps, "inference call") if self.inference
+                else _counted(self.steps_applied, "step") + " applied")
+        return (f"{self.mode}, {work}, {_counted(self.tokens, 'token')}, "
+                f"lived {time.monotonic() - self.opened_at:.1f} s")
+
+    def _count_tokens(self, kind: str, hidden: torch.Tensor) -> None:
+        rows, positions = hidden.shape[:2]
+        self.tokens += rows * positions
+        self.host.stats.add_tokens(kind, rows * positions)
 
     # -------------------------------------------------------------- budgets
 
@@ -119,6 +143,7 @@ class Session:
                                    "its forward cannot run again in this step")
             self.check_request(hidden, micro=micro)
             saved = self._run_forward(step, micro, hidden, mask)
+            self._count_tokens("training", hidden)
             self.saved[key] = saved
             while len(self.saved) > self.budgets.max_saved_graphs:
                 dropped, _ = self.saved.popitem(last=False)
@@ -163,8 +188,10 @@ class Session:
             raise StepConflict("evaluation forwards are for training sessions; this is an inference session")
         self.check_request(hidden)
         with self.lock, torch.no_grad(), self.host.memory_guard(self.id, "evaluation Forward", hidden.shape):
-            return self.host.forward(self.adapter, self.layers, self.host.to_device(hidden),
-                                     self.host.to_device(mask))
+            output = self.host.forward(self.adapter, self.layers, self.host.to_device(hidden),
+                                       self.host.to_device(mask))
+            self._count_tokens("evaluation", hidden)
+            return output
 
     def step(self, step: int, lr: float, clip_coef: float) -> int:
         # Training configs allow learning rates up to 1; far above, AdamW's update overflows float32.
@@ -178,7 +205,7 @@ class Session:
             if step <= self.applied_step:
                 return self.applied_step  # a retry: already applied, apply nothing
             if self.optimizer is not None:
-                with self.host.lock:
+                with self.host.computing():
                     for param in self.params.values():
                         if param.grad is not None:
                             param.grad.mul_(clip_coef)
@@ -187,6 +214,7 @@ class Session:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             self.applied_step = step
+            self.steps_applied += 1
             for replies in (self.forward_replies, self.backward_replies, self.saved):
                 for key in [k for k in replies if k[0] < step]:
                     del replies[key]
@@ -224,6 +252,7 @@ class Session:
                     self.cache.crop(past)  # a failed call leaves the cache as it was
                 raise
             reply = encode(output)
+            self._count_tokens("inference", hidden)
             self.inference_batch = hidden.shape[0]
             self.inference_steps += 1
             self.last_inference_reply = (step, reply)
@@ -328,6 +357,7 @@ class SessionRegistry:
         self.max_sessions = max_sessions
         self.lease_s = lease_s
         self.budgets = budgets
+        self.stats = host.stats
         self._sessions: dict[str, Session | None] = {}  # None: a reserved slot, the session is being created
         self._by_key: dict[str, tuple[str, str]] = {}  # open key -> (session id, request digest)
         # Guards the tables; a retried open waits on it while the first try creates the session.
@@ -378,6 +408,7 @@ class SessionRegistry:
         with self._lock:
             self._sessions[session_id] = session
             self._lock.notify_all()
+        self.stats.session_opened(session.mode)
         return session, True
 
     def _existing(self, open_key: str, digest: str) -> Session | None:
@@ -443,7 +474,7 @@ class SessionRegistry:
             if session is None:
                 raise SessionGone(f"unknown session {session_id[:64]!r}")
             self._forget(session)
-        session.release()
+        self._ended(session, "closed", "closed session %s for %r: %s")
         return session
 
     def close_all(self) -> None:
@@ -452,7 +483,7 @@ class SessionRegistry:
             for session in sessions:
                 self._forget(session)
         for session in sessions:
-            session.release()
+            self._ended(session, "closed", "closed session %s for %r at shutdown: %s")
 
     def expire(self) -> list[Session]:
         """Close the sessions whose lease ran out; returns them."""
@@ -463,9 +494,16 @@ class SessionRegistry:
             for session in stale:
                 self._forget(session)
         for session in stale:
-            session.release()
-            log.info("session %s for %r expired: no call for %ss", session.id[:8], session.label, self.lease_s)
+            idle = f"{now - session.last_used:.1f}"
+            self._ended(session, "expired", f"session %s for %r expired: no call for {self.lease_s:g}s "
+                                            f"(its lease), idle for {idle} s; %s")
         return stale
+
+    def _ended(self, session: Session, how: str, line: str) -> None:
+        """Out of the lock: free the session's tensors, count its end and log ``line`` (id, label, summary)."""
+        session.release()
+        self.stats.session_ended(how)
+        log.info(line, session.id[:8], session.label, session.summary())
 
     def _forget(self, session: Session) -> None:
         """Under the lock: drop the session and its open key from the tables."""

@@ -1,4 +1,5 @@
-"""The Celery application: workers run training jobs and trunk health checks."""
+"""The Celery application: workers run training jobs, playground generations and control tasks
+(trunk health checks, sweeps), each kind on its own queue (settings.TRAINING_QUEUE and others)."""
 
 from __future__ import annotations
 
@@ -11,3 +12,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
 app = Celery("webapp")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+def sender_for_broker(broker_url: str) -> Celery:
+    """An app that sends task messages to another broker, on the queues ``app`` routes them to.
+
+    Tests that run workers on a Redis of their own send with it. The tasks stay registered with
+    ``app``, which remains the current app; close the sender when done.
+    """
+    sender = Celery("webapp-sender", set_as_current=False)
+    sender.config_from_object("django.conf:settings", namespace="CELERY")
+    sender.conf.broker_url = broker_url
+    return sender

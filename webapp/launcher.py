@@ -3,15 +3,18 @@
 Prepares the default model, migrates, creates an admin account (its generated password
 is printed once, on the first run), loads the bundled demo dataset, and starts an
 embedded Redis, a trunk server (with a generated token shared with the registered trunk
-row), a Celery worker and beat, and uvicorn. It waits until each one answers, prints the
-URL and the login, and stops every child on Ctrl-C or SIGTERM. A second run keeps the data.
+row), three Celery workers (training jobs, playground generations, and control tasks: health
+checks and sweeps, each on its own queue so that nothing waits behind a long job), beat and
+uvicorn. It waits until each one answers, prints the URL and the login, and stops every
+child on Ctrl-C or SIGTERM. A second run keeps the data.
 
 Settings (environment): ``SPLITLEARN_DATA_DIR`` (./data), ``HOST`` (127.0.0.1),
 ``PORT`` (8000), ``REDIS_PORT`` (6390), ``TRUNK_PORT`` (50151), ``TRUNK_BOTTOM_LAYERS`` and
 ``TRUNK_TOP_LAYERS`` (2 and 2, the default cut), ``TRUNK_MIN_BOTTOM_LAYERS`` and
 ``TRUNK_MIN_TOP_LAYERS`` (1 and 1: jobs may choose any cut that keeps at least that many
 blocks on each side), ``TRUNK_DEVICE`` (auto: a GPU when there is one) and ``TRUNK_DTYPE``
-(fp32), ``WORKER_CONCURRENCY`` (2).
+(fp32), ``WORKER_CONCURRENCY`` (2: training jobs at once), ``GENERATION_CONCURRENCY`` (1:
+playground generations at once). Each job or generation slot is a process that loads its base model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ DEMO_NAME = "Lighthouse keeper (demo)"
 ADMIN_USERNAME = "admin"
 LOCAL_TRUNK = "local"
 TRUNK_DTYPE = re.compile(f"^({'|'.join(DTYPES)})$")
+# Control tasks load no model and are short; two, so that a health check waiting on a silent
+# trunk does not hold up the sweeps.
+CONTROL_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class LauncherConfig:
     trunk_device: str
     trunk_dtype: str
     worker_concurrency: int
+    generation_concurrency: int
 
     @classmethod
     def from_env(cls) -> LauncherConfig:
@@ -66,6 +73,7 @@ class LauncherConfig:
             trunk_device=env_match("TRUNK_DEVICE", "auto", DEVICE_NAME, DEVICES),
             trunk_dtype=env_match("TRUNK_DTYPE", "fp32", TRUNK_DTYPE, ", ".join(DTYPES)),
             worker_concurrency=env_int("WORKER_CONCURRENCY", 2, 1, 64),
+            generation_concurrency=env_int("GENERATION_CONCURRENCY", 1, 1, 64),
         )
 
 
@@ -142,6 +150,8 @@ class Launcher:
     def start_services(self) -> None:
         from splitcore.remote.process import start_trunk
 
+        from django.conf import settings
+
         from .processes import start_beat, start_redis, start_web_server, start_worker
 
         config = self.config
@@ -156,9 +166,12 @@ class Launcher:
                             token=token, n_bottom=config.bottom_layers, n_top=config.top_layers)
         self.children.append(trunk)
         self._register_trunk(trunk.address, token)
-        say("starting the Celery worker and beat...")
-        self.children.append(start_worker(self.env, self.log_dir / "worker.log", name="worker",
-                                          concurrency=config.worker_concurrency))
+        say("starting the Celery workers (training, generation, control) and beat...")
+        for queue, concurrency in ((settings.TRAINING_QUEUE, config.worker_concurrency),
+                                   (settings.GENERATION_QUEUE, config.generation_concurrency),
+                                   (settings.CONTROL_QUEUE, CONTROL_CONCURRENCY)):
+            self.children.append(start_worker(self.env, self.log_dir / f"{queue}-worker.log", name=f"{queue}-worker",
+                                              concurrency=concurrency, queues=[queue]))
         self.children.append(start_beat(self.env, self.log_dir / "beat.log", self.run_dir / "celerybeat-schedule"))
         say(f"starting the web server on {config.host}:{config.port}...")
         self.children.append(start_web_server(self.env, self.log_dir / "web.log", host=config.host,

@@ -1,4 +1,4 @@
-"""Start the application's processes as children: Redis, a Celery worker, uvicorn.
+"""Start the application's processes as children: Redis, Celery workers and beat, uvicorn.
 
 Used by the tests, the benchmarks and the launcher; each ``start_*`` waits until the
 process answers and raises with the tail of its log when it does not.
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,17 @@ class CeleryWorker(LoggedProcess):
     pass
 
 
-def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker",
-                 concurrency: int = 1, new_session: bool = False) -> CeleryWorker:
-    """A prefork worker; with ``new_session`` it leads its own process group (to signal it whole)."""
+def start_worker(env: dict[str, str], log_path: Path, name: str = "test-worker", concurrency: int = 1,
+                 new_session: bool = False, queues: Sequence[str] | None = None) -> CeleryWorker:
+    """A prefork worker consuming ``queues`` (default: all of settings.ALL_QUEUES); with ``new_session``
+    it leads its own process group (to signal it whole)."""
+    if queues is None:
+        from django.conf import settings
+
+        queues = settings.ALL_QUEUES
     command = [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--loglevel", "INFO", "--concurrency",
-               str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
+               str(concurrency), "--pool", "prefork", "--without-gossip", "--without-mingle", "-n", f"{name}@%h",
+               "-Q", ",".join(queues)]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env},
                                stdout=open(log_path, "a"), stderr=subprocess.STDOUT, start_new_session=new_session)
     worker = CeleryWorker(process=process, log_path=log_path)

@@ -161,6 +161,8 @@ MODELS_DIR = env_path("SPLITLEARN_MODELS_DIR", DATA_DIR / "models")
 JOBS_DIR = env_path("SPLITLEARN_JOBS_DIR", DATA_DIR / "jobs")
 DEFAULT_BASE_MODEL = env_str("DEFAULT_BASE_MODEL", "SmolLM2-135M-Instruct")
 TRUNK_HEALTH_INTERVAL_S = env_float("TRUNK_HEALTH_INTERVAL_S", 30.0, minimum=1.0)
+# Each check stores a health sample (the fleet page's charts show the last hour); older ones are deleted.
+TRUNK_HEALTH_RETENTION_S = env_float("TRUNK_HEALTH_RETENTION_S", 86400.0, minimum=3600.0)
 TRUNK_RPC_TIMEOUT_S = env_float("TRUNK_RPC_TIMEOUT_S", 120.0, minimum=1.0)
 # A job whose trunk cannot be reached waits this long (retrying) before it fails.
 TRUNK_WAIT_S = env_float("TRUNK_WAIT_S", 60.0, minimum=0.0)
@@ -200,6 +202,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Training tasks run for hours; a message is redelivered only when its worker is gone.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT_S", 43200, minimum=60)}
+# One queue per kind of work, each consumed by its own workers: health checks, sweeps and
+# playground generations never wait behind hours-long training jobs. Everything not routed
+# here (beat's tasks, any new small task) goes to the control queue.
+TRAINING_QUEUE = "training"
+GENERATION_QUEUE = "generation"
+CONTROL_QUEUE = "control"
+ALL_QUEUES = (TRAINING_QUEUE, GENERATION_QUEUE, CONTROL_QUEUE)  # not CELERY_*: Celery would read it as a setting
+CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
+CELERY_TASK_ROUTES = {
+    "training.run_job": {"queue": TRAINING_QUEUE},
+    "playground.generate": {"queue": GENERATION_QUEUE},
+}
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
     "recover-jobs": {"task": "training.recover_jobs", "schedule": JOB_SWEEP_S},

@@ -17,6 +17,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"listening on ([\w.\[\]:-]+:\d+) ")
+_METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 30) -> int:
@@ -37,6 +38,8 @@ class TrunkProcess:
     address: str
     token: str
     log_path: Path
+    metrics_url: str | None = None  # with --metrics-port: where its Prometheus metrics are
+    startup_line: str = ""  # what it printed once listening
 
     @property
     def pid(self) -> int:
@@ -71,4 +74,6 @@ def start_trunk(model_dir: str | os.PathLike, log_dir: str | os.PathLike, *extra
         process.kill()
         process.wait()
         raise RuntimeError(f"trunk server did not start: {line!r}\n{log_path.read_text()[-3000:]}")
-    return TrunkProcess(process=process, address=match.group(1), token=token, log_path=log_path)
+    metrics = _METRICS.search(line)
+    return TrunkProcess(process=process, address=match.group(1), token=token, log_path=log_path,
+                        metrics_url=metrics.group(1) if metrics else None, startup_line=line.strip())

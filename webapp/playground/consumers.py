@@ -18,6 +18,7 @@ from .models import Generation
 
 
 class GenerationConsumer(ListeningConsumer):
+    metrics_route = "generation"
     generation_event = ListeningConsumer.forward
 
     async def connect(self) -> None:

@@ -34,6 +34,7 @@ def _int_param(query: str, name: str) -> int | None:
 
 
 class JobConsumer(ListeningConsumer):
+    metrics_route = "job"
     job_event = ListeningConsumer.forward
 
     async def connect(self) -> None:
@@ -68,6 +69,7 @@ class JobConsumer(ListeningConsumer):
 
 
 class JobListConsumer(ListeningConsumer):
+    metrics_route = "jobs"
     job_event = ListeningConsumer.forward
 
     async def connect(self) -> None:

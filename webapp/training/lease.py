@@ -63,13 +63,26 @@ class Lease:
         return not self.lost
 
     def cancel_requested(self) -> bool:
-        """Polled between steps: True when the user asked to cancel; raises LeaseLost when the job is not ours."""
-        row = self.mine().values_list("cancel_requested", flat=True).first()
+        """True when the user asked to cancel; raises LeaseLost when the job is not ours."""
+        return self.requests()[0]
+
+    def move_requested(self) -> int | None:
+        """The trunk staff asked this job to move off (its id), or None; raises LeaseLost like above."""
+        return self.requests()[1]
+
+    def interrupted(self) -> bool:
+        """Polled between steps: the job should stop after this step (cancel, or a move to another trunk)."""
+        cancel, move_from = self.requests()
+        return cancel or move_from is not None
+
+    def requests(self) -> tuple[bool, int | None]:
+        """(cancel requested, id of the trunk to move off) from the job's row, in one query."""
+        row = self.mine().values_list("cancel_requested", "move_from").first()
         if row is None:
             self.lost = True
         if self.lost:
             raise LeaseLost(f"job {self.job_id} was taken over by another worker")
-        return bool(row)
+        return bool(row[0]), row[1]
 
     def __enter__(self) -> Lease:
         self._thread = threading.Thread(target=self._beat, name=f"lease-job-{self.job_id}", daemon=True)

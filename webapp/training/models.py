@@ -112,6 +112,10 @@ class Job(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     error_message = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
+    # Set by staff on the fleet page ("move jobs"): the running job checkpoints after its current step
+    # and continues on another healthy trunk of its model.
+    move_from = models.ForeignKey("trunks.TrunkServer", on_delete=models.SET_NULL, null=True, blank=True,
+                                  related_name="+", editable=False)
     attempts = models.PositiveIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True)
     # The running worker's lease: a token from its claim, renewed by heartbeats (see lease.py).
@@ -177,6 +181,8 @@ class Job(models.Model):
             return ""
         if self.cancel_requested:
             return "Stopping after the current step…"
+        if self.move_from_id is not None:
+            return "Moving to another trunk server after the current step…"
         if not self.phase:
             return "Starting…"
         if self.phase == self.TRAINING_PHASE:

@@ -36,6 +36,7 @@ from splitcore.training.batches import prepare_training_data
 from splitcore.training.checkpoints import read_checkpoint_state
 
 from .. import base_models
+from ..trunks import fleet
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, pick_trunk
 from . import events, privacy
@@ -93,13 +94,14 @@ def set_phase(job: Job, phase: str) -> None:
 
 def _finish(job: Job, lease: Lease, status: str, message: str = "") -> str | None:
     if not lease.mine().update(status=status, error_message=message, finished_at=timezone.now(), phase="",
-                               cancel_requested=False, lease_token="", updated_at=timezone.now()):
+                               cancel_requested=False, move_from=None, lease_token="", updated_at=timezone.now()):
         log.warning("job %s: not recording %s, another worker holds it now", job.pk, status)
         return None
     job.refresh_from_db()
     level = JobLog.Level.ERROR if status == Job.Status.FAILED else JobLog.Level.INFO
     events.job_log(job, f"{status}: {message}" if message else status, level)
     events.publish_status(job)
+    fleet.publish()
     return status
 
 
@@ -123,9 +125,13 @@ def _train(job: Job, lease: Lease) -> str | None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     losses = 0  # trunk losses in a row without a new checkpoint in between
+    leaving = job.move_from_id  # the trunk staff asked this job to move off (its id), e.g. before a worker died
+    if leaving is not None:
+        lease.mine().update(move_from=None)
     while True:
         resume = _resume_point(job)
-        trunk, client = _connect(job, config.wire_encoding, lease)
+        trunk, client = _connect(job, config.wire_encoding, lease, leaving)
+        leaving = None
         engine = _open_engine(job, config, trunk, client, lease)
         events.job_log(job, _describe_cut(engine))
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
@@ -134,12 +140,16 @@ def _train(job: Job, lease: Lease) -> str | None:
         set_phase(job, Job.TRAINING_PHASE)
         trainer = SplitTrainer(engine, config, data, pad_id, checkpoint_dir=job.checkpoint_dir,
                                callbacks=[lambda event: _record(job, lease, event)],
-                               should_cancel=lease.cancel_requested)
+                               should_cancel=lease.interrupted)
         try:
             result = trainer.run(resume_from=resume)
             if result.status == "cancelled":
-                return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
-                                                                 "resume to continue from there")
+                cancel, leaving = lease.requests()
+                if cancel or leaving is None:
+                    return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
+                                                                     "resume to continue from there")
+                _leave(job, lease, trunk)
+                continue
             if config.privacy.nopeek > 0:
                 set_phase(job, "measuring what the trunk could read after training")
                 _audit(job, lease, engine, tokenizer, examples, privacy.LAST_STEP)
@@ -204,14 +214,43 @@ def _examples(job: Job):
         raise JobFailed(str(exc)) from exc
 
 
-def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, TrunkClient]:
-    """The job's trunk (or the best healthy one), waiting up to TRUNK_WAIT_S for one to answer."""
+def _leave(job: Job, lease: Lease, trunk: TrunkServer) -> None:
+    """A move off ``trunk`` was asked for and the trainer stopped with a checkpoint: clear the request."""
+    lease.mine().update(move_from=None)
+    job.move_from = None
+    events.job_log(job, f"moving off the trunk server {trunk.name} as an administrator asked; continuing from "
+                        f"{_kept(job)} on another trunk server")
+
+
+def _choose_trunk(job: Job, leaving: int | None) -> TrunkServer:
+    """The trunk to connect to: another one than ``leaving`` when one can take the job, else the job's
+    own trunk (when the user chose one) or the best healthy one."""
+    cut, needs = (job.bottom_layers, job.top_layers), job.session_needs()
+    if leaving is not None:
+        try:
+            return pick_trunk(job.base_model, cut, needs=needs, exclude=(leaving,))
+        except NoTrunkAvailable as error:
+            events.job_log(job, f"no other trunk server can take this job, so it stays ({error})",
+                           JobLog.Level.WARNING)
+    if job.trunk_id is not None and not job.trunk_auto:
+        trunk = TrunkServer.objects.get(pk=job.trunk_id)
+        if trunk.draining and not list_checkpoints(job.checkpoint_dir):
+            raise NoTrunkAvailable(f"the trunk server {trunk.name} is draining for maintenance and takes no new "
+                                   "jobs; an administrator ends the drain on the fleet page")
+        return trunk
+    return pick_trunk(job.base_model, cut, needs=needs)
+
+
+def _connect(job: Job, wire_encoding: str, lease: Lease,
+             leaving: int | None = None) -> tuple[TrunkServer, TrunkClient]:
+    """The job's trunk (or the best healthy one; another one than ``leaving`` when it can), waiting up to
+    TRUNK_WAIT_S for one to answer."""
     deadline = time.monotonic() + settings.TRUNK_WAIT_S
     delay = 1.0
     while True:
         try:
-            trunk = (job.trunk if (job.trunk is not None and not job.trunk_auto)
-                     else pick_trunk(job.base_model, (job.bottom_layers, job.top_layers), needs=job.session_needs()))
+            trunk = _choose_trunk(job, leaving)
+            leaving = None
             set_phase(job, f"connecting to the trunk server {trunk.name}")
             client = trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
             try:
@@ -223,6 +262,7 @@ def _connect(job: Job, wire_encoding: str, lease: Lease) -> tuple[TrunkServer, T
                 Job.objects.filter(pk=job.pk).update(trunk=trunk)
                 job.trunk = trunk
             events.job_log(job, f"connected to the trunk server {trunk.name} (layers {trunk.layer_range})")
+            fleet.publish()
             return trunk, client
         except (NoTrunkAvailable, TrunkError) as error:
             if isinstance(error, TrunkError) and error.fault == Fault.UNAUTHENTICATED:

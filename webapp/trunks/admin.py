@@ -1,4 +1,5 @@
-"""Admin for trunk servers: status at a glance, 'Check now', and a token that is never shown back."""
+"""Admin for trunk servers: status at a glance, a check on every save that touches the connection,
+'Check now', and a token that is never shown back. The fleet page (/fleet/) is the live view."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from django.contrib import admin, messages
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from .health import HEALTH_FIELDS, check_trunks
+from .actions import describe_check
+from .health import HEALTH_FIELDS, check_trunk, check_trunks
 from .models import BUDGET_FIELDS, TrunkServer
 
 TOKEN_HELP_NEW = "The bearer token the trunk server was started with (its TRUNK_TOKEN). It is never shown again."
@@ -22,6 +24,8 @@ STATUS_COLORS = {
     TrunkServer.Status.UP: "#1a7f37",
     TrunkServer.Status.DOWN: "#cf222e",
     TrunkServer.Status.UNKNOWN: "#6e7781",
+    "draining": "#9a6700",
+    "disabled": "#6e7781",
 }
 
 
@@ -53,15 +57,18 @@ class TrunkServerForm(forms.ModelForm):
 @admin.register(TrunkServer)
 class TrunkServerAdmin(admin.ModelAdmin):
     form = TrunkServerForm
-    list_display = ("name", "address", "enabled", "status_badge", "latency", "model_id", "layers", "sessions",
-                    "device_and_dtype", "memory", "last_checked_at", "short_error")
-    list_filter = ("status", "enabled")
+    # Few, short columns: the list fits a 1280 px screen; the fleet page shows the rest.
+    list_display = ("name", "address", "status_badge", "model_id", "sessions", "latency", "last_checked_at",
+                    "short_error")
+    list_filter = ("status", "enabled", "draining")
     search_fields = ("name", "address", "model_id")
     actions = ("check_now", "enable", "disable")
     readonly_fields = ("status_badge", "latency", "layers", "cuts", "sessions", "device_and_dtype", "memory") + tuple(
         field for field in HEALTH_FIELDS if field not in ("status", "latency_ms"))
     fieldsets = (
-        (None, {"fields": ("name", "address", "token", "use_tls", "tls_ca_certificate", "enabled")}),
+        (None, {"fields": ("name", "address", "token", "use_tls", "tls_ca_certificate", "enabled"),
+                "description": "Saving a new trunk, or a change of its address, token or TLS settings, checks it "
+                               "at once and says what it found."}),
         ("Health", {
             "classes": ("collapse",),
             "description": "Filled by the health checks (every few seconds by Celery beat, or 'Check now').",
@@ -89,7 +96,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
         return format_html(
             '<span style="display:inline-block;padding:1px 8px;border-radius:8px;color:#fff;'
             'background:{};font-weight:bold">{}</span>',
-            STATUS_COLORS.get(trunk.status, STATUS_COLORS[TrunkServer.Status.UNKNOWN]), trunk.get_status_display(),
+            STATUS_COLORS.get(trunk.fleet_status, STATUS_COLORS[TrunkServer.Status.UNKNOWN]), trunk.fleet_status,
         )
 
     @admin.display(description="latency", ordering="latency_ms")
@@ -116,33 +123,30 @@ class TrunkServerAdmin(admin.ModelAdmin):
 
     @admin.display(description="last error")
     def short_error(self, trunk: TrunkServer) -> str:
-        return Truncator(trunk.last_error).chars(80) if trunk.last_error else ""
+        return Truncator(trunk.last_error).chars(60) if trunk.last_error else ""
 
     # ------------------------------------------------------------ saving
 
     def save_model(self, request, trunk: TrunkServer, form, change: bool) -> None:
-        if change and any(field in form.changed_data for field in CONNECTION_FIELDS):
+        connection_changed = not change or any(field in form.changed_data for field in CONNECTION_FIELDS)
+        if change and connection_changed:
             # The last check was against the old settings: do not let jobs pick this trunk on its word.
             trunk.status = TrunkServer.Status.UNKNOWN
             trunk.latency_ms = None
-            self.message_user(request, f"Trunk {trunk.name}: connection settings changed; its status is unknown until "
-                                       f"the next check (select it and run 'Check now').", messages.INFO)
         super().save_model(request, trunk, form, change)
+        if connection_changed:
+            trunk = check_trunk(trunk)
+            up = trunk.status == TrunkServer.Status.UP
+            self.message_user(request, f"Checked on save. {describe_check(trunk)}",
+                              messages.SUCCESS if up else messages.WARNING)
 
     # ------------------------------------------------------------ actions
 
     @admin.action(description="Check now")
     def check_now(self, request, queryset) -> None:
         for trunk in check_trunks(queryset):
-            if trunk.status == TrunkServer.Status.UP:
-                self.message_user(
-                    request,
-                    f"Trunk {trunk.name}: up, {trunk.latency_ms:.1f} ms, model {trunk.model_id}, layers "
-                    f"{trunk.layer_range}, sessions {trunk.active_sessions}/{trunk.max_sessions}",
-                    messages.SUCCESS,
-                )
-            else:
-                self.message_user(request, f"Trunk {trunk.name}: down: {trunk.last_error}", messages.WARNING)
+            up = trunk.status == TrunkServer.Status.UP
+            self.message_user(request, describe_check(trunk), messages.SUCCESS if up else messages.WARNING)
 
     @admin.action(description="Enable selected trunk servers")
     def enable(self, request, queryset) -> None:

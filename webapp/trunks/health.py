@@ -12,8 +12,10 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 
 import grpc
+from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,7 +24,7 @@ from splitcore.remote.client import RetryPolicy
 from splitcore.remote.errors import TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 
-from .models import BUDGET_FIELDS, TrunkServer
+from .models import BUDGET_FIELDS, HealthSample, TrunkServer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ _INFO_FIELDS = ("model_id", "model_type", "weights_fingerprint", "num_layers", "
                 "device", "dtype")
 # Info fields a trunk from before them leaves at 0: stored as NULL, "not reported".
 _REPORTED_IF_SET = ("memory_total_bytes", "memory_base_bytes", *BUDGET_FIELDS)
+# The trunk's counters since it started (0 from a trunk from before them: stored as NULL).
+_COUNTERS = ("uptime_s", "tokens_processed", "busy_s", "sessions_opened")
 # Every field a check writes; ``save(update_fields=...)`` leaves the admin's fields alone.
 HEALTH_FIELDS = ("status", "latency_ms", *_INFO_FIELDS, *_REPORTED_IF_SET, "memory_sessions_bytes", "last_error",
                  "last_checked_at")
@@ -89,7 +93,7 @@ def probe(trunk: TrunkServer, timeout_s: float = DEFAULT_TIMEOUT_S) -> ProbeResu
 
 
 def record(trunk: TrunkServer, result: ProbeResult) -> TrunkServer:
-    """Write a probe's outcome on the row (health fields only) and return the trunk."""
+    """Write a probe's outcome on the row (health fields only) and as a health sample; return the trunk."""
     trunk.last_checked_at = timezone.now()
     if result.ok:
         info = result.info
@@ -110,7 +114,21 @@ def record(trunk: TrunkServer, result: ProbeResult) -> TrunkServer:
         trunk.latency_ms = None
         trunk.last_error = result.error
     trunk.save(update_fields=HEALTH_FIELDS)
+    _store_sample(trunk, result)
     return trunk
+
+
+def _store_sample(trunk: TrunkServer, result: ProbeResult) -> None:
+    """One sample per check (the fleet page's charts); those past the retention go."""
+    info = result.info if result.ok else None
+    counted = info is not None and info.uptime_s > 0
+    HealthSample.objects.create(
+        trunk=trunk, checked_at=trunk.last_checked_at, up=result.ok, latency_ms=result.latency_ms,
+        active_sessions=info.active_sessions if info else None, max_sessions=info.max_sessions if info else None,
+        memory_sessions_bytes=trunk.memory_sessions_bytes if info else None,
+        **{name: getattr(info, name) if counted else None for name in _COUNTERS})
+    cutoff = trunk.last_checked_at - timedelta(seconds=settings.TRUNK_HEALTH_RETENTION_S)
+    HealthSample.objects.filter(checked_at__lt=cutoff).delete()
 
 
 def check_trunk(trunk: TrunkServer, timeout_s: float = DEFAULT_TIMEOUT_S) -> TrunkServer:

@@ -26,10 +26,16 @@ class TrunkServer(models.Model):
     address = models.CharField(max_length=255, help_text="host:port of the trunk server's gRPC endpoint")
     # Write-only: forms and the API never show it back.
     token = models.CharField(max_length=512)
-    use_tls = models.BooleanField(default=False)
-    tls_ca_certificate = models.TextField(blank=True, help_text="PEM of the CA that signed the trunk's "
-                                                                "certificate (empty: the system's roots)")
+    use_tls = models.BooleanField("use TLS", default=False)
+    tls_ca_certificate = models.TextField("TLS CA certificate", blank=True,
+                                          help_text="PEM of the CA that signed the trunk's certificate (empty: the "
+                                                    "system's roots)")
     enabled = models.BooleanField(default=True)
+    # Draining: running jobs go on, nothing new opens a session here (jobs, generations), so the
+    # trunk empties before maintenance. Set and cleared from the fleet page.
+    draining = models.BooleanField(default=False, help_text="no new sessions: running jobs finish, new work goes "
+                                                            "to other trunks")
+    draining_since = models.DateTimeField(null=True, blank=True)
 
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.UNKNOWN)
     latency_ms = models.FloatField(null=True, blank=True)
@@ -69,6 +75,16 @@ class TrunkServer(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.address})"
+
+    @property
+    def fleet_status(self) -> str:
+        """What the fleet page shows: disabled or draining (an administrator's choice) before up/down/unknown
+        (what the last check found)."""
+        if not self.enabled:
+            return "disabled"
+        if self.draining:
+            return "draining"
+        return self.status
 
     @property
     def free_sessions(self) -> int:
@@ -140,3 +156,32 @@ class TrunkServer(models.Model):
         root = self.tls_ca_certificate.encode() if self.use_tls and self.tls_ca_certificate.strip() else None
         return TrunkClient(self.address, self.token, wire_encoding=wire_encoding, timeout_s=timeout_s, retry=retry,
                            root_certificates=root, use_tls=self.use_tls)
+
+
+class HealthSample(models.Model):
+    """One health check's figures, for the fleet page's charts; samples older than
+    ``TRUNK_HEALTH_RETENTION_S`` are deleted as new ones come in.
+
+    The counters are the trunk's own since it started (``uptime_s``): a rate is the difference
+    between two samples of one run of the trunk. NULL: down at that check, or not reported (a trunk
+    from before the counters).
+    """
+
+    trunk = models.ForeignKey(TrunkServer, on_delete=models.CASCADE, related_name="samples")
+    checked_at = models.DateTimeField()
+    up = models.BooleanField()
+    latency_ms = models.FloatField(null=True)
+    active_sessions = models.PositiveIntegerField(null=True)
+    max_sessions = models.PositiveIntegerField(null=True)
+    uptime_s = models.FloatField(null=True)
+    tokens_processed = models.PositiveBigIntegerField(null=True)
+    busy_s = models.FloatField(null=True)
+    sessions_opened = models.PositiveBigIntegerField(null=True)
+    memory_sessions_bytes = models.PositiveBigIntegerField(null=True)
+
+    class Meta:
+        ordering = ["checked_at", "id"]
+        indexes = [models.Index(fields=["trunk", "checked_at"]), models.Index(fields=["checked_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.trunk_id} at {self.checked_at:%Y-%m-%d %H:%M:%S}: {'up' if self.up else 'down'}"

@@ -17,25 +17,25 @@ class NoTrunkAvailable(Exception):
 
 
 def healthy_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
-    """Enabled trunks whose last check found them up (serving ``model_id`` when given)."""
-    trunks = TrunkServer.objects.filter(enabled=True, status=TrunkServer.Status.UP)
+    """Enabled trunks, not draining, whose last check found them up (serving ``model_id`` when given)."""
+    trunks = TrunkServer.objects.filter(enabled=True, draining=False, status=TrunkServer.Status.UP)
     if model_id is not None:
         trunks = trunks.filter(model_id=model_id)
     return trunks
 
 
 def pick_trunk(model_id: str, cut: tuple[int | None, int | None] = (None, None), *,
-               needs: SessionNeeds | None = None) -> TrunkServer:
-    """The healthy trunk for ``model_id`` that allows ``cut`` (Bottom, Top blocks; None: a trunk's
-    default) and whose budgets take ``needs`` (None: anything), with the most free sessions; ties go
-    to the lower latency, then the name.
+               needs: SessionNeeds | None = None, exclude: tuple[int, ...] = ()) -> TrunkServer:
+    """The healthy trunk for ``model_id`` (other than the ids in ``exclude``) that allows ``cut`` (Bottom,
+    Top blocks; None: a trunk's default) and whose budgets take ``needs`` (None: anything), with the most
+    free sessions; ties go to the lower latency, then the name.
 
     A trunk that looked full at its last check is still a candidate when nothing better exists:
     its session count is up to one check interval old, and a job waits for a free session.
     """
-    candidates = list(healthy_trunks(model_id))
+    candidates = list(healthy_trunks(model_id).exclude(pk__in=exclude))
     if not candidates:
-        raise NoTrunkAvailable(_why_none(model_id))
+        raise NoTrunkAvailable(_why_none(model_id, exclude))
     allowing = [trunk for trunk in candidates if trunk.allows_cut(*cut)]
     if not allowing:
         reasons = "; ".join(f"{trunk.name}: {trunk.cut_problem(*cut)}" for trunk in candidates)
@@ -77,16 +77,19 @@ def served_model_summaries() -> list[dict]:
     return [summaries[model_id] for model_id in models]
 
 
-def _why_none(model_id: str) -> str:
+def _why_none(model_id: str, exclude: tuple[int, ...] = ()) -> str:
     trunks = TrunkServer.objects.all()
     if not trunks.exists():
         return "no trunk server is registered: add one in the admin (Trunk servers), then run 'Check now'"
+    if healthy_trunks(model_id).exists():
+        names = ", ".join(healthy_trunks(model_id).values_list("name", flat=True))
+        return f"no healthy trunk serves '{model_id}' besides {names}"
     for_model = trunks.filter(model_id=model_id)
     if for_model.exists():
         names = ", ".join(trunk.name for trunk in for_model)
         return (f"no healthy trunk serves '{model_id}': {names} served it but "
-                f"{'is' if for_model.count() == 1 else 'are'} down or disabled; start the trunk server, "
-                f"enable it in the admin and run 'Check now', or try again later")
+                f"{'is' if for_model.count() == 1 else 'are'} down, disabled or draining; start the trunk server, "
+                f"enable it (or end its drain) on the fleet page and check it, or try again later")
     others = sorted(set(healthy_trunks().exclude(model_id="").values_list("model_id", flat=True)))
     serving = f"the healthy trunks serve {', '.join(others)}" if others else "no trunk is healthy right now"
     return (f"no trunk serves '{model_id}' ({serving}): start a trunk server with this base model "

@@ -7,6 +7,7 @@ import logging
 from celery import shared_task
 from django.db import DatabaseError
 
+from . import fleet
 from .health import check_trunk, check_trunks
 from .models import TrunkServer
 
@@ -19,6 +20,7 @@ def check_all() -> dict[str, int]:
     counts = {"up": 0, "down": 0}
     for trunk in check_trunks(TrunkServer.objects.filter(enabled=True)):
         counts[trunk.status] += 1
+    fleet.publish()
     return counts
 
 
@@ -29,7 +31,9 @@ def check_one(trunk_id: int) -> str | None:
     if trunk is None:
         return None
     try:
-        return check_trunk(trunk).status
+        status = check_trunk(trunk).status
     except DatabaseError:
         log.warning("could not record the check of trunk %s (deleted meanwhile?)", trunk_id, exc_info=True)
         return None
+    fleet.publish()
+    return status

@@ -1,0 +1,173 @@
+// The fleet page, live: /ws/fleet/ sends every trunk's row on connect and again after each change
+// (a round of health checks, an action, a job starting or ending on a trunk). The rows are the
+// server's (webapp/trunks/fleet.py); this fills the cards the server rendered, adds a card for a
+// trunk registered meanwhile (from the empty one in <template>) and removes deleted ones.
+(function () {
+  "use strict";
+  const container = document.getElementById("fleet");
+  const template = document.getElementById("fleet-row-template");
+  const live = document.getElementById("fleet-live");
+  const actionUrl = container.dataset.actionUrl; // the URL of trunk 0's "check": the pattern of every action
+  const times = window.splitlearnTimes;
+  const charts = new Map(); // "<trunk id>:<series>" -> uPlot
+  const CHART_UNITS = { latency_ms: "ms", tokens_per_s: "tokens/s" };
+  const WINDOW_S = Number(container.dataset.windowSeconds);
+  let retries = 0;
+
+  function field(card, name) {
+    return card.querySelector(`[data-field="${name}"]`);
+  }
+
+  function setText(card, name, value) {
+    const node = field(card, name);
+    if (node) node.textContent = value;
+    return node;
+  }
+
+  function orDash(value, suffix) {
+    return value == null || value === "" ? "–" : `${value}${suffix || ""}`;
+  }
+
+  function addCard(row) {
+    const card = template.content.firstElementChild.cloneNode(true);
+    card.dataset.trunk = String(row.id);
+    card.querySelectorAll("form[data-action]").forEach((form) => {
+      form.action = actionUrl.replace(/\/0\/check\/$/, `/${row.id}/${form.dataset.action}/`);
+    });
+    container.appendChild(card);
+    return card;
+  }
+
+  function fillJobs(list, jobs) {
+    list.replaceChildren();
+    if (!jobs.length) {
+      const none = document.createElement("li");
+      none.className = "muted";
+      none.textContent = "none";
+      list.appendChild(none);
+      return;
+    }
+    for (const job of jobs) {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = job.url;
+      link.textContent = `job ${job.id}: ${job.name}`;
+      const note = document.createElement("span");
+      note.className = "muted";
+      note.textContent = ` (${job.owner}) ${job.status_line}`;
+      item.append(link, note);
+      list.appendChild(item);
+    }
+  }
+
+  // The charts span the window the server sends (the last hour up to its clock), whatever was sampled.
+  let windowEnd = Date.now() / 1000;
+  const pad2 = (n) => String(n).padStart(2, "0");
+  const clock = (seconds) => {
+    const date = new Date(seconds * 1000);
+    return `${pad2(date.getHours())}:${pad2(date.getMinutes())}`;
+  };
+
+  function chart(card, row, key) {
+    const box = card.querySelector(`[data-chart="${key}"]`);
+    if (!box || typeof uPlot === "undefined") return;
+    const data = [row.series.time, row.series[key]];
+    const id = `${row.id}:${key}`;
+    let plot = charts.get(id);
+    if (plot && plot.root.isConnected) {
+      plot.setData(data);
+      return;
+    }
+    box.replaceChildren();
+    plot = new uPlot({
+      width: Math.max(160, box.clientWidth || 240), height: 90, legend: { show: false }, cursor: { show: false },
+      scales: {
+        x: { time: true, range: () => [windowEnd - WINDOW_S, windowEnd] },
+        y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] },
+      },
+      axes: [
+        { size: 22, font: "10px system-ui", ticks: { show: false }, space: 50,
+          values: (u, splits) => splits.map(clock) },
+        { size: 46, font: "10px system-ui", ticks: { show: false }, label: CHART_UNITS[key], labelSize: 12,
+          labelFont: "10px system-ui" },
+      ],
+      series: [{}, { stroke: key === "latency_ms" ? "#8250df" : "#1f6feb", width: 1.5,
+                     fill: key === "latency_ms" ? "rgba(130,80,223,.08)" : "rgba(31,111,235,.08)" }],
+    }, data, box);
+    charts.set(id, plot);
+  }
+
+  function fill(card, row) {
+    const badge = setText(card, "status", row.status);
+    badge.className = `status status-${row.status}`;
+    const name = setText(card, "name", row.name);
+    name.href = row.change_url;
+    setText(card, "address", row.address);
+    const drain = setText(card, "drain_state", row.empty ? "empty: safe to stop"
+      : `${row.jobs.length} job(s) and ${row.active_sessions || 0} session(s) left`);
+    drain.hidden = !row.draining;
+    drain.classList.toggle("empty", row.empty);
+    setText(card, "model_id", orDash(row.model_id));
+    setText(card, "layers", orDash(row.layers));
+    setText(card, "device", row.device || "not reported");
+    setText(card, "memory", row.memory || "not reported");
+    setText(card, "sessions", row.max_sessions == null ? "–" : `${row.active_sessions || 0} of ${row.max_sessions}`);
+    setText(card, "latency", row.latency_ms == null ? "–" : `${row.latency_ms.toFixed(1)} ms`);
+    setText(card, "throughput", row.tokens_per_s == null ? "–" : `${Math.round(row.tokens_per_s)} tokens/s`);
+    setText(card, "busy", row.busy_fraction == null ? "–"
+      : `${Math.round(row.busy_fraction * 100)}% of the last hour`);
+    const checked = field(card, "last_checked_at");
+    checked.replaceChildren(row.last_checked_at ? times.element(row.last_checked_at) : "never");
+    fillJobs(field(card, "jobs"), row.jobs);
+    const error = setText(card, "last_error", row.last_error);
+    error.hidden = !row.last_error;
+    card.querySelectorAll("form[data-action]").forEach((form) => {
+      form.hidden = !row.actions.includes(form.dataset.action);
+    });
+    chart(card, row, "latency_ms");
+    chart(card, row, "tokens_per_s");
+  }
+
+  function render(snapshot) {
+    windowEnd = new Date(snapshot.server_time).getTime() / 1000;
+    const seen = new Set();
+    for (const row of snapshot.rows) {
+      const card = container.querySelector(`article[data-trunk="${row.id}"]`) || addCard(row);
+      fill(card, row);
+      seen.add(String(row.id));
+    }
+    container.querySelectorAll("article[data-trunk]").forEach((card) => {
+      if (seen.has(card.dataset.trunk)) return;
+      for (const key of Object.keys(CHART_UNITS)) charts.delete(`${card.dataset.trunk}:${key}`);
+      card.remove();
+    });
+    const empty = document.getElementById("fleet-empty");
+    if (empty) empty.hidden = snapshot.rows.length > 0;
+    live.dataset.updates = String(Number(live.dataset.updates || 0) + 1);
+    live.textContent = `live · updated ${times.format(new Date(snapshot.server_time), "time")}`;
+  }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/fleet/`);
+    socket.onopen = () => { retries = 0; live.dataset.state = "open"; };
+    socket.onmessage = (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "fleet") render(event);
+    };
+    socket.onclose = (close) => {
+      live.dataset.state = "closed";
+      if (close.code === 4401 || close.code === 4404) {
+        live.textContent = "not live: log in again as staff";
+        return;
+      }
+      live.textContent = "reconnecting…";
+      retries += 1;
+      setTimeout(connect, Math.min(30000, 500 * Math.pow(2, retries)));
+    };
+  }
+
+  render(JSON.parse(document.getElementById("fleet-data").textContent));
+  live.dataset.updates = "0";
+  if (typeof WebSocket !== "undefined") connect();
+})();

@@ -1,0 +1,103 @@
+"""What staff can do to a trunk from the fleet page; each action returns what to tell them.
+
+- check: a health check now (the result is on the row, and in the message);
+- enable / disable: a disabled trunk gets no new jobs and no health checks;
+- drain / end the drain: a draining trunk takes no new sessions (no new job or generation picks
+  it); its running jobs go on, and the page says when it is empty;
+- move jobs: each running job checkpoints after its current step and continues on another
+  healthy trunk of its model (the worker does the move, as it does for a lost trunk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.utils import timezone
+
+from ..training import events
+from ..training.models import Job
+from .health import check_trunk
+from .models import TrunkServer
+from .selection import NoTrunkAvailable, pick_trunk
+
+
+@dataclass(frozen=True)
+class Outcome:
+    message: str
+    ok: bool = True
+
+
+def check(trunk: TrunkServer) -> Outcome:
+    trunk = check_trunk(trunk)
+    return Outcome(describe_check(trunk), ok=trunk.status == TrunkServer.Status.UP)
+
+
+def describe_check(trunk: TrunkServer) -> str:
+    """What a check found, in one line (the fleet page and the admin say the same)."""
+    if trunk.status != TrunkServer.Status.UP:
+        return f"Trunk {trunk.name}: down: {trunk.last_error}"
+    device = f", {trunk.device_summary}" if trunk.device_summary else ""
+    return (f"Trunk {trunk.name}: up, {trunk.latency_ms:.1f} ms, model {trunk.model_id}, layers "
+            f"{trunk.layer_range}{device}, sessions {trunk.active_sessions}/{trunk.max_sessions}")
+
+
+def enable(trunk: TrunkServer) -> Outcome:
+    TrunkServer.objects.filter(pk=trunk.pk).update(enabled=True)
+    return Outcome(f"Trunk {trunk.name} is enabled: it is checked again and new jobs may pick it once it is up.")
+
+
+def disable(trunk: TrunkServer) -> Outcome:
+    TrunkServer.objects.filter(pk=trunk.pk).update(enabled=False)
+    running = _running(trunk).count()
+    jobs = f" Its {running} running job(s) go on." if running else ""
+    return Outcome(f"Trunk {trunk.name} is disabled: no new jobs and no health checks.{jobs}")
+
+
+def drain(trunk: TrunkServer) -> Outcome:
+    TrunkServer.objects.filter(pk=trunk.pk, draining=False).update(draining=True, draining_since=timezone.now())
+    running = _running(trunk).count()
+    if running:
+        return Outcome(f"Trunk {trunk.name} is draining: no new sessions open there; its {running} running job(s) "
+                       "go on (or move them). The page says when it is empty.")
+    return Outcome(f"Trunk {trunk.name} is draining: no new sessions open there. No job runs on it; it is empty "
+                   "once its last check counts no session.")
+
+
+def end_drain(trunk: TrunkServer) -> Outcome:
+    TrunkServer.objects.filter(pk=trunk.pk).update(draining=False, draining_since=None)
+    return Outcome(f"Trunk {trunk.name} takes new sessions again.")
+
+
+def move_jobs(trunk: TrunkServer) -> Outcome:
+    """Ask each running job on ``trunk`` to move, when another healthy trunk can take it now."""
+    moving, staying = [], []
+    for job in _running(trunk):
+        try:
+            target = pick_trunk(job.base_model, (job.bottom_layers, job.top_layers), needs=job.session_needs(),
+                                exclude=(trunk.pk,))
+        except NoTrunkAvailable as error:
+            staying.append(f"job {job.pk} ({job.display_name}) stays: {error}")
+            continue
+        if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(move_from=trunk):
+            job.move_from = trunk
+            events.publish_status(job)  # its page says it is moving
+            moving.append(f"job {job.pk} ({job.display_name}) to {target.name}")
+    if not moving and not staying:
+        return Outcome(f"No job runs on trunk {trunk.name}: nothing to move.", ok=False)
+    parts = []
+    if moving:
+        parts.append(f"Moving off {trunk.name}: {'; '.join(moving)}. Each one saves a checkpoint after its current "
+                     "step and continues there (the worker chooses again at that moment).")
+    parts.extend(staying)
+    return Outcome(" ".join(parts), ok=not staying)
+
+
+def _running(trunk: TrunkServer):
+    return Job.objects.filter(status=Job.Status.RUNNING, trunk=trunk)
+
+
+ACTIONS = {"check": check, "enable": enable, "disable": disable, "drain": drain, "end-drain": end_drain,
+           "move-jobs": move_jobs}
+# The buttons, in the order the fleet page shows them (fleet.available_actions says which apply).
+LABELS = {"check": "Check now", "enable": "Enable", "disable": "Disable", "drain": "Drain",
+          "end-drain": "End the drain", "move-jobs": "Move jobs"}
