@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from datetime import timedelta
@@ -31,8 +32,10 @@ from splitcore.training.checkpoints import checkpoint_name, load_checkpoint, rea
 from webapp.datasets.services import create_dataset
 from webapp.playground.models import Generation
 from webapp.processes import start_beat
+from webapp.training import services
 from webapp.training.lease import Lease, LeaseLost, claim, release_stale
 from webapp.training.models import Job, JobLog, MetricPoint
+from webapp.trunks import actions, fleet
 from webapp.trunks.health import check_trunk
 from webapp.trunks.models import TrunkServer
 
@@ -390,3 +393,85 @@ def test_a_generation_past_its_time_limit_stops_and_keeps_its_text(owner, trunk,
     assert generation.error_message == ("stopped after 1 s, the time limit of a generation; the text so far is "
                                         "kept — ask for fewer new tokens")
     assert 1 <= generation.token_count < 32 and generation.output
+
+
+# ------------------------------------------------------------------ the fleet page's drain and move
+
+
+@pytest.fixture
+def second_trunk(web_dirs, tmp_path):
+    """Another trunk of the same model, registered and checked up."""
+    (tmp_path / "second").mkdir()
+    process = start_trunk(web_dirs["models"] / TINY_MODEL_ID, tmp_path / "second")
+    record = TrunkServer.objects.create(name="second-trunk", address=process.address, token=process.token)
+    assert check_trunk(record).status == TrunkServer.Status.UP, record.last_error
+    yield process, record
+    process.stop()
+
+
+def step_of(job: Job, pattern: str) -> int:
+    """The step a log line names, e.g. "the checkpoint of step 6"."""
+    return int(re.search(pattern, log_text(job)).group(1))
+
+
+def test_a_job_moved_off_its_trunk_finishes_elsewhere_as_an_uninterrupted_run(owner, trunk, second_trunk, workers,
+                                                                             broker, reference):
+    process, record = trunk
+    _, target = second_trunk
+    check_trunk(record)
+    worker = workers.start("mover")
+    job = new_job(owner, record)  # on fault-trunk, chosen by the user
+    broker(job)
+    # Mid-job: the trunk is held (SIGSTOP) while staff press "Move jobs", so the step in flight is the last one
+    # there; it finishes once the trunk goes on, and the job saves a checkpoint and moves.
+    job = freeze_mid_job(job, process.pid)
+    outcome = actions.move_jobs(record)
+    process.process.send_signal(signal.SIGCONT)
+    assert outcome.ok and f"job {job.pk} ({job.display_name}) to second-trunk" in outcome.message, outcome.message
+    job = wait_for_job(job.pk, timeout=300, worker=worker)
+
+    assert_same_run(job, reference)
+    assert job.trunk == target and job.move_from is None
+    text = log_text(job)
+    assert "moving off the trunk server fault-trunk as an administrator asked" in text
+    moved_at = step_of(job, r"continuing from the checkpoint of step (\d+) on another trunk server")
+    assert 3 <= moved_at < STEPS, f"moved mid-job: {moved_at}"
+    assert "connected to the trunk server second-trunk" in text.split("moving off")[1]
+    # The trunk it left closed the job's session (the move ends it; nothing is left behind there).
+    assert check_trunk(record).active_sessions == 0
+
+
+def test_a_draining_trunk_finishes_its_job_takes_no_new_one_and_says_when_it_is_empty(
+        owner, trunk, second_trunk, workers, broker, reference):
+    process, record = trunk
+    _, other = second_trunk
+    check_trunk(record)
+    first = workers.start("drain-first")
+    running = new_job(owner, record)
+    broker(running)
+    running = freeze_mid_job(running, process.pid)
+    assert actions.drain(record).ok
+    assert not fleet.is_empty(TrunkServer.objects.get(pk=record.pk), [running])
+
+    # New work goes elsewhere: a job with the automatic choice runs on the other trunk; one that names the
+    # draining trunk waits (and is cancelled here).
+    workers.start("drain-second")
+    automatic = new_job(owner, None, trunk_auto=True, max_steps=4)
+    broker(automatic)
+    automatic = wait_for_job(automatic.pk, timeout=300)
+    assert automatic.status == "succeeded" and automatic.trunk == other, automatic.error_message
+    pinned = new_job(owner, record, max_steps=4)
+    broker(pinned)
+    pinned = wait_for_job(pinned.pk, condition=lambda j: "draining for maintenance" in log_text(j), timeout=120)
+    services.cancel_job(pinned)
+    assert wait_for_job(pinned.pk, timeout=60).status == "cancelled"
+
+    # The running job goes on to its end, as if nothing happened; then the trunk is empty.
+    process.process.send_signal(signal.SIGCONT)
+    running = wait_for_job(running.pk, timeout=300, worker=first)
+    assert_same_run(running, reference)
+    assert running.trunk_id == record.pk
+    drained = check_trunk(TrunkServer.objects.get(pk=record.pk))
+    row = next(row for row in fleet.snapshot()["rows"] if row["id"] == record.pk)
+    assert drained.draining and drained.active_sessions == 0
+    assert (row["status"], row["empty"], row["jobs"]) == ("draining", True, [])
