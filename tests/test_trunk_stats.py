@@ -241,3 +241,18 @@ def test_the_metrics_options_are_checked(tiny_dirs, tmp_path):
         TrunkServerConfig(model_dir=tmp_path, n_bottom=2, n_top=2, token="t" * 16, port=9000, metrics_port=9000)
     with pytest.raises(RuntimeError, match="metrics port must be in"):
         start_trunk(tiny_dirs["gpt2"], tmp_path, "--metrics-port", "-1")
+
+
+def test_the_metrics_port_can_come_from_the_environment(tiny_dirs, tmp_path, monkeypatch):
+    """`make run` and compose turn metrics on with TRUNK_METRICS_PORT (0: a free port); a bad value is refused."""
+    monkeypatch.setenv("TRUNK_METRICS_PORT", "0")
+    server = start_trunk(tiny_dirs["gpt2"], tmp_path)
+    try:
+        assert server.metrics_url is not None and f"metrics on {server.metrics_url}" in server.startup_line
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+            assert b"splitlearn_trunk_sessions_active" in reply.read()
+    finally:
+        server.stop()
+    monkeypatch.setenv("TRUNK_METRICS_PORT", "nine")
+    with pytest.raises(RuntimeError, match="TRUNK_METRICS_PORT='nine' is not a port number"):
+        start_trunk(tiny_dirs["gpt2"], tmp_path)

@@ -411,6 +411,8 @@ def test_admin_list_fits_a_laptop_screen_and_says_disabled_or_draining(admin_cli
         assert f">{status}</span>" in row, name
     page = admin_page(admin_client, "change", TrunkServer.objects.get(name="plain").pk)
     assert "Use TLS" in page and "TLS CA certificate" in page and "Use tls" not in page
+    for html in (changelist, page):
+        assert f'<a href="{reverse("trunks:fleet")}">Fleet console (live)</a>' in html
 
 
 def test_admin_check_now_action_updates_the_status(admin_client, live_trunk):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,10 @@ _BUDGET_HELP = {
     "max_kv_tokens": "rows x positions an inference session's KV cache may hold",
     "max_lora_rank": "LoRA rank of a session's trunk adapter",
 }
+
+
+# The metrics options' defaults, for `make run` and compose (unset: no metrics).
+METRICS_PORT_ENV, METRICS_HOST_ENV = "TRUNK_METRICS_PORT", "TRUNK_METRICS_HOST"
 
 
 def read_token(token_file: str | None) -> str:
@@ -62,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = parser.add_argument_group("Prometheus metrics (off by default)")
     metrics.add_argument("--metrics-port", type=int, metavar="PORT",
                          help="serve metrics at http://HOST:PORT/metrics (sessions, requests by RPC and "
-                              "status code, latency, tokens, busy time, memory); 0 picks a free port (printed)")
-    metrics.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                              "status code, latency, tokens, busy time, memory); 0 picks a free port (printed); "
+                              f"default: ${METRICS_PORT_ENV}, off when it is unset or empty")
+    metrics.add_argument("--metrics-host", default=os.environ.get(METRICS_HOST_ENV) or "127.0.0.1", metavar="HOST",
                          help="address the metrics endpoint listens on (default: %(default)s; it has no "
                               "authentication, so expose it only to your monitoring)")
     budgets = parser.add_argument_group("per-session budgets (a request beyond one is refused)")
@@ -71,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         budgets.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int,
                              default=getattr(SessionBudgets, name), help=f"{help_text} (default: %(default)s)")
     return parser
+
+
+def metrics_port_from_env() -> int | None:
+    """$TRUNK_METRICS_PORT as a port, None when unset or empty (metrics off)."""
+    value = os.environ.get(METRICS_PORT_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdecimal():
+        raise ValueError(f"{METRICS_PORT_ENV}={value!r} is not a port number (leave it empty for no metrics)")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
             tls_key=args.tls_key, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,
             session_lease_s=args.session_lease, max_message_bytes=args.max_message_mb << 20,
-            metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port if args.metrics_port is not None else metrics_port_from_env(),
+            metrics_host=args.metrics_host,
             budgets=SessionBudgets(**{name: getattr(args, name) for name in _BUDGET_HELP}),
         )
         from .host import TrunkHost

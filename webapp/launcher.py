@@ -165,6 +165,8 @@ class Launcher:
                             "--device", config.trunk_device, "--dtype", config.trunk_dtype,
                             token=token, n_bottom=config.bottom_layers, n_top=config.top_layers)
         self.children.append(trunk)
+        if trunk.metrics_url:
+            say(f"the trunk server's metrics: {trunk.metrics_url}")
         self._register_trunk(trunk.address, token)
         say("starting the Celery workers (training, generation, control) and beat...")
         for queue, concurrency in ((settings.TRAINING_QUEUE, config.worker_concurrency),
