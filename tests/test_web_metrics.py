@@ -129,17 +129,19 @@ def test_trunks_as_their_last_check_recorded_them(staff):
     TrunkServer.objects.create(name="a", address="a:1", token="t" * 24, status=TrunkServer.Status.UP,
                                model_id="tiny-llama", latency_ms=250.0, active_sessions=1, max_sessions=4,
                                last_checked_at=checked)
-    TrunkServer.objects.create(name="b", address="b:1", token="t" * 24, enabled=False)  # never checked
+    TrunkServer.objects.create(name="b", address="b:1", token="t" * 24, enabled=False, draining=True)  # never checked
     samples = scrape(client_for(staff))
     a, b = (("model", "tiny-llama"), ("trunk", "a")), (("model", ""), ("trunk", "b"))
     assert (samples[("splitlearn_trunk_up", a)], samples[("splitlearn_trunk_up", b)]) == (1, 0)
     assert (samples[("splitlearn_trunk_enabled", a)], samples[("splitlearn_trunk_enabled", b)]) == (1, 0)
+    assert (samples[("splitlearn_trunk_draining", a)], samples[("splitlearn_trunk_draining", b)]) == (0, 1)
     assert samples[("splitlearn_trunk_latency_seconds", a)] == pytest.approx(0.25)
     assert samples[("splitlearn_trunk_active_sessions", a)] == 1
     assert samples[("splitlearn_trunk_max_sessions", a)] == 4
     assert 30 <= samples[("splitlearn_trunk_last_check_age_seconds", a)] < 90
     assert not [key for key in samples if key[1] == b and key[0] not in ("splitlearn_trunk_up",
-                                                                          "splitlearn_trunk_enabled")]
+                                                                          "splitlearn_trunk_enabled",
+                                                                          "splitlearn_trunk_draining")]
 
 
 # ---------------------------------------------------------------- the broker

@@ -117,6 +117,7 @@ class StudioCollector(Collector):
 
         up = gauge("up", "1 when the trunk's last health check found it up.")
         enabled = gauge("enabled", "1 when jobs may be sent to the trunk.")
+        draining = gauge("draining", "1 while the trunk is drained: no new sessions, running jobs go on.")
         latency = gauge("latency_seconds", "How long the trunk's last health check took.")
         active = gauge("active_sessions", "Sessions open on the trunk at its last health check.")
         limit = gauge("max_sessions", "Sessions the trunk accepts at once.")
@@ -126,6 +127,7 @@ class StudioCollector(Collector):
             values = [trunk.name, trunk.model_id]
             up.add_metric(values, int(trunk.status == TrunkServer.Status.UP))
             enabled.add_metric(values, int(trunk.enabled))
+            draining.add_metric(values, int(trunk.draining))
             if trunk.latency_ms is not None:
                 latency.add_metric(values, trunk.latency_ms / 1000)
             if trunk.active_sessions is not None:
@@ -134,7 +136,7 @@ class StudioCollector(Collector):
                 limit.add_metric(values, trunk.max_sessions)
             if trunk.last_checked_at is not None:
                 age.add_metric(values, (now - trunk.last_checked_at).total_seconds())
-        yield from (up, enabled, latency, active, limit, age)
+        yield from (up, enabled, draining, latency, active, limit, age)
 
 
 REGISTRY = CollectorRegistry()
