@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from . import fleet
 from .actions import describe_check
 from .health import HEALTH_FIELDS, check_trunk, check_trunks
 from .models import BUDGET_FIELDS, TrunkServer
@@ -139,6 +140,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
             up = trunk.status == TrunkServer.Status.UP
             self.message_user(request, f"Checked on save. {describe_check(trunk)}",
                               messages.SUCCESS if up else messages.WARNING)
+        fleet.publish()
 
     # ------------------------------------------------------------ actions
 
@@ -147,13 +149,16 @@ class TrunkServerAdmin(admin.ModelAdmin):
         for trunk in check_trunks(queryset):
             up = trunk.status == TrunkServer.Status.UP
             self.message_user(request, describe_check(trunk), messages.SUCCESS if up else messages.WARNING)
+        fleet.publish()
 
     @admin.action(description="Enable selected trunk servers")
     def enable(self, request, queryset) -> None:
         count = queryset.update(enabled=True)
         self.message_user(request, f"{count} trunk server(s) enabled.", messages.SUCCESS)
+        fleet.publish()
 
     @admin.action(description="Disable selected trunk servers (no new jobs; health checks stop)")
     def disable(self, request, queryset) -> None:
         count = queryset.update(enabled=False)
         self.message_user(request, f"{count} trunk server(s) disabled.", messages.SUCCESS)
+        fleet.publish()
