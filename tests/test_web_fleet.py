@@ -236,6 +236,24 @@ def test_disable_enable_drain_and_end_the_drain(staff_client, owner):
     assert not trunk.draining and trunk.draining_since is None
 
 
+def test_a_disabled_trunk_is_neither_checked_nor_chosen_until_enabled(staff_client, trunk_process):
+    from webapp.trunks.selection import NoTrunkAvailable, pick_trunk
+    from webapp.trunks.tasks import check_all
+
+    trunk = TrunkServer.objects.create(name="real", address=trunk_process.address, token=trunk_process.token)
+    assert check_all() == {"up": 1, "down": 0}
+    post_action(staff_client, trunk, "disable")
+    checked = TrunkServer.objects.get(pk=trunk.pk).last_checked_at
+    assert check_all() == {"up": 0, "down": 0}
+    assert TrunkServer.objects.get(pk=trunk.pk).last_checked_at == checked
+    with pytest.raises(NoTrunkAvailable):
+        pick_trunk(MODEL_ID)
+    post_action(staff_client, trunk, "enable")
+    assert check_all() == {"up": 1, "down": 0}
+    assert TrunkServer.objects.get(pk=trunk.pk).last_checked_at > checked
+    assert pick_trunk(MODEL_ID) == trunk
+
+
 def test_a_draining_trunk_gets_no_new_work(staff_client):
     from webapp.trunks.selection import NoTrunkAvailable, pick_trunk, served_models
 
