@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_services import sender_for_broker, start_redis, start_worker
 
+from splitcore import LoraSettings
+from splitcore.remote.client import TrunkClient
 from splitcore.remote.process import start_trunk
 from splitcore.training import list_checkpoints
 from splitcore.training.checkpoints import checkpoint_name, load_checkpoint, read_checkpoint_state
@@ -475,3 +477,27 @@ def test_a_draining_trunk_finishes_its_job_takes_no_new_one_and_says_when_it_is_
     row = next(row for row in fleet.snapshot()["rows"] if row["id"] == record.pk)
     assert drained.draining and drained.active_sessions == 0
     assert (row["status"], row["empty"], row["jobs"]) == ("draining", True, [])
+
+
+def test_a_job_waiting_for_a_session_on_a_full_trunk_moves_when_asked(owner, web_dirs, tmp_path, second_trunk,
+                                                                     workers, broker):
+    (tmp_path / "full").mkdir()
+    full = start_trunk(web_dirs["models"] / TINY_MODEL_ID, tmp_path / "full", "--max-sessions", "1")
+    record = TrunkServer.objects.create(name="full-trunk", address=full.address, token=full.token)
+    check_trunk(record)
+    holder = TrunkClient(full.address, full.token)
+    try:
+        holder.open_session(LoraSettings(r=4, alpha=8), seed=0)  # the trunk's one session
+        worker = workers.start("waiter")
+        job = new_job(owner, record, max_steps=4)
+        broker(job)
+        wait_for_job(job.pk, condition=lambda j: "at its session capacity" in log_text(j), timeout=120)
+        outcome = actions.move_jobs(record)
+        assert outcome.ok and "to second-trunk" in outcome.message, outcome.message
+        job = wait_for_job(job.pk, timeout=300, worker=worker)
+        assert job.status == "succeeded", f"{job.error_message}\n{log_text(job)}"
+        assert job.trunk == second_trunk[1] and len(train_losses(job)) == 4
+        assert "moving off the trunk server full-trunk as an administrator asked" in log_text(job)
+    finally:
+        holder.close()
+        full.stop()

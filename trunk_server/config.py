@@ -10,7 +10,6 @@ import torch
 from splitcore.model.devices import DTYPES, resolve_device
 
 
-
 @dataclass(frozen=True)
 class SessionBudgets:
     """What one session may hold or ask for; a request beyond one is refused (RESOURCE_EXHAUSTED,

@@ -133,6 +133,10 @@ def _train(job: Job, lease: Lease) -> str | None:
         trunk, client = _connect(job, config.wire_encoding, lease, leaving)
         leaving = None
         engine = _open_engine(job, config, trunk, client, lease)
+        if engine is None:  # a move was asked for while it waited for a free session there
+            leaving = trunk.pk
+            _leave(job, lease, trunk)
+            continue
         events.job_log(job, _describe_cut(engine))
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
             set_phase(job, "measuring what the trunk could read (the leakage audit)")
@@ -215,7 +219,8 @@ def _examples(job: Job):
 
 
 def _leave(job: Job, lease: Lease, trunk: TrunkServer) -> None:
-    """A move off ``trunk`` was asked for and the trainer stopped with a checkpoint: clear the request."""
+    """A move off ``trunk`` was asked for and the job stopped there (the trainer with a checkpoint, or the
+    wait for a free session): clear the request and say so."""
     lease.mine().update(move_from=None)
     job.move_from = None
     events.job_log(job, f"moving off the trunk server {trunk.name} as an administrator asked; continuing from "
@@ -322,9 +327,10 @@ def client_secret() -> ClientSecret:
     return ClientSecret.from_text(settings.SECRET_KEY, "splitlearn-studio client secret")
 
 
-def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, lease: Lease) -> SplitEngine:
+def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, lease: Lease) -> SplitEngine | None:
     """Open the trunk session. A trunk at its session cap makes the job wait (until a session
-    frees up or the user cancels), not fail."""
+    frees up or the user cancels), not fail; None (the client closed) when staff ask the job to
+    move off the trunk meanwhile."""
     told = False
     set_phase(job, f"loading the model and opening a session on {trunk.name}")
     while True:
@@ -340,9 +346,12 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
                                JobLog.Level.WARNING)
                 set_phase(job, f"waiting for a free session on {trunk.name}")
                 told = True
-            if lease.cancel_requested():
+            cancel, leaving = lease.requests()
+            if cancel or leaving is not None:
                 client.close()
-                raise JobCancelled from error
+                if cancel:
+                    raise JobCancelled from error
+                return None
             time.sleep(CAPACITY_POLL_S)
         except ValueError as exc:  # the trunk serves another model, or the split does not fit
             client.close()
