@@ -456,7 +456,7 @@ def test_api_lists_trunks_without_tokens(client, django_user_model):
     assert SECRET.encode() not in response.content and b"CERTIFICATE" not in response.content
     [row] = response.json()["results"]
     assert "token" not in row and "tls_ca_certificate" not in row
-    assert row["name"] == "listed" and row["status"] == "up" and row["model_id"] == MODEL_ID
+    assert row["name"] == "listed" and row["status"] == "up" and row["model_id"] == MODEL_ID and not row["draining"]
     assert (row["max_sessions"], row["active_sessions"], row["free_sessions"]) == (4, 1, 3)
 
 

@@ -14,7 +14,7 @@ class TrunkServerSerializer(serializers.ModelSerializer):
     class Meta:
         model = TrunkServer
         # An explicit list, never "__all__": a new secret column must not appear here by itself.
-        fields = ["id", "name", "address", "enabled", "status", "latency_ms", "model_id", "layer_range",
+        fields = ["id", "name", "address", "enabled", "draining", "status", "latency_ms", "model_id", "layer_range",
                   "max_sessions", "active_sessions", "free_sessions", "last_checked_at", "last_error"]
         read_only_fields = fields
 
