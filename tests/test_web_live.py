@@ -152,3 +152,44 @@ def test_an_idle_socket_stays_up_past_the_redis_read_timeouts(job, owner, redis_
         await watcher.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_long_history_comes_in_frames_and_the_api_pages_it(job, owner, redis_server, monkeypatch):
+    from webapp.training import consumers
+
+    for step in range(6, 13):
+        MetricPoint.objects.create(job=job, step=step, kind="train", loss=2.0, lr=1e-3)
+    monkeypatch.setattr(consumers, "HISTORY_PAGE", 5)
+    stored = [(p.kind, p.step) for p in MetricPoint.objects.filter(job=job).order_by("step", "kind")]
+    assert len(stored) == 13
+    headers = headers_for(owner)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.pk}/", headers)
+        assert (await comm.connect(timeout=10))[0]
+        status, *frames = await receive_all(comm, 4)
+        assert status["type"] == "status" and [frame["type"] for frame in frames] == ["history"] * 3
+        assert [len(frame["metrics"]) for frame in frames] == [5, 5, 3]
+        assert [frame["more"] for frame in frames] == [True, True, False]
+        assert [len(frame["logs"]) for frame in frames] == [2, 0, 0], "the log tail comes once, first"
+        assert [("train" if p["type"] == "metric" else "eval", p["step"])
+                for frame in frames for p in frame["metrics"]] == stored
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+    client = Client()
+    client.force_login(owner)
+    first = client.get(f"/api/jobs/{job.pk}/metrics/?limit=5").json()
+    assert first["count"] == 13 and len(first["results"]) == 5 and first["next"]
+    pages, url = [], f"/api/jobs/{job.pk}/metrics/?limit=5"
+    while url:
+        page = client.get(url).json()
+        pages.append(page["results"])
+        url = page["next"]
+    assert [len(page) for page in pages] == [5, 5, 3]
+    assert [(p["kind"], p["step"]) for page in pages for p in page] == stored
+    assert len(client.get(f"/api/jobs/{job.pk}/metrics/").json()["results"]) == 13, "1000 by default"
+    after = client.get(f"/api/jobs/{job.pk}/metrics/?after=10").json()
+    assert [p["step"] for p in after["results"]] == [11, 12] and after["count"] == 2

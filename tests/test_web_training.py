@@ -141,9 +141,9 @@ def test_api_creates_lists_and_reports_field_errors(api, owner, other, registere
 
     detail = api.get(f"/api/jobs/{job_id}/").json()
     assert detail["status"] == "succeeded" and detail["adapter_url"] == f"/api/jobs/{job_id}/adapter/"
-    metrics = api.get(f"/api/jobs/{job_id}/metrics/").json()
+    metrics = api.get(f"/api/jobs/{job_id}/metrics/").json()["results"]
     assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
-    later = api.get(f"/api/jobs/{job_id}/metrics/?after=4").json()
+    later = api.get(f"/api/jobs/{job_id}/metrics/?after=4").json()["results"]
     assert [m["step"] for m in later if m["kind"] == "train"] == [5, 6] and all(m["step"] > 4 for m in later)
     assert api.get(f"/api/jobs/{job_id}/metrics/?after=x").status_code == 400
     assert api.get(f"/api/jobs/{job_id}/adapter/").status_code == 200

@@ -10,3 +10,10 @@ from rest_framework.pagination import LimitOffsetPagination
 
 class CappedLimitOffsetPagination(LimitOffsetPagination):
     max_limit = 1000  # a larger ?limit= gets this many
+
+
+class MetricsPagination(CappedLimitOffsetPagination):
+    """A job's metric points: pages of 1000 by default (a long job has one point per step)."""
+
+    default_limit = 1000
+    max_limit = 5000

@@ -10,6 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from ..ownership import get_owned_or_404, owned
+from ..pagination import MetricsPagination
 from . import services
 from .forms import JobForm
 from .models import Job, MetricPoint
@@ -75,7 +76,9 @@ def job_metrics(request: Request, pk: int) -> Response:
             points = points.filter(step__gt=int(after))
         except ValueError:
             return Response({"after": ["must be an integer step"]}, status=status.HTTP_400_BAD_REQUEST)
-    return Response(MetricPointSerializer(points, many=True).data)
+    paginator = MetricsPagination()
+    page = paginator.paginate_queryset(points, request)
+    return paginator.get_paginated_response(MetricPointSerializer(page, many=True).data)
 
 
 @api_view(["GET"])

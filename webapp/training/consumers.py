@@ -1,8 +1,9 @@
 """WebSocket consumers: they authenticate, authorise, replay the stored history, then forward.
 
 ``/ws/jobs/<id>/``: for the job's owner only. On connect: the job's status, every stored
-metric and evaluation (only those after ``?after=STEP`` on a reconnect) and the log tail
-(after ``?log_after=ID``), then live events from the job's group. The group is joined
+metric and evaluation (only those after ``?after=STEP`` on a reconnect) in frames of at most
+``HISTORY_PAGE`` points, and the log tail (after ``?log_after=ID``), then live events from the
+job's group. The group is joined
 before the history is read, so nothing published in between is lost; clients drop
 repeated points by step.
 
@@ -20,6 +21,8 @@ from . import events
 from .models import Job, JobLog, MetricPoint
 
 LOG_TAIL = 200
+# Metric points per history frame: a long job's history goes out in several frames, not one huge one.
+HISTORY_PAGE = 500
 
 
 def _int_param(query: str, name: str) -> int | None:
@@ -57,15 +60,20 @@ class JobConsumer(ListeningConsumer):
 
     @database_sync_to_async
     def _history(self, after: int | None, log_after: int | None) -> list[dict]:
+        """The status, then the history in frames of at most HISTORY_PAGE points (the log tail in the
+        first); each frame says whether ``more`` follow."""
         job = Job.objects.get(pk=self.job_id)
         points = MetricPoint.objects.filter(job=job).order_by("step", "kind")
         if after is not None:
             points = points.filter(step__gt=after)
         logs = JobLog.objects.filter(job=job)
         logs = logs.filter(pk__gt=log_after) if log_after is not None else logs.order_by("-id")[:LOG_TAIL]
-        history = {"type": "history", "metrics": [events.point_event(p) for p in points],
-                   "logs": sorted((events.log_event(entry) for entry in logs), key=lambda e: e["id"])}
-        return [events.status_event(job), history]
+        metrics = [events.point_event(p) for p in points]
+        pages = [metrics[start:start + HISTORY_PAGE] for start in range(0, len(metrics), HISTORY_PAGE)] or [[]]
+        frames = [{"type": "history", "metrics": page, "logs": [], "more": index < len(pages) - 1}
+                  for index, page in enumerate(pages)]
+        frames[0]["logs"] = sorted((events.log_event(entry) for entry in logs), key=lambda e: e["id"])
+        return [events.status_event(job), *frames]
 
 
 class JobListConsumer(ListeningConsumer):
