@@ -342,3 +342,19 @@ def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "data", "test-artifacts", ".env", "**/__pycache__", ".pytest_cache"} <= ignored
     assert "!.env.example" in ignored
+
+
+def test_gitignore_keeps_env_files_out_of_the_repository_but_not_the_example():
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git work tree (or no git): .gitignore is checked where the repository is")
+
+    def ignored(path: str) -> bool:
+        # --no-index: the rules themselves, whether or not the file is tracked.
+        result = subprocess.run([git, "check-ignore", "--quiet", "--no-index", path], cwd=ROOT, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode in (0, 1), result.stderr
+        return result.returncode == 0
+
+    assert ignored(".env") and ignored(".env.local") and ignored(".env.production")
+    assert not ignored(".env.example")

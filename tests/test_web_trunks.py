@@ -444,19 +444,41 @@ def test_admin_enable_and_disable_actions(admin_client):
 # ------------------------------------------------------------------ API
 
 
-def test_api_lists_trunks_without_tokens(client, django_user_model):
+def listed_trunk_with_secrets() -> TrunkServer:
     trunk = make_trunk("listed", active=1)
     trunk.token = SECRET
     trunk.tls_ca_certificate = "-----BEGIN CERTIFICATE-----\nMIIBca\n-----END CERTIFICATE-----"
+    trunk.last_error = "connect to listed.example:50051 failed"
     trunk.save()
+    return trunk
+
+
+def test_api_lists_trunks_without_tokens_addresses_or_errors(client, django_user_model):
+    listed_trunk_with_secrets()
     client.force_login(django_user_model.objects.create_user("someone", password="pw-123456789"))
+
+    response = client.get(reverse("api-trunk-list"))
+    assert response.status_code == 200
+    assert SECRET.encode() not in response.content and b"CERTIFICATE" not in response.content
+    assert b"listed.example" not in response.content, "a user does not learn where the trunk listens"
+    [row] = response.json()["results"]
+    assert set(row) == {"id", "name", "enabled", "draining", "status", "latency_ms", "model_id", "layer_range",
+                        "max_sessions", "active_sessions", "free_sessions", "last_checked_at"}
+    assert row["name"] == "listed" and row["status"] == "up" and row["model_id"] == MODEL_ID and not row["draining"]
+    assert (row["max_sessions"], row["active_sessions"], row["free_sessions"]) == (4, 1, 3)
+
+
+def test_api_shows_staff_the_address_and_last_error_but_never_the_token(client, django_user_model):
+    listed_trunk_with_secrets()
+    client.force_login(django_user_model.objects.create_user("operator", password="pw-123456789", is_staff=True))
 
     response = client.get(reverse("api-trunk-list"))
     assert response.status_code == 200
     assert SECRET.encode() not in response.content and b"CERTIFICATE" not in response.content
     [row] = response.json()["results"]
     assert "token" not in row and "tls_ca_certificate" not in row
-    assert row["name"] == "listed" and row["status"] == "up" and row["model_id"] == MODEL_ID and not row["draining"]
+    assert row["address"] == "listed.example:50051"
+    assert row["last_error"] == "connect to listed.example:50051 failed"
     assert (row["max_sessions"], row["active_sessions"], row["free_sessions"]) == (4, 1, 3)
 
 

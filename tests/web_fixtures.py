@@ -53,6 +53,7 @@ def other(django_user_model):
 def redis_server(tmp_path_factory):
     from channels.layers import channel_layers
     from django.conf import settings
+    from django.core.cache import caches
 
     from webapp import settings as settings_module
     from webapp.celery import app
@@ -61,6 +62,12 @@ def redis_server(tmp_path_factory):
     app.conf.broker_url = server.url
     settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [settings_module.channel_layer_host(server.url)]
     channel_layers.backends.clear()  # layers built before this point would talk to another Redis
+    # The cache (log-in throttling) too; the web and worker processes get it from REDIS_URL.
+    settings.CACHES["default"]["LOCATION"] = server.url
+    try:
+        del caches["default"]  # a cache made before this point would talk to another Redis
+    except AttributeError:
+        pass  # none made yet
     yield server
     server.stop()
 

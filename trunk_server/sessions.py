@@ -206,6 +206,14 @@ class Session:
                 return self.applied_step  # a retry: already applied, apply nothing
             if self.optimizer is not None:
                 with self.host.computing():
+                    # Refused before anything is applied; the gradients stay, so a retry is refused alike.
+                    bad = [p for p in self.params.values()
+                           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                    if bad:
+                        raise ValueError(f"the LoRA gradients of step {step} hold NaN or infinite values (in "
+                                         f"{len(bad)} of {_counted(len(self.params), 'weight')}); nothing was "
+                                         f"applied: the adapter and its optimizer are as after step "
+                                         f"{self.applied_step}; lower the learning rate or check the data")
                     for param in self.params.values():
                         if param.grad is not None:
                             param.grad.mul_(clip_coef)
@@ -221,6 +229,8 @@ class Session:
             return step
 
     def grad_sq_norm(self) -> float:
+        """Squared norm of the accumulated gradients; inf or nan (never an error) when they are not finite,
+        so the client sees it and stops before any Step."""
         grads = [p.grad.detach().double().pow(2).sum() for p in self.params.values() if p.grad is not None]
         return float(torch.stack(grads).sum()) if grads else 0.0
 

@@ -123,6 +123,12 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "training:job-list"
 LOGOUT_REDIRECT_URL = "login"
+# Log-in throttling (webapp/accounts/throttle.py, counted in CACHES): this many failed log-ins for one
+# username, or from one client address, within LOGIN_LOCKOUT_S seconds of the first, and further log-ins
+# are refused (429) until that window ends.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_FAILURE_IP_LIMIT = env_int("LOGIN_FAILURE_IP_LIMIT", 20, minimum=1)
+LOGIN_LOCKOUT_S = env_int("LOGIN_LOCKOUT_S", 900, minimum=1)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = env_str("TIME_ZONE", "UTC")
@@ -240,6 +246,20 @@ CHANNEL_LAYERS = {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {"hosts": [channel_layer_host(env_str("CHANNEL_LAYER_URL") or REDIS_URL)], "capacity": 1000,
                    "expiry": 60},
+    }
+}
+
+# ---------------------------------------------------------------- Cache (Redis)
+
+# Shared by every web process, so that log-in throttling holds across them. Short socket timeouts:
+# with Redis unreachable a log-in waits seconds at most, and the throttle lets it through. The
+# database is Celery's broker too: never call cache.clear(), it would empty the queues.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "splitlearn",
+        "OPTIONS": {"socket_connect_timeout": 2.0, "socket_timeout": 2.0},
     }
 }
 

@@ -104,6 +104,7 @@ class SplitTrainer:
         self.loss: float | None = None
         self.val_loss: float | None = None
         self._saved_step: int | None = None
+        self._kept_step: int | None = None  # the newest checkpoint: written by this run or resumed from
 
     @property
     def mode(self) -> str:
@@ -143,7 +144,11 @@ class SplitTrainer:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss} at step {step}; lower the learning rate "
                                    "or check the data")
-        grad_norm = math.sqrt(self._client_grad_sq_norm() + self.engine.remote_grad_sq_norm())
+        client_sq, trunk_sq = self._client_grad_sq_norm(), self.engine.remote_grad_sq_norm()
+        if not (math.isfinite(client_sq) and math.isfinite(trunk_sq)):
+            # Before any optimizer step: neither side applies a NaN update (or a zero clip coefficient).
+            raise TrainingDiverged(self._diverged_gradient(step, client_sq, trunk_sq))
+        grad_norm = math.sqrt(client_sq + trunk_sq)
         clip_coef = 1.0
         if self.config.max_grad_norm > 0:
             clip_coef = min(1.0, self.config.max_grad_norm / (grad_norm + 1e-6))
@@ -171,6 +176,23 @@ class SplitTrainer:
     def _client_grad_sq_norm(self) -> float:
         return sum(float(p.grad.detach().double().pow(2).sum()) for p in self.engine.params.values()
                    if p.grad is not None)
+
+    def _diverged_gradient(self, step: int, client_sq: float, trunk_sq: float) -> str:
+        """What a non-finite gradient norm means: which side, that nothing was applied, what to do."""
+        where = ""
+        if isinstance(self.engine, SplitEngine):  # a local run has one LoRA: no side to name
+            sides = {"the client's": client_sq}
+            if self.engine.trains_trunk or not math.isfinite(trunk_sq):  # a frozen trunk has no norm of its own
+                sides["the trunk's"] = trunk_sq
+            bad = [side for side, sq in sides.items() if not math.isfinite(sq)]
+            good = [f": {side} is {math.sqrt(sq):.1e}" for side, sq in sides.items() if math.isfinite(sq)]
+            where = f" (on {' and '.join(bad)} LoRA{''.join(good)})"
+        if self._kept_step is not None:
+            kept = f"; the checkpoint of step {self._kept_step} is kept"
+        else:
+            kept = "" if self.checkpoint_dir is None else "; no checkpoint was written yet"
+        return (f"the gradient norm became {math.sqrt(client_sq + trunk_sq)} at step {step}{where}; nothing of "
+                f"this step was applied; lower the learning rate or check the data{kept}")
 
     def _evaluate(self) -> float:
         self.engine.train(False)
@@ -208,7 +230,7 @@ class SplitTrainer:
         tensors.update(adamw_state_tensors(self.optimizer, self.engine.params, OPTIMIZER_PREFIX))
         tensors[RNG_KEY] = torch.get_rng_state()
         path = save_checkpoint(self.checkpoint_dir, state, tensors, self.engine.remote_state())
-        self._saved_step = self.step
+        self._saved_step = self._kept_step = self.step
         self._emit(CheckpointSaved(step=self.step, path=path))
         return path
 
@@ -249,6 +271,7 @@ class SplitTrainer:
             torch.set_rng_state(tensors[RNG_KEY])
         self.engine.restore_remote_state(state.step, checkpoint.trunk_state)
         self.step, self.elapsed_s = state.step, state.elapsed_s
+        self._kept_step = state.step
         self.loss, self.val_loss = state.loss, state.val_loss
 
     # -------------------------------------------------------------- result

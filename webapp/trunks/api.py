@@ -9,14 +9,16 @@ from rest_framework.views import APIView
 
 from .models import TrunkServer
 from .selection import served_model_summaries
-from .serializers import ServedModelSerializer, TrunkServerSerializer
+from .serializers import ServedModelSerializer, StaffTrunkServerSerializer, TrunkServerSerializer
 
 
 class TrunkListView(generics.ListAPIView):
-    """Every trunk server with its last health check (never its token)."""
+    """Every trunk server with its last health check (never its token); addresses and errors for staff only."""
 
     queryset = TrunkServer.objects.all()
-    serializer_class = TrunkServerSerializer
+
+    def get_serializer_class(self) -> type[TrunkServerSerializer]:
+        return StaffTrunkServerSerializer if self.request.user.is_staff else TrunkServerSerializer
 
 
 class ModelListView(APIView):
