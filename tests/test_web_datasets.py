@@ -405,6 +405,22 @@ def test_chat_rows_with_a_model_without_chat_template_show_the_reason(owner_clie
 
 
 @pytest.mark.django_db
+def test_a_count_that_failed_in_the_background_is_kept_and_shown(owner_client, owner, no_template_model):
+    from webapp.datasets.tasks import count_statistics
+
+    dataset = make_dataset(owner, "chat.jsonl", CHAT)
+    assert count_statistics(dataset.pk, no_template_model, 64) == "failed"
+    dataset.refresh_from_db()
+    assert dataset.stats_cache == {f"{no_template_model}|64": {"error": NO_CHAT_TEMPLATE}}
+    with pytest.raises(ValueError, match="chat template"):
+        services.page_statistics(dataset, no_template_model, 64)
+    response = owner_client.get(reverse("datasets:detail", args=[dataset.pk]),
+                                {"model": no_template_model, "max_length": 64})
+    assert escape(f"Cannot tokenize this dataset with no-template: {NO_CHAT_TEMPLATE}") in response.content.decode()
+    assert count_statistics(dataset.pk + 1000, no_template_model, 64) == "gone"
+
+
+@pytest.mark.django_db
 def test_missing_stored_file_is_reported_on_the_page(owner_client, owner):
     dataset = make_dataset(owner)
     dataset.file.delete(save=False)

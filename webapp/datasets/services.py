@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from pathlib import PurePath
 
+from celery import signature
 from django.conf import settings
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.db import transaction
@@ -30,6 +33,15 @@ DEFAULT_MAX_LENGTH = 512
 PREVIEW_EXAMPLES = 3
 # Token statistics kept per dataset; the oldest (model, max length) pair is dropped first.
 STATS_CACHE_ENTRIES = 32
+# Statistics of a dataset up to this many examples are counted in the request (milliseconds); those of a
+# larger one once, by a worker (the control queue), and read from the dataset's cache after that.
+INLINE_STATISTICS_EXAMPLES = 2000
+# The name tasks.py registers the count under (sent by name: this module does not import tasks.py).
+COUNT_STATISTICS_TASK = "datasets.count_statistics"
+# A count asked for is not asked for again within this many seconds (a page reloading while it runs).
+STATISTICS_REQUEST_S = 300
+
+log = logging.getLogger(__name__)
 
 Segments = list[tuple[str, bool]]
 
@@ -71,6 +83,8 @@ def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
     except BaseException:
         _delete_file(dataset)
         raise
+    if dataset.num_examples > INLINE_STATISTICS_EXAMPLES and base_models.default_model_id():
+        request_statistics(dataset, base_models.default_model_id(), DEFAULT_MAX_LENGTH)
     return dataset
 
 
@@ -145,19 +159,64 @@ def dataset_statistics(dataset: Dataset, model_id: str, max_length: int) -> Toke
     Raises ``ValueError`` (``BaseModelUnavailable`` for an unknown model) with a message
     for the user, e.g. when chat rows meet a tokenizer without a chat template.
     """
+    stats = cached_statistics(dataset, model_id, max_length)
+    if stats is not None:
+        return stats
+    try:
+        tokenizer = base_models.tokenizer(model_id)
+        stats = token_stats(tokenize_examples(tokenizer, _parse(dataset).examples, max_length), max_length)
+    except base_models.BaseModelUnavailable:
+        raise
+    except ValueError as exc:
+        _remember(dataset, _stats_key(model_id, max_length), {"error": str(exc)})
+        raise
+    _remember(dataset, _stats_key(model_id, max_length), dataclasses.asdict(stats))
+    return stats
+
+
+def cached_statistics(dataset: Dataset, model_id: str, max_length: int) -> TokenStats | None:
+    """The statistics counted before (None when they were not); ``ValueError`` when that count failed, or
+    for an unknown model or a bad length."""
     _check_max_length(max_length)
     base_models.model_dir(model_id)  # an unknown model is an error even when statistics were cached for it
-    key = f"{model_id}|{max_length}"
-    cached = (dataset.stats_cache or {}).get(key)
-    if cached is not None:
-        try:
-            return TokenStats(**cached)
-        except TypeError:
-            pass  # written with other fields: compute again
-    tokenizer = base_models.tokenizer(model_id)
-    stats = token_stats(tokenize_examples(tokenizer, _parse(dataset).examples, max_length), max_length)
-    _remember(dataset, key, dataclasses.asdict(stats))
-    return stats
+    cached = (dataset.stats_cache or {}).get(_stats_key(model_id, max_length))
+    if cached is None:
+        return None
+    if "error" in cached:
+        raise ValueError(cached["error"])
+    try:
+        return TokenStats(**cached)
+    except TypeError:
+        return None  # written with other fields: count again
+
+
+def page_statistics(dataset: Dataset, model_id: str, max_length: int) -> TokenStats | None:
+    """The statistics a page shows: counted before, or counted now for a small dataset; None while a
+    worker counts those of a large one (asked for here, once)."""
+    stats = cached_statistics(dataset, model_id, max_length)
+    if stats is not None:
+        return stats
+    if dataset.num_examples <= INLINE_STATISTICS_EXAMPLES:
+        return dataset_statistics(dataset, model_id, max_length)
+    request_statistics(dataset, model_id, max_length)
+    return None
+
+
+def request_statistics(dataset: Dataset, model_id: str, max_length: int) -> None:
+    """Have a worker count the statistics (once the current transaction commits), unless that was asked
+    for within STATISTICS_REQUEST_S."""
+    try:
+        first = cache.add(f"dataset-stats:{dataset.pk}:{_stats_key(model_id, max_length)}", 1,
+                          STATISTICS_REQUEST_S)
+    except Exception as exc:  # noqa: BLE001 - without the cache, ask anyway: a count twice is harmless
+        log.warning("could not note the statistics request of dataset %s: %s", dataset.pk, exc)
+        first = True
+    if first:
+        transaction.on_commit(lambda: signature(COUNT_STATISTICS_TASK, args=(dataset.pk, model_id, max_length)).delay())
+
+
+def _stats_key(model_id: str, max_length: int) -> str:
+    return f"{model_id}|{max_length}"
 
 
 def dataset_preview(

@@ -59,12 +59,13 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = _dataset_for(request, dataset_id)
     models = base_models.installed_models()
     form = StatisticsForm(request.GET, models=models, default_model=base_models.default_model_id())
-    context = {"dataset": dataset, "form": form, "models": models, "stats": None, "preview": [], "error": "",
-               "chat_format": None}
+    context = {"dataset": dataset, "form": form, "models": models, "stats": None, "stats_pending": False,
+               "preview": [], "error": "", "chat_format": None}
     if models and form.is_valid():
         model_id, max_length = form.choice()
         try:
-            context["stats"] = services.dataset_statistics(dataset, model_id, max_length)
+            context["stats"] = services.page_statistics(dataset, model_id, max_length)
+            context["stats_pending"] = context["stats"] is None
             context["preview"] = services.dataset_preview(dataset, model_id, max_length)
             context["chat_format"] = services.trains_in_chat_template(dataset, model_id)
         except ValueError as exc:
