@@ -6,19 +6,27 @@ process on loopback, one per wire encoding. Prints
 
 - median local and split (fp32) step times and their ratio (target: <= 1.05);
 - wire bytes per optimizer step for each encoding;
-- how far the bf16 / fp16 / int8 losses drift from the fp32 losses after the run;
+- how far the bf16 / fp16 / int8 losses drift from the fp32 losses: at the last step and the
+  largest over the run, relative and absolute (max |Δloss|);
 - a trunk computing in bf16 (``--dtype bf16``; fp32 on the wire): its step time and how far its
   losses drift from the fp32 trunk's;
 - the trunk's resident memory with 1 and with 8 open training sessions.
 
     .venv/bin/python benchmarks/split_overhead.py [--steps 20] [--batch-size 8] [--seq-len 256]
-        [--encodings fp32,bf16] [--trunk-device cpu|cuda] [--skip-memory]
+        [--encodings fp32,bf16] [--trunk-device cpu|cuda] [--skip-memory] [--drift-only] [--tiny]
+
+``--drift-only`` runs just the split runs and prints the encoding table (no local baseline, bf16
+trunk or memory); ``--tiny`` uses a tiny Llama written to a temporary folder, for a quick table:
+
+    .venv/bin/python benchmarks/split_overhead.py --tiny --drift-only --batch-size 4 --seq-len 32
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +42,7 @@ from splitcore import LoraSettings  # noqa: E402
 from splitcore.data.examples import TokenizedExample  # noqa: E402
 from splitcore.model import default_model  # noqa: E402
 from splitcore.model.split_spec import SplitSpec  # noqa: E402
+from splitcore.model.tiny_models import TinyModelSpec, write_tiny_model  # noqa: E402
 from splitcore.privacy import ClientSecret  # noqa: E402
 from splitcore.remote.client import TrunkClient  # noqa: E402
 from splitcore.remote.process import start_trunk  # noqa: E402
@@ -70,6 +79,21 @@ def run(engine, config, data, pad_id) -> list[StepMetrics]:
 def median_step_s(steps: list[StepMetrics]) -> float:
     durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:])]  # the first step warms up
     return statistics.median(durations) if durations else steps[0].elapsed_s
+
+
+def print_encoding_table(split: dict[str, list[StepMetrics]]) -> None:
+    """Per encoding: wire bytes per step (and vs fp32), final loss, drift from the fp32 run."""
+    fp32 = split["fp32"]
+    fp32_bytes = statistics.median(s.wire_bytes for s in fp32)
+    print(f"{'encoding':>8} {'MiB/step':>9} {'vs fp32':>8} {'final loss':>11} {'drift@last':>11} {'max drift':>10} "
+          f"{'max |Δloss|':>12}")
+    for encoding, steps in split.items():
+        per_step = statistics.median(s.wire_bytes for s in steps)
+        drift_last = abs(steps[-1].loss - fp32[-1].loss) / fp32[-1].loss
+        drift_max = max(abs(a.loss - b.loss) / b.loss for a, b in zip(steps, fp32))
+        delta_max = max(abs(a.loss - b.loss) for a, b in zip(steps, fp32))
+        print(f"{encoding:>8} {per_step / 2**20:9.2f} {per_step / fp32_bytes:8.3f} "
+              f"{steps[-1].loss:11.5f} {drift_last:11.2e} {drift_max:10.2e} {delta_max:12.2e}")
 
 
 def rss_mib(pid: int) -> float:
@@ -114,9 +138,17 @@ def main() -> int:
                         help="wire encodings to run (comma-separated; fp32 always runs)")
     parser.add_argument("--trunk-device", default="cpu", help="where the trunks compute (cpu, cuda, cuda:N)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the resident-memory measurement")
+    parser.add_argument("--drift-only", action="store_true",
+                        help="only the split runs and the encoding table (no local run, bf16 trunk or memory)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny Llama written to a temporary folder")
     args = parser.parse_args()
     encodings = ["fp32"] + [e for e in args.encodings.split(",") if e and e != "fp32"]
-    model_dir = args.model or default_model.prepare_default_model()
+    if args.tiny:
+        tiny_dir = Path(tempfile.mkdtemp(prefix="tiny-llama-"))
+        atexit.register(shutil.rmtree, tiny_dir, ignore_errors=True)
+        model_dir = write_tiny_model(tiny_dir, TinyModelSpec(arch="llama"))
+    else:
+        model_dir = args.model or default_model.prepare_default_model()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = synthetic_data(tokenizer, args.batch_size, args.seq_len)
@@ -131,11 +163,12 @@ def main() -> int:
 
     # One key for every run: the split runs' trunk LoRA starts as the local run's does.
     secret = ClientSecret.generate()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    spec = SplitSpec(model.config.num_hidden_layers, args.bottom_layers, args.top_layers)
-    local = run(LocalEngine(model, config("fp32"), spec, secret=secret), config("fp32"),
-                data, pad_id)
-    print(f"local: median step {median_step_s(local):.3f} s, final loss {local[-1].loss:.5f}", flush=True)
+    if not args.drift_only:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        spec = SplitSpec(model.config.num_hidden_layers, args.bottom_layers, args.top_layers)
+        local = run(LocalEngine(model, config("fp32"), spec, secret=secret), config("fp32"),
+                    data, pad_id)
+        print(f"local: median step {median_step_s(local):.3f} s, final loss {local[-1].loss:.5f}", flush=True)
 
     split: dict[str, list[StepMetrics]] = {}
     with tempfile.TemporaryDirectory() as log_dir:
@@ -154,6 +187,10 @@ def main() -> int:
                       f"final loss {split[encoding][-1].loss:.5f}", flush=True)
         finally:
             trunk.stop()
+        if args.drift_only:
+            print()
+            print_encoding_table(split)
+            return 0
         bf16_trunk = start_trunk(model_dir, Path(log_dir), "--device", args.trunk_device, "--dtype", "bf16",
                                  n_bottom=args.bottom_layers, n_top=args.top_layers)
         try:
@@ -175,13 +212,7 @@ def main() -> int:
     fp32 = split["fp32"]
     print(f"fp32 split vs local, max relative loss difference: "
           f"{max(abs(a.loss - b.loss) / b.loss for a, b in zip(fp32, local)):.2e}")
-    print(f"{'encoding':>8} {'MiB/step':>9} {'vs fp32':>8} {'final loss':>11} {'drift@last':>11} {'max drift':>10}")
-    for encoding, steps in split.items():
-        per_step = statistics.median(s.wire_bytes for s in steps)
-        drift_last = abs(steps[-1].loss - fp32[-1].loss) / fp32[-1].loss
-        drift_max = max(abs(a.loss - b.loss) / b.loss for a, b in zip(steps, fp32))
-        print(f"{encoding:>8} {per_step / 2**20:9.2f} {per_step / statistics.median(s.wire_bytes for s in fp32):8.3f} "
-              f"{steps[-1].loss:11.5f} {drift_last:11.2e} {drift_max:10.2e}")
+    print_encoding_table(split)
     fp32_trunk_s, bf16_trunk_s = median_step_s(fp32), median_step_s(bf16_compute)
     print(f"trunk compute dtype ({args.trunk_device}): bf16 step {bf16_trunk_s:.3f} s vs fp32 {fp32_trunk_s:.3f} s "
           f"(bf16/fp32 = {bf16_trunk_s / fp32_trunk_s:.3f}); after {len(bf16_compute)} steps the final loss is "

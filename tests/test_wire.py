@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 import pytest
 import torch
 
@@ -32,7 +35,8 @@ def test_float_encodings_round_trip(encoding, bytes_per_value, tolerance):
     torch.manual_seed(0)
     values = torch.randn(3, 17, 40)
     message = encode_tensor(values, encoding)
-    assert message.encoding == encoding and list(message.shape) == [3, 17, 40]
+    assert message.encoding == ("fp16-scaled" if encoding == "fp16" else encoding)
+    assert list(message.shape) == [3, 17, 40]
     assert len(message.data) == values.numel() * bytes_per_value
     decoded = decode_tensor(message)
     assert decoded.dtype == torch.float32 and decoded.shape == values.shape
@@ -44,6 +48,76 @@ def test_int8_keeps_small_blocks_accurate():
     decoded = decode_tensor(encode_tensor(values, "int8"))
     # Blockwise scales: the tiny block is not crushed by the large one.
     assert (decoded[64:] - values[64:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("magnitude", [3e-8, 5e-7, 1e-3, 1.0, 6e4, 1e30])
+def test_fp16_is_scaled_per_tensor_so_tiny_and_huge_values_keep_its_precision(magnitude):
+    torch.manual_seed(0)
+    values = torch.randn(4, 50) * magnitude
+    values[0, 0] = magnitude  # (values near 60000 are the top of fp16's range unscaled)
+    message = encode_tensor(values, "fp16")
+    (scale,) = struct.unpack("<f", message.scales)
+    assert message.block_size == 0 and math.frexp(scale)[0] == 0.5
+    assert 2**13 <= values.abs().max().item() * scale < 2**14
+    decoded = decode_tensor(message)
+    relative = ((decoded - values).abs() / values.abs()).max().item()
+    assert relative <= 1e-3, f"{magnitude}: {relative:.2e}"
+
+
+@pytest.mark.parametrize("values", [torch.zeros(3, 5), torch.zeros(0, 5), torch.tensor(-0.0)])
+def test_fp16_zero_and_empty_tensors_round_trip_with_scale_one(values):
+    message = encode_tensor(values, "fp16")
+    assert struct.unpack("<f", message.scales) == (1.0,)
+    assert torch.equal(decode_tensor(message), values)
+
+
+def test_fp16_keeps_inf_and_nan_and_scales_by_the_finite_values():
+    values = torch.tensor([5e-7, -3e-8, math.inf, -math.inf, math.nan, 0.0])
+    message = encode_tensor(values, "fp16")
+    (scale,) = struct.unpack("<f", message.scales)
+    sent = torch.frombuffer(bytearray(message.data), dtype=torch.float16).float() / scale
+    assert sent[2] == math.inf and sent[3] == -math.inf and math.isnan(sent[4]) and sent[5] == 0
+    assert ((sent[:2] - values[:2]).abs() / values[:2].abs()).max().item() <= 1e-3
+    # As with every encoding, the receiver refuses non-finite values.
+    with pytest.raises(WireError, match="grad: holds NaN or infinite values"):
+        decode_tensor(message, "grad")
+
+
+@pytest.mark.parametrize("scales,block_size,reason", [
+    (b"\x00\x00\x80", 0, "3 scale bytes for fp16-scaled, expected 4"),
+    (b"\x00" * 8, 0, "8 scale bytes for fp16-scaled, expected 4"),
+    (b"", 0, "0 scale bytes for fp16-scaled, expected 4"),
+    (struct.pack("<f", 0.0), 0, "fp16 scale 0.0 must be a finite positive power of two"),
+    (struct.pack("<f", -2.0), 0, "fp16 scale -2.0 must be a finite positive power of two"),
+    (struct.pack("<f", 3.0), 0, "fp16 scale 3.0 must be a finite positive power of two"),
+    (struct.pack("<f", math.inf), 0, "fp16 scale inf must be"),
+    (struct.pack("<f", math.nan), 0, "fp16 scale nan must be"),
+    (struct.pack("<f", 4.0), 64, "fp16 block_size 64 must be 0"),
+])
+def test_fp16_bad_scales_are_refused_with_a_reason(scales, block_size, reason):
+    for values in (torch.randn(2, 3), torch.zeros(0, 3)):
+        message = encode_tensor(values, "fp16")
+        message.scales, message.block_size = scales, block_size
+        with pytest.raises(WireError, match=f"hidden: {reason}"):
+            decode_tensor(message, "hidden")
+
+
+def test_plain_fp16_decodes_unscaled_as_older_peers_send_it():
+    values = torch.tensor([[1.5, -2.25, 1e-3], [6e4, 0.0, -7.0]])
+    unscaled = pb.Tensor(dtype="float32", shape=[2, 3], encoding="fp16",
+                         data=values.to(torch.float16).numpy().tobytes())
+    assert torch.equal(decode_tensor(unscaled), values.to(torch.float16).float())
+    unscaled.scales = struct.pack("<f", 4.0)
+    with pytest.raises(WireError, match="hidden: plain fp16 carries no scale; a scaled tensor is tagged"):
+        decode_tensor(unscaled, "hidden")
+
+
+def test_a_scaled_tensor_carries_its_own_tag_so_an_older_peer_refuses_it_rather_than_misread_it():
+    message = encode_tensor(torch.full((4,), 3e-8), "fp16")
+    assert message.encoding == "fp16-scaled" and struct.unpack("<f", message.scales)[0] > 1
+    # What a peer from before the scale knows: these four encodings and masks.
+    older = {"fp32", "bf16", "fp16", "int8", "u8"}
+    assert message.encoding not in older
 
 
 def test_masks_round_trip_and_reject_other_values():

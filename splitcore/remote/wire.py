@@ -1,8 +1,8 @@
 """Tensors on the wire: explicit dtype, shape, encoding and bytes; never pickle.
 
-Float tensors (hidden states, gradients) travel as ``fp32``, ``bf16``, ``fp16`` or
-``int8`` (blockwise absmax: one float32 scale per block of values). Attention masks
-travel as ``u8``. Decoding validates everything (encoding, dtype, shape, byte counts,
+Float tensors (hidden states, gradients) travel as ``fp32``, ``bf16``, ``fp16`` (scaled
+per tensor, see ``_fp16_scale``) or ``int8`` (blockwise absmax: one float32 scale per block
+of values). Attention masks travel as ``u8``. Decoding validates everything (encoding, dtype, shape, byte counts,
 a size limit) *before* allocating, and raises ``WireError`` with the reason.
 
 Messages that carry tensors are streamed: ``split_message`` cuts the tensors' bytes
@@ -13,6 +13,7 @@ puts them back, refusing streams that grow beyond what the first message announc
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -27,8 +28,17 @@ INT8_BLOCK_SIZE = 64
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Nothing this service exchanges comes near this; it stops absurd sizes before allocation.
 DEFAULT_MAX_ELEMENTS = 1 << 28
+# fp16 scales each tensor so its largest finite magnitude lands in [2**13, 2**14): well inside
+# fp16's normal range (max 65504), so small gradients keep fp16's ~1e-3 relative precision.
+FP16_TARGET_EXPONENT = 14
+# The scale is a power of two 2**k that is a normal float32, so scaling is exact both ways.
+_FP16_SCALE_EXPONENTS = (-126, 127)
+# How a scaled fp16 tensor is tagged on the wire (a session's encoding is still "fp16"). A peer from
+# before the scale refuses the tag as an unknown encoding, rather than reading the values 2**k off;
+# its own plain "fp16" tensors (no scale) still decode here.
+FP16_SCALED = "fp16-scaled"
 
-_BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, MASK_ENCODING: 1}
+_BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2, FP16_SCALED: 2, "int8": 1, MASK_ENCODING: 1}
 _TORCH_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -67,6 +77,11 @@ def encode_tensor(tensor: torch.Tensor, encoding: str = "fp32") -> pb.Tensor:
         message.data = quantised.numpy().tobytes()
         message.scales = scales.numpy().tobytes()
         message.block_size = INT8_BLOCK_SIZE
+    elif encoding == "fp16":
+        scale = _fp16_scale(values)
+        message.encoding = FP16_SCALED
+        message.data = _raw_bytes((values.float() * scale).to(torch.float16))
+        message.scales = struct.pack("<f", scale)
     else:
         message.data = _raw_bytes(values.to(_ENCODED_DTYPE[encoding]))
     return message
@@ -97,7 +112,7 @@ def decode_tensor(
     encoding = message.encoding
     if encoding not in _BYTES_PER_VALUE:
         raise WireError(f"{field}: unknown encoding {encoding!r}; expected one of "
-                        f"{', '.join(FLOAT_ENCODINGS + (MASK_ENCODING,))}")
+                        f"{', '.join(FLOAT_ENCODINGS + (FP16_SCALED, MASK_ENCODING))}")
     if message.dtype not in _TORCH_DTYPES:
         raise WireError(f"{field}: unknown dtype {message.dtype!r}; expected one of {', '.join(_TORCH_DTYPES)}")
     dtype = _TORCH_DTYPES[message.dtype]
@@ -115,7 +130,12 @@ def decode_tensor(
     if encoding == "int8":
         values = _dequantise_int8(message, field, count).to(dtype)
     elif count == 0:
+        if encoding in ("fp16", FP16_SCALED):
+            _fp16_scale_of(message, field)
         values = torch.empty(0, dtype=dtype)
+    elif encoding in ("fp16", FP16_SCALED):
+        scale = _fp16_scale_of(message, field)
+        values = (torch.frombuffer(bytearray(message.data), dtype=torch.float16).float() / scale).to(dtype)
     else:
         values = torch.frombuffer(bytearray(message.data), dtype=_ENCODED_DTYPE[encoding]).to(dtype)
     # Checked after the cast: a finite value beyond the declared dtype's range (65536 as float16,
@@ -157,6 +177,39 @@ def _raw_bytes(values: torch.Tensor) -> bytes:
     if values.dtype == torch.bfloat16:
         return values.view(torch.int16).numpy().tobytes()
     return values.numpy().tobytes()
+
+
+def _fp16_scale(values: torch.Tensor) -> float:
+    """The power of two that brings ``values``' largest finite magnitude into [2**13, 2**14).
+
+    inf and NaN do not count (they stay inf and NaN when scaled); an all-zero, empty or
+    all-non-finite tensor gets 1. Huge values get a scale below 1, tiny ones above 1.
+    """
+    magnitudes = values.detach().float().abs()
+    largest = torch.where(torch.isfinite(magnitudes), magnitudes, 0.0).amax().item() if values.numel() else 0.0
+    if largest == 0.0:
+        return 1.0
+    _, exponent = math.frexp(largest)  # largest = m * 2**exponent with 0.5 <= m < 1
+    low, high = _FP16_SCALE_EXPONENTS
+    return 2.0 ** min(max(FP16_TARGET_EXPONENT - exponent, low), high)
+
+
+def _fp16_scale_of(message: pb.Tensor, field: str) -> float:
+    """The scale an fp16 tensor was multiplied by: one float32 power of two for ``FP16_SCALED``,
+    none (1) for plain ``fp16``, which is how a peer from before the scale sends."""
+    if message.block_size != 0:
+        raise WireError(f"{field}: fp16 block_size {message.block_size} must be 0 (one scale for the whole tensor)")
+    if message.encoding == "fp16":
+        if message.scales:
+            raise WireError(f"{field}: plain fp16 carries no scale; a scaled tensor is tagged {FP16_SCALED!r}")
+        return 1.0
+    if len(message.scales) != 4:
+        raise WireError(f"{field}: {len(message.scales)} scale bytes for {FP16_SCALED}, expected 4 (one float32 "
+                        "scale)")
+    (scale,) = struct.unpack("<f", message.scales)
+    if not (math.isfinite(scale) and scale > 0 and math.frexp(scale)[0] == 0.5):
+        raise WireError(f"{field}: fp16 scale {scale!r} must be a finite positive power of two")
+    return scale
 
 
 def _quantise_int8(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
