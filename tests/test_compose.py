@@ -346,8 +346,7 @@ def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
 
 def test_gitignore_keeps_env_files_out_of_the_repository_but_not_the_example():
     git = shutil.which("git")
-    if git is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git work tree (or no git): .gitignore is checked where the repository is")
+    assert git is not None and (ROOT / ".git").exists(), "the tests run in a git clone of the repository, with git"
 
     def ignored(path: str) -> bool:
         # --no-index: the rules themselves, whether or not the file is tracked.

@@ -66,10 +66,6 @@ class Lease:
         """True when the user asked to cancel; raises LeaseLost when the job is not ours."""
         return self.requests()[0]
 
-    def move_requested(self) -> int | None:
-        """The trunk staff asked this job to move off (its id), or None; raises LeaseLost like above."""
-        return self.requests()[1]
-
     def interrupted(self) -> bool:
         """Polled between steps: the job should stop after this step (cancel, or a move to another trunk)."""
         cancel, move_from = self.requests()

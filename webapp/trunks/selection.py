@@ -35,7 +35,7 @@ def pick_trunk(model_id: str, cut: tuple[int | None, int | None] = (None, None),
     """
     candidates = list(healthy_trunks(model_id).exclude(pk__in=exclude))
     if not candidates:
-        raise NoTrunkAvailable(_why_none(model_id, exclude))
+        raise NoTrunkAvailable(_why_none(model_id))
     allowing = [trunk for trunk in candidates if trunk.allows_cut(*cut)]
     if not allowing:
         reasons = "; ".join(f"{trunk.name}: {trunk.cut_problem(*cut)}" for trunk in candidates)
@@ -77,7 +77,7 @@ def served_model_summaries() -> list[dict]:
     return [summaries[model_id] for model_id in models]
 
 
-def _why_none(model_id: str, exclude: tuple[int, ...] = ()) -> str:
+def _why_none(model_id: str) -> str:
     trunks = TrunkServer.objects.all()
     if not trunks.exists():
         return "no trunk server is registered: add one in the admin (Trunk servers), then run 'Check now'"
