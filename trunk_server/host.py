@@ -2,16 +2,22 @@
 
 The host holds the widest range of blocks its operator allows; each session runs its own
 contiguous sub-range (its client's cut). Each training session adds one named ``peft``
-LoRA adapter on the blocks of its range (or none, for a frozen trunk); the base weights
+adapter on the blocks of its range (or none, for a frozen trunk); the base weights
 exist once in memory, on the configured device and in the configured compute dtype, while
 every adapter stays fp32 (peft casts adapter weights up). Model compute is serialised by
 one lock: switching the active adapter and running a block must not interleave between
 sessions.
+
+One peft model holds adapters of one method only, so each method (LoRA, LoHa, LoKr, IA3)
+gets its own peft model, built on a copy of the trunk's module tree that shares every
+weight with it: sessions of different methods run side by side over one set of weights,
+and the trunk itself stays without adapter layers (a frozen session runs it directly).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import threading
@@ -69,7 +75,8 @@ class TrunkHost:
             param.data = param.data.to(self.dtype)
         self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
         self.lock = threading.RLock()
-        self._peft: PeftModel | None = None
+        self._pefts: dict[str, PeftModel] = {}  # by adapter method
+        self._method_of: dict[str, str] = {}  # adapter name -> method
         # The server's counters: the host measures busy time, sessions and the servicer feed the rest.
         self.stats = TrunkStats()
 
@@ -103,30 +110,48 @@ class TrunkHost:
 
     def add_adapter(self, name: str, settings: LoraSettings, seed: int,
                     layers: range) -> dict[str, torch.nn.Parameter]:
-        """Add a LoRA adapter on the blocks ``layers`` for one session; returns its parameters by full-model name."""
+        """Add an adapter on the blocks ``layers`` for one session; returns its parameters by full-model name."""
         peft_config = lora_config_for(self.trunk, self.family, settings, layers, where="the trunk")
         with self.lock:
             # autocast_adapter_dtype: the adapter's weights are fp32 even on bf16/fp16 blocks.
-            if self._peft is None:
-                self._peft = get_peft_model(self.trunk, peft_config, adapter_name=name, autocast_adapter_dtype=True)
+            peft = self._pefts.get(settings.method)
+            if peft is None:
+                peft = get_peft_model(self._weight_sharing_copy(), peft_config, adapter_name=name,
+                                      autocast_adapter_dtype=True)
+                self._pefts[settings.method] = peft
             else:
-                self._peft.add_adapter(name, peft_config, autocast_adapter_dtype=True)
-            init_lora_weights(self._peft, seed, adapter_name=name)
-            marker = f".{name}."
+                peft.add_adapter(name, peft_config, autocast_adapter_dtype=True)
+            self._method_of[name] = settings.method
+            init_lora_weights(peft, seed, adapter_name=name)
+            # LoRA's weights are named ...q_proj.lora_A.<name>.weight, LoHa's ...q_proj.hada_w1_a.<name>.
             return {
-                key.removeprefix("base_model.model.").replace(marker, "."): param
-                for key, param in self._peft.named_parameters()
-                if marker in key
+                ".".join(part for part in key.removeprefix("base_model.model.").split(".") if part != name): param
+                for key, param in peft.named_parameters()
+                if name in key.split(".")
             }
+
+    def _weight_sharing_copy(self) -> torch.nn.Module:
+        """A copy of the trunk's module tree whose parameters and buffers are the trunk's own tensors."""
+        shared = {id(tensor): tensor for tensor in (*self.trunk.parameters(), *self.trunk.buffers())}
+        return copy.deepcopy(self.trunk, memo=shared)
+
+    def _peft_of(self, name: str) -> PeftModel:
+        return self._pefts[self._method_of[name]]
 
     def remove_adapter(self, name: str) -> None:
         with self.lock:
-            if self._peft is not None and name in self._peft.peft_config:
-                self._peft.delete_adapter(name)
+            method = self._method_of.pop(name, None)
+            peft = self._pefts.get(method)
+            if peft is None or name not in peft.peft_config:
+                return
+            if len(peft.peft_config) == 1:
+                del self._pefts[method]  # its last adapter: drop the copy (peft keeps one adapter at least)
+            else:
+                peft.delete_adapter(name)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         with self.lock:
-            state = get_peft_model_state_dict(self._peft, adapter_name=name)
+            state = get_peft_model_state_dict(self._peft_of(name), adapter_name=name)
             return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
@@ -135,14 +160,14 @@ class TrunkHost:
         unexpected = state.keys() - expected.keys()
         if missing or unexpected:
             first = sorted(missing or unexpected)[0]
-            raise ValueError(f"adapter state does not match this session's LoRA: "
+            raise ValueError(f"adapter state does not match this session's adapter: "
                              f"{'missing' if missing else 'unexpected'} weight {first!r}")
         for key, value in state.items():
             if value.shape != expected[key].shape:
                 raise ValueError(f"adapter weight {key!r} has shape {list(value.shape)}, "
                                  f"the session's has {list(expected[key].shape)}")
         with self.lock:
-            set_peft_model_state_dict(self._peft, state, adapter_name=name)
+            set_peft_model_state_dict(self._peft_of(name), state, adapter_name=name)
 
     # -------------------------------------------------------------- compute
 
@@ -167,19 +192,13 @@ class TrunkHost:
 
     @contextlib.contextmanager
     def _adapter(self, name: str | None):
-        """Run with the session's adapter active, or with every adapter off."""
-        if self._peft is None:
+        """Run with the session's adapter active, or with no adapter (the trunk itself has no adapter layers)."""
+        if name is None:
             yield self.trunk
-        elif name is None:
-            # The tuner-level switch: PeftModel.disable_adapter() fails once the active adapter is deleted.
-            self._peft.base_model.disable_adapter_layers()
-            try:
-                yield self.trunk  # the wrapped module itself: PeftModel.forward also needs an active adapter
-            finally:
-                self._peft.base_model.enable_adapter_layers()
         else:
-            self._peft.set_adapter(name)
-            yield self._peft
+            peft = self._peft_of(name)
+            peft.set_adapter(name)
+            yield peft
 
     def forward(self, adapter: str | None, layers: range, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 past_key_values: Cache | None = None, training: bool = False, seed: int = 0) -> torch.Tensor:

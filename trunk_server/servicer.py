@@ -14,6 +14,7 @@ import time
 import grpc
 
 from splitcore import __version__
+from splitcore.model.lora import methods_for
 from splitcore.remote.errors import REASON_KEY, STATUS, Reason, TrunkRefusal
 from splitcore.remote.messages import lora_from_proto, optimizer_from_proto
 from splitcore.remote.proto import trunk_pb2 as pb
@@ -121,6 +122,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             uptime_s=stats.uptime_s, sessions_opened=sum(stats.sessions_opened.values()),
             sessions_closed=stats.sessions_ended["closed"], sessions_expired=stats.sessions_ended["expired"],
             tokens_processed=sum(stats.tokens.values()), busy_s=stats.busy_s,
+            adapter_methods=list(methods_for(self.host.family)),
         )
 
     # -------------------------------------------------------------- RPCs

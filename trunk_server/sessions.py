@@ -390,7 +390,7 @@ class SessionRegistry:
         Returns (session, opened now)."""
         if len(open_key) > MAX_OPEN_KEY:
             raise ValueError(f"open_key is {len(open_key)} characters long; at most {MAX_OPEN_KEY}")
-        if request.lora is not None and request.lora[0].r > self.budgets.max_lora_rank:
+        if request.lora is not None and request.lora[0].has_rank and request.lora[0].r > self.budgets.max_lora_rank:
             raise BudgetExceeded(f"LoRA rank {request.lora[0].r} is beyond this trunk's budget of rank "
                                  f"{self.budgets.max_lora_rank}; choose a rank of at most {self.budgets.max_lora_rank}")
         self.expire()

@@ -24,7 +24,7 @@ from splitcore.generation.local import GenerationSettings
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from splitcore.model.architectures import family_for
 from splitcore.model.fingerprint import weights_fingerprint
-from splitcore.model.lora import LoraSettings
+from splitcore.model.lora import PEFT_TYPES, LoraSettings
 from splitcore.model.parts import split_model
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
@@ -32,7 +32,7 @@ from splitcore.remote.trunk import check_trunk_serves, choose_split
 
 
 def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
-    """The LoraSettings of a PEFT adapter directory (for the trunk's share of it)."""
+    """The LoraSettings of a PEFT adapter directory (for the trunk's share of it), of any method a job can use."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text())
@@ -42,9 +42,19 @@ def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules is a pattern ({targets!r}); split inference needs a list of "
                          "module names")
+    peft_type = str(config.get("peft_type", "LORA"))
+    method = next((m for m, t in PEFT_TYPES.items() if t == peft_type), None)
+    if method is None:
+        raise ValueError(f"{path}: peft_type {peft_type!r} is not a method split inference can run "
+                         f"({', '.join(PEFT_TYPES.values())})")
+    targets = tuple(sorted(t.rsplit(".", 1)[-1] for t in targets))
+    if method == "ia3":
+        return LoraSettings(method=method, target_modules=targets)
+    if method != "lora":
+        return LoraSettings(method=method, r=int(config["r"]), alpha=float(config["alpha"]),
+                            dropout=float(config.get("rank_dropout", 0.0)), target_modules=targets)
     return LoraSettings(r=int(config["r"]), alpha=float(config["lora_alpha"]),
-                        dropout=float(config.get("lora_dropout", 0.0)),
-                        target_modules=tuple(sorted(t.rsplit(".", 1)[-1] for t in targets)),
+                        dropout=float(config.get("lora_dropout", 0.0)), target_modules=targets,
                         use_dora=bool(config.get("use_dora", False)), use_rslora=bool(config.get("use_rslora", False)))
 
 

@@ -1,4 +1,4 @@
-"""One ordinary PEFT adapter for the whole model, from the parts' LoRA weights."""
+"""One ordinary PEFT adapter for the whole model, from the parts' adapter weights."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from splitcore.model.architectures import ArchitectureFamily
-from splitcore.model.lora import LoraSettings
+from splitcore.model.lora import ADAPTER_WEIGHT_PREFIXES, LoraSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def part_adapter_state(peft_part: PeftModel) -> dict[str, torch.Tensor]:
-    """The part's LoRA weights under full-model keys (``base_model.model.model.layers.N...``)."""
+    """The part's adapter weights under full-model keys (``base_model.model.model.layers.N...``)."""
     return {key: value.detach().cpu() for key, value in get_peft_model_state_dict(peft_part).items()}
 
 
@@ -34,6 +34,15 @@ def merge_adapter_states(states: Iterable[Mapping[str, torch.Tensor]]) -> dict[s
     if not merged:
         raise ValueError("no LoRA weights to export: none of the parts has an adapter")
     return merged
+
+
+def adapted_module(key: str) -> str:
+    """The module path of an adapter weight's key: ``...q_proj.lora_A.weight`` -> ``...q_proj``."""
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith(ADAPTER_WEIGHT_PREFIXES):
+            return ".".join(parts[:index])
+    raise ValueError(f"{key!r} is not an adapter weight (no component starts with {', '.join(ADAPTER_WEIGHT_PREFIXES)})")
 
 
 def export_adapter(
@@ -55,7 +64,7 @@ def export_adapter(
     out.mkdir(parents=True, exist_ok=True)
     config = settings.peft_config(family, task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path)
     # Every adapted module of every part; a custom target list may name modules absent in some parts.
-    config.target_modules = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in merged})
+    config.target_modules = sorted({adapted_module(key).rsplit(".", 1)[-1] for key in merged})
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as staging:
         config.save_pretrained(staging)
         tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in merged.items()}

@@ -29,14 +29,14 @@ class OptimizerSettings:
 def lora_to_proto(settings: LoraSettings, seed: int) -> pb.LoraSpec:
     return pb.LoraSpec(r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
                        target_modules=list(settings.target_modules), use_dora=settings.use_dora,
-                       use_rslora=settings.use_rslora, seed=seed)
+                       use_rslora=settings.use_rslora, seed=seed, method=settings.method)
 
 
 def lora_from_proto(spec: pb.LoraSpec) -> tuple[LoraSettings, int]:
     """ValueError (from LoraSettings) when the spec is invalid."""
     settings = LoraSettings(r=int(spec.r), alpha=float(spec.alpha), dropout=float(spec.dropout),
                             target_modules=tuple(spec.target_modules), use_dora=spec.use_dora,
-                            use_rslora=spec.use_rslora)
+                            use_rslora=spec.use_rslora, method=spec.method or "lora")
     return settings, int(spec.seed)
 
 

@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 
 from splitcore.model.architectures import ArchitectureFamily
 from splitcore.model.fingerprint import weights_fingerprint
+from splitcore.model.lora import method_label
 from splitcore.model.split_spec import CutBounds, SplitSpec
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.proto import trunk_pb2 as pb
@@ -102,17 +103,20 @@ class SessionNeeds:
     batch_size: int = 1
     seq_len: int = 0  # 0: not known in advance
     micro_batches: int = 1
-    lora_rank: int | None = None  # None: no trunk LoRA
+    lora_rank: int | None = None  # None: no trunk LoRA (or a method without a rank)
+    adapter_method: str | None = None  # None: no trunk adapter
 
     @classmethod
     def of(cls, config) -> SessionNeeds:
         """The needs of a run with this ``TrainConfig``."""
+        trunk = config.train_trunk_lora
         return cls(batch_size=config.batch_size, seq_len=config.seq_len, micro_batches=config.grad_accum,
-                   lora_rank=config.lora.r if config.train_trunk_lora else None)
+                   lora_rank=config.lora.r if trunk and config.lora.has_rank else None,
+                   adapter_method=config.lora.method if trunk else None)
 
     def problems(self, info: pb.InfoResponse) -> dict[str, str]:
         """What these needs ask beyond the budgets in ``info`` (a budget it does not report: none), by
-        what to change: "micro_batches", "tokens", "positions" or "lora_rank"."""
+        what to change: "micro_batches", "tokens", "positions", "lora_rank" or "adapter_method"."""
         problems = {}
         if info.max_micro_batches and self.micro_batches > info.max_micro_batches:
             problems["micro_batches"] = (f"{self.micro_batches} micro-batches per step (gradient accumulation); "
@@ -126,6 +130,10 @@ class SessionNeeds:
             problems["positions"] = f"sequences of {self.seq_len} tokens; the model has {info.max_positions} positions"
         if info.max_lora_rank and self.lora_rank is not None and self.lora_rank > info.max_lora_rank:
             problems["lora_rank"] = f"a trunk LoRA of rank {self.lora_rank}; it allows rank {info.max_lora_rank}"
+        served = tuple(info.adapter_methods) or ("lora",)  # a server older than the field serves LoRA only
+        if self.adapter_method is not None and self.adapter_method not in served:
+            problems["adapter_method"] = (f"a {method_label(self.adapter_method)} adapter on the trunk; it serves "
+                                          f"{', '.join(method_label(m) for m in served)} adapters")
         return problems
 
 

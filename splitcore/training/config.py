@@ -75,6 +75,9 @@ class TrainConfig:
         if not self.privacy.gradients_to_trunk and self.train_trunk_lora:
             raise ValueError("with no gradients sent to the trunk, its LoRA cannot learn: turn trunk LoRA off "
                              "(train_trunk_lora) or send gradients")
+        if self.privacy.private_bottom and self.lora.method != "lora":
+            raise ValueError(f"a private Bottom draws the Bottom's LoRA B matrices from the client's secret; it "
+                             f"needs the LoRA method, not {self.lora.label}")
         if self.wire_encoding not in FLOAT_ENCODINGS:
             raise ValueError(f"wire encoding must be one of {', '.join(FLOAT_ENCODINGS)}, got {self.wire_encoding!r}")
 
