@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from splitcore.model import default_model
-from splitcore.model.tiny_models import TinyModelSpec, build_tokenizer, write_tiny_model
+from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, build_tokenizer, write_tiny_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["web_fixtures"]
 
-# Every family the registry claims; GPT-2 and Llama also exist as tiny models on disk.
-ARCHS = ("gpt2", "llama", "mistral", "qwen2")
+# Every family the registry claims; the tiny architectures also exist as tiny models on disk.
+ARCHS = (*TINY_ARCHS, "mistral", "qwen2")
 
 SENTENCES = [
     "hello there",
@@ -31,7 +31,7 @@ SENTENCES = [
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: write_tiny_model(root / arch, TinyModelSpec(arch=arch)) for arch in ("gpt2", "llama")}
+    return {arch: write_tiny_model(root / arch, TinyModelSpec(arch=arch)) for arch in TINY_ARCHS}
 
 
 def _in_memory_config(arch: str, tokenizer):
@@ -52,14 +52,18 @@ def _in_memory_config(arch: str, tokenizer):
 
 @pytest.fixture(scope="session")
 def load_model(tiny_dirs):
-    """load_model(arch, attn="sdpa") -> a fresh (model, tokenizer), identical weights each call."""
+    """load_model(arch, attn=None) -> a fresh (model, tokenizer), identical weights each call.
 
-    def load(arch: str, attn: str = "sdpa"):
+    ``attn`` None: the model's default attention (SDPA, or eager where SDPA is unsupported: Gemma 2).
+    """
+
+    def load(arch: str, attn: str | None = None):
         if arch in tiny_dirs:
             model = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], attn_implementation=attn)
             tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[arch])
         else:
             tokenizer = build_tokenizer()
+            attn = attn or "sdpa"
             config = _in_memory_config(arch, tokenizer)
             config._attn_implementation = attn
             with torch.random.fork_rng():

@@ -24,6 +24,7 @@ from splitcore import (
     split_model,
 )
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter_states, part_adapter_state
+from splitcore.model.tiny_models import TINY_ARCHS
 
 
 def trained_parts(model_dir, settings, seed=0):
@@ -36,7 +37,7 @@ def trained_parts(model_dir, settings, seed=0):
     return family, parts
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("settings", [LoraSettings(r=4, alpha=8), LoraSettings(r=4, alpha=8, use_dora=True)],
                          ids=["lora", "dora"])
 def test_exported_adapter_loads_on_the_unsplit_model_with_the_same_logits(tiny_dirs, tmp_path, arch, settings):

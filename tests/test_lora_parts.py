@@ -9,6 +9,19 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from splitcore import LoraSettings, add_lora, family_for, init_lora_weights, split_model
+from splitcore.model.tiny_models import TINY_ARCHS
+
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+# Every tiny family with plain LoRA, plus the variants on the two oldest and a Qwen2 with sliding layers.
+GRADIENT_CASES = {
+    **{arch: (arch, LORA) for arch in TINY_ARCHS},
+    "gpt2-dora": ("gpt2", LoraSettings(r=4, alpha=8, dropout=0.0, use_dora=True)),
+    "llama-dora": ("llama", LoraSettings(r=4, alpha=8, dropout=0.0, use_dora=True)),
+    "llama-rslora": ("llama", LoraSettings(r=8, alpha=4, dropout=0.0, use_rslora=True)),
+    "qwen2": ("qwen2", LORA),
+}
+# GPT-2's Conv1D projections have their own test below.
+LINEAR_ARCHS = [arch for arch in TINY_ARCHS if arch != "gpt2"]
 
 
 def canonical(name: str) -> str:
@@ -52,18 +65,7 @@ def split_backward(peft_parts, input_ids, attention_mask, labels):
     return loss
 
 
-@pytest.mark.parametrize(
-    "arch,settings",
-    [
-        ("gpt2", LoraSettings(r=4, alpha=8, dropout=0.0)),
-        ("llama", LoraSettings(r=4, alpha=8, dropout=0.0)),
-        ("gpt2", LoraSettings(r=4, alpha=8, dropout=0.0, use_dora=True)),
-        ("llama", LoraSettings(r=4, alpha=8, dropout=0.0, use_dora=True)),
-        ("llama", LoraSettings(r=8, alpha=4, dropout=0.0, use_rslora=True)),
-        ("qwen2", LoraSettings(r=4, alpha=8, dropout=0.0)),
-    ],
-    ids=["gpt2", "llama", "gpt2-dora", "llama-dora", "llama-rslora", "qwen2"],
-)
+@pytest.mark.parametrize("arch,settings", list(GRADIENT_CASES.values()), ids=list(GRADIENT_CASES))
 def test_split_lora_gradients_equal_monolithic_peft(load_model, arch, settings):
     model, tokenizer = load_model(arch)
     family = family_for(model.config)
@@ -97,8 +99,9 @@ def test_split_lora_gradients_equal_monolithic_peft(load_model, arch, settings):
         assert diff <= 1e-5 * max(1.0, scale), f"{key}: gradient differs by {diff}"
 
 
-def test_parts_are_peft_models_with_only_lora_trainable(load_model):
-    model, _ = load_model("llama")
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+def test_parts_are_peft_models_with_only_lora_trainable(load_model, arch):
+    model, _ = load_model(arch)
     family = family_for(model.config)
     settings = LoraSettings(r=2, alpha=4, dropout=0.1)
     peft_parts = [add_lora(part, family, settings) for part in split_model(model, 2, 2)]
@@ -109,9 +112,9 @@ def test_parts_are_peft_models_with_only_lora_trainable(load_model):
         layers = [m for m in part.modules() if isinstance(m, LoraLayer)]
         assert {type(m.base_layer).__name__ for m in layers} == {"Linear"}
         assert all(m.r["default"] == 2 and m.scaling["default"] == 2.0 for m in layers)
-    # All seven projections of every decoder layer are adapted, and nothing else.
+    # Every projection of every decoder layer is adapted (seven, or four fused ones in Phi-3), and nothing else.
     adapted = {n.split(".lora_A")[0] for p in peft_parts for n, _ in p.named_parameters() if ".lora_A." in n}
-    assert len(adapted) == 6 * 7
+    assert len(adapted) == 6 * len(family.lora_targets)
     assert {a.rsplit(".", 1)[-1] for a in adapted} == set(family.lora_targets)
 
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=_cmd_prepare_model)
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random model with a working tokenizer")
-    tiny.add_argument("--arch", choices=TINY_ARCHS, required=True)
+    tiny.add_argument("--arch", choices=TINY_ARCHS, required=True,
+                      help=f"model family: {', '.join(TINY_ARCHS)} (gemma3: a Gemma 3 text model)")
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--layers", type=int, default=TinyModelSpec.num_layers, help="decoder layers (default 6)")
     tiny.add_argument("--hidden-size", type=int, default=TinyModelSpec.hidden_size, help="hidden size (default 64)")

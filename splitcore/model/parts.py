@@ -126,15 +126,17 @@ class SplitPart(nn.Module):
                 position_ids=position_ids,
                 layer_idx=first_layer,
             )
-        extra = self.family.block_kwargs(self.backbone, hidden, position_ids)
+        # Per attention type: some families rotate local and global layers differently.
+        extras = {kind: self.family.block_kwargs(self.backbone, hidden, position_ids, kind) for kind in masks}
         for index in layer_indices:
+            kind = attention_types[index]
             hidden = self.blocks[str(index)](
                 hidden,
-                attention_mask=masks[attention_types[index]],
+                attention_mask=masks[kind],
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
-                **extra,
+                **extras[kind],
             )  # (batch, seq, hidden)
         return hidden
 
@@ -191,6 +193,9 @@ class Trunk(SplitPart):
 class Top(SplitPart):
     """The last decoder blocks, the final norm and the LM head: ``(hidden, mask) -> logits``.
 
+    The logits get whatever the full model's forward applies after the LM head (Gemma's
+    final soft-capping), through ``family.logits``.
+
     With ``labels`` it also returns the shifted next-token cross-entropy (``-100`` is
     ignored), averaged over ``num_items_in_batch`` labelled tokens when given (for
     gradient accumulation), else over this batch's labelled tokens.
@@ -216,7 +221,7 @@ class Top(SplitPart):
         hidden = getattr(self.backbone, self.family.final_norm_attr)(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]
-        logits = self.lm_head(hidden)  # (batch, seq, vocab)
+        logits = self.family.logits(self.config, self.lm_head(hidden))  # (batch, seq, vocab)
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(

@@ -11,9 +11,28 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
-TINY_ARCHS = ("gpt2", "llama")
+TINY_ARCHS = ("gpt2", "llama", "qwen3", "gemma2", "gemma3", "phi3")
+
+# Small enough that the test sentences run past it, so sliding-window masks and caches really cut.
+TINY_SLIDING_WINDOW = 6
+# Local and global layers mixed, so every part of a 2/2/2 split builds both kinds of mask.
+TINY_LAYER_PATTERN = ("sliding_attention", "full_attention")
+# Soft-caps near the tiny Gemmas' own magnitudes (attention scores up to ~0.07, logits up to
+# ~0.6 at seed 0), so capping really bends them; the released models use 50 and 30.
+TINY_ATTN_SOFTCAP = 0.05
+TINY_FINAL_SOFTCAP = 0.5
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -95,27 +114,23 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    common = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=spec.tie_word_embeddings,
+def _gpt2(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    return GPT2Config(
+        n_layer=spec.num_layers,
+        n_embd=spec.hidden_size,
+        n_head=spec.num_heads,
+        n_inner=spec.intermediate_size,
+        n_positions=spec.max_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **common,
     )
-    if spec.arch == "gpt2":
-        return GPT2Config(
-            n_layer=spec.num_layers,
-            n_embd=spec.hidden_size,
-            n_head=spec.num_heads,
-            n_inner=spec.intermediate_size,
-            n_positions=spec.max_positions,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **common,
-        )
-    return LlamaConfig(
+
+
+def _decoder(spec: TinyModelSpec, common: dict) -> dict:
+    """The sizes every Llama-like config spells the same way."""
+    return dict(
         num_hidden_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         num_attention_heads=spec.num_heads,
@@ -124,6 +139,59 @@ def tiny_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Pret
         max_position_embeddings=spec.max_positions,
         **common,
     )
+
+
+def _layer_types(spec: TinyModelSpec) -> list[str]:
+    return [TINY_LAYER_PATTERN[i % len(TINY_LAYER_PATTERN)] for i in range(spec.num_layers)]
+
+
+def _llama(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    return LlamaConfig(**_decoder(spec, common))
+
+
+def _qwen3(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    return Qwen3Config(head_dim=spec.hidden_size // spec.num_heads, use_sliding_window=True,
+                       sliding_window=TINY_SLIDING_WINDOW, layer_types=_layer_types(spec), **_decoder(spec, common))
+
+
+def _gemma(spec: TinyModelSpec) -> dict:
+    head_dim = spec.hidden_size // spec.num_heads
+    return dict(head_dim=head_dim, sliding_window=TINY_SLIDING_WINDOW, layer_types=_layer_types(spec),
+                # Not head_dim, so a split that fell back to 1/sqrt(head_dim) would show.
+                query_pre_attn_scalar=2 * head_dim, final_logit_softcapping=TINY_FINAL_SOFTCAP)
+
+
+def _gemma2(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    return Gemma2Config(attn_logit_softcapping=TINY_ATTN_SOFTCAP, **_gemma(spec), **_decoder(spec, common))
+
+
+def _gemma3(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    # Local and global layers rotate with different base frequencies, as in the released models.
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+    return Gemma3TextConfig(rope_parameters=rope, **_gemma(spec), **_decoder(spec, common))
+
+
+def _phi3(spec: TinyModelSpec, common: dict) -> PretrainedConfig:
+    # Phi-3 has no layer types: with a window set, every layer slides.
+    return Phi3Config(sliding_window=TINY_SLIDING_WINDOW, original_max_position_embeddings=spec.max_positions,
+                      resid_pdrop=0.0, embd_pdrop=0.0, **_decoder(spec, common))
+
+
+_CONFIG_BUILDERS = {"gpt2": _gpt2, "llama": _llama, "qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3,
+                    "phi3": _phi3}
+
+
+def tiny_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """The config of ``spec.arch`` at this size, with the family's distinctive features switched on."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=spec.tie_word_embeddings,
+    )
+    return _CONFIG_BUILDERS[spec.arch](spec, common)
 
 
 def build_tiny_model(spec: TinyModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:

@@ -256,7 +256,7 @@ def gradient_labels(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
     gradient = received[positions].float()  # (n, hidden)
     norm_times_gradient = _jacobian_times(final_norm, readout.pre_norm, gradient)  # (n, hidden)
     head = top.lm_head.weight.float()  # (vocab, hidden)
-    gamma = getattr(final_norm, "weight", None)
+    gamma = top.family.norm_gain(final_norm)  # Gemma's norms scale by 1 + weight
     gamma = torch.ones_like(head[0]) if gamma is None else gamma.detach().float()  # (hidden,)
     head_gamma = head * gamma  # (vocab, hidden)
     head_gamma_sq = (head_gamma * head_gamma).sum(-1)  # (vocab,)

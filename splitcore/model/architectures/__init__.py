@@ -5,13 +5,21 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from splitcore.model.architectures.base import FULL_ATTENTION, SLIDING_ATTENTION, ArchitectureFamily
+from splitcore.model.architectures.gemma2 import GEMMA2
+from splitcore.model.architectures.gemma3 import GEMMA3
 from splitcore.model.architectures.gpt2 import GPT2
 from splitcore.model.architectures.llama import LLAMA
+from splitcore.model.architectures.phi3 import PHI3
+from splitcore.model.architectures.qwen3 import QWEN3
 
-FAMILIES: tuple[ArchitectureFamily, ...] = (GPT2, LLAMA)
+FAMILIES: tuple[ArchitectureFamily, ...] = (GPT2, LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3)
 
 _BY_MODEL_TYPE: dict[str, ArchitectureFamily] = {
     model_type: family for family in FAMILIES for model_type in family.model_types
+}
+# Related model types that look supported but are not, with what to use instead.
+_REFUSED: dict[str, str] = {
+    model_type: advice for family in FAMILIES for model_type, advice in family.refused_model_types
 }
 
 
@@ -23,12 +31,15 @@ def supported_families_text() -> str:
 def family_for(config: PretrainedConfig) -> ArchitectureFamily:
     """The family that knows how to split a model with this config, or ValueError."""
     model_type = getattr(config, "model_type", None)
+    if model_type in _REFUSED:
+        raise ValueError(f"unsupported architecture {model_type!r}: {_REFUSED[model_type]}")
     family = _BY_MODEL_TYPE.get(model_type)
     if family is None:
         raise ValueError(
             f"unsupported architecture {model_type!r}: supported model families are "
             f"{supported_families_text()}"
         )
+    family.check_config(config)
     return family
 
 

@@ -1,8 +1,9 @@
 """What the splitter needs to know about one family of decoder-only models.
 
 A family names where the pieces live inside the Hugging Face model (so every part
-keeps the full model's module paths) and how to feed a decoder block. Adding a
-family means adding one subclass and registering it.
+keeps the full model's module paths), how to feed a decoder block, and what the full
+model's forward does outside its blocks (embedding scale, logit soft-capping). Adding a
+family means adding one subclass (or instance) and registering it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ArchitectureFamily:
         shared_attrs: weightless backbone helpers every part needs (rotary embeddings).
         lora_targets: default LoRA target modules: every attention and MLP projection.
         lora_fan_in_fan_out: True when the projections store weights transposed (GPT-2 Conv1D).
+        refused_model_types: ``(model_type, what to use instead)`` for related models this family
+            cannot split (e.g. a vision-language wrapper around a supported text model).
     """
 
     name: str
@@ -43,17 +46,34 @@ class ArchitectureFamily:
     shared_attrs: tuple[str, ...]
     lora_targets: tuple[str, ...]
     lora_fan_in_fan_out: bool = False
+    refused_model_types: tuple[tuple[str, str], ...] = ()
 
     def num_layers(self, config: PretrainedConfig) -> int:
         return int(config.num_hidden_layers)
+
+    def check_config(self, config: PretrainedConfig) -> None:
+        """ValueError for a config of this family that the parts cannot reproduce."""
 
     def embed(self, backbone: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, seq) -> first hidden states (batch, seq, hidden)."""
         raise NotImplementedError
 
-    def block_kwargs(self, backbone: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
-        """Extra keyword arguments every decoder block of this family takes (e.g. rotary cos/sin)."""
+    def block_kwargs(self, backbone: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                     attention_type: str) -> dict[str, Any]:
+        """Extra keyword arguments the decoder blocks of one attention type take (e.g. rotary cos/sin).
+
+        ``attention_type`` is FULL_ATTENTION or SLIDING_ATTENTION: some families rotate local
+        and global layers with different frequencies.
+        """
         return {}
+
+    def logits(self, config: PretrainedConfig, logits: torch.Tensor) -> torch.Tensor:
+        """What ``*ForCausalLM.forward`` does to the LM head's output (batch, seq, vocab); default: nothing."""
+        return logits
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor | None:
+        """The per-channel scale a norm applies after normalising (its ``weight``), or None if it has none."""
+        return getattr(norm, "weight", None)
 
     def layer_attention_types(self, config: PretrainedConfig) -> list[str]:
         """The attention kind of each layer, indexed by global layer number."""

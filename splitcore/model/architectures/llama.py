@@ -18,7 +18,9 @@ class LlamaFamily(ArchitectureFamily):
     def embed(self, backbone: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return backbone.embed_tokens(input_ids)  # (batch, seq, hidden)
 
-    def block_kwargs(self, backbone: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, Any]:
+    def block_kwargs(self, backbone: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                     attention_type: str) -> dict[str, Any]:
+        # One set of rotary frequencies for every layer, local or global.
         return {"position_embeddings": backbone.rotary_emb(hidden, position_ids=position_ids)}
 
 
