@@ -48,7 +48,8 @@ METHODS = {
     "ia3": LoraSettings(method="ia3"),
 }
 # GPT-2's projections are Conv1D: peft's LoHa and LoKr adapt linear layers only.
-CASES = [("llama", name) for name in METHODS] + [("gpt2", "lora-dora"), ("gpt2", "ia3")]
+CASES = ([("llama", name) for name in METHODS] + [("gpt2", "lora-dora"), ("gpt2", "ia3")]
+         + [(arch, name) for arch in ("qwen3", "gemma2", "gemma3", "phi3") for name in ("loha", "ia3")])
 
 
 def canonical(name: str) -> str:
