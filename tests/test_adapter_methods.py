@@ -32,6 +32,8 @@ from splitcore import (
     split_model,
 )
 from splitcore.data.formats import load_dataset_file
+from splitcore.generation.local import GenerationSettings, encode_prompt
+from splitcore.generation.split import SplitGenerator
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from splitcore.model.lora import ADAPTER_METHODS, PEFT_TYPES, UNSPLITTABLE_METHODS, check_method
 from splitcore.model.split_spec import SplitSpec
@@ -58,13 +60,13 @@ def canonical(name: str) -> str:
 
 
 @torch.no_grad()
-def perturb_adapter(model: torch.nn.Module, seed: int = 3) -> None:
+def perturb_adapter(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:
     """Move every adapter weight away from its start (B = 0, IA3 = 1) by a value fixed by its path, so every
     weight gets a gradient and the adapter changes the output; the same in parts and in the whole model."""
     for name, param in model.named_parameters():
         if param.requires_grad:
             generator = torch.Generator().manual_seed(seed + sum(map(ord, canonical(name))))
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -258,3 +260,34 @@ def test_train_cli_takes_the_method_and_refuses_one_that_cannot_be_split(tiny_di
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "ia3", "lora-dora"])
+def test_split_generation_with_an_adapter_of_each_method_gives_the_local_greedy_tokens(tiny_dirs, trunk, tmp_path,
+                                                                                       method):
+    """The trunk's share of the adapter (its blocks' weights) runs in an inference session of that method."""
+    settings = METHODS[method]
+    model_dir = tiny_dirs["llama"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    family = family_for(model.config)
+    parts = [add_lora(part, family, settings, seed=2) for part in split_model(model, 2, 2)]
+    for part in parts:
+        perturb_adapter(part, seed=11, scale=1.0)  # enough to change the tiny model's greedy tokens
+    adapter = export_parts_adapter(parts, tmp_path / "adapter", family, settings, str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    input_ids = encode_prompt(tokenizer, "Q: what is 4 plus 4?\nA:", chat=False)
+
+    def local_tokens(with_adapter: bool) -> list[int]:
+        local = AutoModelForCausalLM.from_pretrained(model_dir)
+        if with_adapter:
+            local = PeftModel.from_pretrained(local, adapter)
+        output = local.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return output[0, input_ids.shape[1]:].tolist()
+
+    with TrunkClient(trunk.address, trunk.token) as client:
+        generator = SplitGenerator.from_directory(model_dir, client, adapter)
+        assert generator.trunk_lora is not None and generator.trunk_lora.method == settings.method
+        split = list(generator.generate(input_ids, tokenizer, GenerationSettings(max_new_tokens=10)))
+    assert split == local_tokens(True)
+    assert split != local_tokens(False), "the adapter must change the answer for the comparison to mean something"
