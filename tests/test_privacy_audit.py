@@ -121,7 +121,7 @@ def test_the_audit_leaves_the_model_as_it_was(tiny_llama, demo_examples):
 def test_a_model_carrying_lora_is_refused(tiny_llama, demo_examples):
     model, tokenizer = tiny_llama
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="carries LoRA layers"):
+    with pytest.raises(ValueError, match="carries adapter layers"):
         audit_privacy(peft_model, tokenizer, demo_examples, PrivacySettings(), 1, 2, FAST)
 
 

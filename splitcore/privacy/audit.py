@@ -219,7 +219,10 @@ def _client_bottom(bottom: Bottom, bottom_adapter: str | os.PathLike | nn.Module
 
 
 def _has_lora(model: nn.Module) -> bool:
-    return any(hasattr(module, "lora_A") for module in model.modules())
+    """Whether peft has put adapter layers (of any method) into ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example]
     if not isinstance(config, AuditConfig):
         raise ValueError(f"config must be an AuditConfig, got {type(config).__name__}")
     if _has_lora(model):
-        raise ValueError("the model to audit carries LoRA layers, so it is not the public base model the trunk "
+        raise ValueError("the model to audit carries adapter layers, so it is not the public base model the trunk "
                          "owner holds; pass the base model and give the client's own Bottom as bottom_adapter")
     started = time.perf_counter()
     public_bottom, trunk, top = split_model(model, n_bottom, n_top)
