@@ -242,3 +242,22 @@ def test_a_diverging_loss_stops_with_a_clear_error(tiny_dirs, tokenized):
                 param.fill_(float("nan"))
     with pytest.raises(RuntimeError, match="loss became nan at step 1; lower the learning rate"):
         trainer.run()
+
+
+def test_resume_reads_checkpoints_from_before_the_adapter_method_and_refuses_another_method(tiny_dirs, tokenized,
+                                                                                            tmp_path):
+    config = TrainConfig(lora=LORA, max_steps=4, batch_size=2, checkpoint_every=2)
+    events = []
+    make_trainer(tiny_dirs, tokenized, config, tmp_path, events,
+                 should_cancel=lambda: len(step_losses(events)) >= 2).run()
+    state_file = list_checkpoints(tmp_path)[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["settings"]["lora"]["method"] == "lora"
+    del state["settings"]["lora"]["method"]  # as a checkpoint from before the method was recorded
+    state_file.write_text(json.dumps(state))
+    assert make_trainer(tiny_dirs, tokenized, config, tmp_path).run(resume_from=tmp_path).step == 4
+
+    loha = TrainConfig(lora=LoraSettings(method="loha", r=LORA.r, alpha=LORA.alpha, dropout=LORA.dropout),
+                       max_steps=4, batch_size=2)
+    with pytest.raises(ValueError, match="written with lora=.*'method': 'lora'.*this run has lora=.*'method': 'loha'"):
+        make_trainer(tiny_dirs, tokenized, loha, tmp_path).run(resume_from=tmp_path)

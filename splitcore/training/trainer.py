@@ -244,6 +244,8 @@ class SplitTrainer:
             raise ValueError(f"checkpoint {checkpoint.path} is from a {state.mode} run; this run is {self.mode}")
         expected = self._resume_key()
         written = {"privacy": PrivacySettings().to_dict(), **state.settings}  # older checkpoints: no defenses
+        if isinstance(written.get("lora"), dict):  # older checkpoints: LoRA, before the method was recorded
+            written["lora"] = {"method": "lora", **written["lora"]}
         if "client_secret" not in written:  # older checkpoints did not record the key
             expected.pop("client_secret", None)
         differing = sorted(k for k in expected.keys() | written.keys() if expected.get(k) != written.get(k))
