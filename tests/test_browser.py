@@ -1,4 +1,4 @@
-"""The whole experience in a real headless Chromium against uvicorn, a Celery worker and a trunk.
+"""The whole experience in a real headless Chromium against daphne, a Celery worker and a trunk.
 
 Log in, upload a dataset, start a job, watch points arrive without a reload, reload
 mid-job and see the whole history, cancel and resume, download the adapter. Screenshots
@@ -76,6 +76,13 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     # The rest waits under Advanced; typing a run length there makes the preset "custom".
     expect(page.locator("input[name=max_steps]")).to_be_hidden()
     page.click("#advanced summary")
+    # DoRA and rsLoRA are LoRA's flags: another method greys them out.
+    expect(page.locator("input[name=use_dora]")).to_be_enabled()
+    page.select_option("select[name=adapter_method]", "ia3")
+    expect(page.locator("input[name=use_dora]")).to_be_disabled()
+    expect(page.locator("input[name=use_rslora]")).to_be_disabled()
+    page.select_option("select[name=adapter_method]", "lora")
+    expect(page.locator("input[name=use_dora]")).to_be_enabled()
     page.fill("input[name=max_steps]", "400")
     expect(page.locator("input[name=preset][value=custom]")).to_be_checked()
     expect(estimate).to_contain_text("400 steps")

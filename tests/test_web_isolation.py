@@ -233,6 +233,10 @@ def dataset_gone(world: World) -> bool:
     return not Dataset.objects.filter(pk=world.ids["dataset"]).exists()
 
 
+def merged_building(world: World) -> bool:
+    return Job.objects.get(pk=world.ids["job"]).merged_status == Job.MergedStatus.BUILDING
+
+
 def jobs_of_owner(count: int) -> Callable[[World], bool]:
     return lambda world: Job.objects.filter(owner=world.owner).count() == count
 
@@ -267,6 +271,9 @@ PAGE_PROBES = [
     P("jobs/<int:pk>/resume/", "POST", "/jobs/{cancelled_job}/resume/", To("/jobs/"), 404, LOGIN,
       effect=job_status("cancelled_job", "queued")),
     P("jobs/<int:pk>/adapter/", "GET", "/jobs/{job}/adapter/", 200, 404, LOGIN),
+    # Not built yet: 404 to its owner too (building and downloading it: test_web_merged_download.py).
+    P("jobs/<int:pk>/merged/", "GET", "/jobs/{job}/merged/", 404, 404, LOGIN),
+    P("jobs/<int:pk>/merged/", "POST", "/jobs/{job}/merged/", To("/jobs/"), 404, LOGIN, effect=merged_building),
     P("playground/", "GET", "/playground/?job={job}", 200, 200, LOGIN, lists=True),
     P("playground/", "GET", "/playground/?ids={generation}", 200, 404, LOGIN),
     # The other user names the owner's job: a form error, and no generation for anyone.
@@ -303,6 +310,8 @@ API_PROBES = [
     P("api/jobs/<int:pk>/resume/", "POST", "/api/jobs/{cancelled_job}/resume/", 200, 404, API_REFUSED,
       effect=job_status("cancelled_job", "queued")),
     P("api/jobs/<int:pk>/adapter/", "GET", "/api/jobs/{job}/adapter/", 200, 404, API_REFUSED),
+    P("api/jobs/<int:pk>/merged/", "GET", "/api/jobs/{job}/merged/", 409, 404, API_REFUSED),  # not built yet
+    P("api/jobs/<int:pk>/merged/", "POST", "/api/jobs/{job}/merged/", 202, 404, API_REFUSED, effect=merged_building),
     P("api/trunks/", "GET", "/api/trunks/", 200, 200, API_REFUSED),  # shared: trunks have no owner
     P("api/models/", "GET", "/api/models/", 200, 200, API_REFUSED),
 ]
@@ -490,7 +499,7 @@ def test_odd_query_parameters_are_answered_not_crashed(url, world):
 
 OBJECT_URLS = ["/datasets/{id}/", "/datasets/{id}/delete/", "/jobs/{id}/", "/jobs/{id}/adapter/",
                "/playground/?ids={id}", "/api/datasets/{id}/", "/api/jobs/{id}/", "/api/jobs/{id}/metrics/",
-               "/api/jobs/{id}/adapter/"]
+               "/api/jobs/{id}/adapter/", "/jobs/{id}/merged/", "/api/jobs/{id}/merged/"]
 
 
 @pytest.mark.parametrize("url", OBJECT_URLS)
@@ -631,6 +640,8 @@ CSRF_CASES = [
              lambda w, c: job_status("queued_job", "cancelled")(w), To("/jobs/")),
     CsrfCase("job resume", "owner", "/jobs/{cancelled_job}/", "POST", "/jobs/{cancelled_job}/resume/",
              lambda w: {}, lambda w, c: job_status("cancelled_job", "queued")(w), To("/jobs/")),
+    CsrfCase("merged model", "owner", "/jobs/{job}/", "POST", "/jobs/{job}/merged/", lambda w: {},
+             lambda w, c: merged_building(w), To("/jobs/")),
     CsrfCase("playground", "owner", "/playground/", "POST", "/playground/", playground_data,
              lambda w, c: Generation.objects.filter(owner=w.owner).count() == 3, To("/playground/?ids=")),
     CsrfCase("admin delete", "staff", "/admin/datasets/dataset/{dataset}/delete/", "POST",
@@ -646,6 +657,8 @@ CSRF_CASES = [
              lambda w, c: job_status("queued_job", "cancelled")(w), 200, api="json"),
     CsrfCase("API resume", "owner", "/datasets/", "POST", "/api/jobs/{cancelled_job}/resume/", lambda w: {},
              lambda w, c: job_status("cancelled_job", "queued")(w), 200, api="json"),
+    CsrfCase("API merged model", "owner", "/datasets/", "POST", "/api/jobs/{job}/merged/", lambda w: {},
+             lambda w, c: merged_building(w), 202, api="json"),
 ]
 
 

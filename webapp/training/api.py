@@ -11,11 +11,11 @@ from rest_framework.response import Response
 
 from ..ownership import get_owned_or_404, owned
 from ..pagination import MetricsPagination
-from . import services
+from . import merged, services
 from .forms import JobForm
 from .models import Job, MetricPoint
 from .serializers import JobSerializer, MetricPointSerializer
-from .views import adapter_response
+from .views import adapter_response, merged_response
 
 
 class JobList(ListCreateAPIView):
@@ -84,3 +84,21 @@ def job_metrics(request: Request, pk: int) -> Response:
 @api_view(["GET"])
 def job_adapter(request: Request, pk: int):
     return adapter_response(get_owned_or_404(Job, request.user, pk=pk))
+
+
+@api_view(["GET", "POST"])
+def job_merged(request: Request, pk: int):
+    """The merged model (base + adapter in one model). POST asks a worker to build it: 202 with its state
+    while it builds, 200 once built, 409 for a job that has not succeeded. GET: the zip once built, else
+    409 with the state (``merged_status``: none, building or failed, and ``detail``: what to do)."""
+    job = get_owned_or_404(Job, request.user, pk=pk)
+    if request.method == "POST":
+        try:
+            job, _started = merged.request_merged(job)
+        except services.JobStateError as exc:
+            return Response({"non_field_errors": [str(exc)], **merged.state(job)}, status=status.HTTP_409_CONFLICT)
+        ready = job.merged_status == Job.MergedStatus.READY
+        return Response(merged.state(job), status=status.HTTP_200_OK if ready else status.HTTP_202_ACCEPTED)
+    if job.has_merged:
+        return merged_response(job)
+    return Response(merged.state(job), status=status.HTTP_409_CONFLICT)

@@ -9,4 +9,5 @@ urlpatterns = [
     path("jobs/<int:pk>/cancel/", api.job_cancel, name="api-job-cancel"),
     path("jobs/<int:pk>/resume/", api.job_resume, name="api-job-resume"),
     path("jobs/<int:pk>/adapter/", api.job_adapter, name="api-job-adapter"),
+    path("jobs/<int:pk>/merged/", api.job_merged, name="api-job-merged"),
 ]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from django import forms
 from django.conf import settings
 
+from splitcore import LoraSettings, family_for
+from splitcore.model.lora import ADAPTER_METHODS, check_method
 from splitcore.privacy.measured import measured_meta, recommended_point
 from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
 from splitcore.remote.trunk import SessionNeeds
@@ -29,8 +33,8 @@ PRIVACY_FIELDS = ["bottom_layers", "top_layers", "private_bottom", "gradients_to
 # What a new user chooses; the Advanced group holds the rest (the form's "preset" sets the run length).
 BASIC_FIELDS = ["dataset", "name", "base_model", "preset"]
 ADVANCED_FIELDS = ["trunk", "epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps",
-                   "max_seq_length", "warmup_steps", "lr_schedule", "lora_r", "lora_alpha", "lora_dropout",
-                   "train_trunk_lora", "val_fraction", "seed", "wire_encoding"]
+                   "max_seq_length", "warmup_steps", "lr_schedule", "adapter_method", "use_dora", "use_rslora",
+                   "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora", "val_fraction", "seed", "wire_encoding"]
 FIELDS = ["dataset", "name", "base_model", *ADVANCED_FIELDS, *PRIVACY_FIELDS]
 MAX_EPOCHS = 100
 _BALANCED = presets.BY_KEY[presets.DEFAULT_PRESET]
@@ -44,6 +48,18 @@ class _YesNoSelect(forms.NullBooleanSelect):
         self.choices = [("true", "yes"), ("false", "no: only the blocks after the trunk train")]
 
 
+class _AdapterMethodField(forms.ChoiceField):
+    """A method a job can use; one that cannot be split is refused with the reason."""
+
+    def validate(self, value) -> None:
+        if value:
+            try:
+                check_method(value)
+            except ValueError as exc:
+                raise forms.ValidationError(str(exc), code="invalid_choice") from exc
+        super().validate(value)
+
+
 class JobForm(forms.ModelForm):
     name = forms.CharField(max_length=NAME_MAX_LENGTH, required=False, strip=True,
                            help_text="how the job is listed in the jobs, the playground and comparisons (empty: the "
@@ -54,12 +70,24 @@ class JobForm(forms.ModelForm):
         label="Run length", help_text="how long and how hard to train; Custom uses the values under Advanced")
     trunk = forms.ModelChoiceField(queryset=TrunkServer.objects.none(), required=False, empty_label="auto",
                                    help_text="auto: the healthy trunk with the most free sessions")
+    adapter_method = _AdapterMethodField(
+        choices=list(ADAPTER_METHODS.items()), required=False, initial="lora", label="Adapter method",
+        help_text="peft's method on every projection of all three parts: LoRA (low-rank matrices), LoHa "
+                  "(Hadamard product of two low-rank pairs), LoKr (Kronecker product), IA3 (one learned scale per "
+                  "module: far fewer weights, no rank, alpha or dropout)")
+    use_dora = forms.BooleanField(required=False, initial=False, label="DoRA",
+                                  help_text="LoRA only: learn each weight's magnitude apart from its direction")
+    use_rslora = forms.BooleanField(required=False, initial=False, label="rsLoRA",
+                                    help_text="LoRA only: scale the update by alpha / √r instead of alpha / r "
+                                              "(steadier at high ranks)")
     lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8, label="LoRA rank r",
-                                help_text="size of the trained low-rank matrices: higher learns more, costs more")
+                                help_text="size of the trained low-rank matrices (LoRA, LoHa, LoKr): higher learns "
+                                          "more, costs more")
     lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0, label="LoRA alpha",
-                                  help_text="scale of the LoRA update (alpha / r multiplies it); often 2 × r")
+                                  help_text="scale of the update (alpha / r multiplies it); often 2 × r")
     lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05, label="LoRA dropout",
-                                    help_text="share of the LoRA inputs dropped while training, against overfitting")
+                                    help_text="share of the LoRA inputs (LoHa and LoKr: of the rank) dropped while "
+                                              "training, against overfitting")
     train_trunk_lora = forms.BooleanField(required=False, initial=True, label="Train LoRA on the trunk too",
                                           help_text="also adapt the trunk's blocks (one adapter over the whole model)")
     learning_rate = forms.FloatField(min_value=1e-7, max_value=1.0, initial=_BALANCED.learning_rate,
@@ -178,9 +206,11 @@ class JobForm(forms.ModelForm):
             self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")
         self._check_cut(data, trunk)
         self._check_budgets(data, trunk)
+        self._check_adapter_method(data, trunk)
         if self.errors:
             return data  # a field with an error has left ``data``; the checks below need every field
         data["lr_schedule"] = data.get("lr_schedule") or Job.Schedule.LINEAR
+        data["adapter_method"] = data.get("adapter_method") or "lora"
         data["wire_encoding"] = data.get("wire_encoding") or Job.Wire.FP32
         for name in ("hidden_noise", "grad_noise", "nopeek", "private_bottom"):
             data[name] = data.get(name) or 0.0
@@ -252,6 +282,27 @@ class JobForm(forms.ModelForm):
             pick_trunk(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), needs=needs)
         except NoTrunkAvailable as exc:
             self.add_error(None, str(exc))
+
+    def _check_adapter_method(self, data: dict, trunk: TrunkServer | None) -> None:
+        """DoRA and rsLoRA are LoRA's flags, a private Bottom needs LoRA, and the method must suit the model's
+        family (as the trunks serving it report it)."""
+        method = data.get("adapter_method") or "lora"
+        if method != "lora":
+            label = ADAPTER_METHODS[method]
+            for flag in ("use_dora", "use_rslora"):
+                if data.get(flag):
+                    self.add_error(flag, f"{self.fields[flag].label} is a LoRA option; {label} has no such flag")
+            if data.get("private_bottom"):
+                self.add_error("private_bottom", f"a private Bottom draws the Bottom's LoRA matrices from a "
+                                                 f"secret: it needs the LoRA method, not {label}")
+        serving = [trunk] if trunk is not None else healthy_trunks().filter(model_id=data.get("base_model"))
+        model_type = next((t.model_type for t in serving if t.model_type), "")
+        if not model_type:
+            return
+        try:
+            LoraSettings(method=method).check_family(family_for(SimpleNamespace(model_type=model_type)))
+        except ValueError as exc:
+            self.add_error("adapter_method", str(exc))
 
     def save(self, commit: bool = False) -> Job:
         job = super().save(commit=False)

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import models
 
 from splitcore import LoraSettings
+from splitcore.model.lora import ADAPTER_METHODS
 from splitcore.privacy import PrivacySettings
 from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
@@ -17,6 +18,9 @@ NAME_MAX_LENGTH = 120
 # training_args.json keep the keys.
 HYPERPARAMETER_LABELS = {
     "base_model": "Base model",
+    "adapter_method": "Adapter method",
+    "use_dora": "DoRA",
+    "use_rslora": "rsLoRA",
     "lora_r": "LoRA rank r",
     "lora_alpha": "LoRA alpha",
     "lora_dropout": "LoRA dropout",
@@ -66,6 +70,12 @@ class Job(models.Model):
         FP16 = "fp16", "fp16 (half the bytes)"
         INT8 = "int8", "int8 (a quarter of the bytes)"
 
+    class MergedStatus(models.TextChoices):
+        NONE = "none", "not built"
+        BUILDING = "building", "building"
+        READY = "ready", "ready"
+        FAILED = "failed", "failed"
+
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
     # The phase of a job running its steps (the status line then counts them).
     TRAINING_PHASE = "training"
@@ -83,6 +93,9 @@ class Job(models.Model):
                               related_name="jobs")
     trunk_auto = models.BooleanField(default=True, help_text="pick the healthy trunk with the most free sessions")
 
+    adapter_method = models.CharField(max_length=10, choices=list(ADAPTER_METHODS.items()), default="lora")
+    use_dora = models.BooleanField(default=False)
+    use_rslora = models.BooleanField(default=False)
     lora_r = models.PositiveIntegerField(default=8)
     lora_alpha = models.FloatField(default=16.0)
     lora_dropout = models.FloatField(default=0.05)
@@ -133,6 +146,14 @@ class Job(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The merged model (base + adapter folded into one ordinary model, zipped), built on request by a
+    # worker (merged.py). merged_requested_at also names the build: a task for an older request does nothing.
+    merged_status = models.CharField(max_length=10, choices=MergedStatus.choices, default=MergedStatus.NONE,
+                                     editable=False)
+    merged_bytes = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
+    merged_error = models.TextField(blank=True, editable=False)
+    merged_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
+    merged_started_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -162,6 +183,16 @@ class Job(models.Model):
     @property
     def has_adapter(self) -> bool:
         return self.status == self.Status.SUCCEEDED and (self.adapter_dir / "adapter_model.safetensors").is_file()
+
+    @property
+    def merged_zip_path(self) -> Path:
+        return self.directory / "merged-model.zip"
+
+    @property
+    def has_merged(self) -> bool:
+        """Whether the merged model's zip is built and there to download."""
+        return (self.status == self.Status.SUCCEEDED and self.merged_status == self.MergedStatus.READY
+                and self.merged_zip_path.is_file())
 
     @property
     def is_finished(self) -> bool:
@@ -199,8 +230,8 @@ class Job(models.Model):
 
     @property
     def trunk_lora_rank(self) -> int | None:
-        """The rank of the LoRA this job trains on the trunk; None when it trains none there."""
-        return self.lora_r if self.train_trunk_lora else None
+        """The rank of the adapter this job trains on the trunk; None when it trains none there (or IA3, rankless)."""
+        return self.lora_r if self.train_trunk_lora and self.lora_settings().has_rank else None
 
     def session_needs(self) -> SessionNeeds:
         """What this job's trunk session will ask for, to hold against a trunk's budgets."""
@@ -208,7 +239,8 @@ class Job(models.Model):
                             micro_batches=self.grad_accum_steps, lora_rank=self.trunk_lora_rank)
 
     def lora_settings(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
+        return LoraSettings(method=self.adapter_method, r=self.lora_r, alpha=self.lora_alpha,
+                            dropout=self.lora_dropout, use_dora=self.use_dora, use_rslora=self.use_rslora)
 
     def privacy_settings(self) -> PrivacySettings:
         return PrivacySettings(bottom_layers=self.bottom_layers, top_layers=self.top_layers,
@@ -228,7 +260,8 @@ class Job(models.Model):
     def hyperparameters(self) -> dict:
         """What a user set, for the model card, training_args.json and run comparison."""
         return {
-            "base_model": self.base_model, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+            "base_model": self.base_model, "adapter_method": self.adapter_method, "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora, "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout, "train_trunk_lora": self.train_trunk_lora,
             "learning_rate": self.learning_rate, "epochs": self.epochs, "max_steps": self.max_steps,
             "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps,

@@ -4,7 +4,7 @@
 stale (see lease.py); it continues from its last checkpoint on the next free worker. A job
 whose user asked to cancel it is cancelled instead. Queued jobs that no worker has taken for
 ``JOB_REDISPATCH_S`` get their task message sent again; a duplicate is harmless, since only
-one claim can succeed.
+one claim can succeed. Merged-model builds whose worker died end as failed (merged.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from . import events
 from .lease import release_stale, stale_jobs
+from .merged import fail_stale_builds
 from .models import Job, JobLog
 from .services import enqueue
 
@@ -45,6 +46,9 @@ def recover_jobs() -> dict[str, int]:
             counts["redispatched"] += 1
     if any(counts.values()):
         log.info("job recovery: %s", counts)
+    # Merged-model builds whose worker is gone end as failed, to be asked for again (merged.py).
+    if stale_builds := fail_stale_builds():
+        log.info("merged-model recovery: %s builds of dead workers failed", stale_builds)
     return counts
 
 

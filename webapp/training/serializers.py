@@ -7,22 +7,27 @@ class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.PrimaryKeyRelatedField(read_only=True)
     trunk = serializers.SlugRelatedField(slug_field="name", read_only=True)
     adapter_url = serializers.SerializerMethodField()
+    merged_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Job
         fields = ["id", "name", "dataset", "dataset_name", "base_model", "chat_format", "trunk", "trunk_auto",
-                  "lora_r", "lora_alpha", "lora_dropout", "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
+                  "adapter_method", "use_dora", "use_rslora", "lora_r", "lora_alpha", "lora_dropout",
+                  "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
                   "grad_accum_steps", "max_seq_length", "warmup_steps", "lr_schedule", "seed", "val_fraction",
                   "wire_encoding", "bottom_layers", "top_layers", "hidden_noise", "grad_noise", "nopeek",
                   "private_bottom", "gradients_to_trunk",
                   "privacy_audit",
                   "status", "phase", "error_message", "cancel_requested", "current_step", "total_steps",
                   "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at", "started_at",
-                  "finished_at", "adapter_url"]
+                  "finished_at", "adapter_url", "merged_status", "merged_bytes", "merged_error", "merged_url"]
         read_only_fields = fields
 
     def get_adapter_url(self, job: Job) -> str | None:
         return f"/api/jobs/{job.pk}/adapter/" if job.has_adapter else None
+
+    def get_merged_url(self, job: Job) -> str | None:
+        return f"/api/jobs/{job.pk}/merged/" if job.has_merged else None
 
 
 class MetricPointSerializer(serializers.ModelSerializer):

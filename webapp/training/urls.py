@@ -11,4 +11,5 @@ urlpatterns = [
     path("<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("<int:pk>/resume/", views.job_resume, name="job-resume"),
     path("<int:pk>/adapter/", views.job_adapter, name="job-adapter"),
+    path("<int:pk>/merged/", views.job_merged, name="job-merged"),
 ]

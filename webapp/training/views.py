@@ -1,4 +1,5 @@
-"""Job pages: list, new, detail, cancel, resume, adapter download. Thin: logic is in services."""
+"""Job pages: list, new, detail, cancel, resume, adapter and merged-model downloads. Thin: logic is in services
+and merged.py."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
+from ..byte_sizes import format_bytes
 from ..ownership import get_owned_or_404, owned, possible_pks
-from . import presets, services
+from . import merged, presets, services
 from .adapter_package import build_adapter_zip, zip_name
 from .consumers import LOG_TAIL
 from .estimates import estimate_context
@@ -70,7 +72,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "training/job_detail.html", {
         "job": job, "points": points, "logs": logs, "status_line": job.status_line,
         "hyperparameters": job.labelled_hyperparameters(),
-        "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe()})
+        "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe(),
+        "merged_size": format_bytes(job.merged_bytes) if job.merged_bytes is not None else ""})
 
 
 @login_required
@@ -107,4 +110,33 @@ def adapter_response(job: Job) -> FileResponse:
     if not job.has_adapter:
         raise Http404("this job has no adapter (it has not succeeded)")
     return FileResponse(build_adapter_zip(job), as_attachment=True, filename=zip_name(job),
+                        content_type="application/zip")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def job_merged(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: the merged model's zip (404 until it is built); POST: have a worker build it."""
+    job = get_owned_or_404(Job, request.user, pk=pk)
+    if request.method == "GET":
+        return merged_response(job)
+    try:
+        job, started = merged.request_merged(job)
+    except services.JobStateError as exc:
+        messages.error(request, str(exc))
+        return redirect("training:job-detail", pk=job.pk)
+    if started:
+        messages.success(request, "Building the merged model: the download appears here when it is ready.")
+    elif job.merged_status == Job.MergedStatus.READY:
+        messages.info(request, "The merged model is built already: download it below.")
+    else:
+        messages.info(request, "The merged model is being built already: the download appears here when it is ready.")
+    return redirect("training:job-detail", pk=job.pk)
+
+
+def merged_response(job: Job) -> FileResponse:
+    """The zip streamed from disk (never read into memory), with its Content-Length."""
+    if not job.has_merged:
+        raise Http404("this job's merged model is not built (build it on the job's page)")
+    return FileResponse(job.merged_zip_path.open("rb"), as_attachment=True, filename=merged.zip_name(job),
                         content_type="application/zip")

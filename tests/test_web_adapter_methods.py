@@ -1,0 +1,87 @@
+"""A job chooses its adapter method (form, API): the worker trains it over a real trunk and the download is
+one ordinary adapter of that method; methods that cannot be split are refused with the reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel
+from test_web_training import JOB, api, upload  # noqa: F401 - fixtures
+from transformers import AutoModelForCausalLM
+from web_fixtures import wait_for_job
+
+from webapp.base_models import model_dir
+from webapp.training.models import HYPERPARAMETER_LABELS, Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_loha_job_trains_over_the_trunk_and_downloads_a_loha_adapter(api, owner, registered_trunk,  # noqa: F811
+                                                                        celery_worker, tmp_path):
+    dataset_id = upload(api)
+    created = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "loha"}, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["adapter_method"] == "loha" and created.json()["use_dora"] is False
+    job = wait_for_job(created.json()["id"], worker=celery_worker)
+    assert job.status == "succeeded", job.error_message
+
+    response = api.get(f"/api/jobs/{job.pk}/adapter/")
+    assert response.status_code == 200
+    bundle = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
+    config = json.loads(bundle.read("adapter_config.json"))
+    assert config["peft_type"] == "LOHA" and config["r"] == JOB["lora_r"] and config["alpha"] == JOB["lora_alpha"]
+    card = bundle.read("README.md").decode()
+    assert f"a LoHa adapter for {job.base_model}" in card and "- loha" in card
+    args = json.loads(bundle.read("training_args.json"))
+    assert args["adapter_method"] == "loha"
+    bundle.extractall(tmp_path / "adapter")
+    weights = bundle.namelist()
+    assert "adapter_model.safetensors" in weights
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir(job.base_model))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert adapted.peft_config["default"].peft_type.value == "LOHA"
+        after = adapted(ids).logits
+    assert (after - before).abs().max() > 1e-4, "the trained LoHa adapter changes the model"
+
+    page = api.get(f"/api/jobs/{job.pk}/").json()
+    assert page["adapter_method"] == "loha"
+    assert HYPERPARAMETER_LABELS["adapter_method"] == "Adapter method"
+    assert ("Adapter method", "LoHa") in job.labelled_hyperparameters()
+
+
+def test_methods_and_flags_the_job_cannot_use_are_refused_on_their_fields(api, owner, registered_trunk):  # noqa: F811
+    dataset_id = upload(api)
+    refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "adalora"}, format="json")
+    assert refused.status_code == 400
+    message = refused.json()["adapter_method"][0]
+    assert "cannot be split: AdaLoRA shares one rank budget across all layers" in message
+    unknown = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "bitfit"}, format="json")
+    assert "unknown adapter method 'bitfit'" in unknown.json()["adapter_method"][0]
+    flags = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "ia3", "use_dora": True,
+                                    "private_bottom": 0.1}, format="json")
+    assert flags.status_code == 400
+    assert flags.json()["use_dora"] == ["DoRA is a LoRA option; IA3 has no such flag"]
+    assert "needs the LoRA method, not IA3" in flags.json()["private_bottom"][0]
+    assert not Job.objects.exists(), "nothing is stored for a refused job"
+
+    dora = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "use_dora": True, "use_rslora": True},
+                    format="json")
+    assert dora.status_code == 201, dora.content
+    job = Job.objects.get(pk=dora.json()["id"])
+    assert job.lora_settings().label == "LoRA (DoRA, rsLoRA)"
+
+
+def test_the_job_form_offers_every_method_with_the_lora_flags(client, owner, registered_trunk):
+    client.force_login(owner)
+    page = client.get("/jobs/new/").content.decode()
+    for value, label in (("lora", "LoRA"), ("loha", "LoHa"), ("lokr", "LoKr"), ("ia3", "IA3")):
+        assert f'<option value="{value}"' in page and f">{label}</option>" in page
+    assert 'name="use_dora"' in page and 'name="use_rslora"' in page
