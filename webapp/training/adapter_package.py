@@ -105,7 +105,7 @@ Setting: {job.privacy_settings().describe()}.
 
 {_loading_text(job.base_model, hub_id)}
 
-{_prompt_format(job)}
+{prompt_format(job)}
 
 `metrics.csv` holds the loss curve; `training_args.json` every setting of the run.
 """
@@ -156,7 +156,7 @@ tokenizer = AutoTokenizer.from_pretrained("{hub_id}")
 ```"""
 
 
-def _prompt_format(job: Job) -> str:
+def prompt_format(job: Job) -> str:
     """How to ask the adapter: in the format its examples trained in."""
     if job.chat_format is None:
         return "Ask it in the format of the training examples."

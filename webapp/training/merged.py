@@ -41,7 +41,7 @@ from splitcore.model.merge import MergeError, merge_adapter
 from .. import base_models
 from ..byte_sizes import format_bytes
 from . import events
-from .adapter_package import _prompt_format, model_card, training_args
+from .adapter_package import base_model_origin, model_card, prompt_format, training_args
 from .models import Job, JobLog
 from .services import JobStateError
 
@@ -222,13 +222,15 @@ def model_card_merged(job: Job, license_files: Sequence[str] = ()) -> str:
     """README.md of the merged model: what it is, its license, how to load it, and the adapter card's
     sections on the dataset, the result, privacy and the hyper-parameters."""
     adapter_card = model_card(job)
-    start, end = adapter_card.find("## Dataset"), adapter_card.find("## Use it")
+    # From "Base model" (which published model the local weights copy, and how they were made) to "Use it".
+    start, end = adapter_card.find("## Base model"), adapter_card.find("## Use it")
     sections = adapter_card[start:end].strip() + "\n\n" if 0 <= start < end else ""
     included = (f" Its license file{'s are' if len(license_files) > 1 else ' is'} included: "
                 + ", ".join(f"`{name}`" for name in license_files) + "." if license_files else "")
+    hub_id = base_model_origin(job.base_model).get("hub_id")
+    front = f"base_model: {hub_id}\nbase_model_relation: merge\n" if hub_id else ""
     return f"""---
-base_model: {job.base_model}
-library_name: transformers
+{front}library_name: transformers
 tags:
 - merged
 - split-learning
@@ -257,7 +259,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/unzipped/directory")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/unzipped/directory")
 ```
 
-{_prompt_format(job)}
+{prompt_format(job)}
 
 The adapter alone (far smaller; it loads onto the base model with `PeftModel.from_pretrained`)
 is the job's other download. `training_args.json` holds every setting of the run.
