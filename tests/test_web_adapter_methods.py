@@ -11,9 +11,10 @@ import zipfile
 import pytest
 import torch
 from peft import PeftModel
-from test_web_training import JOB, api, upload  # noqa: F401 - fixtures
-from transformers import AutoModelForCausalLM
+from rest_framework.test import APIClient
 from test_web_merged_download import exported_job
+from test_web_training import JOB, upload
+from transformers import AutoModelForCausalLM
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
 from splitcore.model import default_model
@@ -25,7 +26,14 @@ from webapp.training.models import HYPERPARAMETER_LABELS, Job
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_a_loha_job_trains_over_the_trunk_and_downloads_a_loha_adapter(api, owner, registered_trunk,  # noqa: F811
+@pytest.fixture
+def api(owner):
+    client = APIClient()
+    client.force_authenticate(owner)
+    return client
+
+
+def test_a_loha_job_trains_over_the_trunk_and_downloads_a_loha_adapter(api, owner, registered_trunk,
                                                                         celery_worker, tmp_path):
     dataset_id = upload(api)
     created = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "loha"}, format="json")
@@ -62,7 +70,7 @@ def test_a_loha_job_trains_over_the_trunk_and_downloads_a_loha_adapter(api, owne
     assert ("Adapter method", "LoHa") in job.labelled_hyperparameters()
 
 
-def test_methods_and_flags_the_job_cannot_use_are_refused_on_their_fields(api, owner, registered_trunk):  # noqa: F811
+def test_methods_and_flags_the_job_cannot_use_are_refused_on_their_fields(api, owner, registered_trunk, redis_server):
     dataset_id = upload(api)
     refused = api.post("/api/jobs/", {**JOB, "dataset": dataset_id, "adapter_method": "adalora"}, format="json")
     assert refused.status_code == 400
