@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 from test_cli import splitcore_cli
 from test_lora_parts import split_backward
 from test_split_equivalence import run_split
-from test_split_training import SECRET, STEPS, losses_of
+from test_split_training import SECRET, STEPS, dataset, losses_of, trunk  # noqa: F401 - fixtures
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-from trunk_process import start_trunk
 
 from splitcore import (
     LoraSettings,
@@ -153,21 +152,6 @@ def test_methods_that_cannot_be_split_are_refused_with_the_reason():
 
 
 # ---------------------------------------------------------------- over a real trunk server
-
-
-@pytest.fixture(scope="module")
-def trunk(tiny_dirs, tmp_path_factory):
-    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "6")
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def trainer(tiny_dirs, dataset, settings, client=None):
