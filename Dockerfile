@@ -1,12 +1,15 @@
-# One image for every service of docker-compose.yml: web (uvicorn), worker, beat, trunk and
-# prepare-model differ only in their command.
+# One image for every application service of docker-compose.yml: web (daphne), the workers, beat,
+# trunk and prepare-model differ only in their command. (The compose file's nginx runs the official
+# nginx image.)
 #
 #   docker build -t splitlearn-studio .
 #   docker run --rm -p 8000:8000 -e SECRET_KEY=... -e DATABASE_URL=... -e REDIS_URL=... splitlearn-studio
 #
-# The default command serves the web app with uvicorn; docker-compose.yml runs
-# `python manage.py migrate --noinput` before it. Static files are collected into the image
-# at build time, so WhiteNoise serves them from STATIC_ROOT without the finders.
+# The default command serves the web app (HTTP and WebSockets) with daphne, reached directly;
+# docker-compose.yml runs `python manage.py migrate --noinput` and `collectstatic` before it and
+# adds --proxy-headers, as nginx is in front there. Static files are collected into the image at
+# build time, so WhiteNoise serves them from STATIC_ROOT without the finders; compose mounts a
+# volume on STATIC_ROOT (the app user may write it) that nginx serves from.
 FROM python:3.11-slim
 
 # Where torch comes from. The CPU index keeps the image small; for a GPU trunk pass a CUDA
@@ -50,8 +53,9 @@ COPY . .
 RUN pip install --constraint constraints.txt --editable ".[postgres]"
 
 # Settings refuse to load without a secret key; this one exists only during the build.
-RUN SECRET_KEY=collectstatic-at-build-time python manage.py collectstatic --noinput --verbosity 0
+RUN SECRET_KEY=collectstatic-at-build-time python manage.py collectstatic --noinput --verbosity 0 \
+    && chown -R app:app "$STATIC_ROOT"
 
 USER app
 EXPOSE 8000
-CMD ["uvicorn", "--ws", "websockets", "--lifespan", "off", "--timeout-graceful-shutdown", "5", "--host", "0.0.0.0", "--port", "8000", "webapp.asgi:application"]
+CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "webapp.asgi:application"]

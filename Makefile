@@ -32,15 +32,18 @@ install: $(INSTALL_STAMP)
 proto: install
 	$(VENV_PYTHON) -m splitcore.remote.proto.codegen
 
-# Everything on this machine: embedded Redis, a trunk server, a Celery worker and beat, uvicorn on :8000.
+# Everything on this machine: embedded Redis, a trunk server, Celery workers and beat, daphne on :8000.
 run: install
 	$(VENV_PYTHON) -m webapp.launcher
 
 prepare-model: install
 	$(VENV_PYTHON) -m splitcore prepare-model
 
-# Browser tests drive Debian's chromium and tests/test_compose.py validates docker-compose.yml with
-# Debian's docker-compose (no engine needed): both installed here when missing (needs root, as on CI machines).
+# Browser tests drive Debian's chromium, tests/test_compose.py validates docker-compose.yml with Debian's
+# docker-compose (no engine needed) and tests/test_nginx_*.py run Debian's nginx binary with their own
+# configuration (no daemon, no system service): each installed here when missing (needs root, as on CI
+# machines). Installing the nginx package starts no service in a container without systemd (invoke-rc.d
+# finds no runlevel); with systemd the unit is masked while it installs, then left disabled.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
@@ -48,6 +51,12 @@ browser:
 	@command -v docker-compose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } || \
 		echo "docker-compose is missing and needs root to install (apt-get install docker-compose): tests/test_compose.py will fail"
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		{ [ ! -d /run/systemd/system ] || systemctl mask --runtime --quiet nginx; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null && \
+		{ [ ! -d /run/systemd/system ] || \
+			{ systemctl disable --quiet nginx && systemctl unmask --runtime --quiet nginx; }; }; } || \
+		echo "nginx is missing and needs root to install (apt-get install nginx): the nginx tests will fail"
 
 # The web settings need a SECRET_KEY outside debug; tests get a fresh one per run.
 test: install browser

@@ -1,7 +1,7 @@
-"""How long a training step takes to reach the browser: worker -> Redis -> uvicorn -> WebSocket.
+"""How long a training step takes to reach the browser: worker -> Redis -> daphne -> WebSocket.
 
 Starts the real stack in a temporary data directory (Redis, a trunk server on a tiny
-model, a Celery worker, uvicorn), runs a job, and listens on /ws/jobs/<id>/ like the job
+model, a Celery worker, daphne), runs a job, and listens on /ws/jobs/<id>/ like the job
 page does. For every live metric event it takes the time from the moment the worker
 finished the step (``finished_at`` in the event) to its arrival at the client, and
 prints the median and the 95th percentile. Target: median under 300 ms.

@@ -1,4 +1,4 @@
-"""The fleet page in a real headless Chromium against uvicorn, a Celery worker and two trunk processes.
+"""The fleet page in a real headless Chromium against daphne, a Celery worker and two trunk processes.
 
 Staff open the page; without a reload it shows the job that starts on a trunk, the health checks
 the worker runs (last check, latency and throughput), and a drain pressed on another page; the

@@ -1,4 +1,4 @@
-"""The playground in a real headless Chromium against uvicorn, a Celery worker and a trunk.
+"""The playground in a real headless Chromium against daphne, a Celery worker and a trunk.
 
 Pick a trained job (the chat box follows it), generate, and check that each panel's socket
 brought all of its answer once, however early or late it connected; a repeated event is

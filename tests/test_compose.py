@@ -1,5 +1,8 @@
 """The deployment files: docker-compose.yml, the Dockerfile, .dockerignore and .env.example.
 
+nginx's own configuration (deploy/nginx/) is checked by tests/test_nginx_config.py and, in front of a real
+daphne, by tests/test_nginx_proxy.py; here: how compose wires it to the web service.
+
 No docker engine runs here, but Debian's ``docker-compose`` (1.29) validates, interpolates
 and normalises a compose file without one; ``make test`` installs it. Without the binary
 these tests fail rather than skip: the deployment must not go unchecked.
@@ -25,6 +28,9 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SETTINGS_FILE = ROOT / "webapp" / "settings.py"
 
+NGINX_IMAGE = "nginx:1.30-alpine"  # the official image, stable branch (nginx 1.30, Alpine)
+# The web service's daphne, behind nginx: it trusts nginx's X-Forwarded-For and X-Forwarded-Proto.
+DAPHNE_COMMAND = "daphne --proxy-headers --bind 0.0.0.0 --port 8000 webapp.asgi:application"
 # One Celery worker per queue of webapp/settings.py (name -> queue); only the control worker loads no model.
 WORKER_QUEUES = {"training-worker": "training", "generation-worker": "generation", "control-worker": "control"}
 DJANGO_SERVICES = ("web", *WORKER_QUEUES, "beat")
@@ -145,6 +151,7 @@ def test_services_use_official_images_and_one_shared_application_image(config):
     assert set(services) >= {"redis", "postgres", *APP_SERVICES}
     assert services["redis"]["image"].partition(":")[0] == "redis"  # official: no registry, no namespace
     assert services["postgres"]["image"].partition(":")[0] == "postgres"
+    assert services["nginx"]["image"] == NGINX_IMAGE  # official, and pinned to a release branch
     images = {services[name]["image"] for name in APP_SERVICES}
     contexts = {Path(services[name]["build"]["context"]).resolve() for name in APP_SERVICES}
     assert len(images) == 1, images
@@ -172,7 +179,8 @@ def test_django_services_run_without_debug_and_take_secrets_from_the_environment
 
 def test_data_lives_on_named_volumes_where_the_settings_point(config):
     services = config["services"]
-    assert set(config["volumes"]) >= {"media", "jobs", "models", "postgres-data", "redis-data", "beat-schedule"}
+    assert set(config["volumes"]) >= {"static", "media", "jobs", "models", "postgres-data", "redis-data",
+                                      "beat-schedule"}
     for name in ("web", "training-worker", "generation-worker"):
         env, mounted = services[name]["environment"], mounts(services[name])
         assert mounted["media"] == env["MEDIA_ROOT"], name
@@ -194,11 +202,9 @@ def test_data_lives_on_named_volumes_where_the_settings_point(config):
 def test_each_service_runs_its_process(config):
     services = config["services"]
     web = " ".join(command_words(services["web"]))
-    assert "manage.py migrate --noinput" in web
-    assert web.index("migrate") < web.index("uvicorn --ws websockets --lifespan off --timeout-graceful-shutdown 5 "
-                                            "--host 0.0.0.0 --port 8000 webapp.asgi:application")
-    assert any(str(port.get("target") if isinstance(port, dict) else port).endswith("8000")
-               for port in services["web"]["ports"])
+    assert "manage.py migrate --noinput" in web and "manage.py collectstatic --noinput" in web
+    assert web.index("migrate") < web.index("collectstatic") < web.index(f"exec {DAPHNE_COMMAND}")
+    assert "ports" not in services["web"], "clients reach web through nginx only (it trusts nginx's headers)"
     assert {"postgres", "redis"} <= set(services["web"]["depends_on"])
     for name, queue in WORKER_QUEUES.items():
         words = command_words(services[name])
@@ -215,6 +221,52 @@ def test_each_service_runs_its_process(config):
     assert services["prepare-model"]["restart"] == "no"
     for name in ("redis", "postgres", "web", "trunk"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def published_ports(service: dict) -> dict[int, int]:
+    """Port in the container -> port of the host."""
+    return {int(port["target"]): int(port["published"]) for port in service.get("ports", [])}
+
+
+def test_nginx_fronts_web_with_the_static_volume_and_the_same_upload_limit(example_config):
+    services = example_config["services"]
+    nginx, web = services["nginx"], services["web"]
+    env = nginx["environment"]
+    values = env_example_values()
+    assert published_ports(nginx) == {80: int(values["WEB_PORT"]), 443: int(values["WEB_TLS_PORT"])}
+    assert env["SPLITLEARN_HTTPS_PUBLIC_PORT"] == values["WEB_TLS_PORT"], "plain HTTP redirects to the host's port"
+    assert nginx["depends_on"]["web"]["condition"] == "service_healthy", "web fills the static volume first"
+    # daphne's address on the compose network; nginx looks it up per request through Docker's DNS.
+    words = shlex.split(command_words(web)[-1])  # sh -c "..."
+    assert env["SPLITLEARN_WEB_UPSTREAM"] == f"web:{words[words.index('--port') + 1]}"
+    assert str(env["NGINX_ENTRYPOINT_LOCAL_RESOLVERS"]) == "1"
+    # The static files web collects are what nginx serves, read-only.
+    assert mounts(web)["static"] == web["environment"]["STATIC_ROOT"]
+    assert mounts(nginx)["static"] == env["SPLITLEARN_STATIC_ROOT"]
+    assert "static:/srv/splitlearn/static:ro" in nginx["volumes"]
+    # One setting drives both limits: nginx's client_max_body_size and the web app's MAX_REQUEST_BYTES.
+    assert env["DATASET_MAX_UPLOAD_MB"] == web["environment"]["DATASET_MAX_UPLOAD_MB"]
+    assert env["DATASET_MAX_UPLOAD_MB"] == values["DATASET_MAX_UPLOAD_MB"]
+    # deploy/nginx mounted where the image reads it; the script runs only when executable.
+    binds = {volume.split(":")[1]: Path(volume.split(":")[0]) for volume in nginx["volumes"]
+             if volume.startswith("/")}
+    assert binds["/etc/nginx/templates"] == ROOT / "deploy" / "nginx" / "templates"
+    script = binds["/docker-entrypoint.d/18-splitlearn.envsh"]
+    assert script == ROOT / "deploy" / "nginx" / "18-splitlearn.envsh" and os.access(script, os.X_OK)
+    assert binds["/etc/nginx/certs"] == (ROOT / values["TLS_CERT_DIR"]).resolve()
+    assert all(volume.endswith(":ro") for volume in nginx["volumes"]), "nginx writes none of its mounts"
+
+
+def test_nginx_follows_the_env_file(docker_compose, tmp_path):
+    values = {**TEST_SECRETS, "DATASET_MAX_UPLOAD_MB": "7", "WEB_PORT": "80", "WEB_TLS_PORT": "443",
+              "TLS_CERT_DIR": "/etc/ssl/studio"}
+    services = normalized_config(docker_compose, write_env_file(tmp_path / ".env", values))["services"]
+    nginx = services["nginx"]
+    assert nginx["environment"]["DATASET_MAX_UPLOAD_MB"] == services["web"]["environment"]["DATASET_MAX_UPLOAD_MB"]
+    assert nginx["environment"]["DATASET_MAX_UPLOAD_MB"] == "7"
+    assert published_ports(nginx) == {80: 80, 443: 443}
+    assert nginx["environment"]["SPLITLEARN_HTTPS_PUBLIC_PORT"] == "443"
+    assert "/etc/ssl/studio:/etc/nginx/certs:ro" in nginx["volumes"]
 
 
 def test_one_worker_per_queue_with_its_own_concurrency(example_config, settings):
@@ -330,17 +382,18 @@ def test_dockerfile_installs_the_pinned_cpu_torch_first_and_runs_as_a_user():
     assert "WORKDIR /app" in instructions
     assert "SPLITLEARN_DATA_DIR=/data" in text
     assert "collectstatic --noinput" in text
+    assert 'chown -R app:app "$STATIC_ROOT"' in text, "web collects into the static volume at each start"
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert "EXPOSE 8000" in instructions
-    assert instructions[-1] == ('CMD ["uvicorn", "--ws", "websockets", "--lifespan", "off", '
-                                '"--timeout-graceful-shutdown", "5", "--host", "0.0.0.0", "--port", "8000", '
-                                '"webapp.asgi:application"]')
+    # Reached directly, without nginx: no --proxy-headers (compose adds it).
+    assert instructions[-1] == 'CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "webapp.asgi:application"]'
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "data", "test-artifacts", ".env", "**/__pycache__", ".pytest_cache"} <= ignored
+    assert "deploy/nginx" in ignored, "nginx's files, TLS keys included, stay out of the application image"
     assert "!.env.example" in ignored
 
 
@@ -357,3 +410,5 @@ def test_gitignore_keeps_env_files_out_of_the_repository_but_not_the_example():
 
     assert ignored(".env") and ignored(".env.local") and ignored(".env.production")
     assert not ignored(".env.example")
+    assert ignored("deploy/nginx/certs/privkey.pem") and ignored("deploy/nginx/certs/fullchain.pem")
+    assert not ignored("deploy/nginx/certs/README.md")

@@ -30,7 +30,7 @@ def test_tokens_stay_out_of_logs_pages_and_api_output(client, owner, registered_
                                                     "/api/trunks/", "/api/models/", "/api/datasets/")]
     request = urllib.request.Request(f"{web_server.url}/api/jobs/{job}/",
                                      headers={"Authorization": f"Token {api_token}"})
-    outputs.append(urllib.request.urlopen(request, timeout=30).read())  # through uvicorn, into its access log
+    outputs.append(urllib.request.urlopen(request, timeout=30).read())  # through daphne, into its access log
     client.force_login(owner)
     outputs += [client.get(path).content for path in ("/jobs/", f"/jobs/{job}/", "/datasets/", "/playground/")]
     logs = [path.read_bytes() for path in web_dirs["logs"].rglob("*.log")] + [web_trunk.log_path.read_bytes()]

@@ -100,7 +100,7 @@ def celery_worker(service_env, web_dirs):
 
 @pytest.fixture(scope="session")
 def web_server(service_env, web_dirs):
-    """uvicorn serving the ASGI application (HTTP and WebSockets) on a free loopback port."""
+    """daphne serving the ASGI application (HTTP and WebSockets) on a free loopback port."""
     server = start_web_server(service_env, web_dirs["logs"] / "web.log")
     yield server
     server.stop()

@@ -1,6 +1,7 @@
 """ASGI entry point: HTTP through Django (behind the body size limit), WebSockets through Channels.
 
-Served by uvicorn: ``uvicorn webapp.asgi:application``.
+Served by daphne: ``daphne webapp.asgi:application`` (``make run``, the Docker image, and
+``manage.py runserver``, which is daphne's once "daphne" is the first installed app).
 """
 
 import os

