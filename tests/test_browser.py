@@ -120,6 +120,7 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     # A running job has no adapter yet: its download and playground links stay hidden.
     expect(page.locator("#download-link")).to_be_hidden()
     expect(page.locator("#playground-link")).to_be_hidden()
+    expect(page.locator("#merged-model")).to_be_hidden()
     # The worker's leakage audit runs before the first step: its panel fills in without a reload.
     audit = page.locator("#privacy-audit .audit[data-moment=first_step]")
     expect(audit).to_have_count(1)
@@ -150,6 +151,8 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     assert 0 < stopped < 400
     page.click("#resume-form button")
     expect(page.locator("#job-status")).to_have_text("succeeded", timeout=420_000)  # 2 slow shared cores
+    # The merged model is offered as the job succeeds, without a reload.
+    expect(page.locator("#merged-form button")).to_be_visible()
     steps = live_steps(page)
     assert steps == list(range(1, 401)), "no gaps and no duplicates across reload, cancel and resume"
     assert page.evaluate("window.jobLive.evals.size") >= 1

@@ -172,7 +172,9 @@ def test_a_job_that_has_not_succeeded_is_refused_with_a_reason(client, owner, we
     download = api.get(f"/api/jobs/{job.pk}/merged/")
     assert download.status_code == 409 and download.json()["detail"].startswith(reason)
     page = client.post(f"/jobs/{job.pk}/merged/", follow=True)
-    assert reason in page.content.decode() and 'id="merged-model"' not in page.content.decode()
+    assert reason in page.content.decode()
+    assert re.search(r'<section class="card" id="merged-model"[^>]* hidden>', page.content.decode()), \
+        "the section waits, hidden, for the job to succeed"
     assert client.get(f"/jobs/{job.pk}/merged/").status_code == 404
     assert Job.objects.get(pk=job.pk).merged_status == "none" and not JobLog.objects.filter(job=job).exists()
 

@@ -188,6 +188,8 @@
     const download = $("download-link");
     if (event.download_url) { download.href = event.download_url; download.hidden = false; } else { download.hidden = true; }
     $("playground-link").hidden = !event.download_url;
+    const merged = $("merged-model");
+    if (merged) merged.hidden = !event.download_url; // a succeeded job offers its merged model too
     if (event.privacy) renderAudit(event.privacy);
     updateProgress();
   }
