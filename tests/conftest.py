@@ -74,6 +74,19 @@ def load_model(tiny_dirs):
     return load
 
 
+def local_greedy_tokens(model_dir, input_ids: torch.Tensor, pad_token_id: int, max_new_tokens: int,
+                        adapter=None) -> list[int]:
+    """The new tokens the unsplit model (with ``adapter``: through peft) generates greedily for a (1, seq) prompt."""
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    output = model.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+    return output[0, input_ids.shape[1]:].tolist()
+
+
 def tokenize(tokenizer, padding_side: str = "right", sentences=SENTENCES):
     tokenizer.padding_side = padding_side
     batch = tokenizer(list(sentences), return_tensors="pt", padding=True)

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_concurrently, tokenize
+from conftest import local_greedy_tokens, run_concurrently, tokenize
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_cli import splitcore_cli
@@ -261,13 +261,9 @@ def test_split_generation_with_an_adapter_of_each_method_gives_the_local_greedy_
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = encode_prompt(tokenizer, "Q: what is 4 plus 4?\nA:", chat=False)
 
-    def local_tokens(with_adapter: bool) -> list[int]:
-        local = AutoModelForCausalLM.from_pretrained(model_dir)
-        if with_adapter:
-            local = PeftModel.from_pretrained(local, adapter)
-        output = local.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return output[0, input_ids.shape[1]:].tolist()
+    def local_tokens(with_adapter):
+        return local_greedy_tokens(model_dir, input_ids, tokenizer.pad_token_id, 10,
+                                   adapter if with_adapter else None)
 
     with TrunkClient(trunk.address, trunk.token) as client:
         generator = SplitGenerator.from_directory(model_dir, client, adapter)

@@ -14,8 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import SENTENCES, tokenize
-from peft import PeftModel
+from conftest import SENTENCES, local_greedy_tokens, tokenize
 from test_adapter_export import trained_parts
 from test_split_equivalence import full_forward, run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3Config, Gemma3TextConfig, GPTNeoXConfig
@@ -226,12 +225,8 @@ def test_split_generation_gives_the_greedy_tokens_of_the_unsplit_model(tiny_dirs
     assert input_ids.shape[1] > 6
 
     def local_tokens(with_adapter):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        if with_adapter:
-            model = PeftModel.from_pretrained(model, adapter)
-        output = model.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return output[0, input_ids.shape[1]:].tolist()
+        return local_greedy_tokens(model_dir, input_ids, tokenizer.pad_token_id, 12,
+                                   adapter if with_adapter else None)
 
     generation = GenerationSettings(max_new_tokens=12)
     with TrunkClient(trunk_for(arch), "t" * 32) as client:

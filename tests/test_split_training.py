@@ -11,9 +11,7 @@ import json
 import os
 
 import pytest
-import torch
-from conftest import run_concurrently
-from peft import PeftModel
+from conftest import local_greedy_tokens, run_concurrently
 from safetensors.torch import load_file
 from test_cli import splitcore_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,12 +184,8 @@ def test_split_generation_gives_the_greedy_tokens_of_the_unsplit_model_with_the_
     input_ids = encode_prompt(tokenizer, prompt, chat=False)
 
     def local_tokens(with_adapter):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        if with_adapter:
-            model = PeftModel.from_pretrained(model, adapter)
-        output = model.eval().generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return output[0, input_ids.shape[1]:].tolist()
+        return local_greedy_tokens(model_dir, input_ids, tokenizer.pad_token_id, 12,
+                                   adapter if with_adapter else None)
 
     with TrunkClient(trunk.address, trunk.token) as client:
         split_adapted = list(SplitGenerator.from_directory(model_dir, client, adapter).generate(input_ids, tokenizer, settings))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from splitcore.model.architectures.llama import LlamaFamily
+from splitcore.model.architectures.llama import LLAMA_LAYOUT, LLAMA_PROJECTIONS, LlamaFamily
 
 
 class GemmaFamily(LlamaFamily):
@@ -41,15 +41,9 @@ class GemmaFamily(LlamaFamily):
         return None if weight is None else 1.0 + weight
 
 
-GEMMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 GEMMA2 = GemmaFamily(
     name="gemma2",
     model_types=("gemma2",),
-    backbone_attr="model",
-    layers_attr="layers",
-    final_norm_attr="norm",
-    embedding_attrs=("embed_tokens",),
-    shared_attrs=("rotary_emb",),
-    lora_targets=GEMMA_LORA_TARGETS,
+    **LLAMA_LAYOUT,
+    lora_targets=LLAMA_PROJECTIONS,
 )

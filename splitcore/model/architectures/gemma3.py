@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitcore.model.architectures.gemma2 import GEMMA_LORA_TARGETS, GemmaFamily
+from splitcore.model.architectures.gemma2 import GemmaFamily
+from splitcore.model.architectures.llama import LLAMA_LAYOUT, LLAMA_PROJECTIONS
 
 
 class Gemma3Family(GemmaFamily):
@@ -28,12 +29,8 @@ class Gemma3Family(GemmaFamily):
 GEMMA3 = Gemma3Family(
     name="gemma3",
     model_types=("gemma3_text",),
-    backbone_attr="model",
-    layers_attr="layers",
-    final_norm_attr="norm",
-    embedding_attrs=("embed_tokens",),
-    shared_attrs=("rotary_emb",),
-    lora_targets=GEMMA_LORA_TARGETS,
+    **LLAMA_LAYOUT,
+    lora_targets=LLAMA_PROJECTIONS,
     refused_model_types=(
         ("gemma3", "Gemma3ForConditionalGeneration (model_type 'gemma3') is a vision-language model and cannot "
                    "be split; use a Gemma 3 text model instead: a checkpoint whose config has model_type "

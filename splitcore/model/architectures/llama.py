@@ -24,13 +24,16 @@ class LlamaFamily(ArchitectureFamily):
         return {"position_embeddings": backbone.rotary_emb(hidden, position_ids=position_ids)}
 
 
-LLAMA = LlamaFamily(
-    name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+# Where the pieces live in every model of the Llama layout (Qwen3, Gemma and Phi-3 too).
+LLAMA_LAYOUT = dict(
     backbone_attr="model",
     layers_attr="layers",
     final_norm_attr="norm",
     embedding_attrs=("embed_tokens",),
     shared_attrs=("rotary_emb",),
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
+# Every attention and MLP projection, unfused.
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LLAMA = LlamaFamily(name="llama", model_types=("llama", "mistral", "qwen2"), lora_targets=LLAMA_PROJECTIONS,
+                    **LLAMA_LAYOUT)

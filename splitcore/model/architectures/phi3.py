@@ -9,15 +9,11 @@ set, every layer uses it.
 
 from __future__ import annotations
 
-from splitcore.model.architectures.llama import LlamaFamily
+from splitcore.model.architectures.llama import LLAMA_LAYOUT, LlamaFamily
 
 PHI3 = LlamaFamily(
     name="phi3",
     model_types=("phi3",),
-    backbone_attr="model",
-    layers_attr="layers",
-    final_norm_attr="norm",
-    embedding_attrs=("embed_tokens",),
-    shared_attrs=("rotary_emb",),
+    **LLAMA_LAYOUT,
     lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 )

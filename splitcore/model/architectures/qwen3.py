@@ -8,15 +8,11 @@ which layers use a sliding window (from ``max_window_layers`` on, when
 
 from __future__ import annotations
 
-from splitcore.model.architectures.llama import LlamaFamily
+from splitcore.model.architectures.llama import LLAMA_LAYOUT, LLAMA_PROJECTIONS, LlamaFamily
 
 QWEN3 = LlamaFamily(
     name="qwen3",
     model_types=("qwen3",),
-    backbone_attr="model",
-    layers_attr="layers",
-    final_norm_attr="norm",
-    embedding_attrs=("embed_tokens",),
-    shared_attrs=("rotary_emb",),
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    **LLAMA_LAYOUT,
+    lora_targets=LLAMA_PROJECTIONS,
 )
