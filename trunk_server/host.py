@@ -17,20 +17,18 @@ and the trunk itself stays without adapter layers (a frozen session runs it dire
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import os
 import threading
 import time
-from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache
 
-from splitcore import LoraSettings, family_for, init_lora_weights, split_model
-from splitcore.model.fingerprint import combine_digests, tensor_digests
+from splitcore import LoraSettings, init_lora_weights, split_model
+from splitcore.model.fingerprint import combine_digests
+from splitcore.model.part_loading import CheckpointModel, PartSelection, weight_sharing_copy
 from splitcore.model.lora import lora_config_for
 from splitcore.model.seeding import seeded_dropout
 from splitcore.model.split_spec import CutBounds, SplitSpec
@@ -46,33 +44,29 @@ def tensor_bytes(tensors) -> int:
 
 class TrunkHost:
     def __init__(self, config: TrunkServerConfig, model_id: str | None = None) -> None:
-        model_dir = Path(config.model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"model directory {model_dir} has no config.json")
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        self.config = model.config
-        self.family = family_for(model.config)
-        self.num_layers = self.family.num_layers(self.config)
+        # Only the trunk's blocks are read, each cast to the compute dtype and placed on the device as it
+        # is read: the host never holds the whole model, nor its blocks in the checkpoint's dtype.
+        source = CheckpointModel(config.model_dir, dtype=config.torch_dtype, device=config.device)
+        self.config = source.config
+        self.family = source.family
+        self.num_layers = source.num_layers
         default = SplitSpec(self.num_layers, config.n_bottom, config.n_top)
+        widest = SplitSpec(self.num_layers, config.min_bottom, config.min_top)
+        model = source.build(PartSelection.of(widest.trunk_layers))
         _, trunk, _ = split_model(model, config.min_bottom, config.min_top)
-        del model  # the Bottom and Top weights are freed with the full model
-        self.model_id = model_id or model_dir.name
+        del model  # the Bottom's and Top's modules were never loaded
+        self.model_id = model_id or source.model_dir.name
         self.bounds = CutBounds(num_layers=self.num_layers, default=default.trunk_layers,
                                 lowest=trunk.layer_indices[0], highest=trunk.layer_indices[-1] + 1)
         self.hidden_size = int(self.config.hidden_size)
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0)
-        # Digests of the weights as loaded, before the cast: the fingerprint a fp32 client computes.
-        self._digests = tensor_digests(trunk.state_dict())
+        # Digests of the weights as stored, hashed from the checkpoint: the fingerprint a client computes,
+        # whatever dtype this server computes in.
+        self._digests = source.state_digests(trunk)
         self._fingerprints: dict[range, str] = {}
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
-        # The weights take the compute dtype; buffers (the rotary frequencies) keep their precision.
-        self.trunk = trunk.to(device=self.device)
-        for param in self.trunk.parameters():
-            param.data = param.data.to(self.dtype)
+        self.trunk = trunk.eval()
         self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
         self.lock = threading.RLock()
         self._pefts: dict[str, PeftModel] = {}  # by adapter method
@@ -116,7 +110,7 @@ class TrunkHost:
             # autocast_adapter_dtype: the adapter's weights are fp32 even on bf16/fp16 blocks.
             peft = self._pefts.get(settings.method)
             if peft is None:
-                peft = get_peft_model(self._weight_sharing_copy(), peft_config, adapter_name=name,
+                peft = get_peft_model(weight_sharing_copy(self.trunk), peft_config, adapter_name=name,
                                       autocast_adapter_dtype=True)
                 self._pefts[settings.method] = peft
             else:
@@ -129,11 +123,6 @@ class TrunkHost:
                 for key, param in peft.named_parameters()
                 if name in key.split(".")
             }
-
-    def _weight_sharing_copy(self) -> torch.nn.Module:
-        """A copy of the trunk's module tree whose parameters and buffers are the trunk's own tensors."""
-        shared = {id(tensor): tensor for tensor in (*self.trunk.parameters(), *self.trunk.buffers())}
-        return copy.deepcopy(self.trunk, memo=shared)
 
     def _peft_of(self, name: str) -> PeftModel:
         return self._pefts[self._method_of[name]]

@@ -1,20 +1,25 @@
-"""Base models and tokenizers from MODELS_DIR, loaded once per process.
+"""Base models and tokenizers from MODELS_DIR, and the frozen weights a worker process shares.
 
-A job gets a deep copy of the cached model: peft injects its LoRA layers into the
-modules it is given, and the cached original must stay a clean base model.
+A worker holds only the pieces its jobs run: the embeddings, the blocks before and after
+each job's cut, the final norm and the LM head, read from the checkpoint in WORKER_DTYPE on
+WORKER_DEVICE. One store per process keeps them (WORKER_MODEL_CACHE_GB, least recently used
+out), so two jobs, a playground generation and an audit on the same model share one copy of
+each block they have in common. Every request gets its own module tree over those shared
+tensors, and peft adds the request's adapter layers to that tree only: no base weight is
+ever copied.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 from functools import lru_cache
 from pathlib import Path
 
 from django.conf import settings
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from splitcore.model.devices import resolve_device
+from splitcore.model.devices import DTYPES, resolve_device
+from splitcore.model.part_loading import GIB, CheckpointModel, FrozenWeightStore
 
 _lock = threading.Lock()
 
@@ -48,11 +53,15 @@ def model_dir(model_id: str) -> Path:
     return (Path(settings.MODELS_DIR) / model_id).resolve()
 
 
-@lru_cache(maxsize=4)
-def _cached_model(directory: Path) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    model.requires_grad_(False)
-    return model
+@lru_cache(maxsize=1)
+def weight_store() -> FrozenWeightStore:
+    """This process's frozen weights, shared by its jobs, generations and audits."""
+    return FrozenWeightStore(budget_bytes=int(settings.WORKER_MODEL_CACHE_GB * GIB), name="worker")
+
+
+@lru_cache(maxsize=8)
+def _checkpoint_model(directory: Path, dtype: str, device: str) -> CheckpointModel:
+    return CheckpointModel(directory, dtype=DTYPES[dtype], device=device, store=weight_store())
 
 
 @lru_cache(maxsize=8)
@@ -60,9 +69,11 @@ def _cached_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(directory)
 
 
-def fresh_model(model_id: str) -> PreTrainedModel:
-    with _lock:  # from_pretrained is not thread-safe
-        return copy.deepcopy(_cached_model(model_dir(model_id)))
+def client_model(model_id: str) -> CheckpointModel:
+    """The parts a worker runs of ``model_id``, loaded on demand into the shared store (see the module doc)."""
+    directory = model_dir(model_id)
+    with _lock:
+        return _checkpoint_model(directory, settings.WORKER_DTYPE, worker_device())
 
 
 def tokenizer(model_id: str) -> PreTrainedTokenizerBase:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from splitcore.model.devices import DEVICE_NAME, DEVICES
+from splitcore.model.devices import CLIENT_DTYPES, DEVICE_NAME, DEVICES
 
 from .env import env_bool, env_float, env_int, env_list, env_match, env_path, env_str
 
@@ -183,6 +184,12 @@ TRUNK_WAIT_S = env_float("TRUNK_WAIT_S", 60.0, minimum=0.0)
 JOB_CHECKPOINT_EVERY = env_int("JOB_CHECKPOINT_EVERY", 25, minimum=1)
 # Where a worker computes its parts of a model (the Bottom and Top of jobs and generations).
 WORKER_DEVICE = env_match("WORKER_DEVICE", "cpu", DEVICE_NAME, DEVICES)
+# The dtype of the frozen Bottom and Top weights a worker holds (fp32 or bf16); adapters and optimizer stay fp32.
+WORKER_DTYPE = env_match("WORKER_DTYPE", "fp32", re.compile(f"^({'|'.join(CLIENT_DTYPES)})$"),
+                         " or ".join(CLIENT_DTYPES))
+# Frozen weights a worker process keeps loaded for its jobs, generations and audits (shared among them,
+# least recently used out past this many GB; what a running job uses stays until it ends).
+WORKER_MODEL_CACHE_GB = env_float("WORKER_MODEL_CACHE_GB", 8.0, minimum=0.0)
 # A running job's worker renews its lease every JOB_HEARTBEAT_S; a job whose lease is older
 # than JOB_STALE_AFTER_S (its worker died) is queued again by the sweep beat runs every
 # JOB_SWEEP_S, and continues from its last checkpoint. The sweep also re-sends queued jobs

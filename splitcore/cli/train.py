@@ -12,7 +12,7 @@ from pathlib import Path
 from splitcore.cli.privacy import add_defense_arguments, defense_settings
 from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
 from splitcore.model import default_model
-from splitcore.model.devices import DEVICES, resolve_device
+from splitcore.model.devices import CLIENT_DTYPES, DEVICES, DTYPES, resolve_device
 from splitcore.model.lora import ADAPTER_METHODS, LoraSettings
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ClientSecret, PrivacySettings
@@ -64,6 +64,9 @@ def add_train_parser(commands) -> None:
     train.add_argument("--lora-targets", help="comma-separated module names (default: every projection)")
     train.add_argument("--no-trunk-lora", action="store_true", help="keep the trunk frozen; train Bottom and Top")
     train.add_argument("--device", default="cpu", help=f"where this machine's parts compute: {DEVICES}")
+    train.add_argument("--dtype", choices=CLIENT_DTYPES, default="fp32",
+                       help="dtype of the frozen weights this machine holds (adapters and optimizer stay fp32; "
+                            "default fp32)")
     train.add_argument("--wire", choices=FLOAT_ENCODINGS, default="fp32", help="encoding of tensors on the wire")
     train.add_argument("--val-fraction", type=float, default=0.0, help="share of examples held out for validation")
     train.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
@@ -118,10 +121,11 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
     resume = read_checkpoint_state(args.resume) if args.resume else None
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from splitcore.data.examples import uses_chat_template
     from splitcore.data.formats import load_dataset_file
+    from splitcore.model.part_loading import CheckpointModel
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -129,11 +133,12 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = load_dataset_file(args.data)
     data = prepare_training_data(tokenizer, dataset.examples, config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
     secret = client_secret(args)
     device = resolve_device(args.device)
+    # Split runs read only the Bottom's and Top's blocks once the trunk says where it cuts; --local reads them all.
+    model = CheckpointModel(model_dir, dtype=DTYPES[args.dtype], device=device)
     if args.local:
-        spec = SplitSpec(num_layers=model.config.num_hidden_layers,
+        spec = SplitSpec(num_layers=model.num_layers,
                          n_bottom=LOCAL_CUT if args.bottom_layers is None else args.bottom_layers,
                          n_top=LOCAL_CUT if args.top_layers is None else args.top_layers)
         engine = LocalEngine(model, config, spec, secret=secret, device=device)
@@ -161,7 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.export_adapter(out, str(model_dir))
         (out / TRAINING_ARGS).write_text(json.dumps(
             {"base_model": str(model_dir), "data": str(args.data), "mode": trainer.mode,
-             "trunk": args.trunk, **config.to_dict()}, indent=2))
+             "trunk": args.trunk, "dtype": args.dtype, **config.to_dict()}, indent=2))
     finally:
         progress.close()
         if metrics:

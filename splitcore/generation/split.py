@@ -15,17 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from splitcore.generation.local import GenerationSettings
-from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from splitcore.model.architectures import family_for
-from splitcore.model.fingerprint import weights_fingerprint
+from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_part_adapter
 from splitcore.model.lora import PEFT_TYPES, LoraSettings
-from splitcore.model.parts import split_model
+from splitcore.model.part_loading import CheckpointModel, ModelParts, model_parts
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.trunk import check_trunk_serves, choose_split
@@ -69,42 +66,42 @@ def _layer_of(key: str, layers_marker: str) -> int | None:
 class SplitGenerator:
     """Generate through a trunk server; one inference session per ``generate`` call."""
 
-    def __init__(self, model: PreTrainedModel, client: TrunkClient,
+    def __init__(self, model: PreTrainedModel | ModelParts, client: TrunkClient,
                  adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
                  n_top: int | None = None, device: str | torch.device = "cpu") -> None:
-        """``model`` is a freshly loaded base model; it becomes the generator's (peft adds the adapter to it).
+        """``model``: a freshly loaded base model (peft adds the adapter to its modules), or a
+        ``ModelParts`` that loads only the Bottom and Top of the chosen cut.
 
         ``n_bottom``/``n_top``: blocks kept here before and after the trunk (None: the trunk's default).
         ``device``: where the Bottom and Top compute.
         """
         self.device = torch.device(device)
-        model.eval()
-        self.config = model.config
-        self.family = family_for(model.config)
+        parts = model_parts(model)
+        self.config = parts.config
+        self.family = parts.family
         info = client.info()
         # One row: the model's positions and the KV-cache budget bound the same length (0: not reported).
         self._positions_allowed = min((n for n in (info.max_positions, info.max_kv_tokens) if n), default=None)
         spec = choose_split(info, n_bottom, n_top)
-        bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
-        check_trunk_serves(info, model.config, self.family)
+        check_trunk_serves(info, self.config, self.family)
+        bottom, top = parts.client_parts(spec)
         self.layers = spec.trunk_layers
-        self._trunk_fingerprint = weights_fingerprint(trunk)
-        del trunk
+        self._trunk_fingerprint = parts.trunk_fingerprint(spec.trunk_layers)
         self.trunk_lora: LoraSettings | None = None
         self.trunk_weights: bytes | None = None
         if adapter_dir is not None:
-            # peft injects the LoRA layers into the modules the parts share with ``model``.
-            PeftModel.from_pretrained(model, adapter_dir).eval()
+            # peft adds each part's adapter layers to the part's own modules; the frozen weights stay shared.
+            bottom, top = load_part_adapter(bottom, adapter_dir), load_part_adapter(top, adapter_dir)
             self._trunk_share(adapter_dir, self.layers)
-        self.bottom, self.top = bottom.to(self.device), top.to(self.device)
+        self.bottom, self.top = bottom.eval().to(self.device), top.eval().to(self.device)
         self.client = client
-        self.generation_config = model.generation_config
+        self.generation_config = parts.generation_config
 
     @classmethod
     def from_directory(cls, model_dir: str | os.PathLike, client: TrunkClient,
                        adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
                        n_top: int | None = None) -> SplitGenerator:
-        return cls(AutoModelForCausalLM.from_pretrained(model_dir), client, adapter_dir, n_bottom, n_top)
+        return cls(CheckpointModel(model_dir), client, adapter_dir, n_bottom, n_top)
 
     def _trunk_share(self, adapter_dir, trunk_layers: range) -> None:
         weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))

@@ -85,3 +85,27 @@ def export_parts_adapter(
     return export_adapter(
         (part_adapter_state(p) for p in peft_parts), out_dir, family, settings, base_model_name_or_path
     )
+
+
+def load_part_adapter(part: torch.nn.Module, adapter_dir: str | os.PathLike) -> PeftModel:
+    """A whole-model PEFT adapter on one part: peft adds the adapter layers of the part's blocks and
+    loads their weights; the weights of other parts' blocks are left out (the part lacks those modules)."""
+    from peft import PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(adapter_dir)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    config = PeftConfig.from_pretrained(str(directory))
+    config.task_type = None  # a bare part, not a *ForCausalLM (see DESIGN.md)
+    config.inference_mode = True
+    peft_part = PeftModel(part, config)
+    present = {name for name, _ in peft_part.named_modules()}
+    weights = {key: value for key, value in load_file(str(directory / ADAPTER_WEIGHTS)).items()
+               if adapted_module(key) in present}
+    missing = sorted(get_peft_model_state_dict(peft_part).keys() - weights.keys())
+    if missing:
+        raise ValueError(f"the adapter in {directory} has no weight {missing[0]!r} for this part")
+    set_peft_model_state_dict(peft_part, weights)
+    return peft_part.eval()

@@ -9,6 +9,8 @@ import torch
 DEVICES = "auto, cpu, cuda or cuda:N"
 # Compute dtypes by the names users give them.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a client (the CLI, a web worker) may hold its frozen Bottom and Top in; its adapters stay fp32.
+CLIENT_DTYPES = ("fp32", "bf16")
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 

@@ -10,7 +10,6 @@ It runs on the data owner's machine; nothing leaves it.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Sequence
@@ -23,9 +22,11 @@ from transformers import PreTrainedModel
 
 from splitcore.data.examples import tokenize_examples
 from splitcore.data.formats import Example
-from splitcore.model.adapter_export import ADAPTER_CONFIG
+from splitcore.model.adapter_export import ADAPTER_CONFIG, load_part_adapter
 from splitcore.model.lora import LoraSettings, add_lora
-from splitcore.model.parts import Bottom, Top, Trunk, split_model
+from splitcore.model.part_loading import ModelParts, model_parts, weight_sharing_copy
+from splitcore.model.parts import Bottom, Top
+from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import attacks
 from splitcore.privacy.client_secret import ClientSecret
 from splitcore.privacy.noise import ChannelNoise
@@ -201,21 +202,21 @@ def _client_bottom(bottom: Bottom, bottom_adapter: str | os.PathLike | nn.Module
     if bottom_adapter is None:
         if settings.private_bottom <= 0:
             return bottom
-        private = add_lora(copy.deepcopy(bottom), bottom.family, lora, seed=seed)
+        private = add_lora(weight_sharing_copy(bottom), bottom.family, lora, seed=seed)
         randomise_lora(private, ClientSecret.generate(), seed, settings.private_bottom)
         return private.eval()
     if isinstance(bottom_adapter, nn.Module):
         return bottom_adapter
-    from peft import PeftConfig, PeftModel
-
     directory = Path(bottom_adapter)
     if not (directory / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"bottom adapter {directory} is not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    config = PeftConfig.from_pretrained(str(directory))
-    config.task_type = None  # a bare part, not a *ForCausalLM (see DESIGN.md)
-    # peft injects LoRA into the modules it wraps; a deep copy keeps the caller's model untouched.
-    private = copy.deepcopy(bottom)
-    return PeftModel.from_pretrained(private, str(directory), config=config).eval()
+    # peft injects adapter layers into the modules it wraps; a weight-sharing copy keeps the caller's Bottom as it is.
+    return load_part_adapter(weight_sharing_copy(bottom), directory)
+
+
+def _input_embeddings(bottom: Bottom) -> torch.Tensor:
+    """The token embedding matrix (vocab, hidden) the Bottom holds: public, like all base weights."""
+    return bottom.backbone.get_submodule(bottom.family.embedding_attrs[0]).weight
 
 
 def _has_lora(model: nn.Module) -> bool:
@@ -241,13 +242,13 @@ def _run_client_bottom(client_bottom: nn.Module, batch: Batch) -> torch.Tensor:
     return hidden.to(batch.input_ids.device)
 
 
-def _simulate_traffic(client_bottom: nn.Module, trunk: Trunk, top: Top, batch: Batch,
+def _simulate_traffic(client_bottom: nn.Module, run_trunk, top: Top, batch: Batch,
                       channel: ChannelNoise) -> _Traffic:
     """The first step of a run: Bottom -> noise -> Trunk -> Top loss -> gradient -> noise."""
     mask = batch.attention_mask
     with torch.no_grad():
         hidden = channel.on_hidden(_run_client_bottom(client_bottom, batch), mask, step=0, micro_batch=0)
-        trunk_output = trunk(hidden, mask)  # (batch, seq, hidden)
+        trunk_output = run_trunk(hidden, mask)  # (batch, seq, hidden)
     with torch.enable_grad():
         top_input = trunk_output.detach().requires_grad_()
         noisy = channel.on_gradient(top_input, mask, step=0, micro_batch=0)
@@ -257,13 +258,13 @@ def _simulate_traffic(client_bottom: nn.Module, trunk: Trunk, top: Top, batch: B
     return _Traffic(hidden=hidden.detach(), trunk_output=trunk_output.detach(), gradient=gradient.detach())
 
 
-def _run_attacks(model: PreTrainedModel, tokenizer, public_bottom: Bottom, top: Top, batch: Batch,
+def _run_attacks(tokenizer, public_bottom: Bottom, top: Top, batch: Batch,
                  traffic: _Traffic, settings: PrivacySettings, config: AuditConfig) -> tuple[AttackResult, ...]:
     generator = torch.Generator().manual_seed(config.seed + _ATTACKER_SEED_OFFSET)
     chunks = public_token_chunks(tokenizer, config.public_tokens, config.max_tokens)
     public_hidden, public_ids = attacks.public_hidden_states(public_bottom, chunks, _pad_id(tokenizer),
                                                              settings.hidden_noise, generator)
-    embeddings = model.get_input_embeddings().weight.detach()
+    embeddings = _input_embeddings(public_bottom).detach()
     inversion = attacks.fit_inversion(public_hidden, embeddings[public_ids])
     mask = batch.attention_mask
     learned = attacks.learned_inversion(inversion, embeddings, traffic.hidden, mask, config.candidates)
@@ -281,7 +282,7 @@ def _run_attacks(model: PreTrainedModel, tokenizer, public_bottom: Bottom, top: 
     )
 
 
-def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example], settings: PrivacySettings,
+def audit_privacy(model: PreTrainedModel | ModelParts, tokenizer, examples: Sequence[Example], settings: PrivacySettings,
                   n_bottom: int, n_top: int, config: AuditConfig = AuditConfig(),
                   bottom_adapter: str | os.PathLike | nn.Module | None = None,
                   lora: LoraSettings = LoraSettings()) -> AuditReport:
@@ -301,22 +302,27 @@ def audit_privacy(model: PreTrainedModel, tokenizer, examples: Sequence[Example]
         raise ValueError(f"settings must be PrivacySettings, got {type(settings).__name__}")
     if not isinstance(config, AuditConfig):
         raise ValueError(f"config must be an AuditConfig, got {type(config).__name__}")
-    if _has_lora(model):
+    if not isinstance(model, ModelParts) and _has_lora(model):
         raise ValueError("the model to audit carries adapter layers, so it is not the public base model the trunk "
                          "owner holds; pass the base model and give the client's own Bottom as bottom_adapter")
     started = time.perf_counter()
-    public_bottom, trunk, top = split_model(model, n_bottom, n_top)
-    batch = _sample_batch(tokenizer, examples, config, model.get_input_embeddings().weight.device)
-    was_training = model.training
-    model.eval()
+    parts = model_parts(model)
+    spec = SplitSpec(parts.family.num_layers(parts.config), n_bottom, n_top)
+    public_bottom, top = parts.client_parts(spec)
+    batch = _sample_batch(tokenizer, examples, config, _input_embeddings(public_bottom).device)
+    modes = [(part, part.training) for part in (public_bottom, top)]
+    for part, _ in modes:
+        part.eval()
     try:
         channel = ChannelNoise(ClientSecret.generate(), seed=config.seed, hidden_scale=settings.hidden_noise,
                                grad_scale=settings.grad_noise)
         client_bottom = _client_bottom(public_bottom, bottom_adapter, settings, lora, config.seed)
-        traffic = _simulate_traffic(client_bottom, trunk, top, batch, channel)
-        results = _run_attacks(model, tokenizer, public_bottom, top, batch, traffic, settings, config)
+        traffic = _simulate_traffic(client_bottom, lambda hidden, mask: parts.run_trunk(spec.trunk_layers, hidden, mask),
+                                    top, batch, channel)
+        results = _run_attacks(tokenizer, public_bottom, top, batch, traffic, settings, config)
     finally:
-        model.train(was_training)
+        for part, mode in modes:
+            part.train(mode)
     return AuditReport(n_bottom=n_bottom, n_top=n_top, settings=settings.to_dict(), results=results,
                        examples=int(batch.input_ids.shape[0]), seconds=round(time.perf_counter() - started, 2),
                        config=config.to_dict())

@@ -17,9 +17,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from splitcore.model.adapter_export import part_adapter_state
 from splitcore.model.architectures import ArchitectureFamily, family_for
-from splitcore.model.fingerprint import weights_fingerprint
 from splitcore.model.lora import add_lora, init_lora_weights, lora_config_for
-from splitcore.model.parts import positions_from_mask, split_model
+from splitcore.model.part_loading import ModelParts, model_parts
+from splitcore.model.parts import positions_from_mask
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
@@ -84,7 +84,7 @@ class Engine(ABC):
         pass
 
 
-def _freeze(model: PreTrainedModel) -> None:
+def _freeze(model: torch.nn.Module) -> None:
     model.requires_grad_(False)
 
 
@@ -97,11 +97,12 @@ class LocalEngine(Engine):
     runs start identical. Noise on the cut needs a cut: a local run refuses it.
     """
 
-    def __init__(self, model: PreTrainedModel, config: TrainConfig, spec: SplitSpec | None = None,
+    def __init__(self, model: PreTrainedModel | ModelParts, config: TrainConfig, spec: SplitSpec | None = None,
                  secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
         if config.privacy.needs_cut:
             raise ValueError("noise, NoPeek and a private Bottom act where the model is cut; "
                              "a local run has no cut, so run it split over a trunk")
+        model = model_parts(model).full_model()  # the one run that needs every block here
         _freeze(model)
         self.device = torch.device(device)
         model.to(self.device)
@@ -159,19 +160,20 @@ class SplitEngine(Engine):
     from that key too.
     """
 
-    def __init__(self, model: PreTrainedModel, config: TrainConfig, client: TrunkClient, label: str = "",
-                 secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
-        _freeze(model)
+    def __init__(self, model: PreTrainedModel | ModelParts, config: TrainConfig, client: TrunkClient,
+                 label: str = "", secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
+        parts = model_parts(model)
         self.device = torch.device(device)
-        self.family = family_for(model.config)
+        self.family = parts.family
         self.secret = secret if secret is not None else ClientSecret.generate()
         info = client.info()
-        check_trunk_serves(info, model.config, self.family)
+        check_trunk_serves(info, parts.config, self.family)
         spec = choose_split(info, config.privacy.bottom_layers, config.privacy.top_layers)
         check_budgets(info, SessionNeeds.of(config))
-        bottom, trunk, top = split_model(model, spec.n_bottom, spec.n_top)
-        trunk_fingerprint = weights_fingerprint(trunk)
-        del trunk  # the trunk's blocks stay on the trunk server
+        bottom, top = parts.client_parts(spec)  # the trunk's blocks stay on the trunk server
+        for part in (bottom, top):
+            _freeze(part)
+        trunk_fingerprint = parts.trunk_fingerprint(spec.trunk_layers)
         bottom.to(self.device)
         top.to(self.device)
         self.spec = spec
@@ -193,7 +195,7 @@ class SplitEngine(Engine):
                                     seed=self.secret.trunk_seed(config.seed), optimizer=config.optimizer,
                                     label=label, layers=spec.trunk_layers)
         try:
-            check_trunk_serves(reply.info, model.config, self.family, trunk_fingerprint=trunk_fingerprint)
+            check_trunk_serves(reply.info, parts.config, self.family, trunk_fingerprint=trunk_fingerprint)
         except ValueError:
             client.close_session_quietly()
             raise

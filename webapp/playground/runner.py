@@ -107,7 +107,7 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, se
     try:
         deadline = time.monotonic() + settings.GENERATION_TIMEOUT_S
         with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
-            generator = SplitGenerator(base_models.fresh_model(generation.base_model), client, adapter_dir, *cut,
+            generator = SplitGenerator(base_models.client_model(generation.base_model), client, adapter_dir, *cut,
                                        device=base_models.worker_device())
             for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
                 _stream(generation, decoder, sent, token_id)

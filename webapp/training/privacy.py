@@ -38,7 +38,7 @@ def audit_job(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples: 
     config = AuditConfig(sample=settings.PRIVACY_AUDIT_SAMPLE, max_tokens=min(128, job.max_seq_length),
                          seed=job.seed)
     # The Bottom this job runs: before training, the public one (or its private variant); after, the trained one.
-    report = audit_privacy(base_models.fresh_model(job.base_model), tokenizer, examples,
+    report = audit_privacy(base_models.client_model(job.base_model), tokenizer, examples,
                            job.privacy_settings(), engine.spec.n_bottom, engine.spec.n_top, config,
                            bottom_adapter=engine.bottom)
     stored = dict(Job.objects.values_list("privacy_audit", flat=True).get(pk=job.pk) or {})

@@ -335,7 +335,7 @@ def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, leas
     set_phase(job, f"loading the model and opening a session on {trunk.name}")
     while True:
         try:
-            return SplitEngine(base_models.fresh_model(job.base_model), config, client, label=f"job {job.pk}",
+            return SplitEngine(base_models.client_model(job.base_model), config, client, label=f"job {job.pk}",
                                secret=client_secret(), device=base_models.worker_device())
         except TrunkError as error:
             if error.fault != Fault.FULL:

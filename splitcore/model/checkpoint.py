@@ -1,0 +1,159 @@
+"""A model directory's safetensors weights, read one tensor at a time.
+
+A checkpoint is one ``model.safetensors`` or shards listed by ``model.safetensors.index.json``.
+Nothing is read until a tensor is asked for: the reader finds the file that holds it, reads
+that tensor alone, casts it to the caller's dtype and places it on the caller's device. So a
+process that runs a few blocks of a 70B model reads those blocks and nothing else, and never
+holds a tensor in two dtypes at once beyond the one being cast.
+
+Every tensor read is recorded in ``keys_read``, so a test (or an operator) can see exactly
+what a process took from the checkpoint.
+
+``digest`` hashes a tensor's bytes straight from the file in fixed-size chunks, without
+building the tensor: a client checks that a trunk serves the weights it expects without
+loading them. The digest equals ``fingerprint.tensor_digests`` of the loaded tensor
+(name, shape, the stored dtype, the little-endian bytes), so old and new peers agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Bytes read per chunk while hashing a tensor on disk.
+DIGEST_CHUNK = 1 << 20
+# safetensors' dtype names, as torch names them.
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """The directory holds no usable safetensors checkpoint; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies: its file, dtype and shape as stored, and its byte range in the file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, from its JSON header (8 bytes of length, then the header)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * (1 << 20):
+                raise CheckpointError(f"{path}: a safetensors header of {length} bytes is not plausible")
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    base = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which is not supported")
+        start, end = entry["data_offsets"]
+        tensors[name] = StoredTensor(file=path, dtype=dtype, shape=tuple(entry["shape"]), start=base + start,
+                                     end=base + end)
+    return tensors
+
+
+class Checkpoint:
+    """The safetensors weights of a model directory: what is stored where, read on demand."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_FILE
+        single = self.model_dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files = [SINGLE_FILE]
+        else:
+            others = sorted(p.name for p in self.model_dir.glob("*.bin")) if self.model_dir.is_dir() else []
+            hint = (f"; it holds {', '.join(others[:3])} (pickle): convert it to safetensors once, e.g. "
+                    "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)") if others else ""
+            raise CheckpointError(f"{self.model_dir} has no {SINGLE_FILE} and no {INDEX_FILE}{hint}")
+        self.tensors: dict[str, StoredTensor] = {}
+        for name in files:
+            path = self.model_dir / name
+            if not path.is_file():
+                raise CheckpointError(f"{index} names {name}, which is missing from {self.model_dir}")
+            self.tensors.update(_read_header(path))
+        self.keys_read: Counter[str] = Counter()  # how many times each tensor was read
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def stored(self, name: str) -> StoredTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"the checkpoint in {self.model_dir} has no tensor {name!r}") from None
+
+    def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, cast to ``dtype`` (floating tensors only; None: as stored) and placed on ``device``.
+
+        On a GPU the tensor goes to the device in its stored dtype and is cast there, so the
+        host holds one tensor at a time, never the part it belongs to.
+        """
+        stored = self.stored(name)
+        device = torch.device(device)
+        with self._lock:
+            self.keys_read[name] += 1
+        # A handle per tensor: the file's mapped pages are released as soon as the tensor is copied out.
+        with safe_open(str(stored.file), framework="pt", device=str(device) if device.type == "cuda" else "cpu") as f:
+            tensor = f.get_tensor(name)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(device=device, dtype=dtype)
+        return tensor.to(device)
+
+    def digest(self, name: str, as_name: str | None = None) -> bytes:
+        """sha256 over the name (``as_name`` when the model calls it otherwise), shape, stored dtype and
+        bytes of one tensor, hashed from the file in chunks."""
+        stored = self.stored(name)
+        digest = hashlib.sha256(f"{as_name or name}|{list(stored.shape)}|{stored.dtype}|".encode())
+        with open(stored.file, "rb") as handle:
+            handle.seek(stored.start)
+            left = stored.nbytes
+            while left:
+                chunk = handle.read(min(DIGEST_CHUNK, left))
+                if not chunk:
+                    raise CheckpointError(f"{stored.file} ends inside tensor {name!r}")
+                digest.update(chunk)
+                left -= len(chunk)
+        return digest.digest()
+
+    def stored_bytes(self, names) -> int:
+        return sum(self.stored(name).nbytes for name in names)
