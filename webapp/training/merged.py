@@ -1,9 +1,9 @@
 """The merged model of a succeeded job: its base model with the adapter folded in, as one zip.
 
 A user asks for it (page or API); a worker builds it once, in the background, on the
-generation queue (it loads a whole model, like a generation, and must not hold up the
-control queue's checks and sweeps); the zip is kept beside the job's adapter and streamed
-from disk on every download.
+generation queue (it reads and rewrites a whole model, shard by shard: minutes for a big
+one, and like a generation it must not hold up the control queue's checks and sweeps); the
+zip is kept beside the job's adapter and streamed from disk on every download.
 
 States (``Job.merged_status``): ``none`` -> ``building`` -> ``ready`` or ``failed`` (with
 ``merged_error``); a failed build can be asked for again. A request claims the build with a
