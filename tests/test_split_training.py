@@ -21,6 +21,7 @@ from splitcore import LoraSettings
 from splitcore.data.formats import load_dataset_file
 from splitcore.generation.local import GenerationSettings, encode_prompt
 from splitcore.generation.split import SplitGenerator
+from splitcore.model.part_loading import CheckpointModel, FrozenWeightStore
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ClientSecret
 from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
@@ -93,12 +94,13 @@ def test_split_training_over_grpc_equals_local_training(tiny_dirs, dataset, trun
     assert args["mode"] == "split" and args["train_trunk_lora"] is trunk_lora and args["batch_size"] == 3
 
 
-def make_run(tiny_dirs, dataset, client=None, seed=0, checkpoint_dir=None, callbacks=()):
+def make_run(tiny_dirs, dataset, client=None, seed=0, checkpoint_dir=None, callbacks=(), model=None):
+    """A trainer of the tiny Llama; ``model``: where its weights come from (default: a freshly loaded model)."""
     config = TrainConfig(lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_steps=STEPS, batch_size=3, grad_accum=2,
                          seq_len=32, learning_rate=2e-2, max_grad_norm=0.5, seed=seed, checkpoint_every=3)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     data = prepare_training_data(tokenizer, load_dataset_file(dataset).examples, config)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    model = model or AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     engine = (SplitEngine(model, config, client, secret=SECRET) if client
               else LocalEngine(model, config, SplitSpec(6, 2, 2), secret=SECRET))
     return SplitTrainer(engine, config, data, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
@@ -149,16 +151,26 @@ def test_trunk_killed_mid_run_then_resumed_on_a_new_trunk_equals_an_uninterrupte
 
 
 def test_two_concurrent_split_runs_on_one_trunk_each_equal_their_local_runs(tiny_dirs, dataset, trunk):
+    """As in a web worker: both runs' frozen Bottom and Top weights are one copy, from one store."""
     local = {}
     for seed in (1, 2):
         events = []
         make_run(tiny_dirs, dataset, seed=seed, callbacks=[events.append]).run()
         local[seed] = losses_of(events)
-    # Models load one after the other: transformers' from_pretrained is not thread-safe.
+    worker_model = CheckpointModel(tiny_dirs["llama"], store=FrozenWeightStore())
     clients = {seed: TrunkClient(trunk.address, trunk.token) for seed in (1, 2)}
     events = {seed: [] for seed in (1, 2)}
-    trainers = {seed: make_run(tiny_dirs, dataset, clients[seed], seed=seed, callbacks=[events[seed].append])
+    trainers = {seed: make_run(tiny_dirs, dataset, clients[seed], seed=seed, callbacks=[events[seed].append],
+                               model=worker_model)
                 for seed in (1, 2)}
+    frozen = {seed: {name.split("base_layer.")[0] + name.rsplit(".", 1)[-1]: p.data_ptr()
+                     for part in (trainers[seed].engine.bottom, trainers[seed].engine.top)
+                     for name, p in part.named_parameters() if not p.requires_grad}
+              for seed in (1, 2)}
+    assert frozen[1] and frozen[1] == frozen[2], "one copy of every frozen tensor"
+    adapters = {seed: {p.data_ptr() for p in trainers[seed].engine.params.values()} for seed in (1, 2)}
+    assert adapters[1].isdisjoint(adapters[2]), "each run trains its own adapter"
+    assert max(worker_model.checkpoint.keys_read.values()) == 1, "each frozen tensor read once for both runs"
     def work(seed):
         with clients[seed]:
             trainers[seed].run()

@@ -76,9 +76,13 @@ def format_layers(layers: Iterable[int]) -> str:
     return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
+# accelerate's init_empty_weights patches nn.Module for the whole process while a tree is built.
+_EMPTY_MODEL_LOCK = threading.Lock()
+
+
 def empty_model(config: PretrainedConfig) -> PreTrainedModel:
     """The model's module tree with every parameter on the meta device (no memory, no reads)."""
-    with init_empty_weights(include_buffers=False):
+    with _EMPTY_MODEL_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
     return model
