@@ -237,7 +237,7 @@ CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
 CELERY_TASK_ROUTES = {
     "training.run_job": {"queue": TRAINING_QUEUE},
     "playground.generate": {"queue": GENERATION_QUEUE},
-    # Loads a whole model for seconds to minutes, like a generation: never on the control queue.
+    # Reads and rewrites a whole model, shard by shard, for seconds to minutes: never on the control queue.
     "training.build_merged_model": {"queue": GENERATION_QUEUE},
 }
 CELERY_BEAT_SCHEDULE = {

@@ -67,13 +67,15 @@ def run_audit(args: argparse.Namespace) -> int:
     if not data.is_file():
         raise FileNotFoundError(f"dataset file {data} does not exist")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from splitcore.data.formats import load_dataset_file
+    from splitcore.model.part_loading import CheckpointModel
 
     examples = load_dataset_file(data).examples
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # The client's Bottom and Top stay loaded; the trunk's blocks are read one at a time to play the trunk.
+    model = CheckpointModel(model_dir)
     report = audit_privacy(model, tokenizer, examples, settings, args.bottom_layers, args.top_layers, config,
                            lora=LoraSettings(r=args.lora_r, alpha=2.0 * args.lora_r))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
