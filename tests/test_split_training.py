@@ -11,6 +11,7 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import local_greedy_tokens, run_concurrently
 from safetensors.torch import load_file
 from test_cli import splitcore_cli
@@ -183,6 +184,26 @@ def test_two_concurrent_split_runs_on_one_trunk_each_equal_their_local_runs(tiny
         assert list(split[seed]) == list(range(1, STEPS + 1))
         assert [split[seed][s] for s in split[seed]] == pytest.approx([local[seed][s] for s in split[seed]],
                                                                       rel=1e-5)
+
+
+def test_a_bf16_client_trains_fp32_adapters_close_to_the_fp32_run(tiny_dirs, dataset, trunk):
+    """WORKER_DTYPE / --dtype bf16: the frozen Bottom and Top in bf16, the adapters and AdamW in fp32."""
+    reference = []
+    make_run(tiny_dirs, dataset, callbacks=[reference.append]).run()
+    events = []
+    with TrunkClient(trunk.address, trunk.token) as client:
+        trainer = make_run(tiny_dirs, dataset, client, callbacks=[events.append],
+                           model=CheckpointModel(tiny_dirs["llama"], dtype=torch.bfloat16))
+        frozen = [p for part in (trainer.engine.bottom, trainer.engine.top) for p in part.parameters()
+                  if not p.requires_grad]
+        assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+        assert {p.dtype for p in trainer.engine.params.values()} == {torch.float32}
+        trainer.run()
+    ours, theirs = losses_of(events), losses_of(reference)
+    assert list(ours) == list(range(1, STEPS + 1))
+    assert ours[STEPS] < ours[1], "it learns"
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=0.03), step
 
 
 def test_split_generation_gives_the_greedy_tokens_of_the_unsplit_model_with_the_adapter(tiny_dirs, dataset, trunk,
