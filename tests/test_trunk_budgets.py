@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings
+from splitcore.model.part_loading import CheckpointModel
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.errors import REASON_KEY, Fault, Reason, TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
@@ -206,6 +207,22 @@ def test_a_session_without_calls_loses_its_lease_and_one_that_calls_keeps_it(sho
         assert gone.value.code == grpc.StatusCode.NOT_FOUND and gone.value.fault == Fault.SESSION_GONE
         assert "lease of 3 s ran out" in gone.value.details
     assert "expired: no call for 3s" in trunk.log()
+
+
+def test_a_run_keeps_its_idle_session_alive_while_it_works_on_its_own(tiny_dirs, short_lease_trunk):
+    """A worker's leakage audit can outlast the lease: the engine renews it meanwhile, changing nothing."""
+    trunk = short_lease_trunk
+    config = TrainConfig(lora=LoraSettings(r=4, alpha=8), max_steps=1, batch_size=1, seq_len=8)
+    with TrunkClient(trunk.address, trunk.token) as client, TrunkClient(trunk.address, trunk.token) as watcher:
+        engine = SplitEngine(CheckpointModel(tiny_dirs["llama"]), config, client)
+        assert engine.session_lease_s == 3
+        with engine.session_kept_alive(every_s=0.5):
+            time.sleep(7)  # over twice the lease without a training call
+        assert watcher.info().active_sessions >= 1
+        hidden, mask = hidden_states(1, 2)
+        assert client.forward(1, 0, hidden, mask).shape == (1, 2, HIDDEN), "the session is still there"
+        assert client.step(0, lr=0.0) == 0, "renewing applied no step"
+        engine.close()
 
 
 def test_a_run_beyond_the_budgets_is_refused_before_a_session_opens(tiny_dirs, trunk, client):

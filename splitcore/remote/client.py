@@ -211,6 +211,11 @@ class TrunkClient:
         request = pb.StepRequest(session_id=self._require_session(), step=step, lr=lr, clip_coef=clip_coef)
         return self._unary(self._stub.Step, request).applied_step
 
+    def keep_alive(self) -> None:
+        """Renew the training session's lease and change nothing: a Step for step 0, which every session
+        has applied (an applied step is never applied again), so any trunk version answers it."""
+        self.step(0, lr=0.0)
+
     def infer(self, step: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Inference session: append ``hidden`` to the trunk's KV cache and return its output."""
         return self.forward(step, 0, hidden, attention_mask)

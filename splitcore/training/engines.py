@@ -8,6 +8,9 @@ the adapter weights for export. The loop itself does not know which one it drive
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -25,7 +28,7 @@ from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote import state as trunk_state
-from splitcore.remote.client import TrunkClient
+from splitcore.remote.client import TrunkClient, TrunkError
 from splitcore.remote.trunk import (
     RemoteTrunk,
     SessionNeeds,
@@ -36,6 +39,8 @@ from splitcore.remote.trunk import (
 )
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 class Engine(ABC):
@@ -200,6 +205,7 @@ class SplitEngine(Engine):
             client.close_session_quietly()
             raise
         self.link = TrunkLink(client)
+        self.session_lease_s = float(reply.info.session_ttl_s)
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         batch = batch.to(self.device)
@@ -233,6 +239,31 @@ class SplitEngine(Engine):
 
     def remote_grad_sq_norm(self):
         return self.link.grad_sq_norm
+
+    @contextlib.contextmanager
+    def session_kept_alive(self, every_s: float | None = None):
+        """Renew the trunk session's lease while this process works on its own (a leakage audit, for
+        instance), so the trunk does not close the idle session meanwhile: every ``every_s`` seconds
+        (default: a third of the lease the trunk announced)."""
+        if every_s is None:
+            every_s = max(1.0, (self.session_lease_s or 90.0) / 3)
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.client.keep_alive()
+                except TrunkError as error:  # the next training call meets the same fault and handles it
+                    log.warning("could not renew the trunk session: %s", error)
+                    return
+
+        thread = threading.Thread(target=renew, name="trunk-session-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def remote_step(self, step, lr, clip_coef):
         self.client.step(step, lr, clip_coef)

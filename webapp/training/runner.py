@@ -295,7 +295,8 @@ def _unreachable(job: Job, error: Exception) -> str:
 def _audit(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples, moment: str) -> None:
     """Run and store the leakage audit; a failed audit is reported, the training goes on."""
     try:
-        report = privacy.audit_job(job, lease, engine, tokenizer, examples, moment)
+        with engine.session_kept_alive():  # the audit can outlast the trunk's lease on an idle session
+            report = privacy.audit_job(job, lease, engine, tokenizer, examples, moment)
     except LeaseLost:
         raise
     except Exception as exc:  # noqa: BLE001 - the audit must not take the job down with it
