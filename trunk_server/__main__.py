@@ -19,6 +19,7 @@ from pathlib import Path
 from splitcore.cli.stop_signal import StopSignal
 from splitcore.cli.trunk import TOKEN_ENV, resolve_token
 from splitcore.model.devices import DEVICES, DTYPES
+from splitcore.process_memory import limit_malloc_arenas
 
 from .config import SessionBudgets, TrunkServerConfig
 
@@ -91,6 +92,7 @@ def metrics_port_from_env() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_malloc_arenas()  # before gRPC's threads: they compute every session's steps
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = TrunkServerConfig(

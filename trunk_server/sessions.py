@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from splitcore.model.lora import LoraSettings
 from splitcore.model.seeding import TRUNK, dropout_seed
+from splitcore.process_memory import release_free_memory
 from splitcore.remote import state as trunk_state
 from splitcore.remote.errors import ActivationsGone, BudgetExceeded, SessionGone, StepConflict, TrunkFull
 from splitcore.remote.messages import OptimizerSettings
@@ -512,6 +513,7 @@ class SessionRegistry:
     def _ended(self, session: Session, how: str, line: str) -> None:
         """Out of the lock: free the session's tensors, count its end and log ``line`` (id, label, summary)."""
         session.release()
+        release_free_memory()  # what its activations and optimizer took goes back to the system now
         self.stats.session_ended(how)
         log.info(line, session.id[:8], session.label, session.summary())
 

@@ -6,6 +6,13 @@ that tensor alone, casts it to the caller's dtype and places it on the caller's 
 process that runs a few blocks of a 70B model reads those blocks and nothing else, and never
 holds a tensor in two dtypes at once beyond the one being cast.
 
+A tensor stored in the dtype asked for is not copied: it stays a view of the file's memory
+mapping, so its pages come from the page cache as they are first used, and processes on one
+machine that read the same checkpoint (a trunk and worker slots, several slots) share one
+copy of them. Such a process must not outlive a change to its checkpoint's files: replace a
+model by writing a new directory, never by rewriting files in place. A tensor that is cast
+(an fp32 checkpoint computed in bf16) is copied in its new dtype, one tensor at a time.
+
 Every tensor read is recorded in ``keys_read``, so a test (or an operator) can see exactly
 what a process took from the checkpoint.
 
@@ -132,7 +139,7 @@ class Checkpoint:
         device = torch.device(device)
         with self._lock:
             self.keys_read[name] += 1
-        # A handle per tensor: the file's mapped pages are released as soon as the tensor is copied out.
+        # A handle per tensor: a cast copy leaves nothing of the file mapped; an uncast tensor keeps its view.
         with safe_open(str(stored.file), framework="pt", device=str(device) if device.type == "cuda" else "cpu") as f:
             tensor = f.get_tensor(name)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
