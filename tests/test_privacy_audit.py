@@ -14,13 +14,14 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import PROJECT_ROOT
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from splitcore.cli.main import main
 from splitcore.data.formats import load_dataset_file
 from splitcore.model.parts import split_model
-from splitcore.privacy import PrivacySettings
+from splitcore.privacy import PrivacySettings, attacks
 from splitcore.privacy.audit import (
     EXACT_SEARCH,
     GRADIENT_LABELS,
@@ -203,3 +204,83 @@ def test_with_no_gradients_to_the_trunk_the_gradient_channel_reads_nothing(tiny_
     assert report.result(GRADIENT_LABELS).recovered == 0
     assert report.result(GRADIENT_LABELS).total == undefended.result(GRADIENT_LABELS).total
     assert report.result(EXACT_SEARCH).rate > MOST
+
+
+def _attack_inputs(model, tokenizer, length=12):
+    """A Top, its input for ``length`` tokens of the demo, and the gradient its loss sends back."""
+    bottom, trunk, top = split_model(model, 1, 2)
+    ids = torch.tensor([tokenizer("The keeper climbed the lighthouse stairs at dusk, as every night.")["input_ids"]
+                        [:length]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        trunk_output = trunk(bottom(ids, mask), mask)
+    received = trunk_output.detach().clone().requires_grad_()
+    logits = top(received, mask).logits.float()
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    return top, trunk_output, mask, received.grad, ids
+
+
+def test_the_vocabulary_read_in_blocks_gives_the_guesses_of_one_block(tiny_llama, monkeypatch):
+    model, tokenizer = tiny_llama
+    top, trunk_output, mask, gradient, ids = _attack_inputs(model, tokenizer)
+    embeddings = model.get_input_embeddings().weight.detach()
+    vocab = embeddings.shape[0]
+    # More rows than one score chunk, each a token's embedding blurred (the nearest is mostly that token).
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (attacks.VOCAB_SCORE_ROWS + 5,), generator=generator)
+    predicted = embeddings[tokens] + torch.randn(len(tokens), embeddings.shape[1], generator=generator) \
+        * embeddings.std()
+
+    def run():
+        return (attacks.nearest_tokens(predicted, embeddings, 8),
+                attacks.gradient_labels(top, trunk_output, mask, gradient, k=5).candidates,
+                attacks._top_readout(top, trunk_output, mask, mask.bool()).expected_head)
+
+    assert vocab % 7
+    monkeypatch.setattr(attacks, "VOCAB_BLOCK_ROWS", vocab + 1)
+    whole = run()
+    monkeypatch.setattr(attacks, "VOCAB_BLOCK_ROWS", 7)
+    blocked = run()
+    assert torch.equal(blocked[0], whole[0])
+    assert torch.equal(blocked[1], whole[1])
+    torch.testing.assert_close(blocked[2], whole[2])
+    # The guesses compared are real readings.
+    assert (whole[0][:, 0] == tokens).float().mean() > MOST
+    assert (whole[1][0, :-1, 0] == ids[0, 1:]).float().mean() > MOST
+
+
+class _LargestFloat(TorchDispatchMode):
+    """Records the most elements of any float32 tensor an operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_a_bf16_head_and_embedding_are_never_copied_whole_to_float(tiny_llama, monkeypatch):
+    model, tokenizer = tiny_llama
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    top, trunk_output, mask, gradient, _ = _attack_inputs(model, tokenizer)
+    embeddings = model.get_input_embeddings().weight.detach()
+    whole_matrix = embeddings.numel()
+    assert top.lm_head.weight.dtype == torch.bfloat16 and top.lm_head.weight.numel() == whole_matrix
+    predicted = torch.randn(mask.shape[1], embeddings.shape[1])
+
+    def largest_float(block_rows):
+        monkeypatch.setattr(attacks, "VOCAB_BLOCK_ROWS", block_rows)
+        with _LargestFloat() as seen:
+            attacks.nearest_tokens(predicted, embeddings, 4)
+            attacks.gradient_labels(top, trunk_output, mask, gradient, k=4)
+        return seen.largest
+
+    # One block is a float copy of the whole matrix, and the measurement sees it ...
+    assert largest_float(embeddings.shape[0]) >= whole_matrix
+    # ... blocks of 7 rows never make one: the largest float tensors are the (positions, vocab) scores.
+    assert largest_float(7) <= max(mask.shape[1] * embeddings.shape[0], 7 * embeddings.shape[1]) < whole_matrix

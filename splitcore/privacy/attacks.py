@@ -30,7 +30,7 @@ Each attack returns per-position guesses; ``recovery`` counts the ones read exac
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,10 @@ from splitcore.training.batches import collate
 RIDGE = 1e-3
 # Positions scored against the whole vocabulary at once (bounds memory to ~rows * vocab floats).
 VOCAB_SCORE_ROWS = 128
+# Vocabulary rows (of the embedding matrix or the LM head) cast to float32 at once: the audit
+# never holds a float copy of a whole (vocab, hidden) matrix, only one block of it
+# (8192 x 3072 floats = 96 MiB, against 1.5 GiB for a 128,256-token vocabulary).
+VOCAB_BLOCK_ROWS = 8192
 PUBLIC_BATCH = 16
 
 
@@ -122,14 +126,45 @@ def public_hidden_states(bottom: Bottom, chunks: Sequence[Sequence[int]], pad_to
     return torch.cat(states), torch.cat(tokens)
 
 
+def _vocab_blocks(weight: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Walk a (vocab, hidden) matrix ``VOCAB_BLOCK_ROWS`` rows at a time: (rows, float32 copy of those rows).
+
+    Only the block is cast, so a bf16 matrix is never copied whole to float32.
+    """
+    weight = weight.detach()
+    vocab = weight.shape[0]
+    for start in range(0, vocab, VOCAB_BLOCK_ROWS):
+        rows = slice(start, min(start + VOCAB_BLOCK_ROWS, vocab))
+        yield rows, weight[rows].float()  # (block, hidden)
+
+
+def _vocab_products(weight: torch.Tensor, *queries: torch.Tensor) -> list[torch.Tensor]:
+    """``query @ weight.T`` (rows, vocab) for each float32 (rows, hidden) query, one vocabulary block at a time."""
+    vocab = weight.shape[0]
+    products = [torch.empty(query.shape[0], vocab, dtype=torch.float32, device=query.device) for query in queries]
+    for rows, block in _vocab_blocks(weight):
+        for query, product in zip(queries, products):
+            product[:, rows] = query @ block.T
+    return products
+
+
 @torch.no_grad()
 def nearest_tokens(predicted: torch.Tensor, embeddings: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` vocabulary rows closest in cosine to each predicted embedding: (n, k), best first."""
-    vocabulary = F.normalize(embeddings.float(), dim=-1)  # (vocab, embed)
+    """The ``k`` vocabulary rows closest in cosine to each predicted embedding: (n, k), best first.
+
+    The vocabulary is read block by block (``_vocab_blocks``): the dot products with the
+    normalised predictions are divided by the rows' norms (clamped as ``F.normalize`` clamps).
+    """
+    vocab = embeddings.shape[0]
+    norms = torch.empty(vocab, dtype=torch.float32, device=predicted.device)  # (vocab,)
+    for rows, block in _vocab_blocks(embeddings):
+        norms[rows] = block.norm(dim=-1).clamp_min(1e-12)
     ranked = []
     for start in range(0, predicted.shape[0], VOCAB_SCORE_ROWS):
-        scores = F.normalize(predicted[start:start + VOCAB_SCORE_ROWS], dim=-1) @ vocabulary.T  # (rows, vocab)
-        ranked.append(scores.topk(min(k, vocabulary.shape[0]), dim=-1).indices)
+        query = F.normalize(predicted[start:start + VOCAB_SCORE_ROWS].float(), dim=-1)  # (rows, embed)
+        (scores,) = _vocab_products(embeddings, query)  # (rows, vocab)
+        scores.div_(norms)
+        ranked.append(scores.topk(min(k, vocab), dim=-1).indices)
     return torch.cat(ranked)
 
 
@@ -217,8 +252,11 @@ def _top_readout(top: Top, trunk_output: torch.Tensor, attention_mask: torch.Ten
     finally:
         hook.remove()
     probs = logits[positions].float().softmax(-1)  # (n, vocab)
-    head = top.lm_head.weight.float()  # (vocab, hidden)
-    return _TopReadout(pre_norm=captured["pre"][positions].float(), expected_head=probs @ head)
+    weight = top.lm_head.weight
+    expected_head = torch.zeros(probs.shape[0], weight.shape[1], dtype=torch.float32, device=probs.device)
+    for rows, block in _vocab_blocks(weight):
+        expected_head.addmm_(probs[:, rows], block)  # += p[rows] @ W[rows]
+    return _TopReadout(pre_norm=captured["pre"][positions].float(), expected_head=expected_head)
 
 
 def _jacobian_times(module: torch.nn.Module, inputs: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -247,29 +285,35 @@ def gradient_labels(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
     Top is shallow, and a deeper Top blurs the reading.
     ``positions`` (batch, seq) bool limits the work to the positions that will be scored
     (the guess at a position does not depend on the others); default: all real positions.
+    The LM head is read block by block (``_vocab_blocks``), never copied whole to float32.
     """
     if positions is None:
         positions = attention_mask.bool()
-    k = min(k, top.lm_head.weight.shape[0])
+    weight = top.lm_head.weight  # (vocab, hidden)
+    vocab, hidden = weight.shape
+    k = min(k, vocab)
     readout = _top_readout(top, trunk_output, attention_mask, positions)
     final_norm = getattr(top.backbone, top.family.final_norm_attr)
     gradient = received[positions].float()  # (n, hidden)
     norm_times_gradient = _jacobian_times(final_norm, readout.pre_norm, gradient)  # (n, hidden)
-    head = top.lm_head.weight.float()  # (vocab, hidden)
     gamma = top.family.norm_gain(final_norm)  # Gemma's norms scale by 1 + weight
-    gamma = torch.ones_like(head[0]) if gamma is None else gamma.detach().float()  # (hidden,)
-    head_gamma = head * gamma  # (vocab, hidden)
-    head_gamma_sq = (head_gamma * head_gamma).sum(-1)  # (vocab,)
+    gamma = (torch.ones(hidden, dtype=torch.float32, device=weight.device) if gamma is None
+             else gamma.detach().float())  # (hidden,)
+    head_gamma_sq = torch.empty(vocab, dtype=torch.float32, device=weight.device)  # (vocab,) |gamma * W_y|^2
+    for block_rows, block in _vocab_blocks(weight):
+        block_gamma = block * gamma  # (block, hidden)
+        head_gamma_sq[block_rows] = (block_gamma * block_gamma).sum(-1)
     ranked = []
     for start in range(0, gradient.shape[0], VOCAB_SCORE_ROWS):
         rows = slice(start, start + VOCAB_SCORE_ROWS)
         expected = readout.expected_head[rows]  # (rows, hidden)
         direction = norm_times_gradient[rows]  # (rows, hidden)
-        numerator = (direction * expected).sum(-1, keepdim=True) - direction @ head.T  # (rows, vocab)
         expected_gamma = expected * gamma
-        squared = ((expected_gamma * expected_gamma).sum(-1, keepdim=True)
-                   - 2 * (expected_gamma * gamma) @ head.T + head_gamma_sq)  # (rows, vocab)
-        scores = numerator / squared.clamp_min(1e-20).sqrt()
+        # numerator = N g . (W^T p) - N g . W_y; squared = |gamma W^T p|^2 - 2 gamma W^T p . gamma W_y + |gamma W_y|^2
+        numerator, squared = _vocab_products(weight, direction, expected_gamma * gamma)  # (rows, vocab) each
+        numerator.neg_().add_((direction * expected).sum(-1, keepdim=True))
+        squared.mul_(-2).add_((expected_gamma * expected_gamma).sum(-1, keepdim=True)).add_(head_gamma_sq)
+        scores = numerator.div_(squared.clamp_min_(1e-20).sqrt_())
         ranked.append(scores.topk(k, dim=-1).indices)
     candidates = torch.zeros(*received.shape[:2], k, dtype=torch.long, device=received.device)  # (batch, seq, k)
     candidates[positions] = torch.cat(ranked)
