@@ -281,9 +281,10 @@ def print_plan(results: list[dict], cut: str, gpu_gib: float) -> None:
         print(f"{r['name']:<16} {human_count(r['params']):>9} {pair(c['client_fp32']):>17} "
               f"{pair(c['client_bf16']):>17} {pair(c['trunk_bf16']):>16} {pair(c['trunk_fp32']):>16} "
               f"{c['chain_bf16']:>20}")
-    print("A worker slot runs one model's Bottom+Top for any number of jobs and generations (shared weights);"
-          " add its jobs' activations and adapters. A trunk adds its sessions' LoRA, optimizer state and"
-          " activations.")
+    print("A worker slot (one pool process) holds one model's Bottom+Top once for its job, the job's audits and "
+          "the jobs after it (shared weights); add the running job's activations and adapter. A trunk adds its "
+          "sessions' LoRA, optimizer state and activations. A model past one device needs a chain of trunks, "
+          "which the trunk server does not serve yet.")
 
 
 # ----------------------------------------------------------------------------- the random model
