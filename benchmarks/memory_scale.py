@@ -593,7 +593,7 @@ def child_worker(args) -> int:
     from splitcore.training.batches import prepare_training_data
 
     token = Path(args.token_file).read_text().strip()
-    store = FrozenWeightStore(budget_bytes=int(args.worker_cache_gb * GIB), name="worker")
+    store = FrozenWeightStore(budget_bytes=int(args.worker_cache_gb * GIB))
     model = CheckpointModel(args.model_dir, dtype=TORCH_DTYPES[args.worker_dtype], store=store)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     config = TrainConfig(max_steps=args.steps, batch_size=1, seq_len=args.seq_len)

@@ -172,6 +172,8 @@ def test_two_concurrent_split_runs_on_one_trunk_each_equal_their_local_runs(tiny
     adapters = {seed: {p.data_ptr() for p in trainers[seed].engine.params.values()} for seed in (1, 2)}
     assert adapters[1].isdisjoint(adapters[2]), "each run trains its own adapter"
     assert max(worker_model.checkpoint.keys_read.values()) == 1, "each frozen tensor read once for both runs"
+    trunk_blocks = SplitSpec(6, 2, 2).trunk_layers
+    assert not [key for key in worker_model.checkpoint.keys_read if any(f".layers.{i}." in key for i in trunk_blocks)]
     def work(seed):
         with clients[seed]:
             trainers[seed].run()

@@ -56,7 +56,7 @@ def model_dir(model_id: str) -> Path:
 @lru_cache(maxsize=1)
 def weight_store() -> FrozenWeightStore:
     """This process's frozen weights, shared by its jobs, generations and audits."""
-    return FrozenWeightStore(budget_bytes=int(settings.WORKER_MODEL_CACHE_GB * GIB), name="worker")
+    return FrozenWeightStore(budget_bytes=int(settings.WORKER_MODEL_CACHE_GB * GIB))
 
 
 @lru_cache(maxsize=8)

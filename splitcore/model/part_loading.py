@@ -146,9 +146,8 @@ class FrozenWeightStore:
     what the store keeps once no request needs it (least recently used out); None keeps all.
     """
 
-    def __init__(self, budget_bytes: int | None = None, name: str = "weights") -> None:
+    def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget_bytes = budget_bytes
-        self.name = name
         self._kept: OrderedDict[tuple, nn.Parameter] = OrderedDict()
         self._alive: weakref.WeakValueDictionary[tuple, nn.Parameter] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
@@ -189,10 +188,6 @@ class FrozenWeightStore:
             if slot in keep:
                 continue
             total -= _nbytes(self._kept.pop(slot))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -302,9 +297,7 @@ class CheckpointModel(ModelParts):
         """
         started = time.perf_counter()
         model = empty_model(self.config)
-        layout = self.layout(model)
-        slots = {name: layout.key_of(name) for name, _ in model.named_parameters(remove_duplicate=False)
-                 if layout.wanted(name, selection)}
+        slots = self._slots(model, selection)
         if self.store is not None:
             params, loaded = self.store.parameters(self.checkpoint, slots.values(), self.dtype, self.device)
         else:
@@ -330,12 +323,15 @@ class CheckpointModel(ModelParts):
                 if buffer is not None and buffer.device != self.device:
                     module._buffers[attr] = buffer.to(self.device)
 
+    def _slots(self, model: PreTrainedModel, selection: PartSelection) -> dict[str, str]:
+        """Every parameter name of ``model`` in ``selection`` (tied ones too) -> the checkpoint key holding it."""
+        layout = self.layout(model)
+        return {name: layout.key_of(name) for name, _ in model.named_parameters(remove_duplicate=False)
+                if layout.wanted(name, selection)}
+
     def parameter_keys(self, selection: PartSelection) -> set[str]:
         """The checkpoint keys ``build(selection)`` reads."""
-        model = empty_model(self.config)
-        layout = self.layout(model)
-        return {layout.key_of(name) for name, _ in model.named_parameters(remove_duplicate=False)
-                if layout.wanted(name, selection)}
+        return set(self._slots(empty_model(self.config), selection).values())
 
     def state_digests(self, part: nn.Module) -> dict[str, bytes]:
         """The ``tensor_digests`` of a part's state dict, its weights hashed from the checkpoint's bytes
@@ -358,7 +354,6 @@ class CheckpointModel(ModelParts):
     def fingerprint(self, part: nn.Module) -> str:
         """``weights_fingerprint(part)`` of the part as stored, without loading its weights."""
         return combine_digests(self.state_digests(part))
-
 
     # ------------------------------------------------------------ ModelParts
 
