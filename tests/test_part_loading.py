@@ -156,3 +156,27 @@ def test_layer_ranges_read_as_people_write_them():
     assert format_layers({0, 1, 28, 29, 5}) == "0-1, 5, 28-29"
     assert PartSelection.of([3, 4], embeddings=True, head=True).describe() == \
         "blocks 3-4, embeddings, norm and LM head"
+
+
+def test_tensor_digests_are_hashed_once_per_machine_while_the_files_are_unchanged(tiny_dirs, tmp_path,
+                                                                                   monkeypatch):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], model_dir)
+    cache = tmp_path / "digests"
+    first = CheckpointModel(model_dir, digest_cache=cache).trunk_fingerprint(range(2, 4))
+    assert list(cache.glob("*.json")), "kept for the next process"
+
+    def no_hashing(*args):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(Checkpoint, "_hash", no_hashing)
+    assert CheckpointModel(model_dir, digest_cache=cache).trunk_fingerprint(range(2, 4)) == first
+    monkeypatch.undo()
+
+    weights = model_dir / SINGLE_FILE
+    weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
+    hashed = []
+    original = Checkpoint._hash
+    monkeypatch.setattr(Checkpoint, "_hash", lambda self, *args: hashed.append(args) or original(self, *args))
+    assert CheckpointModel(model_dir, digest_cache=cache).trunk_fingerprint(range(2, 4)) == first
+    assert hashed, "a changed file is hashed again"

@@ -19,13 +19,17 @@ what a process took from the checkpoint.
 ``digest`` hashes a tensor's bytes straight from the file in fixed-size chunks, without
 building the tensor: a client checks that a trunk serves the weights it expects without
 loading them. The digest equals ``fingerprint.tensor_digests`` of the loaded tensor
-(name, shape, the stored dtype, the little-endian bytes), so old and new peers agree.
+(name, shape, the stored dtype, the little-endian bytes), so old and new peers agree. With a
+``digest_cache`` directory the digests of each file are kept there (as JSON, valid while the
+file keeps its size and modification time), so the bytes of a 70B trunk are hashed once per
+machine, not once per run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import threading
@@ -35,6 +39,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -94,8 +100,11 @@ def _read_header(path: Path) -> dict[str, StoredTensor]:
 class Checkpoint:
     """The safetensors weights of a model directory: what is stored where, read on demand."""
 
-    def __init__(self, model_dir: str | os.PathLike) -> None:
+    def __init__(self, model_dir: str | os.PathLike, digest_cache: str | os.PathLike | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.digest_cache = Path(digest_cache) if digest_cache is not None else None
+        self._file_digests: dict[Path, dict[str, str]] = {}  # per file: name -> hex digest
+        self._unsaved: set[Path] = set()
         index = self.model_dir / INDEX_FILE
         single = self.model_dir / SINGLE_FILE
         if index.is_file():
@@ -148,9 +157,20 @@ class Checkpoint:
 
     def digest(self, name: str, as_name: str | None = None) -> bytes:
         """sha256 over the name (``as_name`` when the model calls it otherwise), shape, stored dtype and
-        bytes of one tensor, hashed from the file in chunks."""
+        bytes of one tensor, hashed from the file in chunks (or taken from the digest cache)."""
         stored = self.stored(name)
-        digest = hashlib.sha256(f"{as_name or name}|{list(stored.shape)}|{stored.dtype}|".encode())
+        label = as_name or name
+        known = self._known_digests(stored.file)
+        if label in known:
+            return bytes.fromhex(known[label])
+        value = self._hash(stored, label)
+        with self._lock:
+            known[label] = value.hex()
+            self._unsaved.add(stored.file)
+        return value
+
+    def _hash(self, stored: StoredTensor, label: str) -> bytes:
+        digest = hashlib.sha256(f"{label}|{list(stored.shape)}|{stored.dtype}|".encode())
         with open(stored.file, "rb") as handle:
             handle.seek(stored.start)
             left = stored.nbytes
@@ -161,6 +181,45 @@ class Checkpoint:
                 digest.update(chunk)
                 left -= len(chunk)
         return digest.digest()
+
+    def _cache_file(self, file: Path) -> Path:
+        return self.digest_cache / f"{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:40]}.json"
+
+    @staticmethod
+    def _identity(file: Path) -> dict:
+        status = file.stat()
+        return {"file": str(file.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+    def _known_digests(self, file: Path) -> dict[str, str]:
+        """The digests known for ``file``: from the cache when it describes the file as it is now."""
+        with self._lock:
+            if file not in self._file_digests:
+                known: dict[str, str] = {}
+                if self.digest_cache is not None:
+                    try:
+                        cached = json.loads(self._cache_file(file).read_text())
+                        if {k: cached.get(k) for k in ("file", "size", "mtime_ns")} == self._identity(file):
+                            known = {str(k): str(v) for k, v in cached["digests"].items()}
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                        pass  # no cache yet, or one of another version of the file: hash again
+                self._file_digests[file] = known
+            return self._file_digests[file]
+
+    def save_digests(self) -> None:
+        """Write the digests computed since the last save to the cache (atomically; a failure is logged)."""
+        if self.digest_cache is None:
+            return
+        with self._lock:
+            files, self._unsaved = self._unsaved, set()
+            for file in files:
+                target = self._cache_file(file)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    staging = target.with_suffix(f".{os.getpid()}.tmp")
+                    staging.write_text(json.dumps({**self._identity(file), "digests": self._file_digests[file]}))
+                    os.replace(staging, target)
+                except OSError as exc:
+                    log.warning("could not keep the tensor digests of %s in %s: %s", file, target.parent, exc)
 
     def stored_bytes(self, names) -> int:
         return sum(self.stored(name).nbytes for name in names)

@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from splitcore.model.architectures import ArchitectureFamily, family_for
 from splitcore.model.checkpoint import Checkpoint
+from splitcore.model.default_model import data_dir
 from splitcore.model.fingerprint import combine_digests, tensor_digests, weights_fingerprint
 from splitcore.model.parts import Bottom, Top, split_model
 from splitcore.model.split_spec import SplitSpec
@@ -43,6 +44,7 @@ from splitcore.model.split_spec import SplitSpec
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+DEFAULT_DIGEST_CACHE = "data-dir"  # CheckpointModel's default: tensor-digests in the data directory
 
 
 @dataclass(frozen=True)
@@ -266,24 +268,27 @@ class CheckpointModel(ModelParts):
 
     ``dtype`` is the compute dtype of the frozen floating weights (None: as stored); ``device``
     where they live. ``store`` shares loaded tensors between calls (and with other users of
-    the store); without one, every call loads what it needs afresh.
+    the store); without one, every call loads what it needs afresh. ``digest_cache``: where the
+    digests of the checkpoint's tensors are kept between processes (default: ``tensor-digests``
+    in the data directory; None: hashed afresh by each process).
     """
 
     def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-                 device: str | torch.device = "cpu", store: FrozenWeightStore | None = None) -> None:
+                 device: str | torch.device = "cpu", store: FrozenWeightStore | None = None,
+                 digest_cache: str | os.PathLike | None = DEFAULT_DIGEST_CACHE) -> None:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model directory {self.model_dir} has no config.json")
         self.config = AutoConfig.from_pretrained(self.model_dir)
         self.family = family_for(self.config)
         self.num_layers = self.family.num_layers(self.config)
-        self.checkpoint = Checkpoint(self.model_dir)
+        if digest_cache == DEFAULT_DIGEST_CACHE:
+            digest_cache = data_dir() / "tensor-digests"
+        self.checkpoint = Checkpoint(self.model_dir, digest_cache=digest_cache)
         self.dtype = dtype
         self.device = torch.device(device)
         self.store = store
         self._layout: ModelLayout | None = None
-        self._digests: dict[str, bytes] = {}
-        self._lock = threading.Lock()
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
         if self._layout is None:
@@ -344,11 +349,8 @@ class CheckpointModel(ModelParts):
             if tensor.device.type != "meta" and name not in self.checkpoint:
                 model_digests.update(tensor_digests({name: tensor}))
                 continue
-            key = layout.key_of(name)
-            with self._lock:
-                if name not in self._digests:
-                    self._digests[name] = self.checkpoint.digest(key, as_name=name)
-                model_digests[name] = self._digests[name]
+            model_digests[name] = self.checkpoint.digest(layout.key_of(name), as_name=name)
+        self.checkpoint.save_digests()
         return model_digests
 
     def fingerprint(self, part: nn.Module) -> str:
