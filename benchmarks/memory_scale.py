@@ -416,7 +416,7 @@ def read_status(pid: int | str = "self") -> dict[str, int] | None:
     """VmRSS, VmHWM, RssAnon, RssFile of a process in bytes (None once it is gone)."""
     try:
         fields = parse_status(Path(f"/proc/{pid}/status").read_text())
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:  # the process is gone
         return None
     return fields if "VmRSS" in fields else None
 
@@ -756,7 +756,7 @@ def measure_merge(ctx: Context) -> None:
         print(f"  merge: skipped, it writes {gib(model_bytes)} GiB and {ctx.run_dir} has "
               f"{gib(free_bytes(ctx.run_dir))} GiB free")
         return
-    shard_limit = parse_size(args.merge_shard_size or getattr(merge, "MAX_SHARD_SIZE", "5GB"))
+    shard_limit = merge.shard_size_bytes(args.merge_shard_size or merge.MAX_SHARD_SIZE)
     adapter_bytes = sum(p.stat().st_size for p in ctx.adapter.glob("*.safetensors"))
     needed = min(model_bytes, shard_limit) + adapter_bytes
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "merge", "--model-dir", str(ctx.model_dir),
@@ -823,18 +823,6 @@ def measure(args) -> int:
             handle.write(json.dumps({"label": label, "rows": [{**asdict(r), "goal": r.goal, "passed": r.passed}
                                                               for r in ctx.rows]}) + "\n")
     return 0 if all(r.passed and not r.note.startswith("FAILED") for r in ctx.rows) else 1
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes of a size as merge_adapter takes it: an int, or e.g. "5GB" (10**9) / "5GiB" (2**30)."""
-    if isinstance(size, int) or str(size).isdigit():
-        return int(size)
-    text = str(size).strip().upper()
-    for unit, factor in (("TIB", 2**40), ("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("TB", 10**12),
-                         ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if text.endswith(unit):
-            return int(float(text[:-len(unit)]) * factor)
-    raise ValueError(f"not a size: {size!r}")
 
 
 def read_meminfo() -> dict[str, int]:

@@ -46,9 +46,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GIB = 1 << 30
-GOAL_FACTOR = 1.3
-GOAL_SLACK = 0.5 * GIB
+# benchmarks/memory_scale.py: the goal, the /proc readings and the random-weight model writer.
+from memory_scale import (  # noqa: E402
+    GOAL_FACTOR, GOAL_SLACK, gib, goal_bytes, read_status, resolve_config, write_random_model,
+)
+
 POLL_S = 0.1
 DB_POLL_S = 0.5
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -57,14 +59,6 @@ ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} f
 # What the loaders log about the parts they read (splitcore/model/part_loading.py), and the trunk's start.
 LOAD_MARKERS = ("GiB of weights", "resident memory", "listening on")
 AUDIT_PHASE = "leakage audit"  # in the phase of a job running it (webapp/training/runner.py)
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
-
-
-def goal_bytes(needed: int) -> float:
-    return GOAL_FACTOR * needed + GOAL_SLACK
 
 
 # ----------------------------------------------------------------------------- model and needs
@@ -81,7 +75,6 @@ def prepare_model(args) -> tuple[Path, str]:
             write_tiny_model(directory, TinyModelSpec(arch="llama"))
         return directory, TINY_MODEL_ID
     import torch
-    from memory_scale import resolve_config, write_random_model  # benchmarks/memory_scale.py
 
     config_path = resolve_config(args.config)
     name = config_path.stem if config_path.name != "config.json" else config_path.parent.name
@@ -100,19 +93,6 @@ def needed_bytes(model_dir: Path, layers, dtype: str, client: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- memory sampling
-
-
-def read_status(pid: int) -> dict[str, int] | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields if "VmRSS" in fields else None
 
 
 def children_of(pid: int) -> list[int]:

@@ -13,9 +13,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import logging
-
-log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 ARENAS = 2

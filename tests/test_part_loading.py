@@ -180,3 +180,14 @@ def test_tensor_digests_are_hashed_once_per_machine_while_the_files_are_unchange
     monkeypatch.setattr(Checkpoint, "_hash", lambda self, *args: hashed.append(args) or original(self, *args))
     assert CheckpointModel(model_dir, digest_cache=cache).trunk_fingerprint(range(2, 4)) == first
     assert hashed, "a changed file is hashed again"
+
+
+def test_a_truncated_checkpoint_is_named_when_its_bytes_are_hashed(tiny_dirs, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dirs["llama"], model_dir)
+    weights = model_dir / SINGLE_FILE
+    weights.write_bytes(weights.read_bytes()[:-1000])  # the header still promises the last tensor's bytes
+    checkpoint = Checkpoint(model_dir)
+    last = max(checkpoint.tensors, key=lambda key: checkpoint.tensors[key].end)
+    with pytest.raises(CheckpointError, match=f"ends inside tensor '{last}'"):
+        checkpoint.digest(last)

@@ -28,8 +28,8 @@ from transformers.cache_utils import Cache
 
 from splitcore import LoraSettings, init_lora_weights, split_model
 from splitcore.model.fingerprint import combine_digests
-from splitcore.model.part_loading import CheckpointModel, PartSelection, weight_sharing_copy
 from splitcore.model.lora import lora_config_for
+from splitcore.model.part_loading import CheckpointModel, PartSelection, weight_sharing_copy
 from splitcore.model.seeding import seeded_dropout
 from splitcore.model.split_spec import CutBounds, SplitSpec
 from splitcore.remote.errors import LayersRefused, OutOfMemory

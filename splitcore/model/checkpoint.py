@@ -132,6 +132,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    @property
+    def files(self) -> list[Path]:
+        """The checkpoint's files, in name order."""
+        return sorted({stored.file for stored in self.tensors.values()})
+
     def stored(self, name: str) -> StoredTensor:
         try:
             return self.tensors[name]
@@ -177,7 +182,7 @@ class Checkpoint:
             while left:
                 chunk = handle.read(min(DIGEST_CHUNK, left))
                 if not chunk:
-                    raise CheckpointError(f"{stored.file} ends inside tensor {name!r}")
+                    raise CheckpointError(f"{stored.file} ends inside tensor {label!r}")
                 digest.update(chunk)
                 left -= len(chunk)
         return digest.digest()
@@ -220,6 +225,3 @@ class Checkpoint:
                     os.replace(staging, target)
                 except OSError as exc:
                     log.warning("could not keep the tensor digests of %s in %s: %s", file, target.parent, exc)
-
-    def stored_bytes(self, names) -> int:
-        return sum(self.stored(name).nbytes for name in names)

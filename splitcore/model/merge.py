@@ -56,10 +56,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
+from splitcore.model.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, CheckpointError
+
 ADAPTER_CONFIG = "adapter_config.json"
 # The one weights file of a merged model that fits one shard; past that, shards and an index.
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_INDEX = "model.safetensors.index.json"
+MODEL_WEIGHTS = SINGLE_FILE
+MODEL_INDEX = INDEX_FILE
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 GENERATION_CONFIG = "generation_config.json"
 # The Hub's shard size (transformers 5 itself defaults to 50GB, too much to hold while writing).
@@ -90,7 +92,7 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     _check_mergeable(base_dir, adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)  # before the merge: a base without one fails at once
     config = AutoConfig.from_pretrained(base_dir)
-    checkpoint = Checkpoint.of(base_dir)
+    checkpoint = _base_checkpoint(base_dir)
     modules = AdaptedModules.find(config, base_dir, adapter_dir, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -129,25 +131,15 @@ def _check_mergeable(base_dir: Path, adapter_dir: Path) -> None:
                          "merge_and_unload() on the loaded model instead")
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """The base model's safetensors files, in order, and the names of all their tensors."""
-
-    files: tuple[Path, ...]
-    keys: frozenset[str]
-
-    @classmethod
-    def of(cls, base_dir: Path) -> Checkpoint:
-        index = base_dir / MODEL_INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return cls(tuple(base_dir / name for name in sorted(set(weight_map.values()))), frozenset(weight_map))
-        single = base_dir / MODEL_WEIGHTS
-        if single.is_file():
-            with safe_open(str(single), framework="pt") as weights:  # reads the header only
-                return cls((single,), frozenset(weights.keys()))
+def _base_checkpoint(base_dir: Path) -> Checkpoint:
+    """The base model's safetensors (headers only; nothing is read yet), or MergeError saying what to do."""
+    try:
+        return Checkpoint(base_dir, digest_cache=None)
+    except CheckpointError as exc:
+        if (base_dir / MODEL_INDEX).is_file() or (base_dir / MODEL_WEIGHTS).is_file():
+            raise MergeError(str(exc)) from exc
         raise MergeError(f"{base_dir} has no safetensors weights ({MODEL_WEIGHTS} or {MODEL_INDEX}): save the base "
-                         "model with transformers' save_pretrained first")
+                         "model with transformers' save_pretrained first") from exc
 
 
 @dataclass(frozen=True)
@@ -253,10 +245,10 @@ def _tied_weights(model: nn.Module) -> dict[str, str]:
 def _checkpoint_key(name: str, prefix: str, checkpoint: Checkpoint, base_dir: Path) -> str:
     """The checkpoint's name for the model's tensor ``name``: the same, or without the base model's prefix
     (GPT-2 checkpoints from the Hub store ``h.0.attn.c_attn.weight`` for ``transformer.h.0.attn.c_attn.weight``)."""
-    if name in checkpoint.keys:
+    if name in checkpoint:
         return name
     short = name.removeprefix(f"{prefix}.") if prefix else name
-    if short != name and short in checkpoint.keys:
+    if short != name and short in checkpoint:
         return short
     raise MergeError(f"the base checkpoint in {base_dir} has no tensor {name!r}, which the adapter adapts")
 

@@ -135,6 +135,11 @@ def weight_sharing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo=shared)
 
 
+def read_frozen(checkpoint: Checkpoint, key: str, dtype: torch.dtype | None, device: torch.device) -> nn.Parameter:
+    """One tensor of the checkpoint as a frozen parameter, in ``dtype`` on ``device``."""
+    return nn.Parameter(checkpoint.read(key, dtype, device), requires_grad=False)
+
+
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -171,7 +176,7 @@ class FrozenWeightStore:
                 if param is None:
                     param = self._alive.get(slot)  # evicted, but a module tree still uses it
                 if param is None:
-                    param = nn.Parameter(checkpoint.read(key, dtype, device), requires_grad=False)
+                    param = read_frozen(checkpoint, key, dtype, device)
                     self._alive[slot] = param
                     loaded += _nbytes(param)
                 self._kept[slot] = param
@@ -306,8 +311,7 @@ class CheckpointModel(ModelParts):
         if self.store is not None:
             params, loaded = self.store.parameters(self.checkpoint, slots.values(), self.dtype, self.device)
         else:
-            params = {key: nn.Parameter(self.checkpoint.read(key, self.dtype, self.device), requires_grad=False)
-                      for key in dict.fromkeys(slots.values())}
+            params = {key: self._read_frozen(key) for key in dict.fromkeys(slots.values())}
             loaded = sum(_nbytes(p) for p in params.values())
         for name, key in slots.items():
             _set_parameter(model, name, params[key])
@@ -321,6 +325,9 @@ class CheckpointModel(ModelParts):
                  resident_memory_text())
         model.requires_grad_(False)
         return model
+
+    def _read_frozen(self, key: str) -> nn.Parameter:
+        return read_frozen(self.checkpoint, key, self.dtype, self.device)
 
     def _place_buffers(self, model: nn.Module) -> None:
         for module in model.modules():
@@ -383,8 +390,7 @@ class CheckpointModel(ModelParts):
             block = trunk.blocks[str(index)]
             prefix = f"{self.family.backbone_attr}.{self.family.layers_attr}.{index}."
             for name, _ in block.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
-                _set_parameter(model, name, nn.Parameter(self.checkpoint.read(layout.key_of(name), self.dtype,
-                                                                              self.device), requires_grad=False))
+                _set_parameter(model, name, self._read_frozen(layout.key_of(name)))
             hidden = trunk(hidden, attention_mask, layers=range(index, index + 1))  # (batch, seq, hidden)
             block.to("meta")
         return hidden
