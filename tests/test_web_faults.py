@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import redis
 import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.db import connection
 from django.utils import timezone
 from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
@@ -153,10 +155,34 @@ def assert_same_run(job: Job, reference: dict) -> None:
         torch.testing.assert_close(tensor, reference["adapter"][name], atol=1e-4, rtol=0, msg=name)
 
 
+def holds_the_database_lock(wait_s: float = 0.5) -> bool:
+    """Whether a process keeps SQLite's write lock past ``wait_s`` (a live writer lets go sooner, a frozen one never)."""
+    probe = sqlite3.connect(connection.settings_dict["NAME"], timeout=wait_s, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
 def freeze_mid_job(job: Job, pid: int, group: bool = False) -> Job:
-    """SIGSTOP ``pid`` once the job is past its first checkpoint (step 2) and check it is mid-job."""
+    """SIGSTOP ``pid`` once the job is past its first checkpoint (step 2) and check it is mid-job.
+
+    A process frozen inside a database write would lock every other worker out of SQLite until it
+    wakes up: then it is let go on and frozen again a moment later, out of the write.
+    """
     job = wait_for_job(job.pk, condition=reached(3), timeout=300)
-    (os.killpg if group else os.kill)(pid, signal.SIGSTOP)
+    send = os.killpg if group else os.kill
+    deadline = time.monotonic() + 60
+    send(pid, signal.SIGSTOP)
+    while holds_the_database_lock():
+        assert time.monotonic() < deadline, "the frozen worker kept the database locked at every try"
+        send(pid, signal.SIGCONT)
+        time.sleep(0.05)
+        send(pid, signal.SIGSTOP)
     job.refresh_from_db()
     assert job.status == "running" and 3 <= job.current_step < STEPS, \
         f"the fault must hit mid-job: {job.status} at step {job.current_step}"
