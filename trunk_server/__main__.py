@@ -1,6 +1,9 @@
-"""``python -m trunk_server --model DIR --bottom-layers K --top-layers M --port P``.
+"""``python -m trunk_server --model DIR --bottom-layers K --top-layers M --port P``, or
+``python -m trunk_server --model DIR --layers A-B --port P``.
 
-``--bottom-layers``/``--top-layers`` set the default cut. ``--min-bottom-layers`` and
+``--layers A-B`` serves exactly blocks A to B (a link of a chain of trunks: the client runs the
+blocks before the first link and after the last one, the links the rest in order); the server
+reads only those blocks. Otherwise ``--bottom-layers``/``--top-layers`` set the default cut. ``--min-bottom-layers`` and
 ``--min-top-layers`` let sessions choose their own cut: the server then holds every block
 between them and each session runs the range its client asks for. ``--device`` and
 ``--dtype`` choose where and in which dtype the frozen blocks compute; the budget options
@@ -40,12 +43,23 @@ def read_token(token_file: str | None) -> str:
     return resolve_token(None, token_file)
 
 
+def layer_range(text: str) -> tuple[int, int]:
+    """"8-15" as (8, 15); "8" as (8, 8)."""
+    first, _, last = text.strip().partition("-")
+    if not first.isdecimal() or not (last or first).isdecimal():
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST block numbers such as 8-15, got {text!r}")
+    return int(first), int(last or first)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trunk_server", description=__doc__)
     parser.add_argument("--model", required=True, help="model directory (the same base model as the clients')")
     parser.add_argument("--model-id", help="name reported by Info (default: the directory name)")
-    parser.add_argument("--bottom-layers", type=int, required=True, help="decoder layers the clients run first")
-    parser.add_argument("--top-layers", type=int, required=True, help="decoder layers the clients run last")
+    parser.add_argument("--layers", metavar="FIRST-LAST", type=layer_range,
+                        help="serve exactly the decoder blocks FIRST to LAST (e.g. 8-15; a link of a chain of "
+                             "trunks); instead of --bottom-layers/--top-layers")
+    parser.add_argument("--bottom-layers", type=int, help="decoder layers the clients run first (the default cut)")
+    parser.add_argument("--top-layers", type=int, help="decoder layers the clients run last (the default cut)")
     parser.add_argument("--min-bottom-layers", type=int,
                         help="fewest layers a session may keep before the trunk (default: --bottom-layers); "
                              "sessions may also keep more")
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = TrunkServerConfig(
-            model_dir=Path(args.model), n_bottom=args.bottom_layers, n_top=args.top_layers,
+            model_dir=Path(args.model), n_bottom=args.bottom_layers, n_top=args.top_layers, layers=args.layers,
             min_bottom=args.min_bottom_layers, min_top=args.min_top_layers,
             token=read_token(args.token_file), host=args.host, port=args.port, tls_cert=args.tls_cert,
             tls_key=args.tls_key, device=args.device, dtype=args.dtype, max_sessions=args.max_sessions,

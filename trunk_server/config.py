@@ -38,12 +38,16 @@ class SessionBudgets:
 class TrunkServerConfig:
     """``n_bottom``/``n_top``: the default cut. ``min_bottom``/``min_top`` (None: the defaults) are
     the fewest blocks a session may leave to its client on each side: the server holds the
-    blocks between them, and each session runs the sub-range its client asks for."""
+    blocks between them, and each session runs the sub-range its client asks for.
+
+    ``layers`` (first, last; instead of the cut) serves exactly the blocks ``first``..``last``: a
+    link of a chain of trunks, or a trunk of a fixed range. Sessions run any sub-range of it."""
 
     model_dir: Path
-    n_bottom: int
-    n_top: int
+    n_bottom: int | None
+    n_top: int | None
     token: str
+    layers: tuple[int, int] | None = None
     min_bottom: int | None = None
     min_top: int | None = None
     host: str = "127.0.0.1"
@@ -85,8 +89,15 @@ class TrunkServerConfig:
         for name in ("max_sessions", "session_lease_s", "max_concurrent_rpcs", "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.layers is not None:
+            self._check_layers()
+        elif self.n_bottom is None or self.n_top is None:
+            raise ValueError("say which blocks the trunk serves: --layers FIRST-LAST, or the default cut "
+                             "(--bottom-layers and --top-layers)")
         for name, default in (("min_bottom", "n_bottom"), ("min_top", "n_top")):
             value = getattr(self, name)
+            if self.layers is not None:
+                continue
             if value is None:
                 object.__setattr__(self, name, getattr(self, default))
             elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= getattr(self, default):
@@ -97,6 +108,20 @@ class TrunkServerConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "device", resolve_device(self.device))
+
+    def _check_layers(self) -> None:
+        given = [f"--{name.replace('_', '-')}" for name, flag in (
+            ("bottom_layers", self.n_bottom), ("top_layers", self.n_top), ("min_bottom_layers", self.min_bottom),
+            ("min_top_layers", self.min_top)) if flag is not None]
+        if given:
+            raise ValueError(f"--layers names the blocks this trunk serves; it does not go with {', '.join(given)}")
+        first, last = self.layers
+        for value in (first, last):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"layers must be whole numbers, got {self.layers!r}")
+        if not 1 <= first <= last:
+            raise ValueError(f"layers {first}-{last}: the first must be at least 1 (block 0 stays with the "
+                             "client) and at most the last")
 
     @property
     def chunk_bytes(self) -> int:

@@ -50,10 +50,9 @@ class TrunkHost:
         self.config = source.config
         self.family = source.family
         self.num_layers = source.num_layers
-        default = SplitSpec(self.num_layers, config.n_bottom, config.n_top)
-        widest = SplitSpec(self.num_layers, config.min_bottom, config.min_top)
+        default, widest = self._cuts(config)
         model = source.build(PartSelection.of(widest.trunk_layers))
-        _, trunk, _ = split_model(model, config.min_bottom, config.min_top)
+        _, trunk, _ = split_model(model, widest.n_bottom, widest.n_top)
         del model  # the Bottom's and Top's modules were never loaded
         self.model_id = model_id or source.model_dir.name
         self.bounds = CutBounds(num_layers=self.num_layers, default=default.trunk_layers,
@@ -75,6 +74,19 @@ class TrunkHost:
         self.stats = TrunkStats()
 
     # -------------------------------------------------------------- layer ranges
+
+    def _cuts(self, config: TrunkServerConfig) -> tuple[SplitSpec, SplitSpec]:
+        """The default cut and the widest one sessions may ask for (ValueError naming the model's blocks)."""
+        if config.layers is None:
+            return (SplitSpec(self.num_layers, config.n_bottom, config.n_top),
+                    SplitSpec(self.num_layers, config.min_bottom, config.min_top))
+        first, last = config.layers
+        if last > self.num_layers - 2:
+            raise ValueError(f"--layers {first}-{last}: the model has {self.num_layers} blocks (0-"
+                             f"{self.num_layers - 1}) and at least the last one stays with the client, so a trunk "
+                             f"serves blocks up to {self.num_layers - 2}")
+        served = SplitSpec(self.num_layers, first, self.num_layers - 1 - last)
+        return served, served
 
     def layers_for(self, start: int, end: int) -> range:
         """The range a session asked for (0, 0: the default), or LayersRefused."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from splitcore.cli.privacy import add_audit_parser
 from splitcore.cli.train import add_train_parser
-from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
+from splitcore.cli.trunk import add_trunk_arguments, connect_trunks
 from splitcore.generation.local import GenerationSettings, encode_prompt, generate_text, load_for_inference
 from splitcore.model import default_model
 from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, write_tiny_model
@@ -55,8 +55,8 @@ def _generate_split(args: argparse.Namespace, model_dir, settings: GenerationSet
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     input_ids = encode_prompt(tokenizer, args.prompt, args.chat)
-    with connect_trunk(args) as client:
-        generator = SplitGenerator.from_directory(model_dir, client, args.adapter)
+    with connect_trunks(args) as clients:
+        generator = SplitGenerator.from_directory(model_dir, clients, args.adapter)
         tokens: list[int] = []
         shown = ""
         for token in generator.generate(input_ids, tokenizer, settings):

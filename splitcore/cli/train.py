@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from splitcore.cli.privacy import add_defense_arguments, defense_settings
-from splitcore.cli.trunk import add_trunk_arguments, connect_trunk
+from splitcore.cli.trunk import add_trunk_arguments, connect_trunks
 from splitcore.model import default_model
 from splitcore.model.devices import CLIENT_DTYPES, DEVICES, DTYPES, resolve_device
 from splitcore.model.lora import ADAPTER_METHODS, LoraSettings
@@ -115,7 +115,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.epochs is None and args.steps is None:
         args.epochs = 1.0
     if args.local == bool(args.trunk):
-        raise ValueError("choose where the trunk runs: either --trunk HOST:PORT or --local")
+        raise ValueError("choose where the trunk runs: either --trunk HOST:PORT (HOST:PORT,HOST:PORT,... for a chain "
+                         "of trunks) or --local")
     config = train_config(args)
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
@@ -143,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
                          n_top=LOCAL_CUT if args.top_layers is None else args.top_layers)
         engine = LocalEngine(model, config, spec, secret=secret, device=device)
     else:
-        engine = SplitEngine(model, config, connect_trunk(args, config.wire_encoding), label=f"cli:{out.name}",
+        engine = SplitEngine(model, config, connect_trunks(args, config.wire_encoding), label=f"cli:{out.name}",
                              secret=secret, device=device)
 
     cancel = threading.Event()

@@ -1,6 +1,6 @@
-"""Text generation with the trunk on a trunk server: Bottom and Top here, each with a KV cache,
-and the trunk's own KV cache in an inference session. Each new token costs one position
-on every side.
+"""Text generation with the trunk on a trunk server (or a chain of them): Bottom and Top here, each
+with a KV cache, and each trunk's own KV cache in an inference session. Each new token costs one
+position on every side.
 
 With a merged adapter, Bottom and Top get their LoRA from ``peft`` and the trunk's LoRA
 weights are sent to the inference session, so the answer is the one the unsplit model
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ from splitcore.model.lora import PEFT_TYPES, LoraSettings
 from splitcore.model.part_loading import CheckpointModel, ModelParts, model_parts
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
-from splitcore.remote.trunk import check_trunk_serves, choose_split
+from splitcore.remote.chain import layer_of, link_name, plan_links
+from splitcore.remote.trunk import check_trunk_serves
 
 
 def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
@@ -55,23 +56,17 @@ def adapter_lora_settings(adapter_dir: str | os.PathLike) -> LoraSettings:
                         use_dora=bool(config.get("use_dora", False)), use_rslora=bool(config.get("use_rslora", False)))
 
 
-def _layer_of(key: str, layers_marker: str) -> int | None:
-    head, found, tail = key.partition(layers_marker)
-    if not found:
-        return None
-    index = tail.split(".", 1)[0]
-    return int(index) if index.isdigit() else None
-
-
 class SplitGenerator:
-    """Generate through a trunk server; one inference session per ``generate`` call."""
+    """Generate through a trunk server or a chain of them; one inference session per link per ``generate``
+    call."""
 
-    def __init__(self, model: PreTrainedModel | ModelParts, client: TrunkClient,
+    def __init__(self, model: PreTrainedModel | ModelParts, client: TrunkClient | Sequence[TrunkClient],
                  adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
                  n_top: int | None = None, device: str | torch.device = "cpu") -> None:
         """``model``: a freshly loaded base model (peft adds the adapter to its modules), or a
         ``ModelParts`` that loads only the Bottom and Top of the chosen cut.
 
+        ``client``: the trunk's client, or one per link of a chain in block order.
         ``n_bottom``/``n_top``: blocks kept here before and after the trunk (None: the trunk's default).
         ``device``: where the Bottom and Top compute.
         """
@@ -79,37 +74,40 @@ class SplitGenerator:
         parts = model_parts(model)
         self.config = parts.config
         self.family = parts.family
-        info = client.info()
-        # One row: the model's positions and the KV-cache budget bound the same length (0: not reported).
-        self._positions_allowed = min((n for n in (info.max_positions, info.max_kv_tokens) if n), default=None)
-        spec = choose_split(info, n_bottom, n_top)
-        check_trunk_serves(info, self.config, self.family)
+        self.clients = [client] if isinstance(client, TrunkClient) else list(client)
+        plan, infos = plan_links(self.clients, self.config, self.family, n_bottom, n_top)
+        # One row: the model's positions and every link's KV-cache budget bound the same length (0: not reported).
+        self._positions_allowed = min((n for info in infos for n in (info.max_positions, info.max_kv_tokens) if n),
+                                      default=None)
+        spec = plan.spec
         bottom, top = parts.client_parts(spec)
         self.layers = spec.trunk_layers
-        self._trunk_fingerprint = parts.trunk_fingerprint(spec.trunk_layers)
+        self.link_layers = plan.layers
+        self._trunk_fingerprints = [parts.trunk_fingerprint(layers) for layers in plan.layers]
         self.trunk_lora: LoraSettings | None = None
-        self.trunk_weights: bytes | None = None
+        self.trunk_weights: list[bytes] | None = None  # per link
         if adapter_dir is not None:
             # peft adds each part's adapter layers to the part's own modules; the frozen weights stay shared.
             bottom, top = load_part_adapter(bottom, adapter_dir), load_part_adapter(top, adapter_dir)
-            self._trunk_share(adapter_dir, self.layers)
+            self._trunk_share(adapter_dir)
         self.bottom, self.top = bottom.eval().to(self.device), top.eval().to(self.device)
-        self.client = client
+        self.client = self.clients[0]
         self.generation_config = parts.generation_config
 
     @classmethod
-    def from_directory(cls, model_dir: str | os.PathLike, client: TrunkClient,
+    def from_directory(cls, model_dir: str | os.PathLike, client: TrunkClient | Sequence[TrunkClient],
                        adapter_dir: str | os.PathLike | None = None, n_bottom: int | None = None,
                        n_top: int | None = None) -> SplitGenerator:
         return cls(CheckpointModel(model_dir), client, adapter_dir, n_bottom, n_top)
 
-    def _trunk_share(self, adapter_dir, trunk_layers: range) -> None:
+    def _trunk_share(self, adapter_dir) -> None:
+        """Each link's share of the adapter's trunk weights."""
         weights = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
         marker = f".{self.family.layers_attr}."
-        trunk = {k: v for k, v in weights.items() if _layer_of(k, marker) in trunk_layers}
-        if trunk:
+        shares = [{k: v for k, v in weights.items() if layer_of(k, marker) in layers} for layers in self.link_layers]
+        if any(shares):
             self.trunk_lora = adapter_lora_settings(adapter_dir)
-            self.trunk_weights = trunk_state.pack(trunk)
+            self.trunk_weights = [trunk_state.pack(share) for share in shares]
 
     def _eos_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
         eos = self.generation_config.eos_token_id
@@ -133,16 +131,24 @@ class SplitGenerator:
         generator = torch.Generator().manual_seed(settings.seed)
         top_p = TopPLogitsWarper(settings.top_p) if settings.top_p < 1.0 else None
         bottom_cache, top_cache = DynamicCache(config=self.config), DynamicCache(config=self.config)
-        reply = self.client.open_session(self.trunk_lora, inference=True, label="generate", layers=self.layers)
+        opened: list[TrunkClient] = []
         try:
-            check_trunk_serves(reply.info, self.config, self.family, trunk_fingerprint=self._trunk_fingerprint)
-            if self.trunk_weights is not None:
-                self.client.import_state(0, self.trunk_weights)
+            for index, (client, layers) in enumerate(zip(self.clients, self.link_layers, strict=True)):
+                reply = client.open_session(self.trunk_lora, inference=True, label="generate", layers=layers)
+                opened.append(client)
+                try:
+                    check_trunk_serves(reply.info, self.config, self.family,
+                                       trunk_fingerprint=self._trunk_fingerprints[index])
+                except ValueError as exc:
+                    raise ValueError(f"{link_name(index, client, len(self.clients))}: {exc}") from None
+                if self.trunk_weights is not None:
+                    client.import_state(0, self.trunk_weights[index])
             new_ids = input_ids.to(self.device)
             mask = torch.ones_like(new_ids)
             for position in range(settings.max_new_tokens):
                 hidden = self.bottom(new_ids, mask, past_key_values=bottom_cache, use_cache=True)
-                hidden = self.client.infer(position, hidden, mask)  # (1, new, hidden)
+                for client in self.clients:
+                    hidden = client.infer(position, hidden, mask)  # (1, new, hidden)
                 logits = self.top(hidden, mask, past_key_values=top_cache, use_cache=True,
                                   logits_to_keep=1).logits[:, -1, :]  # (1, vocab)
                 token = self._choose(logits, settings, top_p, generator)
@@ -152,7 +158,8 @@ class SplitGenerator:
                 new_ids = torch.tensor([[token]], device=self.device)
                 mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype, device=self.device)], dim=1)
         finally:
-            self.client.close_session()
+            for client in opened:
+                client.close_session_quietly()
 
     @staticmethod
     def _choose(logits: torch.Tensor, settings: GenerationSettings, top_p, generator) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -78,3 +79,75 @@ class CutBounds:
     def allows(self, layers: range) -> bool:
         """Whether a session may run the trunk blocks ``layers``."""
         return self.lowest <= layers.start < layers.stop <= self.highest
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """A cut and the trunk blocks each link of a chain of trunks runs, in order: contiguous, end to
+    end, together exactly the cut's trunk blocks."""
+
+    spec: SplitSpec
+    layers: tuple[range, ...]
+
+    @property
+    def links(self) -> int:
+        return len(self.layers)
+
+
+def _blocks(layers: range) -> str:
+    return f"block {layers.start}" if len(layers) == 1 else f"blocks {layers.start}-{layers.stop - 1}"
+
+
+def plan_chain(bounds: Sequence[CutBounds], n_bottom: int | None = None, n_top: int | None = None,
+               names: Sequence[str] | None = None) -> ChainPlan:
+    """The cut (``n_bottom``/``n_top``; None: the first link's default before the trunk, the last link's
+    after it) and each link's blocks: the part of the cut's trunk blocks its server allows.
+
+    ValueError, naming the links and blocks, when the links are of models with different depths, when
+    a link has none of the cut's blocks, when two links meet with a gap or an overlap between them, or
+    when the cut's trunk blocks begin before the first link or end after the last one.
+    """
+    if not bounds:
+        raise ValueError("a chain needs at least one trunk")
+    names = list(names) if names is not None else [f"link {i + 1}" for i in range(len(bounds))]
+    if len(names) != len(bounds):
+        raise ValueError(f"{len(names)} names for {len(bounds)} links")
+    depths = {b.num_layers for b in bounds}
+    if len(depths) > 1:
+        found = ", ".join(f"{name}: {b.num_layers} blocks" for name, b in zip(names, bounds, strict=True))
+        raise ValueError(f"the links serve models of different depths ({found}); every link must serve the same "
+                         "base model")
+    first, last = bounds[0], bounds[-1]
+    spec = SplitSpec(num_layers=first.num_layers,
+                     n_bottom=first.default.start if n_bottom is None else n_bottom,
+                     n_top=first.num_layers - last.default.stop if n_top is None else n_top)
+    cut = spec.trunk_layers
+    served = ", ".join(f"{name} {_blocks(range(b.lowest, b.highest))}" for name, b in zip(names, bounds, strict=True))
+    if len(bounds) == 1:
+        if not first.allows(cut):
+            raise ValueError(f"{names[0]} serves {_blocks(range(first.lowest, first.highest))} of "
+                             f"{first.num_layers}; this run sends it {_blocks(cut)} (keeping {spec.n_bottom} "
+                             f"before and {spec.n_top} after)")
+        return ChainPlan(spec, (cut,))
+    layers = []
+    position = cut.start
+    for index, (name, link) in enumerate(zip(names, bounds, strict=True)):
+        own = range(max(link.lowest, cut.start), min(link.highest, cut.stop))
+        if len(own) == 0:
+            raise ValueError(f"{name} serves {_blocks(range(link.lowest, link.highest))}, none of the trunk's "
+                             f"{_blocks(cut)} of this cut (the chain: {served})")
+        if own.start > position:
+            after = f"after {names[index - 1]}" if index else "before the first link"
+            raise ValueError(f"a gap in the chain: no link serves {_blocks(range(position, own.start))} {after} "
+                             f"(the chain: {served}; the cut sends the trunk {_blocks(cut)})")
+        if own.start < position:
+            raise ValueError(f"an overlap in the chain: {names[index - 1]} and {name} both serve "
+                             f"{_blocks(range(own.start, position))} (the chain: {served}); each block runs on one "
+                             "link")
+        layers.append(own)
+        position = own.stop
+    if position < cut.stop:
+        raise ValueError(f"a gap in the chain: no link serves {_blocks(range(position, cut.stop))} after {names[-1]} "
+                         f"(the chain: {served}; the cut sends the trunk {_blocks(cut)}; keep them on this "
+                         f"machine with {spec.num_layers - position} blocks after the trunk, or add a link)")
+    return ChainPlan(spec, tuple(layers))

@@ -64,9 +64,14 @@ class TrunkClient:
         root_certificates: bytes | None = None,
         max_message_bytes: int = 8 << 20,
         use_tls: bool = False,
+        name: str | None = None,
     ) -> None:
-        """TLS when ``use_tls`` or ``root_certificates`` (PEM of the CA; None: the system's roots)."""
+        """TLS when ``use_tls`` or ``root_certificates`` (PEM of the CA; None: the system's roots).
+
+        ``name`` (default: the address) names this trunk in errors and logs; a ``TrunkError`` it raises
+        carries it as ``trunk``, so the link of a chain that failed is known."""
         self.address = address
+        self.name = name or address
         self.wire_encoding = check_encoding(wire_encoding)
         self.timeout_s = timeout_s
         self.retry = retry
@@ -98,13 +103,14 @@ class TrunkClient:
                 return call()
             except grpc.RpcError as error:
                 failure = TrunkError.from_rpc(error)
+                failure.trunk = self.name
                 if failure.fault != Fault.RETRYABLE:
                     raise failure from None
                 delay = next(delays, None)
                 if delay is None:
                     failure.fault = Fault.LOST  # the retries are used up
                     raise failure from None
-                log.warning("%s: trunk %s (%s); retrying in %.1fs", what, failure.code.name, failure.details, delay)
+                log.warning("%s: trunk %s %s (%s); retrying in %.1fs", what, self.name, failure.code.name, failure.details, delay)
                 time.sleep(delay)
 
     def _unary(self, method, request):
@@ -154,18 +160,20 @@ class TrunkClient:
         return self._unary(self._stub.Info, pb.InfoRequest())
 
     def open_session(self, lora: LoraSettings | None, seed: int = 0, optimizer: OptimizerSettings = OptimizerSettings(),
-                     inference: bool = False, label: str = "", layers: range | None = None) -> pb.OpenSessionResponse:
+                     inference: bool = False, label: str = "", layers: range | None = None,
+                     dropout_seed: int | None = None) -> pb.OpenSessionResponse:
         """Open a session running the blocks ``layers`` (None: the trunk's default cut).
 
-        ``seed`` seeds the trunk's LoRA initialisation and dropout masks. Training runs send a
-        value derived from their run seed with their client secret, never the run seed itself.
+        ``seed`` seeds the trunk's LoRA initialisation and (unless ``dropout_seed`` is given) its dropout
+        masks. Training runs send a value derived from their run seed with their client secret, never
+        the run seed itself.
         Every try of this call carries the same open key, so a retried open returns the session
         the first try opened.
         """
         request = pb.OpenSessionRequest(
             mode=pb.SESSION_MODE_INFERENCE if inference else pb.SESSION_MODE_TRAIN,
             optimizer=optimizer_to_proto(optimizer), wire_encoding=self.wire_encoding, client_label=label,
-            dropout_seed=seed, open_key=secrets.token_hex(16),
+            dropout_seed=seed if dropout_seed is None else dropout_seed, open_key=secrets.token_hex(16),
         )
         if layers is not None:
             request.trunk_start, request.trunk_end = layers.start, layers.stop

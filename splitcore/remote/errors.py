@@ -127,6 +127,7 @@ class TrunkError(RuntimeError):
         self.details = message
         self.reason = reason
         self.fault = fault or classify(code, reason)
+        self.trunk: str | None = None  # the name of the trunk (the link of a chain) that failed, when known
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, retried: bool = False) -> TrunkError:

@@ -53,13 +53,17 @@ class TrunkProcess:
 
 
 def start_trunk(model_dir: str | os.PathLike, log_dir: str | os.PathLike, *extra: str, n_bottom: int = 2,
-                n_top: int = 2, token: str | None = None, startup_timeout_s: float = 180) -> TrunkProcess:
-    """``python -m trunk_server`` on a free loopback port; its stderr goes to a log file in ``log_dir``."""
+                n_top: int = 2, token: str | None = None, startup_timeout_s: float = 180,
+                layers: str | None = None) -> TrunkProcess:
+    """``python -m trunk_server`` on a free loopback port; its stderr goes to a log file in ``log_dir``.
+
+    ``layers`` ("A-B"): serve exactly those blocks (``--layers``) instead of the cut ``n_bottom``/``n_top``.
+    """
     token = token or secrets.token_hex(24)
     log_path = Path(log_dir) / f"trunk-{secrets.token_hex(4)}.log"
     env = {**os.environ, "TRUNK_TOKEN": token}
-    command = [sys.executable, "-m", "trunk_server", "--model", str(model_dir), "--bottom-layers", str(n_bottom),
-               "--top-layers", str(n_top), "--port", "0", *extra]
+    served = ["--layers", layers] if layers else ["--bottom-layers", str(n_bottom), "--top-layers", str(n_top)]
+    command = [sys.executable, "-m", "trunk_server", "--model", str(model_dir), *served, "--port", "0", *extra]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env,
                                    cwd=PROJECT_ROOT)

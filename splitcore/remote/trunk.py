@@ -22,9 +22,11 @@ from splitcore.remote.proto import trunk_pb2 as pb
 
 @dataclass
 class TrunkLink:
-    """A training session's client and what its last Backward reported."""
+    """A training session's client, the blocks it runs, its lease and what its last Backward reported."""
 
     client: TrunkClient
+    layers: range = range(0)
+    lease_s: float = 0.0
     grad_sq_norm: float = 0.0
 
 

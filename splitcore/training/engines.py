@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -28,19 +29,15 @@ from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote import state as trunk_state
+from splitcore.remote.chain import join_states, link_name, plan_links, split_state
 from splitcore.remote.client import TrunkClient, TrunkError
-from splitcore.remote.trunk import (
-    RemoteTrunk,
-    SessionNeeds,
-    TrunkLink,
-    check_budgets,
-    check_trunk_serves,
-    choose_split,
-)
+from splitcore.remote.trunk import RemoteTrunk, SessionNeeds, TrunkLink, check_trunk_serves
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+# What a link after the first of a chain draws its dropout masks from (with the run seed and its first block).
+LINK_DROPOUT_SEED = "trunk-link-dropout"
 
 
 class Engine(ABC):
@@ -156,29 +153,39 @@ class LocalEngine(Engine):
 
 
 class SplitEngine(Engine):
-    """Bottom and Top here with their peft LoRA; the Trunk behind a gRPC session.
+    """Bottom and Top here with their peft LoRA; the Trunk behind a gRPC session, or behind a chain of
+    trunks (one session per link, each with its own LoRA on its own blocks).
 
-    The cut is the run's choice (``config.privacy``), within the trunk's bounds. The trunk is
+    The cut is the run's choice (``config.privacy``), within the trunks' bounds. The trunk is
     never sent the run's seed: its LoRA initialisation and dropout masks come from a seed
     derived with ``secret``, a key that stays here (a fresh one when None; pass the same key
     to resume a run). Noise on the hidden states sent and the gradients sent back is drawn
     from that key too.
+
+    ``client``: one ``TrunkClient``, or one per link of a chain, in block order. Forward goes
+    through the links in order and Backward in reverse; a step is applied on every link.
     """
 
-    def __init__(self, model: PreTrainedModel | ModelParts, config: TrainConfig, client: TrunkClient,
-                 label: str = "", secret: ClientSecret | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: PreTrainedModel | ModelParts, config: TrainConfig,
+                 client: TrunkClient | Sequence[TrunkClient], label: str = "", secret: ClientSecret | None = None,
+                 device: str | torch.device = "cpu") -> None:
         parts = model_parts(model)
+        clients = [client] if isinstance(client, TrunkClient) else list(client)
         self.device = torch.device(device)
         self.family = parts.family
         self.secret = secret if secret is not None else ClientSecret.generate()
-        info = client.info()
-        check_trunk_serves(info, parts.config, self.family)
-        spec = choose_split(info, config.privacy.bottom_layers, config.privacy.top_layers)
-        check_budgets(info, SessionNeeds.of(config))
-        bottom, top = parts.client_parts(spec)  # the trunk's blocks stay on the trunk server
+        plan, infos = plan_links(clients, parts.config, self.family, config.privacy.bottom_layers,
+                                 config.privacy.top_layers)
+        needs = SessionNeeds.of(config)
+        for index, (link_client, info) in enumerate(zip(clients, infos, strict=True)):
+            problems = needs.problems(info)
+            if problems:
+                raise ValueError(f"{link_name(index, link_client, len(clients))} ({info.model_id!r}) would refuse "
+                                 "this run: " + "; ".join(problems.values()))
+        spec = plan.spec
+        bottom, top = parts.client_parts(spec)  # the trunk's blocks stay on the trunk servers
         for part in (bottom, top):
             _freeze(part)
-        trunk_fingerprint = parts.trunk_fingerprint(spec.trunk_layers)
         bottom.to(self.device)
         top.to(self.device)
         self.spec = spec
@@ -194,25 +201,44 @@ class SplitEngine(Engine):
         self.params = {}
         for part in (self.bottom, self.top):
             self.params.update({name: p for name, p in part.named_parameters() if p.requires_grad})
-        self.client = client
         self.trains_trunk = config.train_trunk_lora
-        reply = client.open_session(config.lora if config.train_trunk_lora else None,
-                                    seed=self.secret.trunk_seed(config.seed), optimizer=config.optimizer,
-                                    label=label, layers=spec.trunk_layers)
+        self.links: list[TrunkLink] = []
         try:
-            check_trunk_serves(reply.info, parts.config, self.family, trunk_fingerprint=trunk_fingerprint)
-        except ValueError:
-            client.close_session_quietly()
+            for index, (link_client, layers) in enumerate(zip(clients, plan.layers, strict=True)):
+                self.links.append(self._open_link(parts, config, label, index, link_client, layers))
+        except BaseException:
+            self.close()
             raise
-        self.link = TrunkLink(client)
-        self.session_lease_s = float(reply.info.session_ttl_s)
+        self.client = clients[0]  # the first link: it receives the Bottom's output
+        self.session_lease_s = min(link.lease_s for link in self.links)
+
+    def _open_link(self, parts: ModelParts, config: TrainConfig, label: str, index: int, client: TrunkClient,
+                   layers: range) -> TrunkLink:
+        """Open one link's session on its blocks and check it holds this model's weights for them.
+
+        Every link's adapter starts from the run's trunk seed (drawn per module path, so a chain starts
+        like one trunk); dropout masks differ per link (a link after the first draws them from a seed of
+        its own first block)."""
+        trunk_seed = self.secret.trunk_seed(config.seed)
+        dropout = trunk_seed if index == 0 else self.secret.derive(LINK_DROPOUT_SEED, config.seed, layers.start)
+        reply = client.open_session(config.lora if config.train_trunk_lora else None, seed=trunk_seed,
+                                    optimizer=config.optimizer, label=label, layers=layers, dropout_seed=dropout)
+        link = TrunkLink(client, layers=layers, lease_s=float(reply.info.session_ttl_s))
+        try:
+            check_trunk_serves(reply.info, parts.config, self.family,
+                               trunk_fingerprint=parts.trunk_fingerprint(layers))
+        except ValueError as exc:
+            client.close_session_quietly()
+            raise ValueError(f"{link_name(index, client, len(self.links) + 1)}: {exc}") from None
+        return link
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         batch = batch.to(self.device)
         mask = batch.attention_mask
         bottom_out = self.bottom(batch.input_ids, mask)  # (batch, seq, hidden)
         hidden = self.noise.on_hidden(bottom_out, mask, step, micro_batch)  # what the trunk receives
-        hidden = RemoteTrunk.apply(hidden, mask, self.link, step, micro_batch)  # (batch, seq, hidden)
+        for link in self.links:  # Backward comes back through them in reverse
+            hidden = RemoteTrunk.apply(hidden, mask, link, step, micro_batch)  # (batch, seq, hidden)
         hidden = self.noise.on_gradient(hidden, mask, step, micro_batch)  # blurs the gradient sent back
         loss = self.top(hidden, mask, labels=batch.labels, num_items_in_batch=num_items_in_batch).loss
         if self.nopeek > 0:
@@ -230,7 +256,8 @@ class SplitEngine(Engine):
         mask = batch.attention_mask
         # Validation batches cross the cut too; step 0 is never a training step.
         hidden = self.noise.on_hidden(self.bottom(batch.input_ids, mask), mask, 0, index)
-        hidden = self.client.evaluate(hidden, mask)
+        for link in self.links:
+            hidden = link.client.evaluate(hidden, mask)
         return float(self.top(hidden, mask, labels=batch.labels, num_items_in_batch=1).loss)
 
     def train(self, mode):
@@ -238,7 +265,7 @@ class SplitEngine(Engine):
         self.top.train(mode)
 
     def remote_grad_sq_norm(self):
-        return self.link.grad_sq_norm
+        return sum(link.grad_sq_norm for link in self.links)
 
     @contextlib.contextmanager
     def session_kept_alive(self, every_s: float | None = None):
@@ -252,9 +279,10 @@ class SplitEngine(Engine):
         def renew() -> None:
             while not stop.wait(every_s):
                 try:
-                    self.client.keep_alive()
+                    for link in self.links:
+                        link.client.keep_alive()
                 except TrunkError as error:  # the next training call meets the same fault and handles it
-                    log.warning("could not renew the trunk session: %s", error)
+                    log.warning("could not renew the trunk session on %s: %s", error.trunk, error)
                     return
 
         thread = threading.Thread(target=renew, name="trunk-session-keepalive", daemon=True)
@@ -266,31 +294,45 @@ class SplitEngine(Engine):
             thread.join()
 
     def remote_step(self, step, lr, clip_coef):
-        self.client.step(step, lr, clip_coef)
-        self.link.grad_sq_norm = 0.0
+        # Each link applies a step once (a retried Step changes nothing), so a step lost half-way through the
+        # links is retried on all of them from the last checkpoint, like a lost trunk.
+        for link in self.links:
+            link.client.step(step, lr, clip_coef)
+            link.grad_sq_norm = 0.0
 
     def remote_state(self):
         if not self.trains_trunk:
             return None
-        _, data = self.client.export_state()
-        return data
+        return join_states([link.client.export_state()[1] for link in self.links])
 
     def restore_remote_state(self, step, data):
         if bool(data) != self.trains_trunk:
             raise ValueError("the checkpoint and this run disagree on whether the trunk has LoRA")
-        self.client.import_state(step, data or b"")
+        if not data:
+            for link in self.links:
+                link.client.import_state(step, b"")
+            return
+        marker = f".{self.family.layers_attr}."
+        for link, part in zip(self.links, split_state(data, [link.layers for link in self.links], marker),
+                              strict=True):
+            link.client.import_state(step, part)
 
     def adapter_states(self):
         states = [part_adapter_state(self.bottom), part_adapter_state(self.top)]
         if self.trains_trunk:
-            states.append(trunk_state.adapter_weights(self.client.export_state()[1]))
+            states.extend(trunk_state.adapter_weights(link.client.export_state()[1]) for link in self.links)
         return states
 
     def wire_bytes(self):
-        return self.client.bytes_sent + self.client.bytes_received
+        return sum(self.wire_bytes_by_link())
+
+    def wire_bytes_by_link(self) -> list[int]:
+        """Bytes sent to and received from each link so far, in chain order."""
+        return [link.client.bytes_sent + link.client.bytes_received for link in self.links]
 
     def resume_key(self):
         return {"client_secret": self.secret.fingerprint()}
 
     def close(self):
-        self.client.close_session_quietly()
+        for link in self.links:
+            link.client.close_session_quietly()
