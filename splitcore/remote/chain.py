@@ -56,19 +56,17 @@ def layer_of(key: str, layers_marker: str) -> int | None:
 
 
 def join_states(states: Sequence[bytes | None]) -> bytes | None:
-    """The links' exported states as one trunk state (None when no link has one)."""
-    parts = [trunk_state.unpack(data) for data in states if data]
-    if not parts:
+    """The links' exported states as one trunk state (None when no link has one; a plain trunk's as it is)."""
+    present = [data for data in states if data]
+    if not present:
         return None
-    if len(parts) == 1:
-        return states[0] if len(states) == 1 else trunk_state.pack(parts[0].adapter, parts[0].optimizer,
-                                                                     parts[0].applied_step)
+    if len(states) == 1:
+        return states[0]
     adapter, optimizer = {}, {}
-    for part in parts:
+    for part in map(trunk_state.unpack, present):
         adapter.update(part.adapter)
         optimizer.update(part.optimizer)
-    steps = {part.applied_step for part in parts}
-    return trunk_state.pack(adapter, optimizer, steps.pop() if len(steps) == 1 else None)
+    return trunk_state.pack(adapter, optimizer)
 
 
 def split_state(data: bytes, layers: Sequence[range], layers_marker: str) -> list[bytes]:
@@ -87,5 +85,4 @@ def split_state(data: bytes, layers: Sequence[range], layers_marker: str) -> lis
                 raise ValueError(f"the trunk state holds {key!r}, of {where}, which no link of this run runs "
                                  f"(the links run blocks {served}); resume with the cut the state was saved at")
             per_link[index][key] = value
-    return [trunk_state.pack(adapter, optimizer, state.applied_step)
-            for adapter, optimizer in zip(adapters, optimizers, strict=True)]
+    return [trunk_state.pack(adapter, optimizer) for adapter, optimizer in zip(adapters, optimizers, strict=True)]
