@@ -32,6 +32,8 @@ from splitcore.remote.chain import join_states, split_state
 from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
+from trunk_server.config import TrunkServerConfig
+from trunk_server.host import TrunkHost
 
 STEPS = 6
 SECRET = ClientSecret(bytes(range(32)))
@@ -319,3 +321,40 @@ def test_train_and_generate_over_a_chain_from_the_command_line(tiny_dirs, datase
                            "--max-new-tokens", "12", *chain)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.rstrip("\n") == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_trunk_started_with_layers_holds_and_serves_exactly_those_blocks(tiny_dirs, links):
+    process = links("llama", "a")
+    assert "(layers 1-2 of 6, sessions run any part of them;" in process.startup_line
+    with TrunkClient(process.address, process.token) as client:
+        info = client.info()
+        assert (info.trunk_start, info.trunk_end, info.min_trunk_start, info.max_trunk_end) == (1, 3, 1, 3)
+        client.open_session(None, layers=range(2, 3))  # any part of its blocks
+        client.close_session()
+        with pytest.raises(TrunkError, match="OUT_OF_RANGE"):
+            client.open_session(None, layers=range(1, 4))
+    host = TrunkHost(TrunkServerConfig(model_dir=tiny_dirs["llama"], n_bottom=None, n_top=None, token="t" * 32,
+                                       layers=(3, 4)))
+    held = {name for name, _ in host.trunk.named_parameters()}
+    assert any(".layers.3." in name for name in held) and any(".layers.4." in name for name in held)
+    assert not any(f".layers.{i}." in name for name in held for i in (0, 1, 2, 5)), "only its own blocks"
+    assert not any("embed" in name or "lm_head" in name for name in held)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"layers": (0, 2)}, "the first must be at least 1"),
+    ({"layers": (3, 2)}, "at most the last"),
+    ({"layers": (1, 2), "n_bottom": 1}, "it does not go with --bottom-layers"),
+    ({}, "say which blocks the trunk serves: --layers FIRST-LAST"),
+])
+def test_trunk_layers_are_validated_at_start_up(tiny_dirs, options, message):
+    settings = {"n_bottom": None, "n_top": None, **options}
+    with pytest.raises(ValueError, match=message):
+        TrunkServerConfig(model_dir=tiny_dirs["llama"], token="t" * 32, **settings)
+
+
+def test_a_trunk_refuses_layers_beyond_the_blocks_a_client_keeps(tiny_dirs):
+    beyond = TrunkServerConfig(model_dir=tiny_dirs["llama"], n_bottom=None, n_top=None, token="t" * 32,
+                               layers=(2, 5))
+    with pytest.raises(ValueError, match=r"the model has 6 blocks \(0-5\) and at least the last one stays"):
+        TrunkHost(beyond)

@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stop = StopSignal()
-    print(f"trunk server listening on {config.host}:{running.port} "
-          f"(layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
-          f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}; model {host.model_id}; "
+    served = (f"layers {host.bounds.lowest}-{host.bounds.highest - 1} of {host.num_layers}, sessions run any part "
+              "of them" if config.layers else
+              f"layers {host.bounds.default.start}-{host.bounds.default.stop - 1} of {host.num_layers} by default, "
+              f"sessions may run {host.bounds.lowest}-{host.bounds.highest - 1}")
+    print(f"trunk server listening on {config.host}:{running.port} ({served}; model {host.model_id}; "
           f"{host.device}, {config.dtype})"
           + ("" if running.metrics is None else f"; metrics on {running.metrics.url}"),
           flush=True)
