@@ -25,7 +25,7 @@ from splitcore.model.lora import PEFT_TYPES, LoraSettings
 from splitcore.model.part_loading import CheckpointModel, ModelParts, model_parts
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
-from splitcore.remote.chain import layer_of, link_name, plan_links
+from splitcore.remote.chain import layer_of, naming_link, plan_links
 from splitcore.remote.trunk import check_trunk_serves
 
 
@@ -136,11 +136,9 @@ class SplitGenerator:
             for index, (client, layers) in enumerate(zip(self.clients, self.link_layers, strict=True)):
                 reply = client.open_session(self.trunk_lora, inference=True, label="generate", layers=layers)
                 opened.append(client)
-                try:
+                with naming_link(index, client, len(self.clients)):
                     check_trunk_serves(reply.info, self.config, self.family,
                                        trunk_fingerprint=self._trunk_fingerprints[index])
-                except ValueError as exc:
-                    raise ValueError(f"{link_name(index, client, len(self.clients))}: {exc}") from None
                 if self.trunk_weights is not None:
                     client.import_state(0, self.trunk_weights[index])
             new_ids = input_ids.to(self.device)

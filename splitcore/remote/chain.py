@@ -12,6 +12,7 @@ any chain with the same cut, a single trunk included, and the other way round.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from transformers import PretrainedConfig
@@ -29,21 +30,30 @@ def plan_links(clients: Sequence[TrunkClient], config: PretrainedConfig, family:
     """Ask every link for its Info and plan the chain; ValueError (no session opened) when a link serves
     another model or the links do not meet end to end around the cut."""
     infos = [client.info() for client in clients]
-    names = [link_name(index, client, len(clients)) for index, client in enumerate(clients)]
-    for name, info in zip(names, infos, strict=True):
-        try:
+    for index, (client, info) in enumerate(zip(clients, infos, strict=True)):
+        with naming_link(index, client, len(clients)):
             check_trunk_serves(info, config, family)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
     if len(clients) == 1:  # a plain trunk: its operator's bounds, in its own words
         spec = choose_split(infos[0], n_bottom, n_top)
         return ChainPlan(spec, (spec.trunk_layers,)), infos
+    names = [link_name(index, client, len(clients)) for index, client in enumerate(clients)]
     return plan_chain([cut_bounds(info) for info in infos], n_bottom, n_top, names), infos
 
 
 def link_name(index: int, client: TrunkClient, links: int) -> str:
     """How errors and logs name a link: "the trunk ADDRESS" alone, "link 2 (ADDRESS)" in a chain."""
     return f"the trunk {client.name}" if links == 1 else f"link {index + 1} ({client.name})"
+
+
+@contextlib.contextmanager
+def naming_link(index: int, client: TrunkClient, links: int):
+    """A ValueError raised inside names the link of the chain it concerns (a plain trunk's stays as it is)."""
+    try:
+        yield
+    except ValueError as exc:
+        if links == 1:
+            raise
+        raise ValueError(f"{link_name(index, client, links)}: {exc}") from None
 
 
 def layer_of(key: str, layers_marker: str) -> int | None:

@@ -29,9 +29,9 @@ from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote import state as trunk_state
-from splitcore.remote.chain import join_states, link_name, plan_links, split_state
+from splitcore.remote.chain import join_states, naming_link, plan_links, split_state
 from splitcore.remote.client import TrunkClient, TrunkError
-from splitcore.remote.trunk import RemoteTrunk, SessionNeeds, TrunkLink, check_trunk_serves
+from splitcore.remote.trunk import RemoteTrunk, SessionNeeds, TrunkLink, check_budgets, check_trunk_serves
 from splitcore.training.batches import Batch
 from splitcore.training.config import TrainConfig
 
@@ -178,10 +178,8 @@ class SplitEngine(Engine):
                                  config.privacy.top_layers)
         needs = SessionNeeds.of(config)
         for index, (link_client, info) in enumerate(zip(clients, infos, strict=True)):
-            problems = needs.problems(info)
-            if problems:
-                raise ValueError(f"{link_name(index, link_client, len(clients))} ({info.model_id!r}) would refuse "
-                                 "this run: " + "; ".join(problems.values()))
+            with naming_link(index, link_client, len(clients)):
+                check_budgets(info, needs)
         spec = plan.spec
         bottom, top = parts.client_parts(spec)  # the trunk's blocks stay on the trunk servers
         for part in (bottom, top):
@@ -205,7 +203,7 @@ class SplitEngine(Engine):
         self.links: list[TrunkLink] = []
         try:
             for index, (link_client, layers) in enumerate(zip(clients, plan.layers, strict=True)):
-                self.links.append(self._open_link(parts, config, label, index, link_client, layers))
+                self.links.append(self._open_link(parts, config, label, index, link_client, layers, len(clients)))
         except BaseException:
             self.close()
             raise
@@ -213,7 +211,7 @@ class SplitEngine(Engine):
         self.session_lease_s = min(link.lease_s for link in self.links)
 
     def _open_link(self, parts: ModelParts, config: TrainConfig, label: str, index: int, client: TrunkClient,
-                   layers: range) -> TrunkLink:
+                   layers: range, links: int) -> TrunkLink:
         """Open one link's session on its blocks and check it holds this model's weights for them.
 
         Every link's adapter starts from the run's trunk seed (drawn per module path, so a chain starts
@@ -223,14 +221,14 @@ class SplitEngine(Engine):
         dropout = trunk_seed if index == 0 else self.secret.derive(LINK_DROPOUT_SEED, config.seed, layers.start)
         reply = client.open_session(config.lora if config.train_trunk_lora else None, seed=trunk_seed,
                                     optimizer=config.optimizer, label=label, layers=layers, dropout_seed=dropout)
-        link = TrunkLink(client, layers=layers, lease_s=float(reply.info.session_ttl_s))
         try:
-            check_trunk_serves(reply.info, parts.config, self.family,
-                               trunk_fingerprint=parts.trunk_fingerprint(layers))
-        except ValueError as exc:
+            with naming_link(index, client, links):
+                check_trunk_serves(reply.info, parts.config, self.family,
+                                   trunk_fingerprint=parts.trunk_fingerprint(layers))
+        except ValueError:
             client.close_session_quietly()
-            raise ValueError(f"{link_name(index, client, len(self.links) + 1)}: {exc}") from None
-        return link
+            raise
+        return TrunkLink(client, layers=layers, lease_s=float(reply.info.session_ttl_s))
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         batch = batch.to(self.device)
