@@ -43,6 +43,16 @@ fp16, fp32) and a client (fp32, bf16; cut 2+2 and ``--bottom-layers``/``--top-la
 the allowance 1.3 x needed + 0.5 GiB, and how many trunks of ``--gpu-gib`` a chain needs.
 Activations, KV caches, adapters and optimizer state come on top of the weights; at batch 1 x
 64 tokens they are small next to the allowance.
+
+It then plans a chain of trunks for each config on devices of ``--devices`` GiB (24, 40, 48, 80
+and 141 by default), in ``--trunk-dtype`` at the cut ``--bottom-layers``/``--top-layers``: the
+fewest links whose weights each fit the device within the allowance (less ``--reserve-gib``
+kept free per device for long sequences or many sessions), the blocks shared out as evenly as
+that number of links allows, and for every model that needs more than one link somewhere, each
+link's block range with its ``python -m trunk_server --layers A-B`` command and the client's
+``--trunk`` line:
+
+    .venv/bin/python benchmarks/memory_scale.py --dry-run --config llama-3.1-70b
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +93,9 @@ MARKER = "memory_scale.json"  # written last into a model directory: its presenc
 POLL_S = 0.05
 SCENARIOS = ("trunk", "sessions", "cli", "worker", "merge")
 SESSION_COUNTS = (1, 2, 4)
+# Nominal memory of common devices (GiB): 24 (RTX 4090, L4), 40 (A100 40GB), 48 (L40S, RTX 6000 Ada),
+# 80 (A100/H100 80GB), 141 (H200). What a program can allocate is a little less.
+DEVICE_GIB = (24, 40, 48, 80, 141)
 WORDS = ("split learning keeps every token of the data with its owner while a remote trunk computes the middle "
          "layers of the model and returns hidden states and gradients to the client machine").split()
 
@@ -270,6 +284,104 @@ def dry_run_report(path: Path, cuts: list[tuple[int, int]], gpu_gib: float, chec
     return result
 
 
+def link_fits(weight_bytes: float, device_bytes: float) -> bool:
+    """Whether a trunk holding ``weight_bytes`` of blocks stays within a device of ``device_bytes``: its
+    allowance (1.3 x the weights + 0.5 GiB) leaves room for the CUDA context, sessions' adapters,
+    optimizer state and activations."""
+    return goal_bytes(weight_bytes) <= device_bytes
+
+
+def _pack(block_bytes: Sequence[int], first: int, capacity: float) -> list[range]:
+    """Blocks in order, each link taking as many as fit ``capacity`` bytes of weights."""
+    links, start, held = [], first, 0
+    for index, size in enumerate(block_bytes, start=first):
+        if held and held + size > capacity:
+            links.append(range(start, index))
+            start, held = index, 0
+        held += size
+    links.append(range(start, first + len(block_bytes)))
+    return links
+
+
+def plan_chain_links(block_bytes: Sequence[int], first: int, device_bytes: float) -> list[range]:
+    """The links of a chain of trunks on devices of ``device_bytes``, for the blocks ``first`` to
+    ``first + len(block_bytes) - 1`` (``block_bytes``: each block's weights in the trunk's dtype).
+
+    The fewest links that hold the blocks in order with each link's weights within the allowance
+    (``link_fits``), the blocks shared out so that the largest link is as small as that number of
+    links allows. The ranges are contiguous and meet end to end. ValueError when a block alone does
+    not fit the device.
+    """
+    if not block_bytes:
+        raise ValueError("no trunk blocks to place")
+    for index, size in enumerate(block_bytes, start=first):
+        if not link_fits(size, device_bytes):
+            raise ValueError(f"block {index} alone needs {gib(goal_bytes(size))} GiB with its allowance; a device "
+                             f"of {gib(device_bytes)} GiB cannot hold it")
+    most = (device_bytes - GOAL_SLACK) / GOAL_FACTOR  # the most weights one link may hold
+    links = len(_pack(block_bytes, first, most))
+    low, high = max(block_bytes), int(most)  # the smallest capacity that still packs into ``links`` links
+    while low < high:
+        middle = (low + high) // 2
+        if len(_pack(block_bytes, first, middle)) <= links:
+            high = middle
+        else:
+            low = middle + 1
+    return _pack(block_bytes, first, low)
+
+
+def chain_plan_report(results: list[dict], n_bottom: int, n_top: int, dtype: str, devices_gib: Sequence[float],
+                      reserve_gib: float = 0.0) -> None:
+    """Links per device size for every config; each link's blocks and command where a model needs a chain."""
+    from splitcore.model.split_spec import SplitSpec
+
+    width = max(16, max(len(r["name"]) for r in results))
+    room = f", {reserve_gib:g} GiB kept free per device" if reserve_gib else ""
+    print(f"\n=== chain of trunks, cut {n_bottom}+{n_top}, trunk {dtype}: links per device (each link within "
+          f"1.3 x its weights + 0.5 GiB{room}) ===")
+    print(f"{'model':<{width}} {'trunk blocks':>14} {'weights GiB':>12} "
+          + " ".join(f"{f'{d:g} GiB':>8}" for d in devices_gib))
+    chained = []
+    for r in results:
+        counts = PieceCounts(**{**r["counts"], "blocks": tuple(r["counts"]["blocks"])})
+        trunk = SplitSpec(counts.num_layers, n_bottom, n_top).trunk_layers
+        block_bytes = [counts.blocks[i] * DTYPE_BYTES[dtype] for i in trunk]
+        plans: dict[float, list[range] | None] = {}
+        for device in devices_gib:
+            try:
+                plans[device] = plan_chain_links(block_bytes, trunk.start, (device - reserve_gib) * GIB)
+            except ValueError:
+                plans[device] = None
+        r.setdefault("chains", {})[f"{n_bottom}+{n_top} {dtype}"] = plans
+        print(f"{r['name']:<{width}} {f'{trunk.start}-{trunk.stop - 1} ({len(trunk)})':>14} "
+              f"{gib(sum(block_bytes)):>12} " + " ".join(f"{len(p) if p else '-':>8}" for p in plans.values()))
+        if any(p and len(p) > 1 for p in plans.values()):
+            chained.append((r, counts, trunk, block_bytes, plans))
+    print("Trunks per chain ('-': one block alone does not fit such a device).")
+    for r, counts, trunk, block_bytes, plans in chained:
+        client = counts.client(n_bottom, n_top)
+        print(f"\n--- {r['name']}: trunk {dtype}, cut {n_bottom}+{n_top}: blocks {trunk.start}-{trunk.stop - 1} "
+              f"on the chain, {gib(max(block_bytes))} GiB per block; the client runs blocks 0-{n_bottom - 1} and "
+              f"{trunk.stop}-{counts.num_layers - 1} with the embeddings, norm and head: "
+              f"{gib(client * DTYPE_BYTES['fp32'])} GiB in fp32, {gib(client * DTYPE_BYTES['bf16'])} GiB in bf16 ---")
+        same: dict[tuple[range, ...], list[float]] = {}  # devices that get the same links share one listing
+        for device, links in plans.items():
+            if links and len(links) > 1:
+                same.setdefault(tuple(links), []).append(device)
+        for links, devices in same.items():
+            sizes = " and ".join(", ".join(f"{d:g}" for d in devices).rsplit(", ", 1))
+            print(f"{sizes} GiB devices: a chain of {len(links)} trunks")
+            for number, layers in enumerate(links, start=1):
+                weights = sum(block_bytes[layers.start - trunk.start:layers.stop - trunk.start])
+                print(f"  link {number}: blocks {layers.start}-{layers.stop - 1} ({len(layers)}), weights "
+                      f"{gib(weights)} GiB, allowance {gib(goal_bytes(weights))} GiB: python -m trunk_server "
+                      f"--model DIR --layers {layers.start}-{layers.stop - 1} --dtype {dtype} --device cuda "
+                      "--host 0.0.0.0 --port 50051")
+            addresses = ",".join(f"gpu{number}:50051" for number in range(1, len(links) + 1))
+            print(f"  client: python -m splitcore train --model DIR --data FILE --out DIR --trunk {addresses} "
+                  f"--token-file TOKEN_FILE --bottom-layers {n_bottom} --top-layers {n_top}")
+
+
 def print_plan(results: list[dict], cut: str, gpu_gib: float) -> None:
     """Model size -> RAM for a worker slot, RAM/GPU memory for a trunk (weights needed / allowance)."""
     print(f"\n=== memory plan, cut {cut}: needed / allowed (1.3 x needed + 0.5 GiB), GiB ===")
@@ -283,8 +395,8 @@ def print_plan(results: list[dict], cut: str, gpu_gib: float) -> None:
               f"{c['chain_bf16']:>20}")
     print("A worker slot (one pool process) holds one model's Bottom+Top once for its job, the job's audits and "
           "the jobs after it (shared weights); add the running job's activations and adapter. A trunk adds its "
-          "sessions' LoRA, optimizer state and activations. A model past one device needs a chain of trunks, "
-          "which the trunk server does not serve yet.")
+          "sessions' LoRA, optimizer state and activations. A model past one device runs on a chain of trunks, "
+          "each serving a range of blocks (python -m trunk_server --layers A-B): see the chain plan below.")
 
 
 # ----------------------------------------------------------------------------- the random model
@@ -866,7 +978,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=default_work_dir(),
                         help="where models and runs are kept (default: $SPLITLEARN_DATA_DIR/memory-scale or "
                              "/tmp/splitlearn-memory-scale)")
-    parser.add_argument("--gpu-gib", type=float, default=80.0, help="device memory of one trunk, for the chain plan")
+    parser.add_argument("--gpu-gib", type=float, default=80.0,
+                        help="device memory of one trunk, for the chain count of each config and the memory plan")
+    parser.add_argument("--devices", default=",".join(f"{d:g}" for d in DEVICE_GIB),
+                        help="device sizes (GiB, comma-separated) the chain plan places trunk links on")
+    parser.add_argument("--reserve-gib", type=float, default=0.0,
+                        help="memory the chain plan keeps free on each device beyond the allowance (long "
+                             "sequences, many sessions)")
     parser.add_argument("--json", help="append the measured rows to this JSON-lines file")
     # Internal: the benchmark runs its worker and merge scenarios as children of itself.
     parser.add_argument("--child", choices=("worker", "merge"), help=argparse.SUPPRESS)
@@ -877,6 +995,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+    try:
+        args.devices = [float(d) for d in args.devices.split(",") if d.strip()]
+    except ValueError:
+        parser.error(f"--devices: sizes in GiB, comma-separated (e.g. 24,80), got {args.devices!r}")
+    if not args.devices or any(d <= args.reserve_gib for d in args.devices):
+        parser.error("--devices: at least one size, each larger than --reserve-gib")
     args.client_dtypes = [d for d in args.client_dtypes.split(",") if d]
     if set(args.client_dtypes) - {"fp32", "bf16"}:
         parser.error("--client-dtypes: fp32 and/or bf16")
@@ -899,6 +1023,8 @@ def main(argv=None) -> int:
         results = [dry_run_report(path, cuts, args.gpu_gib) for path in paths]
         for n_bottom, n_top in cuts:
             print_plan(results, f"{n_bottom}+{n_top}", args.gpu_gib)
+        chain_plan_report(results, args.bottom_layers, args.top_layers, args.trunk_dtype, args.devices,
+                          args.reserve_gib)
         return 0
     if not args.config:
         raise SystemExit("--config: which model shape to build and measure (or --dry-run)")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from splitcore.model.part_loading import CheckpointModel
-from splitcore.model.split_spec import SplitSpec
+from splitcore.model.split_spec import CutBounds, SplitSpec, plan_chain
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT_ROOT / "benchmarks" / "memory_scale.py"
@@ -149,3 +149,68 @@ def test_memory_readings_of_this_process(bench):
     poller.sample()
     poller.stop()
     assert poller.hwm >= poller.last["VmRSS"] > 0
+
+
+def _assert_chain(bench, links, block_bytes, first, device_bytes):
+    """Links meet end to end over exactly the given blocks, and each link's weights fit the device."""
+    assert links[0].start == first and links[-1].stop == first + len(block_bytes)
+    assert all(a.stop == b.start for a, b in zip(links, links[1:]))
+    assert all(len(link) > 0 for link in links)
+    for link in links:
+        weights = sum(block_bytes[link.start - first:link.stop - first])
+        assert bench.link_fits(weights, device_bytes)
+        assert weights * bench.GOAL_FACTOR + bench.GOAL_SLACK <= device_bytes
+
+
+@pytest.mark.parametrize("device_gib", [24, 40, 48, 80, 141])
+def test_chain_plan_of_70b_covers_the_trunk_blocks_with_links_that_fit(bench, device_gib):
+    counts = bench.analytic_counts(bench.load_config(bench.resolve_config("llama-3.1-70b")))
+    trunk = SplitSpec(counts.num_layers, 2, 2).trunk_layers
+    block_bytes = [counts.blocks[i] * bench.DTYPE_BYTES["bf16"] for i in trunk]
+    links = bench.plan_chain_links(block_bytes, trunk.start, device_gib * bench.GIB)
+    _assert_chain(bench, links, block_bytes, trunk.start, device_gib * bench.GIB)
+    # As few links as the per-trunk count allows, and balanced: link sizes differ by one block at most.
+    assert len(links) == bench.chain_trunks(block_bytes[0], len(block_bytes), device_gib * bench.GIB)[1]
+    assert max(map(len, links)) - min(map(len, links)) <= 1
+    # The client plans the same chain from the links' bounds: no gap, no overlap, the cut 2+2.
+    plan = plan_chain([CutBounds(counts.num_layers, link, link.start, link.stop) for link in links])
+    assert plan.layers == tuple(links) and (plan.spec.n_bottom, plan.spec.n_top) == (2, 2)
+
+
+def test_chain_plan_of_uneven_blocks_is_the_fewest_links_with_the_smallest_largest_link(bench):
+    gib = bench.GIB
+    block_bytes = [3 * gib, 1 * gib, 1 * gib, 4 * gib, 2 * gib, 2 * gib, 1 * gib]
+    device = bench.goal_bytes(6 * gib)  # a link may hold 6 GiB of weights
+    links = bench.plan_chain_links(block_bytes, 5, device)
+    _assert_chain(bench, links, block_bytes, 5, device)
+    assert links == [range(5, 8), range(8, 9), range(9, 12)]  # 5, 4 and 5 GiB: 3 links, none above 5 GiB
+    assert bench.plan_chain_links(block_bytes, 5, bench.goal_bytes(100 * gib)) == [range(5, 12)]
+    with pytest.raises(ValueError, match="block 8 alone"):
+        bench.plan_chain_links(block_bytes, 5, bench.goal_bytes(3.5 * gib))
+
+
+def test_dry_run_prints_the_70b_chain_with_a_command_per_link(bench, capsys):
+    assert bench.main(["--dry-run", "--config", "llama-3.1-70b,llama-3.1-8b"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("=== chain of trunks, cut 2+2, trunk bf16")[1].splitlines()
+    row = next(line for line in table if line.startswith("llama-3.1-70b")).split()
+    assert row[1:4] == ["2-77", "(76)", "121.13"] and row[4:] == ["7", "4", "4", "2", "2"]
+    assert next(line for line in table if line.startswith("llama-3.1-8b")).split()[4:] == ["1"] * 5
+    assert "--- llama-3.1-8b" not in out  # one device holds it everywhere: no chain to list
+    chain = out.split("80 and 141 GiB devices: a chain of 2 trunks")[1]
+    assert "python -m trunk_server --model DIR --layers 2-39 --dtype bf16" in chain
+    assert "python -m trunk_server --model DIR --layers 40-77 --dtype bf16" in chain
+    assert "--trunk gpu1:50051,gpu2:50051 " in chain
+    assert "24 GiB devices: a chain of 7 trunks" in out
+
+
+def test_dry_run_chain_plan_follows_the_cut_dtype_and_devices(bench, capsys):
+    assert bench.main(["--dry-run", "--config", "llama-3.1-70b", "--bottom-layers", "4", "--top-layers", "4",
+                       "--trunk-dtype", "fp32", "--devices", "80", "--reserve-gib", "8"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("=== chain of trunks, cut 4+4, trunk fp32")[1]
+    assert "8 GiB kept free per device" in table
+    # 72 blocks of 3.19 GiB; a link may hold (80 - 8 - 0.5) / 1.3 = 55 GiB: 17 blocks, so 5 links (15 blocks each, 12 in the last).
+    assert next(line for line in table.splitlines() if line.startswith("llama-3.1-70b")).split()[1:5] == [
+        "4-75", "(72)", "229.50", "5"]
+    assert "--layers 4-18 --dtype fp32" in table and "--layers 64-75 --dtype fp32" in table
