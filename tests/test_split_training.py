@@ -242,7 +242,7 @@ def test_train_cli_reports_what_is_wrong(tiny_dirs, dataset, trunk, tmp_path):
     common = ("train", "--model", str(tiny_dirs["llama"]), "--out", str(tmp_path / "out"), "--steps", "1")
     cases = [
         ((*common, "--data", str(bad), "--local"), "bad.jsonl: line 2: invalid JSON"),
-        ((*common, "--data", str(dataset), "--local", "--trunk", trunk.address), "either --trunk HOST:PORT or --local"),
+        ((*common, "--data", str(dataset), "--local", "--trunk", trunk.address), "either --trunk HOST:PORT (HOST:PORT,HOST:PORT,... for a chain of trunks) or --local"),
         ((*common, "--data", str(dataset), "--trunk", "no-port"), "--trunk must be HOST:PORT"),
         ((*common, "--data", str(dataset), "--trunk", trunk.address, "--token", "not-the-token"),
          "UNAUTHENTICATED"),
