@@ -55,9 +55,54 @@
       const note = document.createElement("span");
       note.className = "muted";
       note.textContent = ` (${job.owner}) ${job.status_line}`;
-      item.append(link, note);
+      item.append(link);
+      if (job.link) {
+        const role = document.createElement("span");
+        role.className = "chain-link";
+        role.dataset.role = "link";
+        role.textContent = `as ${job.link}`;
+        item.append(" ", role);
+      }
+      item.append(note);
       list.appendChild(item);
     }
+  }
+
+  // The running jobs on chains of trunks, as templates/trunks/_fleet_chain.html renders them.
+  function fillChains(chains) {
+    const section = document.getElementById("fleet-chains");
+    if (!section) return;
+    const list = section.querySelector('[data-field="chains"]');
+    list.replaceChildren();
+    for (const chain of chains || []) {
+      const item = document.createElement("li");
+      item.dataset.job = String(chain.id);
+      const link = document.createElement("a");
+      link.href = chain.url;
+      link.textContent = `job ${chain.id}: ${chain.name}`;
+      const note = document.createElement("span");
+      note.className = "muted";
+      note.textContent = ` (${chain.owner}) ${chain.status_line}`;
+      const links = document.createElement("ol");
+      links.className = "chain";
+      for (const entry of chain.links) {
+        const line = document.createElement("li");
+        line.dataset.link = String(entry.number);
+        const name = document.createElement("strong");
+        name.textContent = entry.trunk;
+        const blocks = document.createElement("span");
+        blocks.className = "muted";
+        blocks.textContent = entry.blocks;
+        const state = document.createElement("span");
+        state.className = `status status-${entry.state}`;
+        state.textContent = entry.state;
+        line.append(`link ${entry.number}: `, name, " ", blocks, " ", state);
+        links.appendChild(line);
+      }
+      item.append(link, note, links);
+      list.appendChild(item);
+    }
+    section.hidden = !(chains && chains.length);
   }
 
   // The charts span the window the server sends (the last hour up to its clock), whatever was sampled.
@@ -141,6 +186,7 @@
       for (const key of Object.keys(CHART_UNITS)) charts.delete(`${card.dataset.trunk}:${key}`);
       card.remove();
     });
+    fillChains(snapshot.chains);
     const empty = document.getElementById("fleet-empty");
     if (empty) empty.hidden = snapshot.rows.length > 0;
     live.dataset.updates = String(Number(live.dataset.updates || 0) + 1);

@@ -1,4 +1,5 @@
-// The job form: a preset sets the run length; the estimate of steps and duration follows every choice.
+// The job form: a preset sets the run length; the estimate of steps and duration follows every choice;
+// a note says when the job will run on a chain of trunks.
 //
 // The steps are counted as the trainer counts them (webapp/training/estimates.py); the duration comes
 // from step times measured on recent jobs of the same base model (on the same trunk when one is chosen).
@@ -91,8 +92,28 @@
       `${where}.`;
   }
 
+  // The server's note on a chain of trunks (training/forms.py: chain_notes), for the cut it was computed at;
+  // another cut is placed when the form is sent.
+  const chainSource = document.getElementById("job-chain-notes");
+  const chainNote = document.getElementById("chain-note");
+  const chains = chainSource ? JSON.parse(chainSource.textContent) : null;
+
+  function cutField(name) {
+    const raw = value(name);
+    return raw === "" ? null : Number(raw);
+  }
+
+  function updateChainNote() {
+    if (!chains || !chainNote) return;
+    const sameCut = cutField("bottom_layers") === chains.cut[0] && cutField("top_layers") === chains.cut[1];
+    const note = sameCut && !value("trunk") ? chains.notes[value("base_model")] || "" : "";
+    chainNote.textContent = note;
+    chainNote.hidden = !note;
+  }
+
   function update() {
     out.textContent = estimate();
+    updateChainNote();
   }
 
   form.querySelectorAll("input[name=preset]").forEach((radio) => {

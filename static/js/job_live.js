@@ -164,7 +164,8 @@
       document.querySelectorAll(".messages").forEach((list) => { list.hidden = true; });
     }
     if (event.name) $("job-name").textContent = event.name;
-    if (event.trunk) $("fact-trunk").textContent = event.trunk;
+    if (event.links && event.links.length > 1) renderChain(event.links);
+    else if (event.trunk) $("fact-trunk").textContent = event.trunk;
     if (event.train_examples != null) {
       $("fact-examples").textContent = `${event.train_examples} training, ${event.val_examples} validation`;
     }
@@ -192,6 +193,31 @@
     if (merged) merged.hidden = !event.download_url; // a succeeded job offers its merged model too
     if (event.privacy) renderAudit(event.privacy);
     updateProgress();
+  }
+
+  // The chain of trunks, as the server renders it in training/_chain.html.
+  function renderChain(links) {
+    const summary = document.createElement("span");
+    summary.dataset.role = "chain-summary";
+    summary.textContent = `a chain of ${links.length} trunk servers`;
+    const list = document.createElement("ol");
+    list.className = "chain";
+    list.id = "job-chain";
+    links.forEach((link) => {
+      const item = document.createElement("li");
+      item.dataset.link = String(link.number);
+      const name = document.createElement("strong");
+      name.textContent = link.trunk;
+      const blocks = document.createElement("span");
+      blocks.className = "muted";
+      blocks.textContent = link.blocks;
+      const state = document.createElement("span");
+      state.className = `status status-${link.state}`;
+      state.textContent = link.state;
+      item.append(`link ${link.number}: `, name, " ", blocks, " ", state);
+      list.appendChild(item);
+    });
+    $("fact-trunk").replaceChildren(summary, list);
   }
 
   // The leakage audit, as the server renders it in training/_privacy_audit.html.
@@ -233,6 +259,13 @@
       div.append(headline, table);
       box.appendChild(div);
     });
+    if (privacy.chain) {
+      const note = document.createElement("p");
+      note.className = "muted";
+      note.dataset.role = "chain-audit";
+      note.textContent = privacy.chain;
+      box.appendChild(note);
+    }
   }
 
   function addLog(entry) {

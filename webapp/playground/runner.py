@@ -2,7 +2,8 @@
 
 A generation is claimed with a conditional UPDATE (queued -> running), so a redelivered
 task message never runs it twice. Bottom and Top run here (with the job's adapter for the
-adapter side), the trunk runs on a trunk server in an inference session; both keep a KV
+adapter side), the trunk runs on a trunk server in an inference session (or on a chain of
+trunk servers, one session per link, when no single one serves the cut); all keep a KV
 cache. The text so far is stored before each live event, so a page that connects late
 gets it in its snapshot (see events.py). Every failure ends the generation as ``failed`` with
 a message that says what happened and what to do.
@@ -28,8 +29,7 @@ from splitcore.remote.errors import Fault, TrunkError
 from splitcore.remote.trunk import SessionNeeds
 
 from .. import base_models
-from ..trunks.models import TrunkServer
-from ..trunks.selection import NoTrunkAvailable, pick_trunk
+from ..trunks.selection import NoTrunkAvailable, Placement, place
 from . import events
 from .decoding import IncrementalDecoder, text_change
 from .models import Generation
@@ -101,23 +101,32 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, se
     cut = (job.bottom_layers, job.top_layers) if job is not None else (None, None)
     try:
         needs = SessionNeeds(lora_rank=job.trunk_lora_rank) if job is not None else None
-        trunk = pick_trunk(generation.base_model, cut, needs=needs)
+        # One trunk when one serves the cut, else a chain of trunks that together serve it.
+        chosen = place(generation.base_model, cut, needs=needs)
     except NoTrunkAvailable as exc:
         raise GenerationFailed(str(exc)) from exc
+    if chosen.is_chain and None in cut:  # every link must agree on the cut: take the one the chain was planned at
+        first, last = chosen.links[0], chosen.links[-1]
+        cut = (first.layers.start, last.trunk.num_layers - last.layers.stop)
+    clients = []
     try:
         deadline = time.monotonic() + settings.GENERATION_TIMEOUT_S
-        with trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY) as client:
-            generator = SplitGenerator(base_models.client_model(generation.base_model), client, adapter_dir, *cut,
-                                       device=base_models.worker_device())
-            for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
-                _stream(generation, decoder, sent, token_id)
-                if time.monotonic() > deadline:
-                    raise GenerationFailed(f"stopped after {settings.GENERATION_TIMEOUT_S:.0f} s, the time limit "
-                                           "of a generation; the text so far is kept — ask for fewer new tokens")
+        for link in chosen.links:
+            clients.append(link.trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY))
+        generator = SplitGenerator(base_models.client_model(generation.base_model), clients, adapter_dir, *cut,
+                                   device=base_models.worker_device())
+        for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
+            _stream(generation, decoder, sent, token_id)
+            if time.monotonic() > deadline:
+                raise GenerationFailed(f"stopped after {settings.GENERATION_TIMEOUT_S:.0f} s, the time limit "
+                                       "of a generation; the text so far is kept — ask for fewer new tokens")
     except TrunkError as error:
-        raise GenerationFailed(_trunk_failure(trunk, error)) from error
+        raise GenerationFailed(_trunk_failure(chosen, error)) from error
     except (ValueError, OSError) as exc:  # the trunk serves another model or split; an unreadable adapter
         raise GenerationFailed(str(exc)) from exc
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _adapter_dir(generation: Generation):
@@ -183,8 +192,12 @@ def _finish(generation: Generation, decoder: IncrementalDecoder | None, sent: Se
     return status
 
 
-def _trunk_failure(trunk: TrunkServer, error: TrunkError) -> str:
+def _trunk_failure(chosen: Placement, error: TrunkError) -> str:
+    index, trunk = next(((index, trunk) for index, trunk in enumerate(chosen.trunks) if trunk.name == error.trunk),
+                        (0, chosen.trunks[0]))
     where = f"the trunk server {trunk.name} at {trunk.address}"
+    if chosen.is_chain:
+        where += f" (link {index + 1} of the chain of {len(chosen.links)})"
     advice = ("check that it is running, then try again" if error.fault in (Fault.LOST, Fault.RETRYABLE)
               else "try again in a moment" if error.fault in (Fault.FULL, Fault.SESSION_GONE) else "")
     message = error.explain(where, session="the generation's session")

@@ -1,7 +1,20 @@
 from django.contrib import admin, messages
 
 from . import services
-from .models import Job, MetricPoint
+from .models import Job, JobLink, MetricPoint
+
+
+class JobLinkInline(admin.TabularInline):
+    """The trunks the job runs on, link by link (recorded by the worker, read only)."""
+
+    model = JobLink
+    fields = ["position", "trunk", "trunk_name", "first_block", "last_block"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Job)
@@ -14,6 +27,7 @@ class JobAdmin(admin.ModelAdmin):
                        "current_step", "total_steps", "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at",
                        "started_at", "finished_at", "updated_at", "heartbeat_at"]
     actions = ["cancel", "resume"]
+    inlines = [JobLinkInline]
 
     @admin.display(description="progress")
     def progress(self, job: Job) -> str:

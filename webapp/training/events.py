@@ -2,8 +2,9 @@
 
 Every event is a JSON object with a ``type``:
 
-- ``status``: the job's name, status, phase (what it does before and between steps), trunk, progress,
-  timestamps and the server's clock (also sent to the job list);
+- ``status``: the job's name, status, phase (what it does before and between steps), trunk (and the
+  links of its chain of trunks, each with its blocks and state), progress, timestamps and the server's
+  clock (also sent to the job list);
 - ``metric``: one training step (step, loss, lr, grad_norm, tokens_per_s, wire_bytes, elapsed_s, and the
   time it ended);
 - ``eval``: one evaluation (step, val_loss);
@@ -37,12 +38,27 @@ def user_jobs_group(user_id: int) -> str:
     return f"user-{user_id}-jobs"
 
 
-def status_event(job: Job) -> dict:
+def chain_entries(job: Job) -> list[dict]:
+    """The trunks the job runs on, in block order, with each one's blocks and state (as the fleet page says it)."""
+    return [{"number": link.number, "trunk": link.trunk_name, "blocks": link.blocks, "state": link.state}
+            for link in job.chain()]
+
+
+def trunk_text(job: Job, links: list[dict]) -> str | None:
+    """The job's trunk in one line: "local (layers 2-3 of 6)", or the chain, link by link."""
+    if len(links) > 1:
+        return f"a chain of {len(links)} trunk servers: " + ", ".join(
+            f"link {link['number']} {link['trunk']} {link['blocks']} ({link['state']})" for link in links)
     trunk = job.trunk
+    return f"{trunk.name} (layers {trunk.layer_range})" if trunk is not None else None
+
+
+def status_event(job: Job) -> dict:
+    links = chain_entries(job)
     return {
         "type": "status", "job": job.pk, "name": job.display_name, "status": job.status,
         "status_display": job.get_status_display(), "phase": job.phase, "status_line": job.status_line,
-        "trunk": f"{trunk.name} (layers {trunk.layer_range})" if trunk is not None else None,
+        "trunk": trunk_text(job, links), "links": links,
         "error_message": job.error_message, "cancel_requested": job.cancel_requested,
         "current_step": job.current_step, "total_steps": job.total_steps, "train_examples": job.train_examples,
         "val_examples": job.val_examples, "last_loss": job.last_loss,

@@ -16,7 +16,7 @@ from splitcore.remote.trunk import SessionNeeds
 from ..datasets.models import Dataset
 from ..ownership import owned
 from ..trunks.models import TrunkServer
-from ..trunks.selection import NoTrunkAvailable, healthy_trunks, pick_trunk, served_models
+from ..trunks.selection import NoTrunkAvailable, healthy_trunks, place, served_models
 from . import presets
 from .estimates import planned_steps
 from .models import NAME_MAX_LENGTH, Job
@@ -38,6 +38,22 @@ ADVANCED_FIELDS = ["trunk", "epochs", "max_steps", "learning_rate", "batch_size"
 FIELDS = ["dataset", "name", "base_model", *ADVANCED_FIELDS, *PRIVACY_FIELDS]
 MAX_EPOCHS = 100
 _BALANCED = presets.BY_KEY[presets.DEFAULT_PRESET]
+
+
+def placement_note(model_id: str, cut: tuple[int | None, int | None]) -> str:
+    """What the automatic trunk choice will do for a job of ``model_id`` at ``cut``, when that is a chain of
+    trunks or nothing at all ("" when a single healthy trunk serves the cut)."""
+    try:
+        chosen = place(model_id, cut)
+    except NoTrunkAvailable:
+        return ""  # the form says why when it is sent
+    if not chosen.is_chain:
+        return ""
+    first, last = chosen.links[0], chosen.links[-1]
+    blocks = f"blocks {first.layers.start}-{last.layers.stop - 1}"
+    return (f"No single trunk serves {blocks} of {model_id}; the job will run on a chain of {len(chosen.links)} "
+            f"trunks: {chosen.describe()}. Each link trains its own LoRA on its blocks; the first link receives "
+            "the hidden states the blocks before the trunk send.")
 
 
 class _YesNoSelect(forms.NullBooleanSelect):
@@ -69,7 +85,9 @@ class JobForm(forms.ModelForm):
         choices=presets.choices(), required=False, initial=presets.DEFAULT_PRESET, widget=forms.RadioSelect,
         label="Run length", help_text="how long and how hard to train; Custom uses the values under Advanced")
     trunk = forms.ModelChoiceField(queryset=TrunkServer.objects.none(), required=False, empty_label="auto",
-                                   help_text="auto: the healthy trunk with the most free sessions")
+                                   help_text="auto: the healthy trunk with the most free sessions, or a chain of "
+                                             "trunks (each serving some of the blocks) when no single one serves "
+                                             "the cut")
     adapter_method = _AdapterMethodField(
         choices=list(ADAPTER_METHODS.items()), required=False, initial="lora", label="Adapter method",
         help_text="peft's method on every projection of all three parts: LoRA (low-rank matrices), LoHa "
@@ -181,6 +199,24 @@ class JobForm(forms.ModelForm):
         if not point.privacy.gradients_to_trunk:
             self.fields["train_trunk_lora"].initial = False  # nothing behind the cut can learn without gradients
 
+    def chain_notes(self) -> dict:
+        """For each offered base model, what the automatic choice does with the form's cut when no single trunk
+        serves it ("" when one does), and that cut: the page shows the selected model's note while the cut
+        fields hold it (job_form.js)."""
+        cut = (self._cut_value("bottom_layers"), self._cut_value("top_layers"))
+        return {"cut": list(cut),
+                "notes": {model_id: placement_note(model_id, cut) for model_id, _ in self.fields["base_model"].choices}}
+
+    def selected_model(self) -> str | None:
+        return self.data.get("base_model") if self.is_bound else self.fields["base_model"].initial
+
+    def _cut_value(self, name: str) -> int | None:
+        raw = self.data.get(name) if self.is_bound else self.fields[name].initial
+        try:
+            return int(raw) if raw not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
     def basic_fields(self):
         return [self[name] for name in BASIC_FIELDS]
 
@@ -260,7 +296,7 @@ class JobForm(forms.ModelForm):
                 self.add_error("bottom_layers", f"{trunk.name} does not allow this cut: {problem}")
             return
         try:
-            pick_trunk(data.get("base_model"), cut)
+            place(data.get("base_model"), cut)
         except NoTrunkAvailable as exc:
             self.add_error("bottom_layers", str(exc))
 
@@ -279,7 +315,7 @@ class JobForm(forms.ModelForm):
                 self.add_error(_BUDGET_ADVICE[what][0], f"{trunk.name} would refuse {problem}; {advice}")
             return
         try:
-            pick_trunk(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), needs=needs)
+            place(data.get("base_model"), (data.get("bottom_layers"), data.get("top_layers")), needs=needs)
         except NoTrunkAvailable as exc:
             self.add_error(None, str(exc))
 

@@ -222,6 +222,10 @@ class Job(models.Model):
                     else "Training: starting step 1")
         return self.phase[:1].upper() + self.phase[1:] + "…"
 
+    def chain(self) -> list[JobLink]:
+        """The trunks the job runs (or ran) on, in block order; empty before it first connected."""
+        return list(self.links.select_related("trunk").order_by("position"))
+
     @property
     def can_resume(self) -> bool:
         return self.status in (self.Status.CANCELLED, self.Status.FAILED)
@@ -290,6 +294,56 @@ class Job(models.Model):
                 shown = str(dict(self._meta.get_field(name).choices or ()).get(value, value))
             pairs.append((HYPERPARAMETER_LABELS.get(name, name), shown))
         return pairs
+
+
+class JobLink(models.Model):
+    """One trunk a job runs on, and its blocks: a job on one trunk has one link, a job on a chain of
+    trunks one per link, in block order (``position`` 0 receives the Bottom's output).
+
+    The runner records them when it connects (``Job.trunk`` is the first link's trunk) and keeps
+    them after the job ends, so its page says where it ran. A resumed job starts from them.
+    """
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="links")
+    position = models.PositiveSmallIntegerField()
+    trunk = models.ForeignKey("trunks.TrunkServer", on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="job_links")
+    trunk_name = models.CharField(max_length=100)  # kept when the trunk's record is deleted
+    # The blocks this link runs, first and last included (NULL: the trunk's check reported no layers).
+    first_block = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_block = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "position"]
+        constraints = [models.UniqueConstraint(fields=["job", "position"], name="one_link_per_position")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} link {self.number}: {self.trunk_name} {self.blocks}".rstrip()
+
+    @property
+    def number(self) -> int:
+        """The link's number as the pages and logs say it: link 1 is the first."""
+        return self.position + 1
+
+    @property
+    def layers(self) -> range | None:
+        if self.first_block is None or self.last_block is None:
+            return None
+        return range(self.first_block, self.last_block + 1)
+
+    @property
+    def blocks(self) -> str:
+        """"blocks 1-2" ("" when not known)."""
+        if self.layers is None:
+            return ""
+        return f"block {self.first_block}" if self.first_block == self.last_block else \
+            f"blocks {self.first_block}-{self.last_block}"
+
+    @property
+    def state(self) -> str:
+        """The trunk's state on the fleet page (up, down, draining, disabled, unknown), or "removed" when its
+        record was deleted."""
+        return self.trunk.fleet_status if self.trunk is not None else "removed"
 
 
 class MetricPoint(models.Model):

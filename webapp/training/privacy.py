@@ -49,6 +49,22 @@ def audit_job(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples: 
     return report
 
 
+def chain_note(job: Job) -> str:
+    """For a job on a chain of trunks: which link each audit figure plays ("" for a job on one trunk).
+
+    The hidden states the audit attacks are the Bottom's output, which only the first link receives; the
+    gradients the Top sends back reach the last link first.
+    """
+    links = job.chain()
+    if len(links) < 2:
+        return ""
+    first, last = links[0], links[-1]
+    return (f"This job runs on a chain of {len(links)} trunk servers. The attacks on hidden states play the first "
+            f"link, {first.trunk_name} ({first.blocks}), which receives the Bottom's output; the attack on gradients "
+            f"plays the last link, {last.trunk_name} ({last.blocks}), which receives the gradients the Top sends "
+            "back.")
+
+
 def headline(rate: float) -> str:
     return f"a trunk owner holding the base model could read about {_percent(rate)} of your tokens"
 
@@ -77,7 +93,7 @@ def audit_summary(job: Job) -> dict | None:
             "attacks": [{"name": r.name, "title": r.title, "rate": r.rate, "percent": f"{r.rate:.1%}",
                          "recovered": r.recovered, "total": r.total} for r in report.results],
         })
-    return {"moments": moments} if moments else None
+    return {"moments": moments, "chain": chain_note(job)} if moments else None
 
 
 def audit_markdown(job: Job) -> str:
@@ -94,6 +110,8 @@ def audit_markdown(job: Job) -> str:
         lines.extend(f"| {a['title']} | {a['percent']} ({a['recovered']} of {a['total']}) |"
                      for a in moment["attacks"])
         lines.append("")
+    if summary["chain"]:
+        lines.append(summary["chain"] + "\n")
     lines.append("The audit plays an honest-but-curious trunk owner with three attacks on a sample of the "
                  "training data; stronger attacks may read more. See docs/privacy.md.")
     return "\n".join(lines)

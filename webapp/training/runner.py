@@ -1,9 +1,10 @@
-"""Running one job in a worker: claim it, train through its trunk, record what happens.
+"""Running one job in a worker: claim it, train through its trunk (or its chain of trunks), record what happens.
 
 A job is claimed with a conditional UPDATE (queued -> running) that hands the worker a
 lease (see lease.py), so a redelivered task message never runs a job twice, and a job
 whose worker died is queued again by the sweep. A job with a checkpoint resumes from it;
-so does a job whose trunk server is lost mid-run, once the trunk answers again. Metrics
+so does a job whose trunk server (or one link of its chain) is lost mid-run, once the trunk
+answers again or another healthy trunk can take its place (see placement.py). Metrics
 are stored as rows as they happen. Errors end the job as ``failed`` with a message that
 says what happened and what to do; the checkpoint stays for a resume.
 """
@@ -37,9 +38,9 @@ from splitcore.training.checkpoints import read_checkpoint_state
 
 from .. import base_models
 from ..trunks import fleet
-from ..trunks.models import TrunkServer
-from ..trunks.selection import NoTrunkAvailable, pick_trunk
-from . import events, privacy
+from ..trunks.models import TrunkServer, blocks_words
+from ..trunks.selection import Link, NoTrunkAvailable, Placement
+from . import events, placement, privacy
 from .lease import Lease, LeaseLost, claim
 from .models import Job, JobLog, MetricPoint
 
@@ -128,16 +129,26 @@ def _train(job: Job, lease: Lease) -> str | None:
     leaving = job.move_from_id  # the trunk staff asked this job to move off (its id), e.g. before a worker died
     if leaving is not None:
         lease.mine().update(move_from=None)
+    avoid: set[int] = set()  # trunks that stopped answering: replaced when another trunk can take their place
     while True:
         resume = _resume_point(job)
-        trunk, client = _connect(job, config.wire_encoding, lease, leaving)
-        leaving = None
-        engine = _open_engine(job, config, trunk, client, lease)
-        if engine is None:  # a move was asked for while it waited for a free session there
-            leaving = trunk.pk
-            _leave(job, lease, trunk)
+        connections = _connect(job, config.wire_encoding, lease, leaving, avoid)
+        leaving, avoid = None, set()
+        try:
+            engine = _open_engine(job, config, connections, lease)
+        except MoveRequested as move:  # asked while it waited for a free session
+            _close(connections)
+            leaving = move.trunk_id
+            _leave(job, lease, move.trunk_id)
             continue
-        events.job_log(job, _describe_cut(engine))
+        except BaseException:
+            _close(connections)
+            raise
+        for connection, link in zip(connections, engine.links, strict=True):
+            connection.layers = link.layers
+        placement.record(job, Placement(tuple(Link(connection.trunk, connection.layers)
+                                              for connection in connections)))
+        events.job_log(job, _describe_cut(engine, connections))
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
             set_phase(job, "measuring what the trunk could read (the leakage audit)")
             _audit(job, lease, engine, tokenizer, examples, privacy.FIRST_STEP)
@@ -152,7 +163,7 @@ def _train(job: Job, lease: Lease) -> str | None:
                 if cancel or leaving is None:
                     return _finish(job, lease, Job.Status.CANCELLED, f"cancelled at step {result.step} of {total}; "
                                                                      "resume to continue from there")
-                _leave(job, lease, trunk)
+                _leave(job, lease, leaving)
                 continue
             if config.privacy.nopeek > 0:
                 set_phase(job, "measuring what the trunk could read after training")
@@ -161,12 +172,15 @@ def _train(job: Job, lease: Lease) -> str | None:
             trainer.export_adapter(job.adapter_dir, job.base_model)
             break
         except TrunkError as error:
+            lost = _failed(error, connections)
             progressed = _checkpoint_step(job) > (read_checkpoint_state(resume).step if resume else 0)
             losses = 1 if progressed else losses + 1
             if error.fault not in TRUNK_LOST or losses > settings.JOB_TRUNK_RECOVERIES:
-                raise JobFailed(_trunk_failure(trunk, error, job)) from error
-            events.job_log(job, f"{_trunk_lost(trunk, error, job)}; waiting for it to answer again, then "
-                                f"continuing from {_kept(job)}", JobLog.Level.WARNING)
+                raise JobFailed(_trunk_failure(lost, error, job, connections)) from error
+            if error.fault in (Fault.LOST, Fault.RETRYABLE):
+                avoid = {lost.trunk.pk}  # it does not answer: another trunk may take its place
+            events.job_log(job, f"{_trunk_lost(lost, error, job, connections)}; {_waiting_for(lost, connections)}, "
+                                f"then continuing from {_kept(job)}", JobLog.Level.WARNING)
         except TrainingDiverged as exc:
             raise JobFailed(str(exc)) from exc
         except OSError as exc:
@@ -175,7 +189,7 @@ def _train(job: Job, lease: Lease) -> str | None:
                             "space or fix permissions, then resume") from exc
         finally:
             engine.close()
-            client.close()
+            _close(connections)
     return _finish(job, lease, Job.Status.SUCCEEDED)
 
 
@@ -218,22 +232,47 @@ def _examples(job: Job):
         raise JobFailed(str(exc)) from exc
 
 
-def _leave(job: Job, lease: Lease, trunk: TrunkServer) -> None:
-    """A move off ``trunk`` was asked for and the job stopped there (the trainer with a checkpoint, or the
-    wait for a free session): clear the request and say so."""
+def _leave(job: Job, lease: Lease, trunk_id: int) -> None:
+    """A move off the trunk ``trunk_id`` was asked for and the job stopped there (the trainer with a
+    checkpoint, or the wait for a free session): clear the request and say so."""
     lease.mine().update(move_from=None)
     job.move_from = None
-    events.job_log(job, f"moving off the trunk server {trunk.name} as an administrator asked; continuing from "
+    trunk = TrunkServer.objects.filter(pk=trunk_id).first()
+    name = trunk.name if trunk is not None else f"#{trunk_id}"
+    links = job.chain()
+    link = next((link for link in links if link.trunk_id == trunk_id), None)
+    if link is not None and len(links) > 1:
+        events.job_log(job, f"moving off the trunk server {name} (link {link.number} of the chain, {link.blocks}) as "
+                            f"an administrator asked; continuing from {_kept(job)} with another trunk server in its "
+                            "place")
+        return
+    events.job_log(job, f"moving off the trunk server {name} as an administrator asked; continuing from "
                         f"{_kept(job)} on another trunk server")
 
 
-def _choose_trunk(job: Job, leaving: int | None) -> TrunkServer:
-    """The trunk to connect to: another one than ``leaving`` when one can take the job, else the job's
-    own trunk (when the user chose one) or the best healthy one."""
-    cut, needs = (job.bottom_layers, job.top_layers), job.session_needs()
+class MoveRequested(Exception):
+    """Staff asked the job to move off a trunk (``trunk_id``) while it waited for a free session."""
+
+    def __init__(self, trunk_id: int) -> None:
+        super().__init__(f"move off trunk {trunk_id}")
+        self.trunk_id = trunk_id
+
+
+@dataclasses.dataclass
+class Connection:
+    """One link's trunk record and a client connected to it."""
+
+    trunk: TrunkServer
+    client: TrunkClient
+    layers: range | None = None  # the blocks it runs, once its session is open
+
+
+def _choose(job: Job, leaving: int | None, avoid: set[int]) -> Placement:
+    """Where to connect: off ``leaving`` when another trunk can take its place, else the job's own trunk (when
+    the user chose one), or its links (see placement.continue_on), or the best placement for a new job."""
     if leaving is not None:
         try:
-            return pick_trunk(job.base_model, cut, needs=needs, exclude=(leaving,))
+            return placement.move_off(job, leaving, avoid)
         except NoTrunkAvailable as error:
             events.job_log(job, f"no other trunk server can take this job, so it stays ({error})",
                            JobLog.Level.WARNING)
@@ -242,52 +281,90 @@ def _choose_trunk(job: Job, leaving: int | None) -> TrunkServer:
         if trunk.draining and not list_checkpoints(job.checkpoint_dir):
             raise NoTrunkAvailable(f"the trunk server {trunk.name} is draining for maintenance and takes no new "
                                    "jobs; an administrator ends the drain on the fleet page")
-        return trunk
-    return pick_trunk(job.base_model, cut, needs=needs)
+        return Placement.single(trunk, (job.bottom_layers, job.top_layers))
+    return placement.continue_on(job, avoid)
 
 
-def _connect(job: Job, wire_encoding: str, lease: Lease,
-             leaving: int | None = None) -> tuple[TrunkServer, TrunkClient]:
-    """The job's trunk (or the best healthy one; another one than ``leaving`` when it can), waiting up to
-    TRUNK_WAIT_S for one to answer."""
+def _connect(job: Job, wire_encoding: str, lease: Lease, leaving: int | None = None,
+             avoid: set[int] | None = None) -> list[Connection]:
+    """A client for every link of the job's placement (another trunk than ``leaving`` when one can take its
+    place; ``avoid``: trunks that stopped answering), waiting up to TRUNK_WAIT_S for them to answer."""
     deadline = time.monotonic() + settings.TRUNK_WAIT_S
     delay = 1.0
+    avoid = set(avoid or ())
+    failed: TrunkServer | None = None
     while True:
+        chosen = None
         try:
-            trunk = _choose_trunk(job, leaving)
+            chosen = _choose(job, leaving, avoid)
             leaving = None
-            set_phase(job, f"connecting to the trunk server {trunk.name}")
-            client = trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
-            try:
-                client.info()
-            except TrunkError:
-                client.close()
-                raise
-            if job.trunk_id != trunk.pk:
-                Job.objects.filter(pk=job.pk).update(trunk=trunk)
-                job.trunk = trunk
-            events.job_log(job, f"connected to the trunk server {trunk.name} (layers {trunk.layer_range})")
+            connections = _open_clients(job, chosen, wire_encoding)
+            placement.record(job, chosen)
+            events.job_log(job, _connected(chosen))
             fleet.publish()
-            return trunk, client
+            return connections
         except (NoTrunkAvailable, TrunkError) as error:
-            if isinstance(error, TrunkError) and error.fault == Fault.UNAUTHENTICATED:
-                raise JobFailed(f"the trunk server {job.trunk or ''} refused the token; an administrator must "
-                                "update it") from error
+            if isinstance(error, TrunkError):
+                failed = _trunk_named(error.trunk, chosen) or job.trunk
+                if error.fault == Fault.UNAUTHENTICATED:
+                    raise JobFailed(f"the trunk server {failed or ''} refused the token; an administrator must "
+                                    "update it") from error
+                if failed is not None:
+                    avoid.add(failed.pk)
             if lease.cancel_requested():
                 raise JobCancelled from error
             if time.monotonic() >= deadline:
-                raise JobFailed(_unreachable(job, error)) from error
+                raise JobFailed(_unreachable(job, error, failed)) from error
             events.job_log(job, f"waiting for a trunk server: {error}", JobLog.Level.WARNING)
             set_phase(job, "waiting for a trunk server to answer")
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 15.0)
 
 
-def _unreachable(job: Job, error: Exception) -> str:
+def _open_clients(job: Job, chosen: Placement, wire_encoding: str) -> list[Connection]:
+    """A client per link, each checked with an Info call; a TrunkError (naming the trunk) when one does not answer."""
+    connections: list[Connection] = []
+    try:
+        for index, link in enumerate(chosen.links, start=1):
+            where = f"link {index} of the chain, " if chosen.is_chain else ""
+            set_phase(job, f"connecting to {where}the trunk server {link.trunk.name}")
+            client = link.trunk.client(wire_encoding, timeout_s=settings.TRUNK_RPC_TIMEOUT_S)
+            connections.append(Connection(link.trunk, client))
+            client.info()
+    except BaseException:
+        _close(connections)
+        raise
+    return connections
+
+
+def _close(connections: list[Connection]) -> None:
+    for connection in connections:
+        connection.client.close()
+
+
+def _connected(chosen: Placement) -> str:
+    if not chosen.is_chain:
+        trunk = chosen.links[0].trunk
+        return f"connected to the trunk server {trunk.name} (layers {trunk.layer_range})"
+    return f"connected to a chain of {len(chosen.links)} trunk servers: {chosen.describe()}"
+
+
+def _trunk_named(name: str | None, chosen: Placement | None) -> TrunkServer | None:
+    if chosen is None:
+        return None
+    return next((trunk for trunk in chosen.trunks if trunk.name == name), chosen.trunks[0])
+
+
+def _failed(error: TrunkError, connections: list[Connection]) -> Connection:
+    """The link whose trunk raised ``error`` (the first when the error does not say)."""
+    return next((connection for connection in connections if connection.trunk.name == error.trunk), connections[0])
+
+
+def _unreachable(job: Job, error: Exception, trunk: TrunkServer | None) -> str:
     waited = f"after waiting {settings.TRUNK_WAIT_S:.0f} s"
     if isinstance(error, NoTrunkAvailable):
         return f"{error} ({waited})"
-    trunk = job.trunk
+    trunk = trunk or job.trunk
     where = f"the trunk server {trunk.name} at {trunk.address}" if trunk else "the trunk server"
     return f"{error.explain(where)} {waited}; check that it is running, then resume the job"
 
@@ -307,18 +384,27 @@ def _audit(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples, mom
     if report is None:
         return
     rates = ", ".join(f"{result.title} {result.rate:.0%}" for result in report.results)
+    links = job.chain()
+    chain = (f"; on hidden states it plays the first link of the chain, {links[0].trunk_name}, which receives the "
+             f"Bottom's output" if len(links) > 1 else "")
     events.job_log(job, f"privacy audit ({privacy.MOMENTS[moment]}): {privacy.headline(report.worst_rate)} "
-                        f"({rates}; {report.examples} examples, {report.seconds:.0f} s)",
+                        f"({rates}; {report.examples} examples, {report.seconds:.0f} s{chain})",
                    JobLog.Level.WARNING if report.worst_rate >= 0.05 else JobLog.Level.INFO)
     events.publish_status(job)
 
 
-def _describe_cut(engine: SplitEngine) -> str:
+def _describe_cut(engine: SplitEngine, connections: list[Connection]) -> str:
     spec, noise = engine.spec, engine.noise
     blurred = [f"{what} noise {scale:g}" for what, scale in (("hidden-state", noise.hidden_scale),
                                                              ("gradient", noise.grad_scale)) if scale]
-    return (f"cut: {spec.n_bottom} blocks here, the trunk runs layers {spec.trunk_layers.start}-"
-            f"{spec.trunk_layers.stop - 1}, {spec.n_top} blocks here after it; "
+    trunk = f"the trunk runs layers {spec.trunk_layers.start}-{spec.trunk_layers.stop - 1}"
+    if len(engine.links) > 1:
+        links = ", ".join(f"link {index} {connection.trunk.name} {blocks_words(link.layers)}"
+                          for index, (connection, link) in enumerate(zip(connections, engine.links, strict=True),
+                                                                     start=1))
+        trunk = (f"a chain of {len(engine.links)} trunk servers runs layers {spec.trunk_layers.start}-"
+                 f"{spec.trunk_layers.stop - 1} ({links}; the first link receives the Bottom's output)")
+    return (f"cut: {spec.n_bottom} blocks here, {trunk}, {spec.n_top} blocks here after it; "
             + (", ".join(blurred) if blurred else "no noise"))
 
 
@@ -328,48 +414,65 @@ def client_secret() -> ClientSecret:
     return ClientSecret.from_text(settings.SECRET_KEY, "splitlearn-studio client secret")
 
 
-def _open_engine(job: Job, config, trunk: TrunkServer, client: TrunkClient, lease: Lease) -> SplitEngine | None:
-    """Open the trunk session. A trunk at its session cap makes the job wait (until a session
-    frees up or the user cancels), not fail; None (the client closed) when staff ask the job to
-    move off the trunk meanwhile."""
+def _open_engine(job: Job, config, connections: list[Connection], lease: Lease) -> SplitEngine:
+    """Open the trunk sessions (one per link). A trunk at its session cap makes the job wait (until a
+    session frees up or the user cancels), not fail; MoveRequested when staff ask the job to move off
+    a trunk meanwhile. The caller closes the clients when this raises."""
     told = False
-    set_phase(job, f"loading the model and opening a session on {trunk.name}")
+    names = " and ".join(connection.trunk.name for connection in connections)
+    set_phase(job, f"loading the model and opening a session on {names}")
     while True:
         try:
-            return SplitEngine(base_models.client_model(job.base_model), config, client, label=f"job {job.pk}",
+            return SplitEngine(base_models.client_model(job.base_model), config,
+                               [connection.client for connection in connections], label=f"job {job.pk}",
                                secret=client_secret(), device=base_models.worker_device())
         except TrunkError as error:
+            full = _failed(error, connections)
             if error.fault != Fault.FULL:
-                client.close()
-                raise JobFailed(_trunk_failure(trunk, error, job)) from error
+                raise JobFailed(_trunk_failure(full, error, job, connections)) from error
             if not told:
-                events.job_log(job, f"{trunk.name} is at its session capacity; waiting for a free session",
+                events.job_log(job, f"{full.trunk.name} is at its session capacity; waiting for a free session",
                                JobLog.Level.WARNING)
-                set_phase(job, f"waiting for a free session on {trunk.name}")
+                set_phase(job, f"waiting for a free session on {full.trunk.name}")
                 told = True
             cancel, leaving = lease.requests()
-            if cancel or leaving is not None:
-                client.close()
-                if cancel:
-                    raise JobCancelled from error
-                return None
+            if cancel:
+                raise JobCancelled from error
+            if leaving is not None:
+                raise MoveRequested(leaving) from error
             time.sleep(CAPACITY_POLL_S)
-        except ValueError as exc:  # the trunk serves another model, or the split does not fit
-            client.close()
+        except ValueError as exc:  # a trunk serves another model, or the split does not fit
             raise JobFailed(str(exc)) from exc
 
 
-def _trunk_lost(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
+def _where(lost: Connection, connections: list[Connection]) -> str:
+    """The lost trunk in a user's words; in a chain, which link it is and its blocks."""
+    where = f"the trunk server {lost.trunk.name} at {lost.trunk.address}"
+    if len(connections) > 1:
+        blocks = f", {blocks_words(lost.layers)}" if lost.layers else ""
+        where += f" (link {connections.index(lost) + 1} of the chain{blocks})"
+    return where
+
+
+def _trunk_lost(lost: Connection, error: TrunkError, job: Job, connections: list[Connection]) -> str:
     """What happened to the trunk, in a user's words."""
-    where = f"the trunk server {trunk.name} at {trunk.address}"
+    where = _where(lost, connections)
     if error.fault in (Fault.LOST, Fault.RETRYABLE):
         job.refresh_from_db(fields=["current_step"])
         return f"{where} stopped answering at step {job.current_step + 1}"
     return error.explain(where, session="this job's session")
 
 
-def _trunk_failure(trunk: TrunkServer, error: TrunkError, job: Job) -> str:
-    return f"{_trunk_lost(trunk, error, job)}; {_what_is_kept(job)} — resume the job when the trunk is available"
+def _waiting_for(lost: Connection, connections: list[Connection]) -> str:
+    if len(connections) == 1:
+        return "waiting for it to answer again"
+    blocks = blocks_words(lost.layers) if lost.layers else "its blocks"
+    return f"waiting for it to answer again or for another trunk server to serve {blocks}"
+
+
+def _trunk_failure(lost: Connection, error: TrunkError, job: Job, connections: list[Connection]) -> str:
+    return (f"{_trunk_lost(lost, error, job, connections)}; {_what_is_kept(job)} — resume the job when the trunk is "
+            "available")
 
 
 def _record(job: Job, lease: Lease, event: TrainerEvent) -> None:

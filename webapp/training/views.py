@@ -59,8 +59,10 @@ def job_new(request: HttpRequest) -> HttpResponse:
         return redirect("training:job-detail", pk=job.pk)  # its page says it is queued, and what follows
     advanced_open = form.is_bound and (any(field.errors for field in form.advanced_fields())
                                        or form.data.get("preset") == presets.CUSTOM)
+    chains = form.chain_notes()
     return render(request, "training/job_new.html", {
         "form": form, "estimate_data": estimate_context(form), "advanced_open": advanced_open,
+        "chain_notes": chains, "chain_note": chains["notes"].get(form.selected_model(), ""),
         **measured_context(form.recommended)})
 
 
@@ -70,7 +72,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     points = list(MetricPoint.objects.filter(job=job).order_by("-step", "kind")[:30])
     logs = reversed(JobLog.objects.filter(job=job).order_by("-id")[:LOG_TAIL])
     return render(request, "training/job_detail.html", {
-        "job": job, "points": points, "logs": logs, "status_line": job.status_line,
+        "job": job, "points": points, "logs": logs, "status_line": job.status_line, "chain": job.chain(),
         "hyperparameters": job.labelled_hyperparameters(),
         "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe(),
         "merged_size": format_bytes(job.merged_bytes) if job.merged_bytes is not None else ""})

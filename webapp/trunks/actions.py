@@ -5,20 +5,22 @@
 - drain / end the drain: a draining trunk takes no new sessions (no new job or generation picks
   it); its running jobs go on, and the page says when it is empty;
 - move jobs: each running job checkpoints after its current step and continues on another
-  healthy trunk of its model (the worker does the move, as it does for a lost trunk).
+  healthy trunk of its model (the worker does the move, as it does for a lost trunk); a job on a
+  chain of trunks gets another trunk in that link's place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.db.models import Q
 from django.utils import timezone
 
-from ..training import events
+from ..training import events, placement
 from ..training.models import Job
 from .health import check_trunk
 from .models import TrunkServer
-from .selection import NoTrunkAvailable, pick_trunk
+from .selection import NoTrunkAvailable, Placement
 
 
 @dataclass(frozen=True)
@@ -69,19 +71,19 @@ def end_drain(trunk: TrunkServer) -> Outcome:
 
 
 def move_jobs(trunk: TrunkServer) -> Outcome:
-    """Ask each running job on ``trunk`` to move, when another healthy trunk can take it now."""
+    """Ask each running job on ``trunk`` to move, when another healthy trunk can take it now (for a job on a
+    chain of trunks: another trunk in that link's place, or else another placement of the whole job)."""
     moving, staying = [], []
     for job in _running(trunk):
         try:
-            target = pick_trunk(job.base_model, (job.bottom_layers, job.top_layers), needs=job.session_needs(),
-                                exclude=(trunk.pk,))
+            target = placement.move_off(job, trunk.pk)
         except NoTrunkAvailable as error:
             staying.append(f"job {job.pk} ({job.display_name}) stays: {error}")
             continue
         if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING).update(move_from=trunk):
             job.move_from = trunk
             events.publish_status(job)  # its page says it is moving
-            moving.append(f"job {job.pk} ({job.display_name}) to {target.name}")
+            moving.append(f"job {job.pk} ({job.display_name}) to {_destination(job, trunk, target)}")
     if not moving and not staying:
         return Outcome(f"No job runs on trunk {trunk.name}: nothing to move.", ok=False)
     parts = []
@@ -92,8 +94,23 @@ def move_jobs(trunk: TrunkServer) -> Outcome:
     return Outcome(" ".join(parts), ok=not staying)
 
 
+def _destination(job: Job, trunk: TrunkServer, target: Placement) -> str:
+    """Where a job moving off ``trunk`` goes: "b" for a job on one trunk; for a chain, the trunk that takes
+    the link's place ("c in place of link 2") or the new placement."""
+    links = job.chain()
+    if not target.is_chain:
+        return target.links[0].trunk.name
+    kept = [link.trunk_id for link in links]
+    if len(links) == len(target.links) and [t.pk for t in target.trunks if t.pk in kept] == \
+            [pk for pk in kept if pk != trunk.pk]:
+        position = kept.index(trunk.pk)
+        return f"{target.links[position].trunk.name} in place of link {position + 1} of its chain"
+    return f"a chain of {len(target.links)} trunk servers ({target.describe()})"
+
+
 def _running(trunk: TrunkServer):
-    return Job.objects.filter(status=Job.Status.RUNNING, trunk=trunk)
+    """Running jobs with ``trunk`` as their trunk or as a link of their chain."""
+    return Job.objects.filter(Q(trunk=trunk) | Q(links__trunk=trunk), status=Job.Status.RUNNING).distinct()
 
 
 ACTIONS = {"check": check, "enable": enable, "disable": disable, "drain": drain, "end-drain": end_drain,

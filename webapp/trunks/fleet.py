@@ -1,4 +1,5 @@
-"""The fleet page's data: one row per trunk with its state, jobs and last hour of health samples.
+"""The fleet page's data: one row per trunk with its state, jobs and last hour of health samples, and the
+running jobs on chains of trunks (each link's trunk, blocks and state).
 
 ``snapshot()`` builds every row from the database; the page renders it once and the ``/ws/fleet/``
 socket sends a new one whenever something a row shows changes (``publish``): after each round of
@@ -9,14 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db.models import Prefetch
 from django.urls import reverse
 from django.utils import timezone
 
-from ..training.models import Job
+from ..training.models import Job, JobLink
 from .models import HealthSample, TrunkServer
 
 log = logging.getLogger(__name__)
@@ -27,20 +30,46 @@ CHART_WINDOW_S = 3600
 
 
 def snapshot() -> dict:
-    """Every trunk's row, and the server's clock (the page shows how old each check is)."""
+    """Every trunk's row, the running jobs on chains of trunks, and the server's clock (the page shows how old
+    each check is)."""
     now = timezone.now()
     trunks = list(TrunkServer.objects.all())
-    running = defaultdict(list)
-    for job in Job.objects.filter(status=Job.Status.RUNNING, trunk__isnull=False).select_related("owner"):
-        running[job.trunk_id].append(job)
+    running: dict[int, list[RunningJob]] = defaultdict(list)
+    chains = []
+    for job in Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").prefetch_related(
+            Prefetch("links", queryset=JobLink.objects.select_related("trunk").order_by("position"))):
+        links = list(job.links.all())
+        if not links and job.trunk_id is not None:  # connected before links were recorded
+            running[job.trunk_id].append(RunningJob(job))
+        for link in links:
+            if link.trunk_id is not None:
+                running[link.trunk_id].append(RunningJob(job, link, len(links)))
+        if len(links) > 1:
+            chains.append(chain_entry(job, links))
     samples = defaultdict(list)
     for sample in HealthSample.objects.filter(checked_at__gte=now - timedelta(seconds=CHART_WINDOW_S)):
         samples[sample.trunk_id].append(sample)
-    return {"type": "fleet", "server_time": now.isoformat(),
+    return {"type": "fleet", "server_time": now.isoformat(), "chains": chains,
             "rows": [trunk_row(trunk, running[trunk.pk], samples[trunk.pk]) for trunk in trunks]}
 
 
-def trunk_row(trunk: TrunkServer, jobs: list[Job], samples: list[HealthSample]) -> dict:
+@dataclass(frozen=True)
+class RunningJob:
+    """A running job on a trunk: as link ``link.number`` of a chain of ``links`` trunks, or alone (``links`` 1)."""
+
+    job: Job
+    link: JobLink | None = None
+    links: int = 1
+
+
+def chain_entry(job: Job, links: list[JobLink]) -> dict:
+    """A running job on a chain of trunks: the job, and each link's trunk, blocks and state."""
+    return {**job_entry(RunningJob(job, links=len(links))),
+            "links": [{"number": link.number, "trunk": link.trunk_name, "trunk_id": link.trunk_id,
+                       "blocks": link.blocks, "state": link.state} for link in links]}
+
+
+def trunk_row(trunk: TrunkServer, jobs: list[RunningJob], samples: list[HealthSample]) -> dict:
     series = chart_series(samples)
     return {
         "id": trunk.pk, "name": trunk.name, "address": trunk.address, "status": trunk.fleet_status,
@@ -59,7 +88,7 @@ def trunk_row(trunk: TrunkServer, jobs: list[Job], samples: list[HealthSample]) 
     }
 
 
-def available_actions(trunk: TrunkServer, jobs: list[Job]) -> list[str]:
+def available_actions(trunk: TrunkServer, jobs: list) -> list[str]:
     """The fleet page's buttons that apply to the trunk now (see actions.py)."""
     return ["check", "disable" if trunk.enabled else "enable", "end-drain" if trunk.draining else "drain",
             *(["move-jobs"] if jobs else [])]
@@ -70,13 +99,19 @@ def empty_row() -> dict:
     return trunk_row(TrunkServer(pk=0, name="", address="", enabled=True), [], [])
 
 
-def job_entry(job: Job) -> dict:
+def job_entry(running: RunningJob | Job) -> dict:
+    """A job in a trunk's row; ``link``: "link 2 of 3" when the trunk is one link of the job's chain ("" alone)."""
+    if isinstance(running, Job):
+        running = RunningJob(running)
+    job, link = running.job, running.link
     return {"id": job.pk, "name": job.display_name, "owner": job.owner.get_username(),
             "model": job.base_model, "status_line": job.status_line,
+            "link": f"link {link.number} of {running.links}, {link.blocks}".rstrip(", ")
+            if link is not None and running.links > 1 else "",
             "url": reverse("admin:training_job_change", args=[job.pk])}
 
 
-def is_empty(trunk: TrunkServer, jobs: list[Job]) -> bool:
+def is_empty(trunk: TrunkServer, jobs: list) -> bool:
     """No job runs on it and its last check counted no session: a drained trunk can be stopped."""
     return not jobs and not trunk.active_sessions
 

@@ -16,6 +16,11 @@ BUDGET_FIELDS = ("max_lora_rank", "max_micro_batches", "max_tokens_per_request",
                  "max_saved_graphs")
 
 
+def blocks_words(layers: range) -> str:
+    """"block 3" or "blocks 1-2": a range of decoder blocks as the pages and logs write it."""
+    return f"block {layers.start}" if len(layers) == 1 else f"blocks {layers.start}-{layers.stop - 1}"
+
+
 class TrunkServer(models.Model):
     class Status(models.TextChoices):
         UNKNOWN = "unknown", "unknown"
@@ -134,12 +139,9 @@ class TrunkServer(models.Model):
         machine (None: this trunk's default), or "" when it can."""
         if n_bottom is None and n_top is None:
             return ""  # every trunk serves its own default cut
-        if self.num_layers is None or self.trunk_start is None or self.trunk_end is None:
+        bounds = self.bounds
+        if bounds is None:
             return "its last health check did not report its layers; run 'Check now' in the admin"
-        # A trunk from before per-session ranges reports no bounds: it serves its default cut only.
-        bounds = CutBounds(num_layers=self.num_layers, default=range(self.trunk_start, self.trunk_end),
-                           lowest=self.min_trunk_start or self.trunk_start,
-                           highest=self.max_trunk_end or self.trunk_end)
         try:
             spec = bounds.split(n_bottom, n_top)
         except ValueError as exc:
@@ -151,11 +153,42 @@ class TrunkServer(models.Model):
     def allows_cut(self, n_bottom: int | None, n_top: int | None) -> bool:
         return not self.cut_problem(n_bottom, n_top)
 
+    @property
+    def bounds(self) -> CutBounds | None:
+        """The cuts this trunk allows as its last check recorded them (None: it reported no layers)."""
+        if self.num_layers is None or self.trunk_start is None or self.trunk_end is None:
+            return None
+        # A trunk from before per-session ranges reports no bounds: it serves its default cut only.
+        return CutBounds(num_layers=self.num_layers, default=range(self.trunk_start, self.trunk_end),
+                         lowest=self.min_trunk_start or self.trunk_start,
+                         highest=self.max_trunk_end or self.trunk_end)
+
+    def layers_for(self, n_bottom: int | None, n_top: int | None) -> range | None:
+        """The blocks this trunk runs for a job that keeps ``n_bottom``/``n_top`` blocks on the data owner's
+        machine (None: this trunk's default), or None when its last check reported no layers or the cut
+        leaves a part without a block."""
+        bounds = self.bounds
+        if bounds is None:
+            return None
+        try:
+            return bounds.split(n_bottom, n_top).trunk_layers
+        except ValueError:
+            return None
+
+    @property
+    def served_blocks(self) -> str:
+        """The blocks a session may run here, in words: "blocks 1-2 of 6" ("" when not reported)."""
+        bounds = self.bounds
+        if bounds is None:
+            return ""
+        return f"{blocks_words(range(bounds.lowest, bounds.highest))} of {bounds.num_layers}"
+
     def client(self, wire_encoding: str = "fp32", timeout_s: float = 120.0,
                retry: RetryPolicy = RetryPolicy()) -> TrunkClient:
         root = self.tls_ca_certificate.encode() if self.use_tls and self.tls_ca_certificate.strip() else None
+        # Named after this record, so a TrunkError says which trunk (which link of a chain) failed.
         return TrunkClient(self.address, self.token, wire_encoding=wire_encoding, timeout_s=timeout_s, retry=retry,
-                           root_certificates=root, use_tls=self.use_tls)
+                           root_certificates=root, use_tls=self.use_tls, name=self.name)
 
 
 class HealthSample(models.Model):
