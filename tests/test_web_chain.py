@@ -2,8 +2,9 @@
 
 Placement runs on trunk records as their checks would fill them in. The end-to-end tests start
 real trunk processes that each serve some blocks of the tiny llama (``--layers``), register and
-check them, and send a job through the API to the session's real Celery worker; one of them kills
-a link mid-job and checks the job finishes on a replacement as if nothing happened.
+check them, and send a job through the API to the session's real Celery worker, then ask its adapter
+in the playground; one of them kills a link mid-job and checks the job finishes on a replacement as
+if nothing happened.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from peft import PeftModel
 from rest_framework.test import APIClient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_web_playground import PROMPT, local_answer, wait_for_generations
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
 from splitcore.remote.process import start_trunk
 from splitcore.remote.trunk import SessionNeeds
+from webapp.playground.models import Generation
 from webapp.training import events, placement
 from webapp.training.forms import placement_note
 from webapp.training.models import Job, JobLink, JobLog, MetricPoint
@@ -267,7 +270,9 @@ ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} f
 JOB = {"base_model": TINY_MODEL_ID, "max_steps": 10, "batch_size": 2, "grad_accum_steps": 2, "max_seq_length": 32,
        "learning_rate": 0.02, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "val_fraction": 0.2, "seed": 5,
        "bottom_layers": 1, "top_layers": 1, "train_trunk_lora": True}
-FAULT_STEPS = 16  # long enough that the fault hits mid-job
+# The jobs a fault hits mid-job: no validation, so a step is quick, and enough of them to be hit mid-job.
+FAULT_STEPS = 10
+FAULT_JOB = {"max_steps": FAULT_STEPS, "val_fraction": 0.0}
 
 
 def link_process(web_dirs, tmp_path, layers: str):
@@ -350,6 +355,18 @@ def test_a_job_runs_on_a_chain_of_two_trunks_end_to_end(owner, client, chain, ce
     # Both trunks closed the job's sessions.
     assert check_trunk(a).active_sessions == 0 and check_trunk(b).active_sessions == 0
 
+    # The playground asks the job's adapter at the job's cut, which only the chain serves (the bare base model
+    # goes to one trunk at its default cut): both answer as the unsplit model does.
+    response = client.post("/playground/", {"job": job.pk, "base_model": TINY_MODEL_ID, "prompt": PROMPT,
+                                            "max_new_tokens": 8, "temperature": 0, "seed": 0})
+    assert response.status_code == 302, response.content.decode()[-3000:]
+    base, adapted = wait_for_generations(list(Generation.objects.order_by("id").values_list("pk", flat=True)),
+                                         celery_worker)
+    assert base.status == adapted.status == "succeeded", (base.error_message, adapted.error_message)
+    assert (adapted.output, adapted.token_count) == local_answer(PROMPT, False, 8, job.adapter_dir)
+    assert (base.output, base.token_count) == local_answer(PROMPT, False, 8)
+    assert check_trunk(a).active_sessions == 0 and check_trunk(b).active_sessions == 0
+
 
 def web_dir_model():
     from django.conf import settings
@@ -364,10 +381,10 @@ def test_a_lost_link_is_replaced_and_the_job_goes_on_as_an_uninterrupted_run(own
     spare_process = link_process(web_dirs, tmp_path, "3-4")
     try:
         a, b = register("chain-a", first), register("chain-b", second)
-        reference = wait_for_job(submit(owner, max_steps=FAULT_STEPS), worker=celery_worker)
+        reference = wait_for_job(submit(owner, **FAULT_JOB), worker=celery_worker)
         assert reference.status == "succeeded", f"{reference.error_message}\n{log_text(reference)}"
 
-        job_id = submit(owner, reference.dataset_id, max_steps=FAULT_STEPS)
+        job_id = submit(owner, reference.dataset_id, **FAULT_JOB)
         # Mid-job, past its first checkpoint: the second link is held while its replacement is registered,
         # then killed, so the step in flight is lost with it.
         job = wait_for_job(job_id, condition=lambda j: j.current_step >= 3 or j.is_finished, worker=celery_worker)
@@ -398,5 +415,41 @@ def test_a_lost_link_is_replaced_and_the_job_goes_on_as_an_uninterrupted_run(own
         for name, tensor in load_file(job.adapter_dir / "adapter_model.safetensors").items():
             expected = load_file(reference.adapter_dir / "adapter_model.safetensors")[name]
             torch.testing.assert_close(tensor, expected, atol=1e-4, rtol=0, msg=name)
+    finally:
+        spare_process.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_moving_a_job_off_one_link_replaces_only_that_link(owner, chain, celery_worker, web_dirs, tmp_path):
+    first, second = chain
+    spare_process = link_process(web_dirs, tmp_path, "1-2")
+    try:
+        a, b = register("chain-a", first), register("chain-b", second)
+        job_id = submit(owner, **FAULT_JOB)
+        job = wait_for_job(job_id, condition=lambda j: j.current_step >= 3 or j.is_finished, worker=celery_worker)
+        # The first link is held while staff press "Move jobs" on it: the step in flight is the last one there.
+        first.process.send_signal(signal.SIGSTOP)
+        spare = register("chain-a-spare", spare_process)
+        try:
+            outcome = actions.move_jobs(a)
+        finally:
+            first.process.send_signal(signal.SIGCONT)
+        assert outcome.ok, outcome.message
+        assert "to chain-a-spare in place of link 1 of its chain" in outcome.message
+
+        job = wait_for_job(job_id, worker=celery_worker)
+        assert job.status == "succeeded", f"{job.error_message}\n{log_text(job)}"
+        text = log_text(job)
+        assert ("moving off the trunk server chain-a (link 1 of the chain, blocks 1-2) as an administrator asked; "
+                "continuing from the checkpoint of step") in text
+        assert ("connected to a chain of 2 trunk servers: link 1 chain-a-spare blocks 1-2, link 2 chain-b blocks 3-4"
+                in text.split("moving off")[1])
+        assert [(link.trunk, link.first_block, link.last_block) for link in job.chain()] == [(spare, 1, 2),
+                                                                                           (b, 3, 4)]
+        assert job.move_from is None and job.trunk == spare
+        steps = list(MetricPoint.objects.filter(job=job, kind="train").values_list("step", flat=True))
+        assert steps == list(range(1, FAULT_STEPS + 1)), "every step once"
+        assert adapter_blocks(job) == {0, 1, 2, 3, 4, 5}
+        assert check_trunk(a).active_sessions == 0, "the link it left closed the job's session"
     finally:
         spare_process.stop()
