@@ -28,6 +28,7 @@ from splitcore.remote.process import start_trunk
 from splitcore.remote.trunk import SessionNeeds
 from webapp.playground.models import Generation
 from webapp.training import events, placement
+from webapp.training.adapter_package import model_card, training_args
 from webapp.training.forms import placement_note
 from webapp.training.models import Job, JobLink, JobLog, MetricPoint
 from webapp.trunks import actions, fleet
@@ -112,6 +113,9 @@ def test_ranges_that_overlap_form_no_chain_and_the_message_says_so():
     serving("b", 2, 4)
     with pytest.raises(NoTrunkAvailable, match="do not meet end to end"):
         place(MODEL, (1, 1))
+    with pytest.raises(NoTrunkAvailable) as refused:
+        place(MODEL, (3, 3))  # no block left for a trunk: the cut's own problem, no word of chains
+    assert "nor does a chain" not in str(refused.value) and "leaves no layer" in str(refused.value)
 
 
 @pytest.mark.django_db
@@ -163,6 +167,23 @@ def test_the_job_form_explains_when_the_job_will_run_on_a_chain():
         "states the blocks before the trunk send.")
     serving("whole", 1, 4)
     assert placement_note(MODEL, (1, 1)) == ""
+
+
+@pytest.mark.django_db
+def test_the_new_job_page_says_when_the_cut_in_the_form_needs_a_chain(owner, client, web_dirs):
+    serving("a", 1, 2, model_id=TINY_MODEL_ID)
+    serving("b", 3, 4, model_id=TINY_MODEL_ID)
+    client.force_login(owner)
+    page = client.post(reverse("training:job-new"), {"base_model": TINY_MODEL_ID, "bottom_layers": 1,
+                                                     "top_layers": 1}).content.decode()
+    note = placement_note(TINY_MODEL_ID, (1, 1))
+    assert note.startswith(f"No single trunk serves blocks 1-4 of {TINY_MODEL_ID}; the job will run on a chain of 2")
+    assert f'<p id="chain-note" class="chain-note" aria-live="polite">{note}</p>' in page
+    data = re.search(r'<script id="job-chain-notes" type="application/json">(.*?)</script>', page).group(1)
+    assert json.loads(data) == {"cut": [1, 1], "notes": {TINY_MODEL_ID: note}}
+    page = client.get(reverse("training:job-new")).content.decode()
+    assert '<p id="chain-note" class="chain-note" aria-live="polite" hidden></p>' in page, \
+        "at the trunks' default cut one trunk serves the job"
 
 
 # ------------------------------------------------------------------ a job's links: kept, replaced, moved, shown
@@ -347,11 +368,22 @@ def test_a_job_runs_on_a_chain_of_two_trunks_end_to_end(owner, client, chain, ce
         adapted = PeftModel.from_pretrained(base, job.adapter_dir).eval()(ids).logits
     assert (adapted - before).abs().max().item() > 1e-3
 
+    card = model_card(job)
+    assert "a chain of 2 trunk servers (chain-a blocks 1-2, chain-b blocks 3-4) ran the middle blocks" in card
+    assert "The attacks on hidden states play the first link, chain-a (blocks 1-2)" in card
+    assert training_args(job)["trunk_links"] == [{"trunk": "chain-a", "first_block": 1, "last_block": 2},
+                                                 {"trunk": "chain-b", "first_block": 3, "last_block": 4}]
+    api = APIClient()
+    api.force_authenticate(owner)
+    assert api.get(f"/api/jobs/{job.pk}/").json()["links"] == [
+        {"number": 1, "trunk": "chain-a", "blocks": "blocks 1-2", "state": "up"},
+        {"number": 2, "trunk": "chain-b", "blocks": "blocks 3-4", "state": "up"}]
     client.force_login(owner)
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert "a chain of 2 trunk servers" in page
     assert "link 1: <strong>chain-a</strong>" in page and "link 2: <strong>chain-b</strong>" in page
     assert "blocks 1-2" in page and "blocks 3-4" in page
+    assert '<p class="muted" data-role="chain-audit">This job runs on a chain of 2 trunk servers.' in page
     # Both trunks closed the job's sessions.
     assert check_trunk(a).active_sessions == 0 and check_trunk(b).active_sessions == 0
 

@@ -34,10 +34,22 @@ def training_args(job: Job) -> dict:
         "total_steps": job.total_steps,
         "trunk": job.trunk.name if job.trunk else None,
         "trunk_layers": job.trunk.layer_range if job.trunk else None,
+        # Every trunk the job ran on, in block order (more than one: a chain of trunks).
+        "trunk_links": [{"trunk": link.trunk_name, "first_block": link.first_block, "last_block": link.last_block}
+                        for link in job.chain()],
         "privacy_audit": job.privacy_audit,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
+
+
+def _trunk_words(job: Job) -> str:
+    """"a trunk server", or the chain of trunk servers the job ran on, link by link."""
+    links = job.chain()
+    if len(links) < 2:
+        return "a trunk server"
+    return (f"a chain of {len(links)} trunk servers ("
+            + ", ".join(f"{link.trunk_name} {link.blocks}".rstrip() for link in links) + ")")
 
 
 def metrics_csv(job: Job) -> str:
@@ -71,7 +83,7 @@ tags:
 # {job.display_name}: a {method.label} adapter for {job.base_model} (job {job.pk})
 
 Fine-tuned with split learning: the data owner's worker ran the embeddings, the first and
-the last decoder blocks and the LM head; a trunk server ran the middle blocks and saw only
+the last decoder blocks and the LM head; {_trunk_words(job)} ran the middle blocks and saw only
 hidden states and their gradients, which can still reveal much of the text (see Privacy).
 This is one ordinary PEFT {method.label} adapter (`peft_type` {PEFT_TYPES[method.method]}) for the whole model.
 

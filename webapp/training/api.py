@@ -22,7 +22,7 @@ class JobList(ListCreateAPIView):
     serializer_class = JobSerializer
 
     def get_queryset(self):
-        return owned(Job, self.request.user).select_related("trunk")
+        return owned(Job, self.request.user).select_related("trunk").with_links()
 
     def create(self, request: Request, *args, **kwargs) -> Response:
         if not hasattr(request.data, "get"):
@@ -44,7 +44,7 @@ class JobDetail(RetrieveAPIView):
     serializer_class = JobSerializer
 
     def get_queryset(self):
-        return owned(Job, self.request.user).select_related("trunk")
+        return owned(Job, self.request.user).select_related("trunk").with_links()
 
 
 def _state_action(action, request: Request, pk: int) -> Response:

@@ -52,6 +52,12 @@ def _scientific(number: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
+class JobQuerySet(models.QuerySet):
+    def with_links(self) -> JobQuerySet:
+        """Each job's links and their trunks in two more queries, for ``Job.chain()`` on many jobs."""
+        return self.prefetch_related(models.Prefetch("links", queryset=JobLink.objects.select_related("trunk")))
+
+
 class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "queued"
@@ -155,6 +161,8 @@ class Job(models.Model):
     merged_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
     merged_started_at = models.DateTimeField(null=True, blank=True, editable=False)
 
+    objects = JobQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at", "-id"]
 
@@ -223,7 +231,10 @@ class Job(models.Model):
         return self.phase[:1].upper() + self.phase[1:] + "…"
 
     def chain(self) -> list[JobLink]:
-        """The trunks the job runs (or ran) on, in block order; empty before it first connected."""
+        """The trunks the job runs (or ran) on, in block order; empty before it first connected. Reads
+        ``with_links()``'s prefetch when there is one."""
+        if "links" in getattr(self, "_prefetched_objects_cache", {}):
+            return sorted(self.links.all(), key=lambda link: link.position)
         return list(self.links.select_related("trunk").order_by("position"))
 
     @property

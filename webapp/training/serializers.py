@@ -1,17 +1,19 @@
 from rest_framework import serializers
 
+from .events import chain_entries
 from .models import Job, MetricPoint
 
 
 class JobSerializer(serializers.ModelSerializer):
     dataset = serializers.PrimaryKeyRelatedField(read_only=True)
     trunk = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    links = serializers.SerializerMethodField()
     adapter_url = serializers.SerializerMethodField()
     merged_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Job
-        fields = ["id", "name", "dataset", "dataset_name", "base_model", "chat_format", "trunk", "trunk_auto",
+        fields = ["id", "name", "dataset", "dataset_name", "base_model", "chat_format", "trunk", "links", "trunk_auto",
                   "adapter_method", "use_dora", "use_rslora", "lora_r", "lora_alpha", "lora_dropout",
                   "train_trunk_lora", "learning_rate", "epochs", "max_steps", "batch_size",
                   "grad_accum_steps", "max_seq_length", "warmup_steps", "lr_schedule", "seed", "val_fraction",
@@ -22,6 +24,10 @@ class JobSerializer(serializers.ModelSerializer):
                   "train_examples", "val_examples", "last_loss", "last_val_loss", "created_at", "started_at",
                   "finished_at", "adapter_url", "merged_status", "merged_bytes", "merged_error", "merged_url"]
         read_only_fields = fields
+
+    def get_links(self, job: Job) -> list[dict]:
+        """The trunks the job runs (or ran) on, in block order: one for a single trunk, one per link of a chain."""
+        return chain_entries(job)
 
     def get_adapter_url(self, job: Job) -> str | None:
         return f"/api/jobs/{job.pk}/adapter/" if job.has_adapter else None

@@ -15,7 +15,6 @@ from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db.models import Prefetch
 from django.urls import reverse
 from django.utils import timezone
 
@@ -36,9 +35,8 @@ def snapshot() -> dict:
     trunks = list(TrunkServer.objects.all())
     running: dict[int, list[RunningJob]] = defaultdict(list)
     chains = []
-    for job in Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").prefetch_related(
-            Prefetch("links", queryset=JobLink.objects.select_related("trunk").order_by("position"))):
-        links = list(job.links.all())
+    for job in Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").with_links():
+        links = job.chain()
         if not links and job.trunk_id is not None:  # connected before links were recorded
             running[job.trunk_id].append(RunningJob(job))
         for link in links:

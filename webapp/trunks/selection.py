@@ -133,14 +133,15 @@ def place(model_id: str, cut: Cut = (None, None), *, needs: SessionNeeds | None 
     chain = best_chain(candidates, cut, needs)
     if chain is not None:
         return chain
-    if best_chain(candidates, cut, None) is not None:  # the chains there are refuse these settings
+    if best_chain(candidates, cut, None) is not None:  # chains exist, but each has a link that refuses the settings
         refusals = "; ".join(f"{trunk.name} would refuse {'; '.join(trunk.budget_problems(needs).values())}"
                              for trunk in candidates if not trunk.allows_cut(*cut) and trunk.budget_problems(needs))
         raise NoTrunkAvailable(f"{refused_single}; a chain of healthy trunks serves this cut but takes these settings "
                                f"on no link ({refusals})") from None
     if any(trunk.allows_cut(*cut) for trunk in candidates):
         raise refused_single  # a trunk serves the cut: its budgets are the reason, as pick_trunk says
-    raise NoTrunkAvailable(f"{refused_single}; {why_no_chain(candidates, cut)}") from None
+    why = why_no_chain(candidates, cut)
+    raise NoTrunkAvailable(f"{refused_single}; {why}" if why else str(refused_single)) from None
 
 
 def best_chain(trunks: Sequence[TrunkServer], cut: Cut, needs: SessionNeeds | None) -> Placement | None:
@@ -179,12 +180,15 @@ def substitute(links: Sequence[TrunkServer | None], index: int, candidates: Sequ
 
 
 def why_no_chain(trunks: Sequence[TrunkServer], cut: Cut) -> str:
-    """Why ``trunks`` form no chain for ``cut``: the blocks none of them serves, or how their ranges fail to meet."""
+    """Why ``trunks`` form no chain for ``cut``: the blocks none of them serves, or how their ranges fail to meet
+    ("" when the cut leaves the trunk no block: the single trunk's reason says so)."""
     reasons = []
     for depth, group in sorted(_by_depth([trunk for trunk in trunks if trunk.bounds is not None]).items()):
         served = ", ".join(f"{trunk.name} {blocks_words(range(trunk.bounds.lowest, trunk.bounds.highest))}"
                            for trunk in sorted(group, key=lambda trunk: (trunk.bounds.lowest, trunk.name)))
         wanted = _wanted_blocks(group, cut, depth)
+        if not wanted:
+            continue
         missing = [block for block in wanted if not any(trunk.bounds.lowest <= block < trunk.bounds.highest
                                                          for trunk in group)]
         if missing:
@@ -193,7 +197,7 @@ def why_no_chain(trunks: Sequence[TrunkServer], cut: Cut) -> str:
             reasons.append(f"the healthy trunks that serve {blocks_words(wanted)} of {depth} do not meet end to end "
                            f"({served}); each link of a chain must begin at the block where the one before it ends")
     if not reasons:
-        return "no healthy trunk of this model reported its layers; run 'Check now' in the admin"
+        return ""
     return "nor does a chain of them: " + "; ".join(reasons)
 
 
