@@ -4,8 +4,8 @@ The same model, data, key and settings run split against one trunk server and ag
 trunk servers (``python -m trunk_server --layers A-B``, one process per link, the cut's trunk
 blocks shared out evenly in block order). Prints, per chain length:
 
-- the median step time (the first step of each run warms up and is left out) and its ratio to the
-  single trunk's: each extra link adds a Forward and a Backward hop per micro-batch (goal: at
+- the median step time (the first step of each run warms up and is left out), the lowest and
+  highest of the runs' own medians (the noise of the machine), and its ratio to the single trunk's: each extra link adds a Forward and a Backward hop per micro-batch (goal: at
   most 5% per extra link on loopback);
 - the bytes on the wire per optimizer step, per link (median): every link receives and returns
   hidden states of the same shape, so each link carries what a single trunk carries;
@@ -82,6 +82,7 @@ class ChainRuns:
     layers: list[range]
     trunks: list = field(default_factory=list)
     durations: list[float] = field(default_factory=list)  # seconds per step, warm-up steps left out
+    run_medians: list[float] = field(default_factory=list)  # each run's median step time
     link_bytes: list[list[int]] = field(default_factory=list)  # per step: bytes to and from each link
     losses: list[list[float]] = field(default_factory=list)  # per run: the loss of each step
 
@@ -123,8 +124,10 @@ def train_once(chain: ChainRuns, model_dir: Path, config: TrainConfig, data, sec
     finally:
         for client in clients:
             client.close()
-    elapsed = [0.0] + [s.elapsed_s for s in steps]
-    chain.durations += [b - a for a, b in zip(elapsed[1:], elapsed[2:])]  # the first step warms up
+    elapsed = [s.elapsed_s for s in steps]
+    durations = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step warms up
+    chain.durations += durations
+    chain.run_medians.append(statistics.median(durations))
     chain.link_bytes += [[b - a for a, b in zip(before, after)] for before, after in zip(readings, readings[1:])]
     chain.losses.append([s.loss for s in steps])
 
@@ -132,15 +135,16 @@ def train_once(chain: ChainRuns, model_dir: Path, config: TrainConfig, data, sec
 def print_table(chains: list[ChainRuns]) -> None:
     single = chains[0]
     reference = single.losses[0]
-    print(f"{'trunk':<11} {'blocks per link':<22} {'median step':>11} {'vs 1 trunk':>10} {'per extra link':>14} "
-          f"{'MiB/step per link':<24} {'max |Δloss|':>11}")
+    print(f"{'trunk':<11} {'blocks per link':<22} {'median step':>11} {'runs':>13} {'vs 1 trunk':>10} "
+          f"{'per extra link':>14} {'MiB/step per link':<24} {'max |Δloss|':>11}")
     for chain in chains:
         ratio = chain.median_step_s / single.median_step_s
         per_link = f"{(ratio - 1) / (chain.links - 1):+.1%}" if chain.links > 1 else "-"
         delta = max(abs(a - b) for run in chain.losses for a, b in zip(run, reference, strict=True))
         mib = ", ".join(f"{b / MIB:.2f}" for b in chain.bytes_per_step())
+        runs = f"{min(chain.run_medians):.3f}-{max(chain.run_medians):.3f}s"
         print(f"{chain.label():<11} {', '.join(blocks_text(r) for r in chain.layers):<22} "
-              f"{chain.median_step_s:>10.3f}s {ratio:>10.3f} {per_link:>14} {mib:<24} {delta:>11.2e}")
+              f"{chain.median_step_s:>10.3f}s {runs:>13} {ratio:>10.3f} {per_link:>14} {mib:<24} {delta:>11.2e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "within" if per_link <= GOAL_PER_EXTRA_LINK else "over"
         print(f"{chain.label()}: step time {ratio:.3f} x one trunk's, {per_link:+.1%} per extra link "
               f"({verdict} the goal of {GOAL_PER_EXTRA_LINK:.0%} per extra link)")
-    print(f"step times: median over {len(single.durations)} steps per chain length ({args.rounds} run(s) of "
-          f"{args.steps} steps, the first step of each left out); MiB/step: bytes to and from each link per optimizer "
-          "step (median); max |Δloss|: the largest difference of any step's loss from the single trunk's first run")
+    print(f"median step: over {len(single.durations)} steps per chain length ({args.rounds} run(s) of "
+          f"{args.steps} steps, the first step of each left out); runs: the lowest and highest of the runs' own "
+          "medians (how much the machine's speed moved); MiB/step: bytes to and from each link per optimizer step "
+          "(median); max |Δloss|: the largest difference of any step's loss from the single trunk's first run")
     return 0
 
 

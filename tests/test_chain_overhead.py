@@ -40,12 +40,12 @@ def test_the_benchmark_runs_chains_of_2_and_3_that_follow_the_single_trunk(tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("trunk "))
-    assert header.split() == ["trunk", "blocks", "per", "link", "median", "step", "vs", "1", "trunk", "per", "extra",
-                              "link", "MiB/step", "per", "link", "max", "|Δloss|"]
+    assert header.split() == ["trunk", "blocks", "per", "link", "median", "step", "runs", "vs", "1", "trunk", "per",
+                              "extra", "link", "MiB/step", "per", "link", "max", "|Δloss|"]
     rows = {}
     for line in lines[lines.index(header) + 1:lines.index(header) + 4]:
-        match = re.match(r"(1 trunk|chain of \d)\s+([\d\-, ]+?)\s+([\d.]+)s\s+([\d.]+)\s+(\S+)\s+([\d., ]+?)\s+(\S+)$",
-                         line)
+        match = re.match(r"(1 trunk|chain of \d)\s+([\d\-, ]+?)\s+([\d.]+)s\s+[\d.]+-[\d.]+s\s+([\d.]+)\s+(\S+)\s+"
+                         r"([\d., ]+?)\s+(\S+)$", line)
         assert match, line
         rows[match.group(1)] = match.groups()[1:]
     assert set(rows) == {"1 trunk", "chain of 2", "chain of 3"}
