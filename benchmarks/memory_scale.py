@@ -303,13 +303,33 @@ def _pack(block_bytes: Sequence[int], first: int, capacity: float) -> list[range
     return links
 
 
+def _balance(block_bytes: Sequence[int], first: int, capacity: float, links: int) -> list[range] | None:
+    """Blocks in order over ``links`` links, each taking blocks until it holds the average of what is left
+    (never above ``capacity``); None when that does not come out in ``links`` links."""
+    ranges, start, left = [], 0, sum(block_bytes)
+    for remaining in range(links, 0, -1):
+        if start == len(block_bytes):
+            return None
+        end, held = start, 0
+        while end < len(block_bytes) and held + block_bytes[end] <= capacity and (remaining == 1 or
+                                                                                 held < left / remaining):
+            held += block_bytes[end]
+            end += 1
+        if end == start:
+            return None
+        ranges.append(range(first + start, first + end))
+        start, left = end, left - held
+    return ranges if start == len(block_bytes) else None
+
+
 def plan_chain_links(block_bytes: Sequence[int], first: int, device_bytes: float) -> list[range]:
     """The links of a chain of trunks on devices of ``device_bytes``, for the blocks ``first`` to
     ``first + len(block_bytes) - 1`` (``block_bytes``: each block's weights in the trunk's dtype).
 
     The fewest links that hold the blocks in order with each link's weights within the allowance
     (``link_fits``), the blocks shared out so that the largest link is as small as that number of
-    links allows. The ranges are contiguous and meet end to end. ValueError when a block alone does
+    links allows, and the others as close to the average as the blocks' sizes allow. The ranges are
+    contiguous and meet end to end. ValueError when a block alone does
     not fit the device.
     """
     if not block_bytes:
@@ -327,7 +347,7 @@ def plan_chain_links(block_bytes: Sequence[int], first: int, device_bytes: float
             high = middle
         else:
             low = middle + 1
-    return _pack(block_bytes, first, low)
+    return _balance(block_bytes, first, low, links) or _pack(block_bytes, first, low)
 
 
 def chain_plan_report(results: list[dict], n_bottom: int, n_top: int, dtype: str, devices_gib: Sequence[float],
