@@ -34,17 +34,17 @@ def test_link_ranges_share_the_trunk_blocks_out_in_order():
 
 def test_the_benchmark_runs_chains_of_2_and_3_that_follow_the_single_trunk(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--steps", "2", "--rounds", "1", "--batch-size", "2",
+        [sys.executable, str(SCRIPT), "--tiny", "--steps", "3", "--batch-size", "2",
          "--seq-len", "16", "--bottom-layers", "1", "--top-layers", "1"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("trunk "))
-    assert header.split() == ["trunk", "blocks", "per", "link", "median", "step", "runs", "vs", "1", "trunk", "per",
-                              "extra", "link", "MiB/step", "per", "link", "max", "|Δloss|"]
+    assert header.split() == ["trunk", "blocks", "per", "link", "median", "step", "vs", "1", "trunk", "middle", "half",
+                              "per", "extra", "link", "MiB/step", "per", "link", "max", "|Δloss|"]
     rows = {}
     for line in lines[lines.index(header) + 1:lines.index(header) + 4]:
-        match = re.match(r"(1 trunk|chain of \d)\s+([\d\-, ]+?)\s+([\d.]+)s\s+[\d.]+-[\d.]+s\s+([\d.]+)\s+(\S+)\s+"
+        match = re.match(r"(1 trunk|chain of \d)\s+([\d\-, ]+?)\s+([\d.]+)s\s+([\d.]+)\s+[\d.]+-[\d.]+\s+(\S+)\s+"
                          r"([\d., ]+?)\s+(\S+)$", line)
         assert match, line
         rows[match.group(1)] = match.groups()[1:]
