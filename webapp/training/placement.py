@@ -53,7 +53,7 @@ def continue_on(job: Job, avoid: Collection[int] = ()) -> Placement:
             return replace(job, chain, leaving, exclude=set(avoid) | leaving)
         except NoTrunkAvailable:
             return chain
-    cut, needs = (job.bottom_layers, job.top_layers), job.session_needs()
+    cut, needs = resolved_cut(job), job.session_needs()
     try:
         return place(job.base_model, cut, needs=needs, exclude=avoid)
     except NoTrunkAvailable:

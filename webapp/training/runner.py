@@ -146,8 +146,13 @@ def _train(job: Job, lease: Lease) -> str | None:
             raise
         for connection, link in zip(connections, engine.links, strict=True):
             connection.layers = link.layers
-        placement.record(job, Placement(tuple(Link(connection.trunk, connection.layers)
-                                              for connection in connections)))
+        try:
+            _record_links(job, lease, Placement(tuple(Link(connection.trunk, connection.layers)
+                                                      for connection in connections)))
+        except LeaseLost:
+            engine.close()
+            _close(connections)
+            raise
         events.job_log(job, _describe_cut(engine, connections))
         if privacy.FIRST_STEP not in (job.privacy_audit or {}):
             set_phase(job, "measuring what the trunk could read (the leakage audit)")
@@ -299,7 +304,11 @@ def _connect(job: Job, wire_encoding: str, lease: Lease, leaving: int | None = N
             chosen = _choose(job, leaving, avoid)
             leaving = None
             connections = _open_clients(job, chosen, wire_encoding)
-            placement.record(job, chosen)
+            try:
+                _record_links(job, lease, chosen)
+            except LeaseLost:
+                _close(connections)
+                raise
             events.job_log(job, _connected(chosen))
             fleet.publish()
             return connections
@@ -335,6 +344,13 @@ def _open_clients(job: Job, chosen: Placement, wire_encoding: str) -> list[Conne
         _close(connections)
         raise
     return connections
+
+
+def _record_links(job: Job, lease: Lease, chosen: Placement) -> None:
+    """Record where the job runs, only while the job is ours (a worker taken for dead writes nothing)."""
+    if not lease.mine().exists():
+        raise LeaseLost(f"job {job.pk} was taken over by another worker")
+    placement.record(job, chosen)
 
 
 def _close(connections: list[Connection]) -> None:
