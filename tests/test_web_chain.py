@@ -204,13 +204,12 @@ def test_a_job_continues_on_its_links_and_replaces_only_the_one_it_lost(owner):
     a, b = serving("a", 1, 2), serving("b", 3, 4)
     job = chain_job(owner, [(a, 1, 2), (b, 3, 4)])
     serving("a-idle", 1, 2, latency=1.0)
-    serving("whole", 1, 4)  # one trunk could take the whole job, but only the lost link moves
+    whole = serving("whole", 1, 4)  # one trunk could take the whole job, but only the lost link moves
     assert chain_of(placement.continue_on(job)) == [("a", 1, 2), ("b", 3, 4)], "its own links while healthy"
     assert placement.resolved_cut(job) == (1, 1)
 
-    with pytest.raises(NoTrunkAvailable):
-        placement.replace(job, placement.recorded(job), {b.pk}, exclude={b.pk, *TrunkServer.objects.filter(
-            name="whole").values_list("pk", flat=True)})
+    with pytest.raises(NoTrunkAvailable):  # a-idle serves the first link's blocks, not the second's
+        placement.replace(job, placement.recorded(job), {b.pk}, exclude={b.pk, whole.pk})
     serving("b-spare", 3, 4, active=2)
     assert chain_of(placement.continue_on(job, avoid={b.pk})) == [("a", 1, 2), ("b-spare", 3, 4)]
     TrunkServer.objects.filter(pk=b.pk).update(status=DOWN)  # the next check found it down
