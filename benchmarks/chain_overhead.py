@@ -14,7 +14,8 @@ trunk's step of the same number. Prints, per chain length:
 - the bytes on the wire per optimizer step, per link (median): every link receives and returns
   hidden states of the same shape, so each link carries what a single trunk carries;
 - the largest loss difference from the single trunk's run over all steps (every link's LoRA starts
-  from the run's trunk seed, so a chain computes what one trunk computes: 0 expected).
+  from the run's trunk seed, so a chain computes what one trunk computes, up to float32 rounding:
+  the global gradient norm, for one, adds the links' squared norms rather than one trunk's sum).
 
 By default the model has the default model's shape (``benchmarks/default_model_config.json``,
 SmolLM2-135M-Instruct: 30 blocks, hidden 576) with random weights written to a temporary folder,

@@ -59,5 +59,5 @@ def test_the_benchmark_runs_chains_of_2_and_3_that_follow_the_single_trunk(tmp_p
         per_link_bytes = [float(b) for b in mib.split(",")]
         # Every link receives and returns hidden states of the same shape as a single trunk does.
         assert len(per_link_bytes) == links and all(b == pytest.approx(single_bytes, rel=0.05) for b in per_link_bytes)
-        assert float(delta) == 0.0  # a chain computes exactly what one trunk computes
+        assert float(delta) <= 1e-5  # a chain computes what one trunk computes, up to float32 rounding
     assert re.search(r"chain of 3: step time [\d.]+ x one trunk's, [+-][\d.]+% per extra link", result.stdout)
