@@ -83,23 +83,7 @@
       const note = document.createElement("span");
       note.className = "muted";
       note.textContent = ` (${chain.owner}) ${chain.status_line}`;
-      const links = document.createElement("ol");
-      links.className = "chain";
-      for (const entry of chain.links) {
-        const line = document.createElement("li");
-        line.dataset.link = String(entry.number);
-        const name = document.createElement("strong");
-        name.textContent = entry.trunk;
-        const blocks = document.createElement("span");
-        blocks.className = "muted";
-        blocks.textContent = entry.blocks;
-        const state = document.createElement("span");
-        state.className = `status status-${entry.state}`;
-        state.textContent = entry.state;
-        line.append(`link ${entry.number}: `, name, " ", blocks, " ", state);
-        links.appendChild(line);
-      }
-      item.append(link, note, links);
+      item.append(link, note, window.chainList(chain.links));
       list.appendChild(item);
     }
     section.hidden = !(chains && chains.length);

@@ -200,23 +200,8 @@
     const summary = document.createElement("span");
     summary.dataset.role = "chain-summary";
     summary.textContent = `a chain of ${links.length} trunk servers`;
-    const list = document.createElement("ol");
-    list.className = "chain";
+    const list = window.chainList(links);
     list.id = "job-chain";
-    links.forEach((link) => {
-      const item = document.createElement("li");
-      item.dataset.link = String(link.number);
-      const name = document.createElement("strong");
-      name.textContent = link.trunk;
-      const blocks = document.createElement("span");
-      blocks.className = "muted";
-      blocks.textContent = link.blocks;
-      const state = document.createElement("span");
-      state.className = `status status-${link.state}`;
-      state.textContent = link.state;
-      item.append(`link ${link.number}: `, name, " ", blocks, " ", state);
-      list.appendChild(item);
-    });
     $("fact-trunk").replaceChildren(summary, list);
   }
 
