@@ -94,7 +94,8 @@ class ChainPlan:
         return len(self.layers)
 
 
-def _blocks(layers: range) -> str:
+def blocks_words(layers: range) -> str:
+    """"block 3" or "blocks 1-2": a range of decoder blocks as errors, pages and logs write it."""
     return f"block {layers.start}" if len(layers) == 1 else f"blocks {layers.start}-{layers.stop - 1}"
 
 
@@ -122,11 +123,11 @@ def plan_chain(bounds: Sequence[CutBounds], n_bottom: int | None = None, n_top: 
                      n_bottom=first.default.start if n_bottom is None else n_bottom,
                      n_top=first.num_layers - last.default.stop if n_top is None else n_top)
     cut = spec.trunk_layers
-    served = ", ".join(f"{name} {_blocks(range(b.lowest, b.highest))}" for name, b in zip(names, bounds, strict=True))
+    served = ", ".join(f"{name} {blocks_words(range(b.lowest, b.highest))}" for name, b in zip(names, bounds, strict=True))
     if len(bounds) == 1:
         if not first.allows(cut):
-            raise ValueError(f"{names[0]} serves {_blocks(range(first.lowest, first.highest))} of "
-                             f"{first.num_layers}; this run sends it {_blocks(cut)} (keeping {spec.n_bottom} "
+            raise ValueError(f"{names[0]} serves {blocks_words(range(first.lowest, first.highest))} of "
+                             f"{first.num_layers}; this run sends it {blocks_words(cut)} (keeping {spec.n_bottom} "
                              f"before and {spec.n_top} after)")
         return ChainPlan(spec, (cut,))
     layers = []
@@ -134,20 +135,20 @@ def plan_chain(bounds: Sequence[CutBounds], n_bottom: int | None = None, n_top: 
     for index, (name, link) in enumerate(zip(names, bounds, strict=True)):
         own = range(max(link.lowest, cut.start), min(link.highest, cut.stop))
         if len(own) == 0:
-            raise ValueError(f"{name} serves {_blocks(range(link.lowest, link.highest))}, none of the trunk's "
-                             f"{_blocks(cut)} of this cut (the chain: {served})")
+            raise ValueError(f"{name} serves {blocks_words(range(link.lowest, link.highest))}, none of the trunk's "
+                             f"{blocks_words(cut)} of this cut (the chain: {served})")
         if own.start > position:
             after = f"after {names[index - 1]}" if index else "before the first link"
-            raise ValueError(f"a gap in the chain: no link serves {_blocks(range(position, own.start))} {after} "
-                             f"(the chain: {served}; the cut sends the trunk {_blocks(cut)})")
+            raise ValueError(f"a gap in the chain: no link serves {blocks_words(range(position, own.start))} {after} "
+                             f"(the chain: {served}; the cut sends the trunk {blocks_words(cut)})")
         if own.start < position:
             raise ValueError(f"an overlap in the chain: {names[index - 1]} and {name} both serve "
-                             f"{_blocks(range(own.start, position))} (the chain: {served}); each block runs on one "
+                             f"{blocks_words(range(own.start, position))} (the chain: {served}); each block runs on one "
                              "link")
         layers.append(own)
         position = own.stop
     if position < cut.stop:
-        raise ValueError(f"a gap in the chain: no link serves {_blocks(range(position, cut.stop))} after {names[-1]} "
-                         f"(the chain: {served}; the cut sends the trunk {_blocks(cut)}; keep them on this "
+        raise ValueError(f"a gap in the chain: no link serves {blocks_words(range(position, cut.stop))} after {names[-1]} "
+                         f"(the chain: {served}; the cut sends the trunk {blocks_words(cut)}; keep them on this "
                          f"machine with {spec.num_layers - position} blocks after the trunk, or add a link)")
     return ChainPlan(spec, tuple(layers))

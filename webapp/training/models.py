@@ -9,6 +9,7 @@ from django.db import models
 
 from splitcore import LoraSettings
 from splitcore.model.lora import ADAPTER_METHODS
+from splitcore.model.split_spec import blocks_words
 from splitcore.privacy import PrivacySettings
 from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
@@ -345,10 +346,7 @@ class JobLink(models.Model):
     @property
     def blocks(self) -> str:
         """"blocks 1-2" ("" when not known)."""
-        if self.layers is None:
-            return ""
-        return f"block {self.first_block}" if self.first_block == self.last_block else \
-            f"blocks {self.first_block}-{self.last_block}"
+        return blocks_words(self.layers) if self.layers is not None else ""
 
     @property
     def state(self) -> str:

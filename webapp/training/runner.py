@@ -20,6 +20,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from splitcore.data.formats import DatasetFormatError, parse_dataset
+from splitcore.model.split_spec import blocks_words
 from splitcore.privacy import ClientSecret
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.errors import Fault, TrunkError
@@ -38,7 +39,7 @@ from splitcore.training.checkpoints import read_checkpoint_state
 
 from .. import base_models
 from ..trunks import fleet
-from ..trunks.models import TrunkServer, blocks_words
+from ..trunks.models import TrunkServer
 from ..trunks.selection import Link, NoTrunkAvailable, Placement
 from . import events, placement, privacy
 from .lease import Lease, LeaseLost, claim

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from splitcore.model.split_spec import CutBounds
+from splitcore.model.split_spec import CutBounds, blocks_words
 from splitcore.remote.client import RetryPolicy, TrunkClient
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.trunk import SessionNeeds
@@ -14,11 +14,6 @@ from ..byte_sizes import format_bytes
 # The per-session budgets a trunk reports (the TrunkServer fields of the same names).
 BUDGET_FIELDS = ("max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens",
                  "max_saved_graphs")
-
-
-def blocks_words(layers: range) -> str:
-    """"block 3" or "blocks 1-2": a range of decoder blocks as the pages and logs write it."""
-    return f"block {layers.start}" if len(layers) == 1 else f"blocks {layers.start}-{layers.stop - 1}"
 
 
 class TrunkServer(models.Model):

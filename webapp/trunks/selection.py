@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from django.db.models import QuerySet
 
-from splitcore.model.split_spec import ChainPlan, CutBounds, plan_chain
+from splitcore.model.split_spec import ChainPlan, CutBounds, blocks_words, plan_chain
 from splitcore.remote.trunk import SessionNeeds
 from webapp.base_models import installed_models
 
-from .models import TrunkServer, blocks_words
+from .models import TrunkServer
 
 Cut = tuple[int | None, int | None]
 
