@@ -1,19 +1,27 @@
 """The measured price of each privacy setting (``benchmarks/privacy_tradeoff.py --save-measured``).
 
 The figures are for the default model and the demo dataset; the job form shows them before a
-job starts, next to the audit each job runs on its own data.
+job starts, next to the audit each job runs on its own data. Each setting's cut also splits the
+compute of a step between the user's workers and the trunk (``splitcore.model.compute_share``),
+counted from the measured model's config.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
+from splitcore.model.compute_share import DEFAULT_CONTEXT, ModelCompute, model_compute
+from splitcore.model.default_model import DEFAULT_MODEL_NAME
 from splitcore.privacy.settings import PrivacySettings
 
 MEASURED_PATH = Path(__file__).with_name("measured_tradeoff.json")
+# The config.json of the default model, kept with the benchmarks that build it with random weights.
+DEFAULT_MODEL_CONFIG_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "default_model_config.json"
 # The most validation loss a recommended setting may cost, relative to the undefended run.
 MAX_RECOMMENDED_COST = 0.02
 
@@ -26,6 +34,9 @@ class MeasuredPoint:
     n_top: int
     rates: dict  # attack name -> share of tokens read
     val_loss_change: float  # relative to the undefended run at the default cut
+    # The share of a step's matmul work on the user's workers at this cut (None: the model's config is unknown).
+    client_share: float | None = None
+    step_seconds: float | None = None  # the measured mean training step time, when the benchmark recorded it
 
     @property
     def worst_rate(self) -> float:
@@ -34,7 +45,17 @@ class MeasuredPoint:
     def to_dict(self) -> dict:
         return {"name": self.name, "privacy": self.privacy.to_dict(), "n_bottom": self.n_bottom,
                 "n_top": self.n_top, "rates": dict(self.rates), "worst_rate": self.worst_rate,
-                "val_loss_change": self.val_loss_change}
+                "val_loss_change": self.val_loss_change, "client_share": self.client_share,
+                "step_seconds": self.step_seconds}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What the rule chose, and what it would have chosen without the ceiling on the client's share when
+    the ceiling ruled that out (``excluded``; None when the ceiling changed nothing)."""
+
+    chosen: MeasuredPoint | None
+    excluded: MeasuredPoint | None = None
 
 
 @lru_cache(maxsize=1)
@@ -47,26 +68,68 @@ def measured_meta() -> dict:
     return dict(_measured()["meta"])
 
 
+def measured_model_config(meta: Mapping[str, Any]) -> dict | None:
+    """The config.json of the model the figures were measured on: the meta's own ``model_config`` when the
+    benchmark recorded one, else the default model's (``DEFAULT_MODEL_CONFIG_PATH``) when the meta names it;
+    None when neither is at hand."""
+    if isinstance(meta.get("model_config"), Mapping):
+        return dict(meta["model_config"])
+    if meta.get("model") == DEFAULT_MODEL_NAME and DEFAULT_MODEL_CONFIG_PATH.is_file():
+        return json.loads(DEFAULT_MODEL_CONFIG_PATH.read_text())
+    return None
+
+
+def measured_compute() -> ModelCompute | None:
+    """The matmul work per token of the measured model's blocks and LM head, at the sequence length the
+    settings were trained at (None: its config is unknown)."""
+    meta = measured_meta()
+    config = measured_model_config(meta)
+    if config is None:
+        return None
+    return model_compute(config, context=int(meta.get("seq_len") or DEFAULT_CONTEXT))
+
+
 def measured_points() -> tuple[MeasuredPoint, ...]:
     """Every measured setting, the undefended one first (empty when nothing was measured)."""
     rows = _measured()["rows"]
     if not rows:
         return ()
     base = rows[0]["val_loss"]
+    compute = measured_compute()
     return tuple(MeasuredPoint(name=row["name"], privacy=PrivacySettings.from_dict(row["privacy"]),
                                n_bottom=row["n_bottom"], n_top=row["n_top"], rates=dict(row["rates"]),
-                               val_loss_change=row["val_loss"] / base - 1) for row in rows)
+                               val_loss_change=row["val_loss"] / base - 1,
+                               client_share=compute.share(row["n_bottom"], row["n_top"]).client_share
+                               if compute else None,
+                               step_seconds=row.get("step_seconds")) for row in rows)
 
 
-def recommended_point() -> MeasuredPoint | None:
-    """The best compromise among the measured settings (None: nothing measured)."""
-    return recommend(measured_points())
+def recommended_point(max_client_share: float | None = None) -> MeasuredPoint | None:
+    """The best compromise among the measured settings (None: nothing measured, or nothing fits)."""
+    return recommend(measured_points(), max_client_share=max_client_share)
 
 
-def recommend(points: tuple[MeasuredPoint, ...]) -> MeasuredPoint | None:
-    """Of the settings that cost at most ``MAX_RECOMMENDED_COST`` validation loss, the one whose
-    best attack reads the fewest tokens; on a tie, the one whose next best attack reads fewer,
-    then the cheaper one."""
-    affordable = [p for p in points if p.val_loss_change <= MAX_RECOMMENDED_COST]
-    return min(affordable, key=lambda p: (sorted(p.rates.values(), reverse=True), p.val_loss_change),
-               default=None)
+def recommend(points: tuple[MeasuredPoint, ...], max_cost: float = MAX_RECOMMENDED_COST,
+              max_client_share: float | None = None) -> MeasuredPoint | None:
+    """Of the settings that cost at most ``max_cost`` validation loss and (given a ceiling) run at most
+    ``max_client_share`` of a step on the user's workers, the one whose best attack reads the fewest
+    tokens; on a tie, the one whose next best attack reads fewer, then the cheaper one. With a ceiling,
+    a setting whose share is unknown is left out: it cannot be shown to stay under it."""
+    return recommendation(points, max_cost=max_cost, max_client_share=max_client_share).chosen
+
+
+def recommendation(points: tuple[MeasuredPoint, ...], max_cost: float = MAX_RECOMMENDED_COST,
+                   max_client_share: float | None = None) -> Recommendation:
+    """``recommend``'s choice, with the setting the ceiling on the client's share ruled out (see Recommendation)."""
+    if max_client_share is not None and not 0 < max_client_share <= 1:
+        raise ValueError(f"max_client_share must be a share above 0 and at most 1, got {max_client_share!r}")
+    affordable = [p for p in points if p.val_loss_change <= max_cost]
+    unbounded = _best(affordable)
+    if max_client_share is None:
+        return Recommendation(chosen=unbounded)
+    chosen = _best([p for p in affordable if p.client_share is not None and p.client_share <= max_client_share])
+    return Recommendation(chosen=chosen, excluded=unbounded if unbounded is not chosen else None)
+
+
+def _best(points: list[MeasuredPoint]) -> MeasuredPoint | None:
+    return min(points, key=lambda p: (sorted(p.rates.values(), reverse=True), p.val_loss_change), default=None)
