@@ -209,6 +209,12 @@ GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
 MERGED_BUILD_TIMEOUT_S = env_float("MERGED_BUILD_TIMEOUT_S", 3600.0, minimum=10.0)
 # The leakage audit a worker runs on each job: examples of the job's data it attacks (0: no audit).
 PRIVACY_AUDIT_SAMPLE = env_int("PRIVACY_AUDIT_SAMPLE", 8, minimum=0)
+# The most of a step's compute (splitcore.model.compute_share) the setting the job form recommends may run on
+# this site's workers: a cut that keeps most of the model here defeats the point of lending a trunk.
+PRIVACY_MAX_CLIENT_SHARE = env_float("PRIVACY_MAX_CLIENT_SHARE", 0.35)
+if not 0 < PRIVACY_MAX_CLIENT_SHARE <= 1:
+    raise ImproperlyConfigured(f"PRIVACY_MAX_CLIENT_SHARE={PRIVACY_MAX_CLIENT_SHARE} must be a share of a step above "
+                               "0 and at most 1 (e.g. 0.35)")
 if JOB_STALE_AFTER_S <= 2 * JOB_HEARTBEAT_S:
     raise ImproperlyConfigured(f"JOB_STALE_AFTER_S ({JOB_STALE_AFTER_S}) must be more than twice "
                                f"JOB_HEARTBEAT_S ({JOB_HEARTBEAT_S}), or live jobs would be taken as dead")
