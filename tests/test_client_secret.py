@@ -1,62 +1,27 @@
-"""The run's seed stays with the data owner: what a real trunk server receives, captured on the wire."""
+"""The run's seed stays with the data owner, and each run has a key of its own: what a real trunk server
+receives, captured on the wire by a recording proxy in front of it."""
 
 from __future__ import annotations
 
 import json
-from concurrent import futures
 
-import grpc
 import pytest
+import torch
+from recording_proxy import start_proxy
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings
+from splitcore.cli.main import main
 from splitcore.data.formats import load_dataset_file
 from splitcore.privacy import ClientSecret, PrivacySettings
 from splitcore.remote.client import TrunkClient
-from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.training import SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
+from splitcore.training.checkpoints import read_checkpoint_state
 
 SEED = 86753090
-SERVICE = "/splitlearn.trunk.v1.Trunk/"
-# How each RPC is called, and the request message it carries.
-METHODS = {
-    "Info": ("unary_unary", pb.InfoRequest), "OpenSession": ("unary_unary", pb.OpenSessionRequest),
-    "Forward": ("stream_stream", pb.ForwardRequest), "Backward": ("stream_stream", pb.BackwardRequest),
-    "Step": ("unary_unary", pb.StepRequest), "ExportState": ("unary_stream", pb.ExportStateRequest),
-    "ImportState": ("stream_unary", pb.ImportStateRequest), "CloseSession": ("unary_unary", pb.CloseSessionRequest),
-}
-
-
-class RecordingProxy(grpc.GenericRpcHandler):
-    """Forwards every call's bytes to the trunk unchanged and keeps each request message it relays."""
-
-    def __init__(self, upstream: str) -> None:
-        self.channel = grpc.insecure_channel(upstream)
-        self.requests: list[tuple[str, bytes]] = []
-
-    def service(self, details):
-        name = details.method.removeprefix(SERVICE)
-        kind, _ = METHODS[name]
-        upstream = getattr(self.channel, kind)(details.method)
-
-        def record(payload: bytes) -> bytes:
-            self.requests.append((name, payload))
-            return payload
-
-        def metadata(context):
-            return tuple((k, v) for k, v in context.invocation_metadata() if k == "authorization")
-
-        if kind == "unary_unary":
-            return grpc.unary_unary_rpc_method_handler(lambda r, c: upstream(record(r), metadata=metadata(c)))
-        if kind == "unary_stream":
-            return grpc.unary_stream_rpc_method_handler(lambda r, c: upstream(record(r), metadata=metadata(c)))
-        if kind == "stream_unary":
-            return grpc.stream_unary_rpc_method_handler(
-                lambda rs, c: upstream((record(r) for r in rs), metadata=metadata(c)))
-        return grpc.stream_stream_rpc_method_handler(
-            lambda rs, c: upstream((record(r) for r in rs), metadata=metadata(c)))
 
 
 def integers_in(message) -> list[int]:
@@ -75,13 +40,9 @@ def integers_in(message) -> list[int]:
 @pytest.fixture
 def proxied_trunk(tiny_dirs, tmp_path):
     trunk = start_trunk(tiny_dirs["llama"], tmp_path)
-    proxy = RecordingProxy(trunk.address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[proxy])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield proxy, f"127.0.0.1:{port}", trunk.token
-    server.stop(None)
-    proxy.channel.close()
+    proxy = start_proxy(trunk.address)
+    yield proxy.proxy, proxy.address, trunk.token
+    proxy.stop()
     trunk.stop()
 
 
@@ -110,7 +71,8 @@ def test_the_trunk_never_receives_the_run_seed(tiny_dirs, proxied_trunk, tmp_pat
     secret = ClientSecret.generate()
     train_two_steps(tiny_dirs, address, token, secret, tmp_path)
 
-    parsed = [(name, METHODS[name][1].FromString(payload)) for name, payload in proxy.requests]
+    parsed = [(name, message) for name in ("Info", "OpenSession", "Forward", "Backward", "Step", "ExportState",
+                                           "ImportState", "CloseSession") for message in proxy.calls(name)]
     names = {name for name, _ in parsed}
     assert {"OpenSession", "Forward", "Backward", "Step", "ExportState"} <= names
     received = [value for _, message in parsed for value in integers_in(message)]
@@ -153,3 +115,94 @@ def test_a_secret_is_never_printed():
     assert bytes(range(32)).hex() not in repr(secret) and bytes(range(32)).hex() not in str(secret)
     with pytest.raises(ValueError, match="at least 16 bytes"):
         ClientSecret(b"short")
+
+
+def test_a_nonce_makes_a_key_of_its_own_and_the_same_nonce_the_same_key():
+    key = ClientSecret(bytes(range(32)))
+    nonce = bytes(range(16))
+    run = key.with_nonce(nonce)
+    assert run.derive("purpose", 1, 2) == key.with_nonce(nonce).derive("purpose", 1, 2)
+    assert run.trunk_seed(SEED) == key.with_nonce(nonce).trunk_seed(SEED)
+    other = key.with_nonce(bytes(range(1, 17)))
+    assert len({key.trunk_seed(SEED), run.trunk_seed(SEED), other.trunk_seed(SEED)}) == 3
+    assert len({key.fingerprint(), run.fingerprint(), other.fingerprint()}) == 3
+    assert run.resume_record() == {"client_secret": run.fingerprint(), "client_nonce": nonce.hex()}
+    assert key.resume_record() == {"client_secret": key.fingerprint()}, "a key without a nonce records none"
+    assert ClientSecret.fresh_nonce() != ClientSecret.fresh_nonce()
+    with pytest.raises(ValueError, match="already has a run's nonce"):
+        run.with_nonce(nonce)
+    with pytest.raises(ValueError, match="at least 8 bytes"):
+        key.with_nonce(b"1234")
+
+
+def cli_train(tiny_dirs, address, token, key_file, out, *extra) -> int:
+    """``python -m splitcore train`` in this process: 2 steps, a checkpoint after each, noise and a private Bottom."""
+    data = out.parent / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"text": f"line {i} of the owner's private notes"}) + "\n"
+                                for i in range(8)))
+    return main(["train", "--model", str(tiny_dirs["llama"]), "--data", str(data), "--out", str(out),
+                 "--trunk", address, "--token", token, "--secret-file", str(key_file), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "24", "--lora-r", "4", "--lora-alpha", "8",
+                 "--lora-dropout", "0", "--hidden-noise", "0.5", "--private-bottom", "0.2",
+                 "--checkpoint-every", "1", *extra])
+
+
+def what_the_trunk_got(proxy) -> tuple[int, dict[int, torch.Tensor]]:
+    """The trunk seed the run's OpenSession carried and the hidden states of each training step (micro-batch 0);
+    then forgets the record, for the next run."""
+    (opened,) = proxy.calls("OpenSession")
+    hidden = {request.step: values for request, values in proxy.hidden_states()
+              if not request.evaluate and request.micro_batch == 0}
+    proxy.clear()
+    assert opened.dropout_seed == opened.lora.seed
+    return opened.lora.seed, hidden
+
+
+def bottom_lora_b(out) -> torch.Tensor:
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    return torch.cat([value.flatten() for key, value in sorted(weights.items())
+                      if ".layers.0." in key and "lora_B" in key])
+
+
+def test_cli_runs_mix_a_fresh_nonce_into_the_key_file_and_a_resume_reuses_it(tiny_dirs, proxied_trunk, tmp_path,
+                                                                              capsys):
+    proxy, address, token = proxied_trunk
+    key_file = tmp_path / "client-secret"
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli_train(tiny_dirs, address, token, key_file, first) == 0
+    first_seed, first_hidden = what_the_trunk_got(proxy)
+    assert cli_train(tiny_dirs, address, token, key_file, second) == 0
+    second_seed, second_hidden = what_the_trunk_got(proxy)
+
+    # The same key file and seed, yet nothing shared: trunk seed, noise, private Bottom.
+    assert first_seed != second_seed
+    assert first_hidden.keys() == second_hidden.keys() == {1, 2}
+    assert not torch.allclose(first_hidden[1], second_hidden[1])
+    assert not torch.equal(bottom_lora_b(first), bottom_lora_b(second))
+    nonce = read_checkpoint_state(first / "checkpoints").settings["client_nonce"]
+    assert json.loads((first / "training_args.json").read_text())["key_nonce"] == nonce
+    assert nonce != read_checkpoint_state(second / "checkpoints").settings["client_nonce"]
+
+    # A resume takes the checkpoint's nonce: the same trunk seed, and step 2 sends what it sent the first time.
+    resume = ("--resume", str(first / "checkpoints" / "step-00000001"))
+    assert cli_train(tiny_dirs, address, token, key_file, first, *resume) == 0
+    resumed_seed, resumed_hidden = what_the_trunk_got(proxy)
+    assert resumed_seed == first_seed
+    assert resumed_hidden.keys() == {2} and torch.equal(resumed_hidden[2], first_hidden[2])
+
+    # --key-nonce repeats a run from the start; another key file is refused on resume.
+    assert cli_train(tiny_dirs, address, token, key_file, tmp_path / "again", "--key-nonce", nonce) == 0
+    again_seed, again_hidden = what_the_trunk_got(proxy)
+    assert again_seed == first_seed and torch.equal(again_hidden[1], first_hidden[1])
+    capsys.readouterr()
+    assert cli_train(tiny_dirs, address, token, tmp_path / "another-key", first, *resume) == 2
+    assert "written with another client secret" in capsys.readouterr().err
+    assert cli_train(tiny_dirs, address, token, key_file, first, *resume, "--key-nonce", "00" * 16) == 2
+    assert "a resumed run keeps its own nonce" in capsys.readouterr().err
+
+    key = key_file.read_text().strip()
+    printed = capsys.readouterr()
+    assert key not in printed.out + printed.err
+    assert all(key.encode() not in record.payload and bytes.fromhex(key) not in record.payload
+               for record in proxy.records())

@@ -49,6 +49,10 @@ def dataset(tmp_path_factory):
     return path
 
 
+# Runs compared with each other mix the same nonce into the key file's key (each run draws a fresh one otherwise).
+KEY_NONCE = "5eed" * 8
+
+
 def train_cli(tiny_dirs, dataset, out, *where, extra=()):
     metrics = out / "metrics.jsonl"
     result = splitcore_cli(
@@ -56,7 +60,7 @@ def train_cli(tiny_dirs, dataset, out, *where, extra=()):
         "--steps", str(STEPS), "--batch-size", "3", "--grad-accum", "2", "--seq-len", "32", "--lr", "2e-2",
         "--warmup", "2", "--schedule", "cosine", "--max-grad-norm", "0.5", "--lora-r", "4", "--lora-alpha", "8",
         "--lora-dropout", "0", "--val-fraction", "0.2", "--eval-every", "5", "--metrics-jsonl", str(metrics),
-        *extra,
+        "--key-nonce", KEY_NONCE, *extra,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -16,15 +16,18 @@ from splitcore.model.devices import CLIENT_DTYPES, DEVICES, DTYPES, resolve_devi
 from splitcore.model.lora import ADAPTER_METHODS, LoraSettings
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ClientSecret, PrivacySettings
+from splitcore.privacy.client_secret import MIN_NONCE_BYTES
 from splitcore.remote.messages import OptimizerSettings
 from splitcore.remote.wire import FLOAT_ENCODINGS
 from splitcore.training import SCHEDULES, LocalEngine, SplitEngine, SplitTrainer, TrainConfig
 from splitcore.training.batches import prepare_training_data
-from splitcore.training.checkpoints import read_checkpoint_state
+from splitcore.training.checkpoints import CheckpointState, read_checkpoint_state
 from splitcore.training.metrics_log import MetricsJsonl, ProgressReporter
 
 TRAINING_ARGS = "training_args.json"
 SECRET_FILE_NAME = "client-secret"
+# training_args.json's name of the nonce mixed into the key file's key (public: without the key it derives nothing).
+KEY_NONCE_ARG = "key_nonce"
 # Blocks on each side of the cut for --local runs (the baseline of a split run with a trunk's default cut).
 LOCAL_CUT = 2
 
@@ -85,8 +88,14 @@ def add_train_parser(commands) -> None:
                          help="weight of the NoPeek term that trains the Bottom to decorrelate what it sends from "
                               "its input (0: off)")
     privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
-                                               f"sent are derived (default: {SECRET_FILE_NAME} in the data "
-                                               "directory; created when missing)")
+                                               "sent, the noise and the private Bottom are derived, mixed with a "
+                                               "fresh nonce per run (recorded in the checkpoints, reused by "
+                                               f"--resume) (default: {SECRET_FILE_NAME} in the data directory; "
+                                               "created when missing)")
+    privacy.add_argument("--key-nonce", metavar="HEX",
+                         help="mix this nonce into the key instead of a fresh random one, to repeat a run exactly "
+                              f"(a run's nonce is {KEY_NONCE_ARG!r} in its {TRAINING_ARGS}), e.g. a --local "
+                              "baseline of a split run; --resume reuses the checkpoint's nonce by itself")
     train.set_defaults(handler=run_train)
 
 
@@ -106,9 +115,32 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def client_secret(args: argparse.Namespace) -> ClientSecret:
+def _nonce(text: str, where: str) -> bytes:
+    try:
+        nonce = bytes.fromhex(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: the key nonce {text!r} is not hex digits") from None
+    if len(nonce) < MIN_NONCE_BYTES:
+        raise ValueError(f"{where}: the key nonce has {len(nonce)} bytes; it needs at least {MIN_NONCE_BYTES} "
+                         f"({MIN_NONCE_BYTES * 2} hex digits)")
+    return nonce
+
+
+def client_secret(args: argparse.Namespace, resume: CheckpointState | None = None) -> ClientSecret:
+    """This run's key: the key file's mixed with a nonce. The nonce is the one ``resume``'s checkpoint recorded
+    (a checkpoint from before nonces resumes with the key file's own key), else ``--key-nonce``, else a fresh
+    random one. The key is never printed."""
     path = Path(args.secret_file) if args.secret_file else default_model.data_dir() / SECRET_FILE_NAME
-    return ClientSecret.load_or_create(path)
+    key = ClientSecret.load_or_create(path)
+    given = _nonce(args.key_nonce, "--key-nonce") if args.key_nonce else None
+    if resume is None:
+        return key.with_nonce(given if given is not None else ClientSecret.fresh_nonce())
+    recorded = resume.settings.get("client_nonce")
+    nonce = _nonce(recorded, f"checkpoint {args.resume}") if recorded is not None else None
+    if given is not None and given != nonce:
+        raise ValueError(f"--key-nonce {args.key_nonce} differs from the nonce of checkpoint {args.resume} "
+                         f"({recorded or 'none'}); a resumed run keeps its own nonce: leave --key-nonce out")
+    return key if nonce is None else key.with_nonce(nonce)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -134,7 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = load_dataset_file(args.data)
     data = prepare_training_data(tokenizer, dataset.examples, config)
-    secret = client_secret(args)
+    secret = client_secret(args, resume)
     device = resolve_device(args.device)
     # Split runs read only the Bottom's and Top's blocks once the trunk says where it cuts; --local reads them all.
     model = CheckpointModel(model_dir, dtype=DTYPES[args.dtype], device=device)
@@ -167,7 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.export_adapter(out, str(model_dir))
         (out / TRAINING_ARGS).write_text(json.dumps(
             {"base_model": str(model_dir), "data": str(args.data), "mode": trainer.mode,
-             "trunk": args.trunk, "dtype": args.dtype, **config.to_dict()}, indent=2))
+             "trunk": args.trunk, "dtype": args.dtype, KEY_NONCE_ARG: secret.nonce.hex() if secret.nonce else None,
+             **config.to_dict()}, indent=2))
     finally:
         progress.close()
         if metrics:

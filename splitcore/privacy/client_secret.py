@@ -5,6 +5,11 @@ reproducible and resumable. Sending the run's own seed would hand the trunk owne
 client's LoRA initialisation, dropout masks and the noise drawn to blur what it sees; so
 the trunk gets ``HMAC(key, purpose:seed)`` instead. Without the key, those values tell it
 nothing about the run's seed or the client's draws.
+
+One key per run: the web app draws a key for each job; the CLI keeps one key file per
+machine and mixes a fresh random nonce into it for each run (``with_nonce``), so two runs
+with the same seed never share noise, a private Bottom or a trunk seed. A resumed run
+reuses its checkpoint's nonce (``resume_record`` is what a checkpoint records).
 """
 
 from __future__ import annotations
@@ -21,15 +26,23 @@ TRUNK_SEED = "trunk-seed"
 # Seeds of the client's own noise draws (never sent anywhere).
 HIDDEN_NOISE = "hidden-noise"
 GRAD_NOISE = "grad-noise"
+# Noise on the hidden states of a validation batch (per evaluation step and batch).
+EVAL_HIDDEN_NOISE = "eval-hidden-noise"
+# Noise on the hidden states a generation sends (per decoding position).
+GENERATION_HIDDEN_NOISE = "generation-hidden-noise"
+NONCE_BYTES = 16
+MIN_NONCE_BYTES = 8
 
 
 class ClientSecret:
     """A 32-byte key held by the data owner only."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, nonce: bytes | None = None) -> None:
+        """``nonce``: the run's nonce when ``key`` is already mixed with it (see ``with_nonce``); recorded only."""
         if not isinstance(key, bytes) or len(key) < 16:
             raise ValueError(f"a client secret needs at least 16 bytes of key, got {len(key) if isinstance(key, bytes) else type(key).__name__}")
         self._key = key
+        self.nonce = nonce
 
     @classmethod
     def generate(cls) -> ClientSecret:
@@ -67,6 +80,20 @@ class ClientSecret:
         except ValueError:
             raise ValueError(f"{path}: a client secret file holds {KEY_BYTES * 2} hex digits") from None
 
+    def with_nonce(self, nonce: bytes) -> ClientSecret:
+        """The key of one run: ``HMAC(key, "nonce:" + nonce)``. Every seed and draw derives from it, so runs
+        with the same key file and seed but another nonce share nothing; the same nonce repeats the run."""
+        if not isinstance(nonce, bytes) or len(nonce) < MIN_NONCE_BYTES:
+            raise ValueError(f"a run's nonce needs at least {MIN_NONCE_BYTES} bytes, got "
+                             f"{len(nonce) if isinstance(nonce, bytes) else type(nonce).__name__}")
+        if self.nonce is not None:
+            raise ValueError("this key already has a run's nonce mixed in; mix the nonce into the key file's key")
+        return ClientSecret(hmac.new(self._key, b"nonce:" + nonce, hashlib.sha256).digest(), nonce=nonce)
+
+    @staticmethod
+    def fresh_nonce() -> bytes:
+        return secrets.token_bytes(NONCE_BYTES)
+
     def derive(self, purpose: str, *values: int) -> int:
         """A 63-bit seed for ``purpose`` and ``values`` (e.g. the run seed, a step, a micro-batch)."""
         message = ":".join([purpose, *(str(int(v)) for v in values)]).encode()
@@ -80,6 +107,14 @@ class ClientSecret:
     def fingerprint(self) -> str:
         """A short public tag of the key, so a resumed run can tell it holds the same key."""
         return hmac.new(self._key, b"fingerprint", hashlib.sha256).hexdigest()[:16]
+
+    def resume_record(self) -> dict[str, str]:
+        """What a checkpoint records of the key: its fingerprint, and the run's nonce (public: without the
+        key it derives nothing) when one is mixed in, so that a resume can mix in the same one."""
+        record = {"client_secret": self.fingerprint()}
+        if self.nonce is not None:
+            record["client_nonce"] = self.nonce.hex()
+        return record
 
     def __repr__(self) -> str:  # never print the key
         return f"ClientSecret(fingerprint={self.fingerprint()})"

@@ -6,6 +6,11 @@ activations, which the model needs), then Gaussian noise is added whose expected
 ``scale`` times that median. The noise comes from a generator seeded with the client's
 secret, the step and the micro-batch: a resumed run draws the same noise, and the trunk
 cannot draw it.
+
+Each kind of traffic draws under its own purpose: training's hidden states and gradients per
+(step, micro-batch), a validation batch's hidden states per (evaluation step, batch), and a
+generation's hidden states per decoding position (with a key that mixes in a fresh nonce per
+request, so no two prompts share a draw).
 """
 
 from __future__ import annotations
@@ -15,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from splitcore.privacy.client_secret import GRAD_NOISE, HIDDEN_NOISE, ClientSecret
+from splitcore.privacy.client_secret import (
+    EVAL_HIDDEN_NOISE,
+    GENERATION_HIDDEN_NOISE,
+    GRAD_NOISE,
+    HIDDEN_NOISE,
+    ClientSecret,
+)
 
 CLIP_MULTIPLE = 4.0
 
@@ -61,8 +72,8 @@ class ChannelNoise:
     hidden_scale: float = 0.0
     grad_scale: float = 0.0
 
-    def _generator(self, purpose: str, step: int, micro_batch: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.secret.derive(purpose, self.seed, step, micro_batch))
+    def _generator(self, purpose: str, *values: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.secret.derive(purpose, self.seed, *values))
 
     def on_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, step: int,
                   micro_batch: int) -> torch.Tensor:
@@ -79,3 +90,20 @@ class ChannelNoise:
             return hidden
         return _NoisyGradient.apply(hidden, attention_mask, self.grad_scale,
                                     self._generator(GRAD_NOISE, step, micro_batch))
+
+    def on_eval_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, step: int,
+                       batch: int) -> torch.Tensor:
+        """What the trunk receives instead of the ``batch``-th validation batch's ``hidden`` (batch, seq, hidden)
+        in the evaluation after training step ``step``: a draw of its own, never a training step's."""
+        if self.hidden_scale <= 0:
+            return hidden
+        return clip_and_noise(hidden, attention_mask, self.hidden_scale,
+                              self._generator(EVAL_HIDDEN_NOISE, step, batch))
+
+    def on_generated_hidden(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """What the trunk receives instead of the hidden states (1, new, hidden) a generation sends at decoding
+        ``position`` (0: the prompt). Give the generation a key of its own (``ClientSecret.with_nonce``)."""
+        if self.hidden_scale <= 0:
+            return hidden
+        real = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # (1, new): no padding
+        return clip_and_noise(hidden, real, self.hidden_scale, self._generator(GENERATION_HIDDEN_NOISE, position))

@@ -52,8 +52,9 @@ class Engine(ABC):
         """Training loss of a micro-batch: token losses summed and divided by the step's labelled tokens."""
 
     @abstractmethod
-    def eval_loss_sum(self, batch: Batch, index: int) -> float:
-        """Sum of the token losses of the ``index``-th validation batch, without gradient and with dropout off."""
+    def eval_loss_sum(self, batch: Batch, index: int, step: int) -> float:
+        """Sum of the token losses of the ``index``-th validation batch, without gradient and with dropout off,
+        in the evaluation after training step ``step``."""
 
     @abstractmethod
     def train(self, mode: bool) -> None: ...
@@ -138,7 +139,7 @@ class LocalEngine(Engine):
                                num_items_in_batch=num_items_in_batch)
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch, index):
+    def eval_loss_sum(self, batch, index, step):
         return float(ForCausalLMLoss(self._logits(batch), batch.labels.to(self.device), vocab_size=self.vocab_size,
                                      num_items_in_batch=1))
 
@@ -146,7 +147,7 @@ class LocalEngine(Engine):
         self.model.train(mode)
 
     def resume_key(self):
-        return {} if self.secret is None else {"client_secret": self.secret.fingerprint()}
+        return {} if self.secret is None else self.secret.resume_record()
 
     def adapter_states(self):
         return [part_adapter_state(self.model)]
@@ -249,11 +250,11 @@ class SplitEngine(Engine):
         return loss
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch, index):
+    def eval_loss_sum(self, batch, index, step):
         batch = batch.to(self.device)
         mask = batch.attention_mask
-        # Validation batches cross the cut too; step 0 is never a training step.
-        hidden = self.noise.on_hidden(self.bottom(batch.input_ids, mask), mask, 0, index)
+        # Validation batches cross the cut too, blurred with a draw of their own for each evaluation.
+        hidden = self.noise.on_eval_hidden(self.bottom(batch.input_ids, mask), mask, step, index)
         for link in self.links:
             hidden = link.client.evaluate(hidden, mask)
         return float(self.top(hidden, mask, labels=batch.labels, num_items_in_batch=1).loss)
@@ -329,7 +330,7 @@ class SplitEngine(Engine):
         return [link.client.bytes_sent + link.client.bytes_received for link in self.links]
 
     def resume_key(self):
-        return {"client_secret": self.secret.fingerprint()}
+        return self.secret.resume_record()
 
     def close(self):
         for link in self.links:

@@ -197,7 +197,8 @@ class SplitTrainer:
     def _evaluate(self) -> float:
         self.engine.train(False)
         try:
-            total = sum(self.engine.eval_loss_sum(batch, index) for index, batch in enumerate(self.val_batches))
+            total = sum(self.engine.eval_loss_sum(batch, index, self.step)
+                        for index, batch in enumerate(self.val_batches))
         finally:
             self.engine.train(True)
         tokens = sum(batch.num_trained_tokens for batch in self.val_batches)
@@ -249,6 +250,11 @@ class SplitTrainer:
         if "client_secret" not in written:  # older checkpoints did not record the key
             expected.pop("client_secret", None)
         differing = sorted(k for k in expected.keys() | written.keys() if expected.get(k) != written.get(k))
+        if "client_nonce" in differing:  # a nonce mixed into the key: another one makes another key too
+            written_nonce, own_nonce = written.get("client_nonce") or "none", expected.get("client_nonce") or "none"
+            raise ValueError(f"checkpoint {checkpoint.path} was written by a run with key nonce {written_nonce}, this "
+                             f"run's is {own_nonce}; resume with the run's own nonce (the CLI's --resume reads it "
+                             "from the checkpoint)")
         if differing:
             name = differing[0]
             if name == "client_secret":
