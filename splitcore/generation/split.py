@@ -23,6 +23,7 @@ from splitcore.generation.local import GenerationSettings
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_part_adapter
 from splitcore.model.lora import PEFT_TYPES, LoraSettings
 from splitcore.model.part_loading import CheckpointModel, ModelParts, model_parts
+from splitcore.privacy.noise import ChannelNoise
 from splitcore.remote import state as trunk_state
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.chain import layer_of, naming_link, plan_links
@@ -118,8 +119,14 @@ class SplitGenerator:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
-                 settings: GenerationSettings = GenerationSettings()) -> Iterator[int]:
-        """Yield new token ids one by one for a (1, seq) prompt; stops at an end-of-sequence token."""
+                 settings: GenerationSettings = GenerationSettings(),
+                 noise: ChannelNoise | None = None) -> Iterator[int]:
+        """Yield new token ids one by one for a (1, seq) prompt; stops at an end-of-sequence token.
+
+        ``noise``: the hidden states sent to the trunk (the prompt's, then each new token's) are clipped and
+        blurred with its ``hidden_scale``, as a training run's are (``ChannelNoise.on_generated_hidden``). Give
+        each call a ``ChannelNoise`` whose key mixes in a fresh nonce, so no two prompts share a draw.
+        """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt of shape (1, seq), got {tuple(input_ids.shape)}")
         wanted = input_ids.shape[1] + settings.max_new_tokens
@@ -144,7 +151,9 @@ class SplitGenerator:
             new_ids = input_ids.to(self.device)
             mask = torch.ones_like(new_ids)
             for position in range(settings.max_new_tokens):
-                hidden = self.bottom(new_ids, mask, past_key_values=bottom_cache, use_cache=True)
+                hidden = self.bottom(new_ids, mask, past_key_values=bottom_cache, use_cache=True)  # (1, new, hidden)
+                if noise is not None:
+                    hidden = noise.on_generated_hidden(hidden, position)  # what the first link receives
                 for client in self.clients:
                     hidden = client.infer(position, hidden, mask)  # (1, new, hidden)
                 logits = self.top(hidden, mask, past_key_values=top_cache, use_cache=True,
