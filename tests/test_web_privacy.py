@@ -137,12 +137,14 @@ def test_a_cut_the_trunk_does_not_allow_is_refused_before_the_job_starts(api, re
 
 
 def test_the_form_shows_the_measured_tradeoff_and_starts_at_the_best_measured_compromise(client, owner, api,
-                                                                                         registered_trunk):
+                                                                                         registered_trunk, settings):
     points = measured_points()
-    point = recommended_point()
+    ceiling = settings.PRIVACY_MAX_CLIENT_SHARE
+    point = recommended_point(max_client_share=ceiling)
     assert points and point is not None, "the measured trade-off ships with the code"
-    assert point.val_loss_change <= MAX_RECOMMENDED_COST
-    assert all(p.worst_rate >= point.worst_rate for p in points if p.val_loss_change <= MAX_RECOMMENDED_COST)
+    assert point.val_loss_change <= MAX_RECOMMENDED_COST and point.client_share <= ceiling
+    assert all(p.worst_rate >= point.worst_rate for p in points
+               if p.val_loss_change <= MAX_RECOMMENDED_COST and p.client_share <= ceiling)
     client.force_login(owner)
     page = client.get("/jobs/new/").content.decode()
     assert 'id="privacy-table"' in page and 'id="privacy-points"' in page

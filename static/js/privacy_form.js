@@ -54,8 +54,10 @@
   // The measured figures and the recommended start are for one model; another model starts undefended.
   function onModelChange() {
     const model = form.elements.base_model ? form.elements.base_model.value : measured.model;
-    const note = document.getElementById("privacy-default");
-    if (note) note.hidden = model !== measured.model;
+    ["privacy-default", "privacy-ceiling"].forEach((id) => {
+      const note = document.getElementById(id);
+      if (note) note.hidden = model !== measured.model;
+    });
     if (model === measured.model || measured.recommended === null) return;
     const recommended = points[measured.recommended].privacy;
     FIELDS.forEach((name) => {

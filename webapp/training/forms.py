@@ -9,7 +9,7 @@ from django.conf import settings
 
 from splitcore import LoraSettings, family_for
 from splitcore.model.lora import ADAPTER_METHODS, check_method
-from splitcore.privacy.measured import measured_meta, recommended_point
+from splitcore.privacy.measured import measured_meta, measured_points, recommendation
 from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
 from splitcore.remote.trunk import SessionNeeds
 
@@ -18,6 +18,7 @@ from ..ownership import owned
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, place, served_models
 from . import presets
+from .compute import cut_words, form_compute_data
 from .estimates import planned_steps
 from .models import NAME_MAX_LENGTH, Job
 
@@ -187,9 +188,11 @@ class JobForm(forms.ModelForm):
             self.fields[name].required = False
 
     def _start_at_recommended_privacy(self, base_model: str | None) -> None:
-        """Privacy fields start at the best compromise measured on ``base_model`` (splitcore.privacy.measured);
-        for another model they start at its trunk's default cut without defenses."""
-        point = recommended_point()
+        """Privacy fields start at the best compromise measured on ``base_model`` (splitcore.privacy.measured)
+        within the site's ceiling on the workers' share of a step (PRIVACY_MAX_CLIENT_SHARE); for another model,
+        or when no measured setting is within both limits, they start at its trunk's default cut without
+        defenses."""
+        point = recommendation(measured_points(), max_client_share=settings.PRIVACY_MAX_CLIENT_SHARE).chosen
         self.recommended = None
         if point is None or base_model != measured_meta().get("model"):
             return
@@ -209,6 +212,21 @@ class JobForm(forms.ModelForm):
 
     def selected_model(self) -> str | None:
         return self.data.get("base_model") if self.is_bound else self.fields["base_model"].initial
+
+    def compute_data(self) -> dict:
+        """For the page script (compute_share.js): each offered model's work per block and LM head and the default
+        cut its trunks share, and each offered trunk's default cut."""
+        return form_compute_data([model_id for model_id, _ in self.fields["base_model"].choices],
+                                 list(self.fields["trunk"].queryset))
+
+    def compute_words(self) -> str:
+        """What share of each step the form's cut leaves on the user's workers ("" for a model not installed)."""
+        model_id = self.selected_model()
+        if not model_id:
+            return ""
+        trunk_pk = self.data.get("trunk") if self.is_bound else None
+        trunk = self.fields["trunk"].queryset.filter(pk=trunk_pk).first() if str(trunk_pk or "").isdecimal() else None
+        return cut_words(model_id, (self._cut_value("bottom_layers"), self._cut_value("top_layers")), trunk)
 
     def _cut_value(self, name: str) -> int | None:
         raw = self.data.get(name) if self.is_bound else self.fields[name].initial

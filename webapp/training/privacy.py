@@ -15,7 +15,13 @@ from django.conf import settings
 
 from splitcore.data.formats import Example
 from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy
-from splitcore.privacy.measured import MAX_RECOMMENDED_COST, MeasuredPoint, measured_meta, measured_points
+from splitcore.privacy.measured import (
+    MAX_RECOMMENDED_COST,
+    MeasuredPoint,
+    measured_meta,
+    measured_points,
+    recommendation,
+)
 from splitcore.training.engines import SplitEngine
 
 from .. import base_models
@@ -118,20 +124,47 @@ def audit_markdown(job: Job) -> str:
 
 
 def measured_context(recommended: MeasuredPoint | None) -> dict:
-    """The measured trade-off for the job form: the table, its data for the page script, and the
-    ``recommended`` point the privacy fields start at (None: they start undefended)."""
+    """The measured trade-off for the job form: the table (with each cut's share of a step on the user's
+    workers, and the measured step time when the benchmark recorded it), its data for the page script, the
+    ``recommended`` point the privacy fields start at (None: they start undefended), the site's ceiling on the
+    workers' share and what it ruled out."""
     points = measured_points()
     if not points:
         return {}
     meta = measured_meta()
+    ceiling = settings.PRIVACY_MAX_CLIENT_SHARE
 
     def present(point) -> dict:
         return {**point.to_dict(), "percents": {name: f"{rate:.1%}" for name, rate in point.rates.items()},
-                "worst_percent": f"{point.worst_rate:.1%}", "cost": f"{point.val_loss_change:+.1%}"}
+                "worst_percent": f"{point.worst_rate:.1%}", "cost": f"{point.val_loss_change:+.1%}",
+                "client_percent": f"{point.client_share:.0%}" if point.client_share is not None else "–",
+                "step_time": f"{point.step_seconds:.2f} s" if point.step_seconds is not None else "–"}
 
     rows = [present(point) for point in points]
     script = {"points": rows, "model": meta.get("model"),
               "recommended": points.index(recommended) if recommended else None}
     return {"measured": rows, "measured_json": script, "max_cost": MAX_RECOMMENDED_COST * 100,
             "recommended": present(recommended) if recommended else None,
+            "ceiling_percent": f"{ceiling:.0%}" if ceiling < 1 else "",
+            "ceiling_note": ceiling_note(points, ceiling),
+            "show_step_time": any(point.step_seconds is not None for point in points),
             "measured_on": f"{meta.get('model', 'the default model')} and the demo dataset {meta.get('data', '')}"}
+
+
+def ceiling_note(points: tuple[MeasuredPoint, ...], ceiling: float) -> str:
+    """What the site's ceiling on the workers' share kept the rule from choosing, and what it would have bought
+    ("" when the ceiling changed nothing)."""
+    rule = recommendation(points, max_client_share=ceiling)
+    excluded, chosen = rule.excluded, rule.chosen
+    if excluded is None:
+        return ""
+    reads = f"{excluded.worst_rate:.0%}" + (f" instead of {chosen.worst_rate:.0%}" if chosen else "")
+    runs = (f"runs {excluded.client_share:.0%} of each step on your workers, above this site's {ceiling:.0%} ceiling"
+            if excluded.client_share is not None else
+            f"its share of each step on your workers is not known, so it cannot be shown to stay under this site's "
+            f"{ceiling:.0%} ceiling")
+    note = f"{excluded.name} would read {reads} but {runs}."
+    if chosen is None:
+        note += (f" No measured setting is within both the ceiling and the {MAX_RECOMMENDED_COST:.0%} limit on "
+                 "validation loss, so the privacy fields start at the trunk's default cut without defenses.")
+    return note
