@@ -9,7 +9,7 @@ from ..ownership import owned
 from ..training.models import Job
 from ..trunks.selection import served_models
 from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE
-from .services import PromptFormat, base_model_format, job_format
+from .services import BASE_MODEL_NOISE_NOTE, PromptFormat, base_model_format, job_format, noise_note
 
 
 class FormatSelect(forms.Select):
@@ -61,6 +61,12 @@ class PlaygroundForm(forms.Form):
             self.initial["base_model"] = (settings.DEFAULT_BASE_MODEL if settings.DEFAULT_BASE_MODEL in self.served
                                           else self.served[0])
         self.prompt_format = self._initial_format()
+        # Whether prompts are blurred, per choice of the job field ("" for the base model only); the page's
+        # script shows the chosen one's.
+        self.noise_notes = {"": BASE_MODEL_NOISE_NOTE,
+                            **{str(job.pk): noise_note(job) for job in self.fields["job"].queryset}}
+        chosen = self.data.get("job") if self.is_bound else self.initial.get("job")
+        self.noise_note = self.noise_notes.get(str(chosen or ""), BASE_MODEL_NOISE_NOTE)
         if "chat" not in self.initial and self.prompt_format is not None:
             self.initial["chat"] = self.prompt_format.chat
 

@@ -4,9 +4,11 @@ A generation is claimed with a conditional UPDATE (queued -> running), so a rede
 task message never runs it twice. Bottom and Top run here (with the job's adapter for the
 adapter side), the trunk runs on a trunk server in an inference session (or on a chain of
 trunk servers, one session per link, when no single one serves the cut); all keep a KV
-cache. The text so far is stored before each live event, so a page that connects late
-gets it in its snapshot (see events.py). Every failure ends the generation as ``failed`` with
-a message that says what happened and what to do.
+cache. A prompt to the adapter of a job that trained with hidden-state noise is blurred with
+that noise (a fresh draw per request), and so is the base model's answer beside it. The text so
+far is stored before each live event, so a page that connects late gets it in its snapshot (see
+events.py). Every failure ends the generation as ``failed`` with a message that says what
+happened and what to do.
 
 Storing the text of a token is conditional on the row still running with no stop requested;
 when it is not (its owner pressed Stop, or the sweep ended it, or it was deleted), the worker
@@ -24,11 +26,13 @@ from django.utils import timezone
 
 from splitcore.generation.local import encode_prompt
 from splitcore.generation.split import SplitGenerator
+from splitcore.privacy import ChannelNoise, ClientSecret
 from splitcore.remote.client import RetryPolicy
 from splitcore.remote.errors import Fault, TrunkError
 from splitcore.remote.trunk import SessionNeeds
 
 from .. import base_models
+from ..training.models import Job
 from ..trunks.selection import NoTrunkAvailable, Placement, place
 from . import events
 from .decoding import IncrementalDecoder, text_change
@@ -96,9 +100,11 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, se
         raise GenerationFailed(f"the tokenizer of {generation.base_model} has no chat template; "
                                "try again with the prompt as plain text") from exc
     adapter_dir = _adapter_dir(generation)
-    # With a job's adapter, the prompt crosses the cut that job chose (without the job's noise).
-    job = generation.job
-    cut = (job.bottom_layers, job.top_layers) if job is not None else (None, None)
+    # With a job's adapter, the prompt crosses the cut that job chose, blurred with the job's hidden-state noise.
+    # The base model's answer beside a blurred one crosses at that job's cut with the same noise (a draw of its own).
+    job, noisy_job = generation.job, privacy_job(generation)
+    cut_of = job or noisy_job
+    cut = (cut_of.bottom_layers, cut_of.top_layers) if cut_of is not None else (None, None)
     try:
         needs = SessionNeeds(lora_rank=job.trunk_lora_rank) if job is not None else None
         # One trunk when one serves the cut, else a chain of trunks that together serve it.
@@ -115,7 +121,8 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, se
             clients.append(link.trunk.client("fp32", timeout_s=settings.TRUNK_RPC_TIMEOUT_S, retry=TRUNK_RETRY))
         generator = SplitGenerator(base_models.client_model(generation.base_model), clients, adapter_dir, *cut,
                                    device=base_models.worker_device())
-        for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings()):
+        noise = prompt_noise(noisy_job) if noisy_job is not None else None
+        for token_id in generator.generate(input_ids, tokenizer, generation.generation_settings(), noise):
             _stream(generation, decoder, sent, token_id)
             if time.monotonic() > deadline:
                 raise GenerationFailed(f"stopped after {settings.GENERATION_TIMEOUT_S:.0f} s, the time limit "
@@ -127,6 +134,24 @@ def _generate(generation: Generation, tokenizer, decoder: IncrementalDecoder, se
     finally:
         for client in clients:
             client.close()
+
+
+def privacy_job(generation: Generation) -> Job | None:
+    """The job whose hidden-state noise blurs this generation's prompt: its own job's, or for the base model's
+    answer of a comparison, the compared job's (the same prompt must not reach the trunk unblurred beside
+    the blurred one); None when that job trained without hidden-state noise, or there is no job."""
+    job = generation.job
+    if job is None:
+        paired = generation.paired.select_related("job").filter(job__isnull=False).first()
+        job = paired.job if paired is not None else None
+    return job if job is not None and job.hidden_noise > 0 else None
+
+
+def prompt_noise(job: Job) -> ChannelNoise:
+    """The noise of one prompt to ``job``'s adapter: its hidden-state scale, drawn from the job's key mixed
+    with a fresh random nonce, so no two requests share a draw (nor any with the job's training)."""
+    secret = job.client_secret().with_nonce(ClientSecret.fresh_nonce())
+    return ChannelNoise(secret, seed=job.seed, hidden_scale=job.hidden_noise)
 
 
 def _adapter_dir(generation: Generation):

@@ -55,6 +55,23 @@ def job_format(job: Job) -> PromptFormat:
     return PromptFormat(base.chat, f"this job's format was not recorded; {base.reason}")
 
 
+BASE_MODEL_NOISE_NOTE = ("Prompts to the base model alone reach the trunk unblurred, as hidden states from which "
+                         "the trunk's owner can read back much of the text.")
+
+
+def noise_note(job: Job | None) -> str:
+    """What the page says, before a prompt is sent, of the blur on the hidden states the trunk receives."""
+    if job is None:
+        return BASE_MODEL_NOISE_NOTE
+    if job.hidden_noise <= 0:
+        return ("This job trained without hidden-state noise, so prompts to its adapter reach the trunk unblurred, "
+                "as hidden states from which the trunk's owner can read back much of the text.")
+    return (f"Prompts to this adapter are blurred as this job's training was: the hidden states sent to the trunk "
+            f"are clipped and carry Gaussian noise of {job.hidden_noise:g} × their median norm, drawn afresh for "
+            "each prompt; the base model's answer beside it is blurred the same way. Blurred is not hidden: the "
+            "job's privacy audit measured how much of its training text the trunk could still read at this noise.")
+
+
 def start_comparison(owner, prompt: str, job: Job | None = None, *, base_model: str | None = None,
                      max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                      chat: bool | None = None) -> list[Generation]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from django.conf import settings
@@ -10,7 +11,8 @@ from django.db import models
 from splitcore import LoraSettings
 from splitcore.model.lora import ADAPTER_METHODS
 from splitcore.model.split_spec import blocks_words
-from splitcore.privacy import PrivacySettings
+from splitcore.privacy import ClientSecret, PrivacySettings
+from splitcore.privacy.client_secret import KEY_BYTES
 from splitcore.remote.trunk import SessionNeeds
 from splitcore.training import TrainConfig
 
@@ -273,6 +275,16 @@ class Job(models.Model):
             wire_encoding=self.wire_encoding, privacy=self.privacy_settings(),
         )
 
+    def client_secret(self) -> ClientSecret:
+        """The key the workers derive this job's trunk seed, noise and private Bottom from: the job's own
+        (``JobSecret``), or for a job created before jobs had one, the site's key from SECRET_KEY (its
+        checkpoints record that key's fingerprint, so it keeps resuming)."""
+        try:
+            stored = self.secret
+        except JobSecret.DoesNotExist:
+            return site_client_secret()
+        return stored.client_secret()
+
     def hyperparameters(self) -> dict:
         """What a user set, for the model card, training_args.json and run comparison."""
         return {
@@ -306,6 +318,38 @@ class Job(models.Model):
                 shown = str(dict(self._meta.get_field(name).choices or ()).get(value, value))
             pairs.append((HYPERPARAMETER_LABELS.get(name, name), shown))
         return pairs
+
+
+def site_client_secret() -> ClientSecret:
+    """The one key every job shared before each job had its own: derived from SECRET_KEY, so only jobs
+    created before ``JobSecret`` use it (to resume from their checkpoints)."""
+    return ClientSecret.from_text(settings.SECRET_KEY, "splitlearn-studio client secret")
+
+
+class JobSecret(models.Model):
+    """A job's own random key, drawn when the job is created and kept on the site's side only.
+
+    The workers derive the job's trunk seed, its noise on both channels and its private Bottom
+    from it (``Job.client_secret()``); the trunk is sent derived seeds, never the key. No
+    serializer, page, admin, model card, training_args.json or download carries it. Resuming the
+    job (on any worker, on another trunk or chain link) uses the same key; a new job draws a new one.
+    """
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, primary_key=True, related_name="secret",
+                               editable=False)
+    key = models.BinaryField(max_length=KEY_BYTES, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:  # never the key
+        return f"key of job {self.job_id} ({self.client_secret()!r})"
+
+    @classmethod
+    def draw(cls, job: Job) -> JobSecret:
+        """Store a fresh random key for ``job`` (saved, without one yet)."""
+        return cls.objects.create(job=job, key=secrets.token_bytes(KEY_BYTES))
+
+    def client_secret(self) -> ClientSecret:
+        return ClientSecret(bytes(self.key))
 
 
 class JobLink(models.Model):

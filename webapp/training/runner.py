@@ -21,7 +21,6 @@ from django.utils import timezone
 
 from splitcore.data.formats import DatasetFormatError, parse_dataset
 from splitcore.model.split_spec import blocks_words
-from splitcore.privacy import ClientSecret
 from splitcore.remote.client import TrunkClient
 from splitcore.remote.errors import Fault, TrunkError
 from splitcore.training import (
@@ -425,16 +424,11 @@ def _describe_cut(engine: SplitEngine, connections: list[Connection]) -> str:
             + (", ".join(blurred) if blurred else "no noise"))
 
 
-def client_secret() -> ClientSecret:
-    """The key the workers derive the trunk's seeds and the noise from: it never leaves the site's machines,
-    and every worker derives the same one (from SECRET_KEY), so any worker can resume any job."""
-    return ClientSecret.from_text(settings.SECRET_KEY, "splitlearn-studio client secret")
-
-
 def _open_engine(job: Job, config, connections: list[Connection], lease: Lease) -> SplitEngine:
-    """Open the trunk sessions (one per link). A trunk at its session cap makes the job wait (until a
-    session frees up or the user cancels), not fail; MoveRequested when staff ask the job to move off
-    a trunk meanwhile. The caller closes the clients when this raises."""
+    """Open the trunk sessions (one per link), with the job's own key (``Job.client_secret``: the same on every
+    worker and after a move or a replaced link, so the job's checkpoints resume). A trunk at its session cap
+    makes the job wait (until a session frees up or the user cancels), not fail; MoveRequested when staff ask
+    the job to move off a trunk meanwhile. The caller closes the clients when this raises."""
     told = False
     names = " and ".join(connection.trunk.name for connection in connections)
     set_phase(job, f"loading the model and opening a session on {names}")
@@ -442,7 +436,7 @@ def _open_engine(job: Job, config, connections: list[Connection], lease: Lease) 
         try:
             return SplitEngine(base_models.client_model(job.base_model), config,
                                [connection.client for connection in connections], label=f"job {job.pk}",
-                               secret=client_secret(), device=base_models.worker_device())
+                               secret=job.client_secret(), device=base_models.worker_device())
         except TrunkError as error:
             full = _failed(error, connections)
             if error.fault != Fault.FULL:

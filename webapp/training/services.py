@@ -9,7 +9,7 @@ from django.utils import timezone
 from .. import base_models
 from ..datasets.services import trains_in_chat_template
 from . import events
-from .models import NAME_MAX_LENGTH, Job
+from .models import NAME_MAX_LENGTH, Job, JobSecret
 
 # The name tasks.py registers run_job under. Sending by name keeps this module free of an import of
 # tasks.py, which imports recovery.py, which enqueues through this module.
@@ -43,13 +43,15 @@ def trains_in_chat_format(job: Job) -> bool | None:
 
 
 def create_job(job: Job) -> Job:
-    """Save a validated (unsaved) job as queued and send it to the workers."""
+    """Save a validated (unsaved) job as queued with a key of its own (``JobSecret``), and send it to the
+    workers. Every job created here draws a new key, also one whose settings copy another job's."""
     job.status = Job.Status.QUEUED
     job.dataset_name = job.dataset.name if job.dataset else job.dataset_name
     job.name = job.name.strip() or default_name(job.dataset_name)
     job.chat_format = trains_in_chat_format(job)
     with transaction.atomic():
         job.save()
+        JobSecret.draw(job)
         enqueue(job)
     events.job_log(job, "queued")
     events.publish_status(job)
