@@ -136,8 +136,9 @@ def test_the_recommendation_stays_under_the_site_s_ceiling_and_says_what_the_cei
     assert ceiling == escape("Bottom 8 + Top 16 blocks would read 89% instead of 98% but runs 84% of each step on "
                              "your workers, above this site's 35% ceiling.")
     # The fields start at the recommended setting: the trunk's default cut, 4 of 30 blocks on the workers.
+    default_cut = compute_share(DEFAULT_CONFIG, 2, 2)
     assert compute_line(page) == escape(
-        f"At the trunk's default cut, 2 blocks before it and 2 after it, {compute_share(DEFAULT_CONFIG, 2, 2).describe()}.")
+        f"At the trunk's default cut, 2 blocks before it and 2 after it, {default_cut.describe()}.")
 
     # Every measured row says its share of the workers; no row has a step time yet, so there is no such column.
     table = re.search(r'<table class="audit-table">(.*?)</table>', page, re.S).group(1)
