@@ -94,6 +94,11 @@ class RecordingProxy(grpc.GenericRpcHandler):
         with self._lock:
             return [r for r in self._records if method is None or r.method == method]
 
+    @property
+    def requests(self) -> list[tuple[str, bytes]]:
+        """(method, bytes) of every request message relayed so far, in order."""
+        return [(record.method, record.payload) for record in self.records()]
+
     def clear(self) -> None:
         with self._lock:
             self._records.clear()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from recording_proxy import start_proxy
+from recording_proxy import RecordingProxy, start_proxy  # noqa: F401 - RecordingProxy: other tests import it here
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk

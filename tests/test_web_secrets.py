@@ -1,15 +1,18 @@
-"""Secrets never appear in logs, pages or API output: trunk tokens and API tokens."""
+"""Secrets never appear in logs, pages, downloads or API output: trunk tokens, API tokens and job keys."""
 
 from __future__ import annotations
 
 import io
 import json
 import urllib.request
+import zipfile
 
 import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 from web_fixtures import TINY_MODEL_ID, wait_for_job
+
+from webapp.training.models import Job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,8 +36,12 @@ def test_tokens_stay_out_of_logs_pages_and_api_output(client, owner, registered_
     outputs.append(urllib.request.urlopen(request, timeout=30).read())  # through daphne, into its access log
     client.force_login(owner)
     outputs += [client.get(path).content for path in ("/jobs/", f"/jobs/{job}/", "/datasets/", "/playground/")]
+    download = client.get(f"/jobs/{job}/adapter/")
+    bundle = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content)))
+    outputs += [bundle.read(name) for name in bundle.namelist()]
     logs = [path.read_bytes() for path in web_dirs["logs"].rglob("*.log")] + [web_trunk.log_path.read_bytes()]
     assert len(logs) >= 2, "the worker's and the trunk's logs are read"
-    for secret in (web_trunk.token, api_token):
+    key = bytes(Job.objects.get(pk=job).secret.key)  # the job's own key, drawn when it was created
+    for secret in (web_trunk.token.encode(), api_token.encode(), key, key.hex().encode()):
         for text in outputs + logs:
-            assert secret.encode() not in text
+            assert secret not in text
