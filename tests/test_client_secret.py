@@ -37,13 +37,22 @@ def integers_in(message) -> list[int]:
     return values
 
 
-@pytest.fixture
-def proxied_trunk(tiny_dirs, tmp_path):
-    trunk = start_trunk(tiny_dirs["llama"], tmp_path)
+@pytest.fixture(scope="module")
+def proxied_trunk_process(tiny_dirs, tmp_path_factory):
+    """A real trunk server behind a recording proxy, shared by a module's tests."""
+    trunk = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk"))
     proxy = start_proxy(trunk.address)
-    yield proxy.proxy, proxy.address, trunk.token
+    yield proxy, trunk
     proxy.stop()
     trunk.stop()
+
+
+@pytest.fixture
+def proxied_trunk(proxied_trunk_process):
+    """(the proxy, with an empty record; its address; the trunk's token)."""
+    proxy, trunk = proxied_trunk_process
+    proxy.proxy.clear()
+    return proxy.proxy, proxy.address, trunk.token
 
 
 def train_two_steps(tiny_dirs, address, token, secret, tmp_path, seed=SEED):

@@ -42,7 +42,12 @@ class ClientSecret:
         if not isinstance(key, bytes) or len(key) < 16:
             raise ValueError(f"a client secret needs at least 16 bytes of key, got {len(key) if isinstance(key, bytes) else type(key).__name__}")
         self._key = key
-        self.nonce = nonce
+        self._nonce = nonce
+
+    @property
+    def nonce(self) -> bytes | None:
+        """The run's nonce mixed into this key (public: without the key it derives nothing), or None."""
+        return self._nonce
 
     @classmethod
     def generate(cls) -> ClientSecret:
