@@ -2,14 +2,15 @@
 
 For every setting, a split run on the default model (SmolLM2-135M-Instruct) and the demo
 dataset against a real trunk server on loopback (which lets sessions choose their cut), then
-the leakage audit (``splitcore.privacy.audit``) on a sample of the same data: once with the
-Bottom the run starts with and once with the Bottom it trained; an attack's figure is the
-larger of the two (the trunk sees every step). Prints a table: the share of tokens each attack
-reads, the final validation loss, and that loss relative to the undefended run at the trunk's
-default cut.
+the leakage audit (``splitcore.privacy.audit``, with its strong attacks unless ``--no-strong``)
+on a sample of the same data: once with the Bottom the run starts with and once with the Bottom
+it trained; an attack's figure is the larger of the two (the trunk sees every step). Prints a
+table: the share of a step's compute the cut leaves on the client, the share of tokens the best
+attack on each channel reads, the final validation loss, that loss relative to the undefended
+run at the trunk's default cut, and the mean training step time.
 
-    .venv/bin/python benchmarks/privacy_tradeoff.py [--epochs 3] [--only NAME ...] \
-        [--json results.json] [--save-measured]
+    .venv/bin/python benchmarks/privacy_tradeoff.py [--epochs 3] [--only NAME ...] [--no-strong] \
+        [--json results.json] [--append] [--save-measured]
 
 ``--save-measured`` writes the figures to ``splitcore/privacy/measured_tradeoff.json``, where
 the job form reads them.
@@ -33,8 +34,11 @@ sys.path.insert(0, str(PROJECT_ROOT))
 from splitcore import LoraSettings  # noqa: E402
 from splitcore.data.formats import load_dataset_file  # noqa: E402
 from splitcore.model import default_model  # noqa: E402
+from splitcore.model.compute_share import compute_share  # noqa: E402
 from splitcore.privacy import ClientSecret, PrivacySettings  # noqa: E402
-from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy  # noqa: E402
+from splitcore.privacy.audit import (  # noqa: E402
+    ATTACK_TITLES, AuditConfig, AuditReport, audit_privacy,
+)
 from splitcore.privacy.measured import MEASURED_PATH  # noqa: E402
 from splitcore.remote.client import TrunkClient  # noqa: E402
 from splitcore.remote.process import start_trunk  # noqa: E402
@@ -81,12 +85,12 @@ SETTINGS = (
 )
 
 
-def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trunk, args) -> dict:
+def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trunk, args, attackers: dict) -> dict:
     config = TrainConfig(lora=LoraSettings(r=8, alpha=16, dropout=0.05), train_trunk_lora=setting.train_trunk_lora,
                          learning_rate=args.lr, epochs=args.epochs, batch_size=4, seq_len=args.seq_len,
                          val_fraction=0.15, seed=0, privacy=setting.privacy)
     data = prepare_training_data(tokenizer, examples, config)
-    audit_config = AuditConfig(sample=args.sample, max_tokens=min(128, args.seq_len))
+    audit_config = AuditConfig(sample=args.sample, max_tokens=min(128, args.seq_len), strong=args.strong)
     started = time.perf_counter()
     with TrunkClient(trunk.address, trunk.token, timeout_s=600) as client:
         engine = SplitEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, client,
@@ -96,32 +100,46 @@ def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trun
         def audit(bottom) -> AuditReport:
             return audit_privacy(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples,
                                  setting.privacy, spec.n_bottom, spec.n_top, audit_config, bottom_adapter=bottom,
-                                 lora=config.lora)
+                                 lora=config.lora, attackers=attackers)
 
         engine.train(False)
         first = audit(engine.bottom)
         trainer = SplitTrainer(engine, config, data, tokenizer.pad_token_id)
+        training_started = time.perf_counter()
         result = trainer.run()
+        training_seconds = time.perf_counter() - training_started
         engine.train(False)
         last = audit(engine.bottom)
         engine.close()
     rates = {r.name: max(r.rate, last.result(r.name).rate) for r in first.results}
+    share = compute_share(json.loads((model_dir / "config.json").read_text()), spec.n_bottom, spec.n_top,
+                          context=args.seq_len)
     return {"name": setting.name, "privacy": setting.privacy.to_dict(), "train_trunk_lora": setting.train_trunk_lora,
-            "n_bottom": spec.n_bottom, "n_top": spec.n_top, "rates": rates,
+            "n_bottom": spec.n_bottom, "n_top": spec.n_top, "rates": rates, "strong_audit": audit_config.strong,
             "first_step": {r.name: r.rate for r in first.results}, "last_step": {r.name: r.rate for r in last.results},
+            "client_share": round(share.client_share, 4), "step_seconds": round(training_seconds / result.step, 3),
             "val_loss": result.val_loss, "steps": result.step, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def markdown(rows: list[dict]) -> str:
+    """One line per setting: compute split, each attack, the best per channel, the loss and the step time."""
     base = next(r["val_loss"] for r in rows if r["name"] == BASELINE)
-    lines = ["| setting | cut (Bottom + Top) | linear map | candidate search | labels from gradients | worst | "
-             "validation loss | vs undefended |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    names = [name for name in ATTACK_TITLES if any(name in row["rates"] for row in rows)]
+    short = {"learned_inversion": "linear map", "network_inversion": "network", "aligned_inversion": "aligned map",
+             "exact_search": "candidate search", "gradient_labels": "labels (Top as identity)",
+             "gradient_search": "labels (through the Top)"}
+    header = (["setting", "cut (Bottom + Top)", "your workers' share"] + [short.get(n, n) for n in names]
+              + ["worst", "validation loss", "vs undefended", "step time"])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         rates = row["rates"]
         worst = max(rates.values())
-        lines.append(f"| {row['name']} | {row['n_bottom']} + {row['n_top']} | {rates['learned_inversion']:.1%} | "
-                     f"{rates['exact_search']:.1%} | {rates['gradient_labels']:.1%} | **{worst:.1%}** | "
-                     f"{row['val_loss']:.4f} | {row['val_loss'] / base - 1:+.1%} |")
+        cells = [row["name"], f"{row['n_bottom']} + {row['n_top']}",
+                 f"{row['client_share']:.0%}" if "client_share" in row else "?"]
+        cells += [f"{rates[n]:.1%}" if n in rates else "not run" for n in names]
+        cells += [f"**{worst:.1%}**", f"{row['val_loss']:.4f}", f"{row['val_loss'] / base - 1:+.1%}",
+                  f"{row['step_seconds']:.2f} s" if "step_seconds" in row else "?"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -133,6 +151,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sample", type=int, default=8, help="examples each audit attacks")
+    parser.add_argument("--no-strong", dest="strong", action="store_false",
+                        help="leave out the audit's strong attacks (the inversion network)")
     parser.add_argument("--only", nargs="*", help="names of the settings to run (the undefended one always runs)")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     parser.add_argument("--append", action="store_true",
@@ -151,10 +171,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as log_dir:
         trunk = start_trunk(model_dir, log_dir, "--min-bottom-layers", "1", "--min-top-layers", "1",
                             "--max-sessions", "2")
+        attackers: dict = {}  # the attacker's preparation per (Bottom depth, noise), shared by the rows
         try:
             for setting in chosen:
-                row = train_and_audit(setting, Path(model_dir), examples, tokenizer, trunk, args)
+                row = train_and_audit(setting, Path(model_dir), examples, tokenizer, trunk, args, attackers)
                 rows.append(row)
+                if args.json:  # a long run keeps what it measured so far (--append goes on from there)
+                    args.json.write_text(json.dumps({"meta": {}, "rows": rows}, indent=2) + "\n")
                 print(f"{row['name']}: {json.dumps(row['rates'])} val loss {row['val_loss']:.4f} "
                       f"({row['seconds']} s)", file=sys.stderr, flush=True)
         finally:
@@ -163,7 +186,8 @@ def main() -> int:
     rows.sort(key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
     print(markdown(rows))
     meta = {"model": Path(model_dir).name, "data": args.data.name, "epochs": args.epochs, "lr": args.lr,
-            "seq_len": args.seq_len, "audit_sample": args.sample}
+            "seq_len": args.seq_len, "audit_sample": args.sample, "audit_strong": args.strong,
+            "model_config": json.loads((Path(model_dir) / "config.json").read_text())}
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     if args.save_measured:

@@ -192,6 +192,7 @@ def test_job_list_updates_statuses_live(page, django_user_model, registered_trun
 
 def test_the_job_form_shows_what_the_chosen_privacy_setting_let_a_trunk_owner_read(page, django_user_model,
                                                                                   registered_trunk):
+    from splitcore.privacy.attack_names import HIDDEN_STATES, channel_rate
     from splitcore.privacy.measured import measured_points
 
     log_in(page, django_user_model)
@@ -200,7 +201,8 @@ def test_the_job_form_shows_what_the_chosen_privacy_setting_let_a_trunk_owner_re
     undefended = measured_points()[0]
     # The tiny model starts undefended at its trunk's default cut: the first measured row.
     expect(measured).to_contain_text(f"({undefended.name})")
-    expect(measured).to_contain_text(f"{undefended.rates['exact_search']:.1%} with a candidate search")
+    hidden = channel_rate(undefended.rates, HIDDEN_STATES)
+    expect(measured).to_contain_text(f"the best attack read {hidden:.1%} of the tokens from the hidden states")
     page.fill("input[name=bottom_layers]", "8")
     page.fill("input[name=top_layers]", "16")
     expect(measured).to_contain_text("(Bottom 8 + Top 16 blocks)")

@@ -68,7 +68,8 @@ def test_the_form_privacy_choices_reach_the_job_the_worker_and_the_trunk(client,
     audit = detail["privacy_audit"]["first_step"]
     assert audit["cut"] == {"n_bottom": 1, "n_top": 1}
     assert audit["settings"]["hidden_noise"] == 0.25 and audit["settings"]["grad_noise"] == 0.5
-    assert {r["name"] for r in audit["results"]} == {"learned_inversion", "exact_search", "gradient_labels"}
+    assert {r["name"] for r in audit["results"]} == {"learned_inversion", "aligned_inversion", "exact_search",
+                                                     "gradient_labels", "gradient_search"}
     assert all(0 < r["total"] and 0 <= r["recovered"] <= r["total"] for r in audit["results"])
     assert "last_step" not in detail["privacy_audit"], "the Bottom is re-audited only when NoPeek trained it"
     worst = max(r["rate"] for r in audit["results"])

@@ -32,6 +32,11 @@ def add_audit_parser(commands) -> None:
     audit.add_argument("--public-tokens", type=int, default=AuditConfig.public_tokens,
                        help="size of the attacker's public text in tokens (default 8192)")
     audit.add_argument("--seed", type=int, default=0, help="which examples are sampled")
+    audit.add_argument("--strong", action="store_true",
+                       help="also run the strong attacks: an inversion network trained on a larger public text, "
+                            "whose candidates the candidate search then tries (a minute or more on 2 CPU cores)")
+    audit.add_argument("--strong-public-tokens", type=int, default=AuditConfig.strong_public_tokens,
+                       help="public text the strong attacks train on, in tokens (default 32768)")
     audit.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     audit.set_defaults(handler=run_audit)
 
@@ -60,7 +65,8 @@ def run_audit(args: argparse.Namespace) -> int:
     settings = PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers,
                                **defense_settings(args))
     config = AuditConfig(sample=args.sample, max_tokens=args.max_tokens, candidates=args.candidates,
-                         public_tokens=args.public_tokens, seed=args.seed)
+                         public_tokens=args.public_tokens, seed=args.seed, strong=args.strong,
+                         strong_public_tokens=args.strong_public_tokens)
     model_dir, data = Path(args.model), Path(args.data)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model directory {model_dir} has no config.json")

@@ -15,6 +15,14 @@ gradients the client sends back (d loss / d Top input, after ``ChannelNoise.on_g
   through the public Bottom after the prefix read so far (all candidates of all examples
   in one batch, reusing a KV cache of the prefix); the candidate whose hidden state lies
   closest (L2) to the received one wins.
+* ``gradient_search``: differentiates through the public Top's blocks. The gradient the
+  client sends is linear in the one-hot labels: ``g = s A(P - Y)`` with ``A`` the Jacobian
+  transpose of the Top's logits at its input (the trunk owner holds the Top and its input),
+  ``P`` the Top's predictions and ``s`` one over the labelled tokens of the step. Each of
+  ``gradient_labels``' best candidates is scored by how well the gradient it implies (one
+  backward pass through the public Top per candidate rank, all positions at once) explains
+  the received one; the best explanation wins, and the search is repeated from the new
+  guesses.
 * ``gradient_labels``: reads the labels (the next input tokens) from the gradient at the
   Top's input. With the client's Top LoRA still zero (the start of a run), the trunk owner
   knows the Top's input (its own output) and can run the public Top: the gradient at
@@ -318,6 +326,55 @@ def gradient_labels(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
     candidates = torch.zeros(*received.shape[:2], k, dtype=torch.long, device=received.device)  # (batch, seq, k)
     candidates[positions] = torch.cat(ranked)
     return TokenGuesses(tokens=candidates[..., 0], candidates=candidates)
+
+
+def _top_logits(top: Top, trunk_output: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the Top's input, a leaf that requires grad; the logits (batch, seq, vocab) with their graph kept)."""
+    inputs = trunk_output.detach().requires_grad_()
+    return inputs, top(inputs, attention_mask).logits
+
+
+def gradient_search(top: Top, trunk_output: torch.Tensor, attention_mask: torch.Tensor, received: torch.Tensor,
+                    candidates: torch.Tensor, positions: torch.Tensor, rounds: int = 2) -> TokenGuesses:
+    """Pick each labelled position's label among ``candidates`` (batch, seq, k) by the gradient it implies.
+
+    With labels ``Y`` the client's gradient at the Top's input is ``s A(P - Y)``: ``A(U)`` is the
+    gradient of ``sum_t <logits_t, U_t>`` over the ``positions`` (bool (batch, seq)), one backward
+    pass through the public Top. Starting from the candidates ranked first, for every rank ``j`` the
+    labels are switched to rank ``j``'s candidates at once and the squared distance between the
+    received gradient and the implied one (``s`` fitted by least squares) is measured per position;
+    each position keeps the rank that explains its gradient best. A position's own label dominates
+    its gradient, the other positions' labels reach it only through attention, so switching all
+    positions at once reads each position nearly as switching it alone would. Costs ``k + rounds``
+    backward passes through the Top (the logits graph is kept for all of them).
+    """
+    batch, length, k = candidates.shape
+    selected = positions.to(received.dtype)  # (batch, seq)
+    with torch.enable_grad():
+        inputs, logits = _top_logits(top, trunk_output, attention_mask)  # (batch, seq, vocab)
+
+        def implied(objective: torch.Tensor) -> torch.Tensor:
+            (gradient,) = torch.autograd.grad(objective, inputs, retain_graph=True)
+            return gradient.detach().float()  # (batch, seq, hidden)
+
+        def one_hot(tokens: torch.Tensor) -> torch.Tensor:  # A(Y) for labels ``tokens`` (batch, seq)
+            return implied((logits.gather(-1, tokens[..., None])[..., 0] * selected).sum())
+
+        with torch.no_grad():
+            probs = logits.detach().float().softmax(-1)
+        expected = implied(((logits.float() * probs).sum(-1) * selected).sum())  # A(P)
+        by_rank = [one_hot(candidates[..., rank]) for rank in range(k)]  # A(C_j), each (batch, seq, hidden)
+        guess = candidates[..., 0]
+        received = received.float()
+        for _ in range(rounds):
+            current = one_hot(guess)  # A(Y)
+            implied_now = expected - current
+            scale = ((received * implied_now)[positions].sum()
+                     / (implied_now * implied_now)[positions].sum().clamp_min(1e-30))
+            distances = torch.stack([((received - scale * (implied_now + current - switched)) ** 2).sum(-1)
+                                     for switched in by_rank], -1)  # (batch, seq, k)
+            guess = candidates.gather(-1, distances.argmin(-1, keepdim=True))[..., 0]
+    return TokenGuesses(tokens=guess.masked_fill(~positions, 0), candidates=candidates)
 
 
 def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

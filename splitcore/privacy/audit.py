@@ -4,7 +4,8 @@
 does, computes what the trunk would receive on the first step of a run (the client
 Bottom's output through ``ChannelNoise.on_hidden``, and the gradient at the Top's input
 through ``ChannelNoise.on_gradient``, with a fresh client secret), plays the trunk owner's
-three attacks (``attacks``) against it and reports the share of tokens each one reads.
+attacks against it (``attacks``, ``alignment``, and with ``AuditConfig.strong`` the
+``inversion_network``) and reports the share of tokens each one reads.
 It runs on the data owner's machine; nothing leaves it.
 """
 
@@ -31,18 +32,17 @@ from splitcore.privacy import attacks
 from splitcore.privacy.client_secret import ClientSecret
 from splitcore.privacy.noise import ChannelNoise
 from splitcore.privacy.private_bottom import randomise_lora
-from splitcore.privacy.public_text import public_token_chunks
+from splitcore.privacy.attack_names import (  # noqa: F401 (the names are part of the audit's API)
+    ALIGNED_INVERSION, ATTACK_CHANNELS, ATTACK_TITLES, EXACT_SEARCH, GRADIENT_LABELS, GRADIENT_SEARCH, GRADIENTS,
+    HIDDEN_STATES, LEARNED_INVERSION, NETWORK_INVERSION, STRONG_ATTACKS, channel_rate,
+)
+from splitcore.privacy.alignment import AlignmentConfig, aligned_inversion
+from splitcore.privacy.inversion_network import (InversionNetwork, InversionNetworkConfig, fit_inversion_network,
+                                                 network_inversion, public_hidden_grid)
+from splitcore.privacy.public_text import EXTENDED, public_token_chunks
 from splitcore.privacy.settings import PrivacySettings
 from splitcore.training.batches import Batch, MicroBatches, split_train_val
 
-LEARNED_INVERSION = "learned_inversion"
-EXACT_SEARCH = "exact_search"
-GRADIENT_LABELS = "gradient_labels"
-ATTACK_TITLES = {
-    LEARNED_INVERSION: "linear map fit on public text (hidden states)",
-    EXACT_SEARCH: "candidate search through the public Bottom (hidden states)",
-    GRADIENT_LABELS: "labels read from the gradients (gradients)",
-}
 # The attacker's own randomness (its simulated noise), unrelated to the client's secret.
 _ATTACKER_SEED_OFFSET = 7919
 
@@ -63,7 +63,12 @@ class AuditConfig:
     and costs proportionally); ``public_tokens``: size of the attacker's public text, also
     cut into chunks of ``max_tokens``; ``seed``: which examples are sampled and the
     attacker's own random draws. Cost grows with sample * max_tokens * candidates * Bottom
-    blocks (the search) and public_tokens * Bottom blocks (the fit).
+    blocks (the search), public_tokens * Bottom blocks (the fit) and candidates * Top blocks
+    (the gradient search).
+
+    ``strong``: also train the inversion network (``STRONG_ATTACKS``) on ``strong_public_tokens``
+    of the extended public corpus, and let the candidate search try its candidates instead of
+    the linear map's; a minute or more on 2 CPU cores for the default model, so off by default.
     """
 
     sample: int = 8
@@ -71,6 +76,8 @@ class AuditConfig:
     candidates: int = 16
     public_tokens: int = 8192
     seed: int = 0
+    strong: bool = False
+    strong_public_tokens: int = 32768
 
     def __post_init__(self) -> None:
         _check_whole("the audit sample", self.sample, 1, 256)
@@ -78,10 +85,14 @@ class AuditConfig:
         _check_whole("the audit's candidates per position", self.candidates, 1, 1024)
         _check_whole("the audit's public text size in tokens", self.public_tokens, 64, 100_000)
         _check_whole("the audit seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.strong, bool):
+            raise ValueError(f"the audit's strong switch must be true or false, got {self.strong!r}")
+        _check_whole("the strong audit's public text size in tokens", self.strong_public_tokens, 64, 1_000_000)
 
     def to_dict(self) -> dict:
         return {"sample": self.sample, "max_tokens": self.max_tokens, "candidates": self.candidates,
-                "public_tokens": self.public_tokens, "seed": self.seed}
+                "public_tokens": self.public_tokens, "seed": self.seed, "strong": self.strong,
+                "strong_public_tokens": self.strong_public_tokens}
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,10 @@ class AttackResult:
     @property
     def title(self) -> str:
         return ATTACK_TITLES[self.name]
+
+    @property
+    def channel(self) -> str:
+        return ATTACK_CHANNELS[self.name]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "recovered": self.recovered, "total": self.total, "rate": self.rate}
@@ -130,6 +145,15 @@ class AuditReport:
     def worst_rate(self) -> float:
         """The highest share of tokens any attack read: the figure that matters to the data owner."""
         return max((result.rate for result in self.results), default=0.0)
+
+    @property
+    def strong(self) -> bool:
+        """Whether the strong attacks ran (older reports: they did not)."""
+        return bool(self.config.get("strong", False))
+
+    def channel_rate(self, channel: str) -> float:
+        """The highest share of tokens an attack on ``channel`` (hidden states or gradients) read."""
+        return channel_rate({result.name: result.rate for result in self.results}, channel)
 
     def result(self, name: str) -> AttackResult:
         for result in self.results:
@@ -173,7 +197,8 @@ class AuditReport:
             noise.append("no gradients to the trunk")
         width = max(len(result.title) for result in self.results) if self.results else 10
         lines = [f"Leakage audit: Bottom {self.n_bottom} blocks, Top {self.n_top} blocks, {', '.join(noise)}; "
-                 f"{self.examples} examples, {self.seconds:.1f} s",
+                 f"{self.examples} examples, {self.seconds:.1f} s"
+                 + ("" if self.strong else "; strong attacks not run (--strong)"),
                  f"{'attack':<{width}}  {'read':>11}  {'share':>6}"]
         for result in self.results:
             lines.append(f"{result.title:<{width}}  {result.recovered:>5}/{result.total:<5}  {result.rate:>6.1%}")
@@ -258,34 +283,77 @@ def _simulate_traffic(client_bottom: nn.Module, run_trunk, top: Top, batch: Batc
     return _Traffic(hidden=hidden.detach(), trunk_output=trunk_output.detach(), gradient=gradient.detach())
 
 
-def _run_attacks(tokenizer, public_bottom: Bottom, top: Top, batch: Batch,
-                 traffic: _Traffic, settings: PrivacySettings, config: AuditConfig) -> tuple[AttackResult, ...]:
+@dataclass(frozen=True)
+class Attacker:
+    """What the trunk owner prepares before it sees any traffic: the public Bottom's states on its public
+    text (blurred as the job's hidden-state noise blurs), the linear map fit on them and, for the strong
+    audit, the inversion network. It depends only on the public model, the Bottom's depth, the noise
+    scale and the audit config, so audits of the same (cut, noise, config) can share one."""
+
+    public_hidden: torch.Tensor  # (n, hidden)
+    public_ids: torch.Tensor  # (n,)
+    inversion: attacks.InversionMap
+    network: InversionNetwork | None
+
+
+def prepare_attacker(tokenizer, public_bottom: Bottom, hidden_noise: float, config: AuditConfig) -> Attacker:
     generator = torch.Generator().manual_seed(config.seed + _ATTACKER_SEED_OFFSET)
     chunks = public_token_chunks(tokenizer, config.public_tokens, config.max_tokens)
     public_hidden, public_ids = attacks.public_hidden_states(public_bottom, chunks, _pad_id(tokenizer),
-                                                             settings.hidden_noise, generator)
+                                                             hidden_noise, generator)
     embeddings = _input_embeddings(public_bottom).detach()
     inversion = attacks.fit_inversion(public_hidden, embeddings[public_ids])
+    network = None
+    if config.strong:
+        strong_chunks = public_token_chunks(tokenizer, config.strong_public_tokens, config.max_tokens, corpus=EXTENDED)
+        grid = public_hidden_grid(public_bottom, strong_chunks, _pad_id(tokenizer), hidden_noise, generator)
+        network = fit_inversion_network(*grid, embeddings, InversionNetworkConfig(seed=config.seed))
+    return Attacker(public_hidden=public_hidden, public_ids=public_ids, inversion=inversion, network=network)
+
+
+def _hidden_state_attacks(attacker: Attacker, public_bottom: Bottom, batch: Batch, received: torch.Tensor,
+                          settings: PrivacySettings, config: AuditConfig) -> list[AttackResult]:
+    """The attacks on the hidden states the trunk receives (``received``, (batch, seq, hidden))."""
+    embeddings = _input_embeddings(public_bottom).detach()
     mask = batch.attention_mask
-    learned = attacks.learned_inversion(inversion, embeddings, traffic.hidden, mask, config.candidates)
-    searched = attacks.exact_search(public_bottom, traffic.hidden, mask, learned.candidates, settings.hidden_noise)
+    learned = attacks.learned_inversion(attacker.inversion, embeddings, received, mask, config.candidates)
+    aligned = aligned_inversion(public_bottom, received, mask, attacker.public_hidden, attacker.public_ids,
+                                embeddings, attacker.inversion, config.candidates, AlignmentConfig(seed=config.seed))
+    readings = {LEARNED_INVERSION: learned, ALIGNED_INVERSION: aligned}
+    candidates = learned.candidates
+    if attacker.network is not None:
+        readings[NETWORK_INVERSION] = network_inversion(attacker.network, embeddings, received, mask,
+                                                        config.candidates)
+        candidates = readings[NETWORK_INVERSION].candidates
+    readings[EXACT_SEARCH] = attacks.exact_search(public_bottom, received, mask, candidates, settings.hidden_noise)
+    return [AttackResult(name, *attacks.recovery(guesses.tokens, batch.input_ids, mask))
+            for name, guesses in readings.items()]
+
+
+def _gradient_attacks(top: Top, batch: Batch, traffic: _Traffic, settings: PrivacySettings,
+                      config: AuditConfig) -> list[AttackResult]:
+    """The attacks on the gradient the client sends back (the labels: the next input tokens)."""
     targets, labelled = attacks.label_targets(batch.labels)
-    if settings.gradients_to_trunk:
-        labels = attacks.gradient_labels(top, traffic.trunk_output, mask, traffic.gradient, positions=labelled)
-        from_gradients = AttackResult(GRADIENT_LABELS, *attacks.recovery(labels.tokens, targets, labelled))
-    else:  # the trunk is never sent a gradient: this channel carries nothing to read
-        from_gradients = AttackResult(GRADIENT_LABELS, 0, int(labelled.sum()))
-    return (
-        AttackResult(LEARNED_INVERSION, *attacks.recovery(learned.tokens, batch.input_ids, mask)),
-        AttackResult(EXACT_SEARCH, *attacks.recovery(searched.tokens, batch.input_ids, mask)),
-        from_gradients,
-    )
+    if not settings.gradients_to_trunk:  # the trunk is never sent a gradient: this channel carries nothing to read
+        return [AttackResult(name, 0, int(labelled.sum())) for name in (GRADIENT_LABELS, GRADIENT_SEARCH)]
+    mask = batch.attention_mask
+    read = attacks.gradient_labels(top, traffic.trunk_output, mask, traffic.gradient, positions=labelled,
+                                   k=config.candidates)
+    searched = attacks.gradient_search(top, traffic.trunk_output, mask, traffic.gradient, read.candidates, labelled)
+    return [AttackResult(GRADIENT_LABELS, *attacks.recovery(read.tokens, targets, labelled)),
+            AttackResult(GRADIENT_SEARCH, *attacks.recovery(searched.tokens, targets, labelled))]
+
+
+def _run_attacks(attacker: Attacker, public_bottom: Bottom, top: Top, batch: Batch,
+                 traffic: _Traffic, settings: PrivacySettings, config: AuditConfig) -> tuple[AttackResult, ...]:
+    return (*_hidden_state_attacks(attacker, public_bottom, batch, traffic.hidden, settings, config),
+            *_gradient_attacks(top, batch, traffic, settings, config))
 
 
 def audit_privacy(model: PreTrainedModel | ModelParts, tokenizer, examples: Sequence[Example], settings: PrivacySettings,
                   n_bottom: int, n_top: int, config: AuditConfig = AuditConfig(),
                   bottom_adapter: str | os.PathLike | nn.Module | None = None,
-                  lora: LoraSettings = LoraSettings()) -> AuditReport:
+                  lora: LoraSettings = LoraSettings(), attackers: dict | None = None) -> AuditReport:
     """Play the honest-but-curious trunk owner against a sample of ``examples``; report what it reads.
 
     ``model`` is the public base model (no LoRA in it); it is left as it was. ``n_bottom``
@@ -297,6 +365,10 @@ def audit_privacy(model: PreTrainedModel | ModelParts, tokenizer, examples: Sequ
     public weights. Without ``bottom_adapter`` and with ``settings.private_bottom`` on, the
     client's Bottom is a private variant drawn as a run draws it, with ``lora``'s shape. The
     Top is the public one with a zero LoRA, as at the start of a run.
+
+    ``attackers``: a dict the caller keeps between audits of the same public ``model`` (a benchmark
+    auditing many settings): the attacker's preparation (``prepare_attacker``) is stored there per
+    (Bottom depth, hidden-state noise, config) and reused instead of being fit again.
     """
     if not isinstance(settings, PrivacySettings):
         raise ValueError(f"settings must be PrivacySettings, got {type(settings).__name__}")
@@ -319,7 +391,11 @@ def audit_privacy(model: PreTrainedModel | ModelParts, tokenizer, examples: Sequ
         client_bottom = _client_bottom(public_bottom, bottom_adapter, settings, lora, config.seed)
         traffic = _simulate_traffic(client_bottom, lambda hidden, mask: parts.run_trunk(spec.trunk_layers, hidden, mask),
                                     top, batch, channel)
-        results = _run_attacks(tokenizer, public_bottom, top, batch, traffic, settings, config)
+        key = (n_bottom, settings.hidden_noise, config)
+        attacker = (attackers or {}).get(key) or prepare_attacker(tokenizer, public_bottom, settings.hidden_noise, config)
+        if attackers is not None:
+            attackers[key] = attacker
+        results = _run_attacks(attacker, public_bottom, top, batch, traffic, settings, config)
     finally:
         for part, mode in modes:
             part.train(mode)

@@ -45,10 +45,9 @@
       return;
     }
     const point = points[index];
-    out.textContent = `Measured on ${measured.model} for this setting (${point.name}): a trunk owner read ` +
-      `${point.percents.learned_inversion} of the tokens with a linear map, ${point.percents.exact_search} with a ` +
-      `candidate search and ${point.percents.gradient_labels} of the labels from the gradients; validation loss ` +
-      `${point.cost} against an undefended run.`;
+    out.textContent = `Measured on ${measured.model} for this setting (${point.name}): the best attack read ` +
+      `${point.hidden_percent} of the tokens from the hidden states and ${point.gradient_percent} of the labels ` +
+      `from the gradients; validation loss ${point.cost} against an undefended run.`;
   }
 
   // The measured figures and the recommended start are for one model; another model starts undefended.

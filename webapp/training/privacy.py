@@ -14,6 +14,7 @@ import logging
 from django.conf import settings
 
 from splitcore.data.formats import Example
+from splitcore.privacy.attack_names import GRADIENTS, HIDDEN_STATES, channel_rate
 from splitcore.privacy.audit import AuditConfig, AuditReport, audit_privacy
 from splitcore.privacy.measured import (
     MAX_RECOMMENDED_COST,
@@ -136,6 +137,8 @@ def measured_context(recommended: MeasuredPoint | None) -> dict:
 
     def present(point) -> dict:
         return {**point.to_dict(), "percents": {name: f"{rate:.1%}" for name, rate in point.rates.items()},
+                "hidden_percent": f"{channel_rate(point.rates, HIDDEN_STATES):.1%}",
+                "gradient_percent": f"{channel_rate(point.rates, GRADIENTS):.1%}",
                 "worst_percent": f"{point.worst_rate:.1%}", "cost": f"{point.val_loss_change:+.1%}",
                 "client_percent": f"{point.client_share:.0%}" if point.client_share is not None else "–",
                 "step_time": f"{point.step_seconds:.2f} s" if point.step_seconds is not None else "–"}
