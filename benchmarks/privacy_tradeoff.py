@@ -98,9 +98,13 @@ def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trun
         spec = engine.spec
 
         def audit(bottom) -> AuditReport:
-            return audit_privacy(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples,
-                                 setting.privacy, spec.n_bottom, spec.n_top, audit_config, bottom_adapter=bottom,
-                                 lora=config.lora, attackers=attackers)
+            with engine.session_kept_alive():  # a strong audit outlasts the trunk session's lease
+                report = audit_privacy(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples,
+                                       setting.privacy, spec.n_bottom, spec.n_top, audit_config,
+                                       bottom_adapter=bottom, lora=config.lora, attackers=attackers)
+            print(f"  {setting.name}: audit in {report.seconds:.0f} s, worst {report.worst_rate:.1%}", file=sys.stderr,
+                  flush=True)
+            return report
 
         engine.train(False)
         first = audit(engine.bottom)

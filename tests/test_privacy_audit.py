@@ -292,3 +292,27 @@ def test_a_bf16_head_and_embedding_are_never_copied_whole_to_float(tiny_llama, m
     assert largest_float(embeddings.shape[0]) >= whole_matrix
     # ... blocks of 7 rows never make one: the largest float tensors are the (positions, vocab) scores.
     assert largest_float(7) <= max(mask.shape[1] * embeddings.shape[0], 7 * embeddings.shape[1]) < whole_matrix
+
+
+def test_the_gradient_search_through_the_top_reads_at_least_what_the_identity_reading_does(tiny_llama,
+                                                                                          demo_examples):
+    """Behind a Top of four blocks, taking the blocks as the identity misreads labels the search through the
+    public Top recovers from the same candidates."""
+    model, tokenizer = tiny_llama
+    report = audit_privacy(model, tokenizer, demo_examples, PrivacySettings(), 1, 4, FAST)
+    identity, searched = report.result(GRADIENT_LABELS), report.result(GRADIENT_SEARCH)
+    assert searched.total == identity.total
+    assert searched.recovered >= identity.recovered, report.table()
+    assert searched.rate > MOST, report.table()
+
+
+def test_the_strong_audit_runs_the_inversion_network_and_says_so(tiny_llama, demo_examples):
+    model, tokenizer = tiny_llama
+    config = AuditConfig(sample=4, max_tokens=64, candidates=8, public_tokens=2048, seed=0, strong=True,
+                         strong_public_tokens=4096)
+    report = audit_privacy(model, tokenizer, demo_examples, PrivacySettings(), 1, 2, config)
+    assert report.strong and report.config["strong"] is True
+    network = report.result(NETWORK_INVERSION)
+    assert network.rate > MOST, report.table()
+    assert "strong attacks not run" not in report.table() and network.title in report.table()
+    assert AuditReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report

@@ -209,6 +209,9 @@ GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
 MERGED_BUILD_TIMEOUT_S = env_float("MERGED_BUILD_TIMEOUT_S", 3600.0, minimum=10.0)
 # The leakage audit a worker runs on each job: examples of the job's data it attacks (0: no audit).
 PRIVACY_AUDIT_SAMPLE = env_int("PRIVACY_AUDIT_SAMPLE", 8, minimum=0)
+# Whether that audit also runs its strong attacks (an inversion network trained on more public text): a minute
+# or more per audit on 2 CPU cores for the default model, so off unless the site's workers have time for it.
+PRIVACY_AUDIT_STRONG = env_bool("PRIVACY_AUDIT_STRONG", False)
 # The most of a step's compute (splitcore.model.compute_share) the setting the job form recommends may run on
 # this site's workers: a cut that keeps most of the model here defeats the point of lending a trunk.
 PRIVACY_MAX_CLIENT_SHARE = env_float("PRIVACY_MAX_CLIENT_SHARE", 0.35)

@@ -219,7 +219,8 @@
       strong.textContent = moment.headline.charAt(0).toUpperCase() + moment.headline.slice(1);
       const context = document.createElement("span");
       context.className = "muted";
-      context.textContent = ` (${moment.when}; ${moment.cut}; ${moment.examples} examples)`;
+      context.textContent = ` (${moment.when}; ${moment.cut}; ${moment.examples} examples` +
+        `${moment.strong ? "" : "; strong attacks not run"})`;
       headline.append(strong, context);
       const table = document.createElement("table");
       table.className = "audit-table";

@@ -43,7 +43,7 @@ def audit_job(job: Job, lease: Lease, engine: SplitEngine, tokenizer, examples: 
     if settings.PRIVACY_AUDIT_SAMPLE == 0:
         return None
     config = AuditConfig(sample=settings.PRIVACY_AUDIT_SAMPLE, max_tokens=min(128, job.max_seq_length),
-                         seed=job.seed)
+                         seed=job.seed, strong=settings.PRIVACY_AUDIT_STRONG)
     # The Bottom this job runs: before training, the public one (or its private variant); after, the trained one.
     report = audit_privacy(base_models.client_model(job.base_model), tokenizer, examples,
                            job.privacy_settings(), engine.spec.n_bottom, engine.spec.n_top, config,
@@ -96,7 +96,7 @@ def audit_summary(job: Job) -> dict | None:
             "moment": moment, "when": MOMENTS[moment], "worst_rate": report.worst_rate,
             "headline": headline(report.worst_rate), "cut": f"{report.n_bottom} blocks before the trunk, "
                                                              f"{report.n_top} after it",
-            "examples": report.examples,
+            "examples": report.examples, "strong": report.strong,
             "attacks": [{"name": r.name, "title": r.title, "rate": r.rate, "percent": f"{r.rate:.1%}",
                          "recovered": r.recovered, "total": r.total} for r in report.results],
         })
@@ -119,8 +119,11 @@ def audit_markdown(job: Job) -> str:
         lines.append("")
     if summary["chain"]:
         lines.append(summary["chain"] + "\n")
-    lines.append("The audit plays an honest-but-curious trunk owner with three attacks on a sample of the "
-                 "training data; stronger attacks may read more. See docs/privacy.md.")
+    strong = all(moment["strong"] for moment in summary["moments"])
+    lines.append("The audit plays an honest-but-curious trunk owner with the attacks above on a sample of the "
+                 "training data" + ("" if strong else ", without its strong attacks (an inversion network trained "
+                                                      "on more public text)")
+                 + "; stronger attacks may read more. See docs/privacy.md.")
     return "\n".join(lines)
 
 
