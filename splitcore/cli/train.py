@@ -87,6 +87,11 @@ def add_train_parser(commands) -> None:
     privacy.add_argument("--nopeek", type=float, default=0.0,
                          help="weight of the NoPeek term that trains the Bottom to decorrelate what it sends from "
                               "its input (0: off)")
+    privacy.add_argument("--distill-bottom", type=int, default=0, metavar="STEPS",
+                         help="before the first step, distil the private Bottom (--private-bottom) for this many "
+                              "steps on public text through the trunk, to keep the public model's predictions while "
+                              "a linear map fit on its output reads less (0: off; a resumed run keeps its "
+                              "checkpoint's Bottom)")
     privacy.add_argument("--secret-file", help="this machine's client secret, from which the seeds the trunk is "
                                                "sent, the noise and the private Bottom are derived, mixed with a "
                                                "fresh nonce per run (recorded in the checkpoints, reused by "
@@ -111,7 +116,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm, seed=args.seed, val_fraction=args.val_fraction,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, wire_encoding=args.wire,
         privacy=PrivacySettings(bottom_layers=args.bottom_layers, top_layers=args.top_layers, nopeek=args.nopeek,
-                                **defense_settings(args)),
+                                distill_bottom=args.distill_bottom, **defense_settings(args)),
     )
 
 
@@ -176,8 +181,14 @@ def run_train(args: argparse.Namespace) -> int:
                          n_top=LOCAL_CUT if args.top_layers is None else args.top_layers)
         engine = LocalEngine(model, config, spec, secret=secret, device=device)
     else:
+        distils = config.privacy.distill_bottom > 0 and resume is None  # a checkpoint holds the distilled Bottom
+        if distils:
+            print(f"distilling the private Bottom for {config.privacy.distill_bottom} steps on public text",
+                  file=sys.stderr)
         engine = SplitEngine(model, config, connect_trunks(args, config.wire_encoding), label=f"cli:{out.name}",
-                             secret=secret, device=device)
+                             secret=secret, device=device, tokenizer=tokenizer if distils else None)
+        if engine.distillation is not None:
+            print(engine.distillation.describe(), file=sys.stderr)
 
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: _request_cancel(cancel, previous))

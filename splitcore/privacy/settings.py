@@ -9,6 +9,7 @@ from dataclasses import dataclass
 MAX_NOISE = 100.0
 MAX_NOPEEK = 100.0
 MAX_PRIVATE_BOTTOM = 10.0
+MAX_DISTILL_STEPS = 100_000
 
 
 def _optional_layers(name: str, value: object) -> None:
@@ -42,6 +43,12 @@ class PrivacySettings:
     this size relative to the weight's norm (0: off, LoRA starts at zero as usual), so the
     trunk owner's copy of the public Bottom no longer matches the client's.
 
+    ``distill_bottom``: steps of distillation on public text that a fresh run gives its private
+    Bottom before any of the data owner's hidden states is sent (0: off; needs ``private_bottom``):
+    the Bottom learns to keep the public model's next-token predictions through the real trunk, with a
+    term against a linear map fit on its own output (``splitcore.privacy.distilled_bottom``). The
+    trunk receives the public text's hidden states and their gradients meanwhile.
+
     ``gradients_to_trunk``: False closes the gradient channel: the trunk receives hidden states
     only, never a gradient. Nothing behind the cut can then learn: the Bottom stays as it starts
     and the trunk must be frozen (no trunk LoRA); only the Top trains.
@@ -54,6 +61,7 @@ class PrivacySettings:
     nopeek: float = 0.0
     private_bottom: float = 0.0
     gradients_to_trunk: bool = True
+    distill_bottom: int = 0
 
     def __post_init__(self) -> None:
         _optional_layers("bottom_layers", self.bottom_layers)
@@ -67,6 +75,13 @@ class PrivacySettings:
                     or not 0.0 <= value <= highest):
                 raise ValueError(f"{name} must be a number from 0 (off) to {highest:g}, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if (isinstance(self.distill_bottom, bool) or not isinstance(self.distill_bottom, int)
+                or not 0 <= self.distill_bottom <= MAX_DISTILL_STEPS):
+            raise ValueError(f"distill_bottom must be a whole number of distillation steps from 0 (off) to "
+                             f"{MAX_DISTILL_STEPS}, got {self.distill_bottom!r}")
+        if self.distill_bottom and not self.private_bottom:
+            raise ValueError("distill_bottom distils a private Bottom, and private_bottom is 0: set private_bottom "
+                             "above 0 (the size of the secret change to distil) or distill_bottom to 0")
         if not self.gradients_to_trunk and (self.nopeek or self.grad_noise):
             raise ValueError("with no gradients sent to the trunk, the Bottom does not train and no gradient is "
                              "blurred: NoPeek and gradient noise have nothing to act on; turn them off")
@@ -103,7 +118,8 @@ class PrivacySettings:
             cut = f"{before} before the trunk, {after} after it"
         defenses = []
         if self.private_bottom:
-            defenses.append(f"private Bottom {self.private_bottom:g}")
+            distilled = f" distilled {self.distill_bottom} steps" if self.distill_bottom else ""
+            defenses.append(f"private Bottom {self.private_bottom:g}{distilled}")
         if self.nopeek:
             defenses.append(f"NoPeek weight {self.nopeek:g}")
         if self.hidden_noise:

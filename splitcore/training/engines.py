@@ -26,6 +26,13 @@ from splitcore.model.part_loading import ModelParts, model_parts
 from splitcore.model.parts import positions_from_mask
 from splitcore.model.split_spec import SplitSpec
 from splitcore.privacy import ChannelNoise, ClientSecret
+from splitcore.privacy.distilled_bottom import (
+    DISTILL_TRUNK_SEED,
+    DistillConfig,
+    DistillReport,
+    FrozenTrunkSessions,
+    distil_private_bottom,
+)
 from splitcore.privacy.nopeek import nopeek_penalty
 from splitcore.privacy.private_bottom import randomise_lora
 from splitcore.remote import state as trunk_state
@@ -82,6 +89,9 @@ class Engine(ABC):
     def resume_key(self) -> dict:
         """What a resumed run must share with the checkpoint besides the TrainConfig."""
         return {}
+
+    def check_fresh_start(self) -> None:
+        """ValueError when a run cannot take its first step on this engine as its settings ask."""
 
     def close(self) -> None:
         pass
@@ -165,11 +175,16 @@ class SplitEngine(Engine):
 
     ``client``: one ``TrunkClient``, or one per link of a chain, in block order. Forward goes
     through the links in order and Backward in reverse; a step is applied on every link.
+
+    ``tokenizer``: the model's tokenizer, for a fresh run that distils its private Bottom
+    (``privacy.distill_bottom``): the Bottom is distilled on public text before the training
+    sessions open (``distillation`` holds the report). Leave it None to resume such a run: the
+    checkpoint holds the distilled Bottom.
     """
 
     def __init__(self, model: PreTrainedModel | ModelParts, config: TrainConfig,
                  client: TrunkClient | Sequence[TrunkClient], label: str = "", secret: ClientSecret | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", tokenizer=None) -> None:
         parts = model_parts(model)
         clients = [client] if isinstance(client, TrunkClient) else list(client)
         self.device = torch.device(device)
@@ -202,6 +217,10 @@ class SplitEngine(Engine):
             self.params.update({name: p for name, p in part.named_parameters() if p.requires_grad})
         self.trains_trunk = config.train_trunk_lora
         self.links: list[TrunkLink] = []
+        self._distils = bool(config.privacy.distill_bottom)
+        self.distillation: DistillReport | None = None
+        if self._distils and tokenizer is not None:
+            self.distillation = self._distil(parts, config, clients, plan.layers, label, tokenizer)
         try:
             for index, (link_client, layers) in enumerate(zip(clients, plan.layers, strict=True)):
                 self.links.append(self._open_link(parts, config, label, index, link_client, layers, len(clients)))
@@ -223,13 +242,34 @@ class SplitEngine(Engine):
         reply = client.open_session(config.lora if config.train_trunk_lora else None, seed=trunk_seed,
                                     optimizer=config.optimizer, label=label, layers=layers, dropout_seed=dropout)
         try:
-            with naming_link(index, client, links):
-                check_trunk_serves(reply.info, parts.config, self.family,
-                                   trunk_fingerprint=parts.trunk_fingerprint(layers))
+            self._check_link(parts, index, client, layers, links, reply)
         except ValueError:
             client.close_session_quietly()
             raise
         return TrunkLink(client, layers=layers, lease_s=float(reply.info.session_ttl_s))
+
+    def _check_link(self, parts: ModelParts, index: int, client: TrunkClient, layers: range, links: int,
+                    reply) -> None:
+        """ValueError unless a session's trunk holds this model's weights for its blocks ``layers``."""
+        with naming_link(index, client, links):
+            check_trunk_serves(reply.info, parts.config, self.family,
+                               trunk_fingerprint=parts.trunk_fingerprint(layers))
+
+    def _distil(self, parts: ModelParts, config: TrainConfig, clients: list[TrunkClient], layers: Sequence[range],
+                label: str, tokenizer) -> DistillReport:
+        """Distil the private Bottom on public text through sessions without LoRA, opened and closed here,
+        before the training sessions open (``splitcore.privacy.distilled_bottom``)."""
+        what = "distilling the private Bottom"
+
+        def check(index: int, client: TrunkClient, reply) -> None:
+            self._check_link(parts, index, client, layers[index], len(clients), reply)
+
+        frozen = FrozenTrunkSessions(clients, layers, label=f"{label}: {what}" if label else what,
+                                     seed=self.secret.derive(DISTILL_TRUNK_SEED, config.seed), check=check)
+        distill = DistillConfig.for_run(config.privacy.distill_bottom, config.batch_size, config.seq_len)
+        embeddings = self._bottom_part.backbone.get_submodule(self.family.embedding_attrs[0]).weight
+        return distil_private_bottom(self.bottom, self.top, frozen, tokenizer, distill, self.secret, config.seed,
+                                     embeddings)
 
     def loss(self, batch, step, micro_batch, num_items_in_batch):
         batch = batch.to(self.device)
@@ -331,6 +371,12 @@ class SplitEngine(Engine):
 
     def resume_key(self):
         return self.secret.resume_record()
+
+    def check_fresh_start(self):
+        if self._distils and self.distillation is None:
+            raise ValueError("this run distils its private Bottom (distill_bottom) before its first step, but its "
+                             "engine was opened without the tokenizer the public text needs: pass tokenizer= to "
+                             "SplitEngine (a resumed run needs none: its checkpoint holds the distilled Bottom)")
 
     def close(self):
         for link in self.links:

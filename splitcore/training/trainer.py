@@ -115,6 +115,8 @@ class SplitTrainer:
     def run(self, resume_from: str | os.PathLike | None = None) -> TrainResult:
         if resume_from is not None:
             self._resume(resume_from)
+        elif self.step == 0:
+            self.engine.check_fresh_start()
         self.engine.train(True)
         while self.step < self.total_steps:
             if self.should_cancel():
@@ -245,6 +247,8 @@ class SplitTrainer:
             raise ValueError(f"checkpoint {checkpoint.path} is from a {state.mode} run; this run is {self.mode}")
         expected = self._resume_key()
         written = {"privacy": PrivacySettings().to_dict(), **state.settings}  # older checkpoints: no defenses
+        if isinstance(written.get("privacy"), dict):  # older checkpoints: without the settings added since
+            written["privacy"] = {**PrivacySettings().to_dict(), **written["privacy"]}
         if isinstance(written.get("lora"), dict):  # older checkpoints: LoRA, before the method was recorded
             written["lora"] = {"method": "lora", **written["lora"]}
         if "client_secret" not in written:  # older checkpoints did not record the key
