@@ -205,6 +205,18 @@ class Top(SplitPart):
         super().__init__(*args, **kwargs)
         self.lm_head = lm_head
 
+    def final_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                     use_cache: bool = False) -> torch.Tensor:
+        """The Top's blocks and final norm: what the LM head reads (batch, seq, hidden)."""
+        attention_mask, position_ids = self._prepare(hidden, attention_mask, position_ids, past_key_values)
+        hidden = self._run_blocks(hidden, attention_mask, position_ids, past_key_values, use_cache)
+        return getattr(self.backbone, self.family.final_norm_attr)(hidden)
+
+    def head_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of ``final_hidden`` (..., hidden) -> (..., vocab)."""
+        return self.family.logits(self.config, self.lm_head(final_hidden))
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -216,12 +228,10 @@ class Top(SplitPart):
         num_items_in_batch: int | torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ) -> CausalLMOutputWithPast:
-        attention_mask, position_ids = self._prepare(hidden, attention_mask, position_ids, past_key_values)
-        hidden = self._run_blocks(hidden, attention_mask, position_ids, past_key_values, use_cache)
-        hidden = getattr(self.backbone, self.family.final_norm_attr)(hidden)
+        hidden = self.final_hidden(hidden, attention_mask, position_ids, past_key_values, use_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:, :]
-        logits = self.family.logits(self.config, self.lm_head(hidden))  # (batch, seq, vocab)
+        logits = self.head_logits(hidden)  # (batch, seq, vocab)
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(

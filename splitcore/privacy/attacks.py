@@ -328,12 +328,6 @@ def gradient_labels(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
     return TokenGuesses(tokens=candidates[..., 0], candidates=candidates)
 
 
-def _top_logits(top: Top, trunk_output: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the Top's input, a leaf that requires grad; the logits (batch, seq, vocab) with their graph kept)."""
-    inputs = trunk_output.detach().requires_grad_()
-    return inputs, top(inputs, attention_mask).logits
-
-
 def gradient_search(top: Top, trunk_output: torch.Tensor, attention_mask: torch.Tensor, received: torch.Tensor,
                     candidates: torch.Tensor, positions: torch.Tensor, rounds: int = 2) -> TokenGuesses:
     """Pick each labelled position's label among ``candidates`` (batch, seq, k) by the gradient it implies.
@@ -348,23 +342,24 @@ def gradient_search(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
     positions at once reads each position nearly as switching it alone would. Costs ``k + rounds``
     backward passes through the Top (the logits graph is kept for all of them).
     """
-    batch, length, k = candidates.shape
-    selected = positions.to(received.dtype)  # (batch, seq)
+    k = candidates.shape[-1]
+    candidates_here = candidates[positions]  # (n, k): only the scored positions get logits
     with torch.enable_grad():
-        inputs, logits = _top_logits(top, trunk_output, attention_mask)  # (batch, seq, vocab)
+        inputs = trunk_output.detach().requires_grad_()
+        logits = top.head_logits(top.final_hidden(inputs, attention_mask)[positions])  # (n, vocab)
 
         def implied(objective: torch.Tensor) -> torch.Tensor:
             (gradient,) = torch.autograd.grad(objective, inputs, retain_graph=True)
             return gradient.detach().float()  # (batch, seq, hidden)
 
-        def one_hot(tokens: torch.Tensor) -> torch.Tensor:  # A(Y) for labels ``tokens`` (batch, seq)
-            return implied((logits.gather(-1, tokens[..., None])[..., 0] * selected).sum())
+        def one_hot(tokens: torch.Tensor) -> torch.Tensor:  # A(Y) for labels ``tokens`` (n,)
+            return implied(logits.gather(-1, tokens[:, None]).sum())
 
         with torch.no_grad():
             probs = logits.detach().float().softmax(-1)
-        expected = implied(((logits.float() * probs).sum(-1) * selected).sum())  # A(P)
-        by_rank = [one_hot(candidates[..., rank]) for rank in range(k)]  # A(C_j), each (batch, seq, hidden)
-        guess = candidates[..., 0]
+        expected = implied((logits.float() * probs).sum())  # A(P)
+        by_rank = [one_hot(candidates_here[:, rank]) for rank in range(k)]  # A(C_j), each (batch, seq, hidden)
+        guess = candidates_here[:, 0]
         received = received.float()
         for _ in range(rounds):
             current = one_hot(guess)  # A(Y)
@@ -372,9 +367,11 @@ def gradient_search(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
             scale = ((received * implied_now)[positions].sum()
                      / (implied_now * implied_now)[positions].sum().clamp_min(1e-30))
             distances = torch.stack([((received - scale * (implied_now + current - switched)) ** 2).sum(-1)
-                                     for switched in by_rank], -1)  # (batch, seq, k)
-            guess = candidates.gather(-1, distances.argmin(-1, keepdim=True))[..., 0]
-    return TokenGuesses(tokens=guess.masked_fill(~positions, 0), candidates=candidates)
+                                     for switched in by_rank], -1)[positions]  # (n, k)
+            guess = candidates_here.gather(-1, distances.argmin(-1, keepdim=True))[:, 0]
+    tokens = torch.zeros(positions.shape, dtype=torch.long, device=received.device)  # (batch, seq)
+    tokens[positions] = guess
+    return TokenGuesses(tokens=tokens, candidates=candidates)
 
 
 def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
