@@ -37,6 +37,9 @@ class MeasuredPoint:
     # The share of a step's matmul work on the user's workers at this cut (None: the model's config is unknown).
     client_share: float | None = None
     step_seconds: float | None = None  # the measured mean training step time, when the benchmark recorded it
+    # Whether the rates come from the audit with its stronger attacks (network, aligned map, gradient search);
+    # False: an earlier audit of three attacks, which reads at most as much.
+    strong_audit: bool = False
 
     @property
     def worst_rate(self) -> float:
@@ -46,7 +49,7 @@ class MeasuredPoint:
         return {"name": self.name, "privacy": self.privacy.to_dict(), "n_bottom": self.n_bottom,
                 "n_top": self.n_top, "rates": dict(self.rates), "worst_rate": self.worst_rate,
                 "val_loss_change": self.val_loss_change, "client_share": self.client_share,
-                "step_seconds": self.step_seconds}
+                "step_seconds": self.step_seconds, "strong_audit": self.strong_audit}
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,12 @@ def measured_points() -> tuple[MeasuredPoint, ...]:
     compute = measured_compute()
     return tuple(MeasuredPoint(name=row["name"], privacy=PrivacySettings.from_dict(row["privacy"]),
                                n_bottom=row["n_bottom"], n_top=row["n_top"], rates=dict(row["rates"]),
-                               val_loss_change=row["val_loss"] / base - 1,
+                               # a row measured beside an earlier undefended run is compared with that run
+                               val_loss_change=row["val_loss"] / row.get("baseline_val_loss", base) - 1,
                                client_share=compute.share(row["n_bottom"], row["n_top"]).client_share
                                if compute else None,
-                               step_seconds=row.get("step_seconds")) for row in rows)
+                               step_seconds=row.get("step_seconds"),
+                               strong_audit=bool(row.get("strong_audit", False))) for row in rows)
 
 
 def recommended_point(max_client_share: float | None = None) -> MeasuredPoint | None:

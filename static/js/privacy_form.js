@@ -47,7 +47,8 @@
     const point = points[index];
     out.textContent = `Measured on ${measured.model} for this setting (${point.name}): the best attack read ` +
       `${point.hidden_percent} of the tokens from the hidden states and ${point.gradient_percent} of the labels ` +
-      `from the gradients; validation loss ${point.cost} against an undefended run.`;
+      `from the gradients; validation loss ${point.cost} against an undefended run.` +
+      (point.strong_audit ? "" : " (An earlier audit, without the stronger attacks: they would read at least as much.)");
   }
 
   // The measured figures and the recommended start are for one model; another model starts undefended.
