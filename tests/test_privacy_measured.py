@@ -99,3 +99,28 @@ def test_the_measured_model_s_config_may_come_with_the_figures():
     config = {"model_type": "gpt2", "n_layer": 4}
     assert measured_model_config({"model": "anything", "model_config": config}) == config
     assert measured_model_config({"model": "a model nobody described"}) is None
+
+
+def test_the_shipped_rows_say_which_audit_measured_them():
+    """Rows re-measured with the stronger attacks carry them all; an earlier row holds three attacks and says so."""
+    from splitcore.privacy.attack_names import ATTACK_TITLES, GRADIENT_SEARCH, NETWORK_INVERSION
+
+    points = measured_points()
+    strong = [p for p in points if p.strong_audit]
+    assert points[0].strong_audit, "the baseline every cost is measured against was re-measured"
+    for p in strong:
+        assert set(p.rates) == set(ATTACK_TITLES), p.name
+        assert p.step_seconds is not None and p.step_seconds > 0, p.name
+    for p in points:
+        if not p.strong_audit:
+            assert NETWORK_INVERSION not in p.rates and GRADIENT_SEARCH not in p.rates, p.name
+
+
+def test_the_rule_compares_only_the_rows_the_stronger_audit_measured_when_there_are_some():
+    """An earlier audit read less because it tried less: its rows must not look safer than re-measured ones."""
+    from dataclasses import replace
+
+    strong_undefended = replace(point("undefended", (0.9, 1.0, 0.99), 0.0), strong_audit=True)
+    earlier_looks_better = point("earlier", (0.5, 0.6, 0.5), 0.001)
+    assert recommend((strong_undefended, earlier_looks_better)) is strong_undefended
+    assert recommend((point("a", (0.9, 1.0, 0.99), 0.0), earlier_looks_better)) is earlier_looks_better

@@ -119,7 +119,8 @@ def recommend(points: tuple[MeasuredPoint, ...], max_cost: float = MAX_RECOMMEND
     """Of the settings that cost at most ``max_cost`` validation loss and (given a ceiling) run at most
     ``max_client_share`` of a step on the user's workers, the one whose best attack reads the fewest
     tokens; on a tie, the one whose next best attack reads fewer, then the cheaper one. With a ceiling,
-    a setting whose share is unknown is left out: it cannot be shown to stay under it."""
+    a setting whose share is unknown is left out: it cannot be shown to stay under it. When some settings
+    were measured with the audit's stronger attacks, only those are compared."""
     return recommendation(points, max_cost=max_cost, max_client_share=max_client_share).chosen
 
 
@@ -128,7 +129,10 @@ def recommendation(points: tuple[MeasuredPoint, ...], max_cost: float = MAX_RECO
     """``recommend``'s choice, with the setting the ceiling on the client's share ruled out (see Recommendation)."""
     if max_client_share is not None and not 0 < max_client_share <= 1:
         raise ValueError(f"max_client_share must be a share above 0 and at most 1, got {max_client_share!r}")
-    affordable = [p for p in points if p.val_loss_change <= max_cost]
+    # Rates are compared only between rows one audit measured: the stronger audit's, when any row has it (an
+    # earlier row's figures read less because its audit tried less, not because its setting hides more).
+    comparable = [p for p in points if p.strong_audit] or list(points)
+    affordable = [p for p in comparable if p.val_loss_change <= max_cost]
     unbounded = _best(affordable)
     if max_client_share is None:
         return Recommendation(chosen=unbounded)
