@@ -9,6 +9,8 @@ corpus is read from the docstrings of the installed packages.
 from __future__ import annotations
 
 import dataclasses
+import re
+from itertools import islice
 
 import pytest
 import torch
@@ -25,8 +27,10 @@ from splitcore.privacy.inversion_network import (
 from splitcore.privacy.public_text import (
     EXTENDED,
     REFERENCE,
+    _file_paragraphs,
     corpus_paragraphs,
     docstring_paragraphs,
+    documentation_files,
     public_paragraphs,
     public_token_chunks,
 )
@@ -160,25 +164,32 @@ def test_docstring_paragraphs_keep_prose_and_drop_code():
 
 def test_the_extended_corpus_is_deterministic_and_larger_than_the_reference(tiny_llama):
     _, tokenizer = tiny_llama
-    reference_chunks = public_token_chunks(tokenizer, 1000, CHUNK, corpus=REFERENCE)
-    assert reference_chunks == public_token_chunks(tokenizer, 1000, CHUNK)  # the default is the reference
-    reference_chars = sum(map(len, public_paragraphs()))
-    extended, chars = [], 0
-    for paragraph in corpus_paragraphs(EXTENDED):
-        extended.append(paragraph)
-        chars += len(paragraph)
-        if chars > 2 * reference_chars:
-            break
-    assert chars > 2 * reference_chars, "the extended corpus holds at least twice the reference's text"
-    assert set(public_paragraphs()) <= set(extended), "and all of the reference"
-    assert extended[:2] == list(public_paragraphs()[:2]) and extended[2] not in public_paragraphs()
+    reference_chunks = public_token_chunks(tokenizer, 4000, CHUNK, corpus=REFERENCE)
+    assert reference_chunks == public_token_chunks(tokenizer, 4000, CHUNK)  # the default is the reference
+    with pytest.raises(ValueError, match=r"the reference public text holds only (\d+) tokens") as refused:
+        public_token_chunks(tokenizer, 10**9, CHUNK)
+    reference_capacity = int(re.search(r"holds only (\d+)", str(refused.value)).group(1))
+    larger = public_token_chunks(tokenizer, reference_capacity + 1, CHUNK, corpus=EXTENDED)
+    assert sum(map(len, larger)) > reference_capacity
+
+    first = list(islice(corpus_paragraphs(EXTENDED), 3))
+    assert first[:2] == list(public_paragraphs()[:2]) and first[2] not in public_paragraphs()
     chunks = public_token_chunks(tokenizer, 4000, CHUNK, corpus=EXTENDED)
-    assert chunks == public_token_chunks(tokenizer, 4000, CHUNK, corpus=EXTENDED)
     assert 4000 <= sum(map(len, chunks)) < 4000 + CHUNK and max(map(len, chunks)) <= CHUNK
     assert chunks[0] == reference_chunks[0] and chunks[1] != reference_chunks[1]
+    documentation_files.cache_clear()  # read the files afresh: the same files in the same order give the same text
+    _file_paragraphs.cache_clear()
+    assert public_token_chunks(tokenizer, 4000, CHUNK, corpus=EXTENDED) == chunks
 
 
 def test_an_unknown_corpus_is_refused(tiny_llama):
     _, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="unknown public corpus 'wiki'; choose one of reference, extended"):
         public_token_chunks(tokenizer, 100, CHUNK, corpus="wiki")
+
+
+def test_fitting_leaves_the_global_random_generator_alone(public_states):
+    _, embeddings, train, _ = public_states
+    before = torch.random.get_rng_state()
+    fit_inversion_network(*train, embeddings, dataclasses.replace(FAST, epochs=0))
+    assert torch.equal(torch.random.get_rng_state(), before)

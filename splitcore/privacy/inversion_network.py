@@ -42,6 +42,7 @@ from splitcore.privacy import attacks
 from splitcore.privacy.noise import clip_and_noise
 from splitcore.training.batches import collate
 
+
 def _check_whole(name: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"the inversion network's {name} must be a whole number from {low} to {high}, got {value!r}")
@@ -62,8 +63,8 @@ class InversionNetworkConfig:
     layers. ``epochs``: passes over the public positions, ``batch_size`` positions per step,
     ``learning_rate`` AdamW's peak rate (cosine decay after a short warmup), ``weight_decay``
     AdamW's. ``negatives``: vocabulary rows drawn at random that each step scores besides the
-    batch's own tokens. ``logit_scale``: cosine similarities are multiplied by this before the softmax.
-    ``ridge``: the linear path's penalty, as in ``attacks.fit_inversion``. ``seed``: every
+    batch's own tokens. ``logit_scale``: cosine similarities are multiplied by this before the
+    softmax. ``ridge``: the linear path's penalty, as in ``attacks.fit_inversion``. ``seed``: every
     random draw (initialisation, order, negatives).
     """
 
@@ -299,9 +300,11 @@ def fit_inversion_network(public_hidden: torch.Tensor, public_mask: torch.Tensor
     _check_public(public_hidden, public_mask, public_ids, embeddings)
     device = public_hidden.device
     generator = torch.Generator().manual_seed(config.seed)
-    network = InversionNetwork(config, public_hidden.shape[-1], embeddings.shape[1]).to(device)
+    with torch.random.fork_rng(devices=[]):  # the layers' default draws would move the global generator
+        network = InversionNetwork(config, public_hidden.shape[-1], embeddings.shape[1])
+    _initialise(network, generator)  # on the CPU, where the generator draws
+    network.to(device)
     network.mean, network.scale = _feature_statistics(public_hidden, public_mask)
-    _initialise(network, generator)
 
     windows = network.windows(public_hidden, public_mask)  # (n, features)
     targets = public_ids[public_mask.bool()].cpu()  # (n,)

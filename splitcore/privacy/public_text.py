@@ -16,7 +16,7 @@ weights, so the attacker has also seen the template's own tokens.
 
 Everything here is deterministic: the same tokenizer, sizes and installed packages give the
 same chunks. Files are read in a fixed shuffled order of their paths relative to their
-package, and only as many as the requested tokens need.
+package, two paragraphs of each in turn, and only as many as the requested tokens need.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from itertools import zip_longest
+from itertools import count, zip_longest
 from pathlib import Path
 
 from splitcore.data.examples import tokenize_example
@@ -51,6 +51,8 @@ _PROSE_SHARE = 0.9
 _MIN_PARAGRAPH_WORDS = 6
 _PROSE_CHARACTERS = re.compile(r"[A-Za-z ,.;:'\"?!-]")
 _CODE_STARTS = (">>>", "...", "$ ", ".. ", ":", "#", "|", "+-", "%")
+# Paragraphs each file gives the documentation stream per turn: one example's worth.
+_PARAGRAPHS_PER_TURN = 2
 
 
 @lru_cache(maxsize=1)
@@ -152,18 +154,26 @@ def documentation_files() -> tuple[tuple[str, Path], ...]:
     return tuple(named)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=None)
 def _file_paragraphs(path: Path) -> tuple[str, ...]:
     return tuple(paragraph for docstring in _file_docstrings(path) for paragraph in docstring_paragraphs(docstring))
 
 
 def documentation_paragraphs() -> Iterator[str]:
-    """The prose paragraphs of installed software's docstrings, file by file in ``documentation_files`` order.
+    """The prose paragraphs of installed software's docstrings, ``_PARAGRAPHS_PER_TURN`` of each file in turn.
 
-    Lazy: a file is parsed when its paragraphs are reached (and remembered for the process).
+    Files come in ``documentation_files`` order, round after round, so any prefix of the
+    stream draws on many packages and modules. Lazy: a file is parsed when its first turn
+    comes (and remembered for the process).
     """
-    for _, path in documentation_files():
-        yield from _file_paragraphs(path)
+    for start in count(0, _PARAGRAPHS_PER_TURN):
+        found = False
+        for _, path in documentation_files():
+            paragraphs = _file_paragraphs(path)[start:start + _PARAGRAPHS_PER_TURN]
+            found = found or bool(paragraphs)
+            yield from paragraphs
+        if not found:
+            return
 
 
 def corpus_paragraphs(corpus: str = REFERENCE) -> Iterator[str]:
