@@ -21,8 +21,10 @@ win it back. Distillation trains the Bottom's LoRA first, on public text only:
 
 What it cannot hide: the trunk's output for the private Bottom's states has to carry what the
 public Top needs for the public model's predictions, so a trunk owner who reads at the trunk's
-output (or runs the public Top there) is not slowed by a distilled Bottom. Measure before relying
-on it.
+output (or runs the public Top there) is not slowed by a distilled Bottom. On the default model at
+a 2 + 2 cut, 100 steps win back most of the validation loss a private Bottom of 1 costs, and with
+it the hidden-state attacks read most of the tokens again: the utility comes back with the
+leakage. Measure before relying on it.
 
 The public text is CPython's language reference (``public_text``), the same corpus the audit's
 attacker uses; its order and the held-out part are drawn from the client's secret. The data
