@@ -5,11 +5,12 @@ examples are tokenised (``splitcore.data.examples``):
 
 * ``reference`` (the default): CPython ships the prose of its language reference as
   ``pydoc_data.topics`` (about 450k characters of English with some code).
-* ``extended``: the reference, interleaved paragraph by paragraph with the documentation
-  that installed software ships in its source: the docstrings of Python's standard library
-  and of the pinned packages in ``DOCSTRING_PACKAGES`` (read with ``ast``, never imported),
-  cleaned of code-ish lines. Several times larger; an attacker who wants to train a bigger
-  inversion has it on any machine.
+* ``extended``: the reference, interleaved example by example (two paragraphs each) with the
+  documentation that installed software ships in its source: the docstrings of Python's
+  standard library and of the pinned packages in ``DOCSTRING_PACKAGES`` (read with ``ast``,
+  never imported), cleaned of code-ish lines. About seven times the reference (706k tokens
+  against 98k for the default model's tokenizer in chunks of 128); an attacker who wants to
+  train a bigger inversion has it on any machine.
 
 Half of the examples are rendered with the model's chat template, which is as public as its
 weights, so the attacker has also seen the template's own tokens.
@@ -25,9 +26,10 @@ import ast
 import random
 import re
 import sysconfig
+import warnings
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
-from itertools import count, zip_longest
+from itertools import count, islice, zip_longest
 from pathlib import Path
 
 from splitcore.data.examples import tokenize_example
@@ -112,7 +114,9 @@ def docstring_paragraphs(docstring: str) -> list[str]:
 def _file_docstrings(path: Path) -> list[str]:
     """The docstrings of a Python source file (module, classes, functions), in source order; [] if it does not parse."""
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        with warnings.catch_warnings():  # e.g. invalid escape sequences in someone else's source
+            warnings.simplefilter("ignore")
+            tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError, OSError):
         return []
     documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -188,17 +192,13 @@ def corpus_paragraphs(corpus: str = REFERENCE) -> Iterator[str]:
     if corpus != EXTENDED:
         raise ValueError(f"unknown public corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
     reference = public_paragraphs()
-    reference_pairs = (reference[index:index + 2] for index in range(0, len(reference), 2))
+    # Whole pairs only (as the reference corpus makes its examples): no example mixes the two sources.
+    reference_pairs = (reference[index:index + 2] for index in range(0, len(reference) - 1, 2))
     documentation = documentation_paragraphs()
-    documentation_pairs = iter(lambda: tuple(_take(documentation, 2)), ())
+    documentation_pairs = iter(lambda: tuple(islice(documentation, 2)), ())
     for first, second in zip_longest(reference_pairs, documentation_pairs, fillvalue=()):
         yield from first
         yield from second
-
-
-def _take(paragraphs: Iterator[str], count: int) -> Iterator[str]:
-    for _, paragraph in zip(range(count), paragraphs):
-        yield paragraph
 
 
 # --- tokens ----------------------------------------------------------------------------------
