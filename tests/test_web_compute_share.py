@@ -123,38 +123,55 @@ def measured_model_page(client, owner, settings) -> str:
     return new_job_page(client, owner)
 
 
+def cut_line(point) -> str:
+    """The form's compute line when the fields hold ``point``'s cut."""
+    share = compute_share(DEFAULT_CONFIG, point.n_bottom, point.n_top)
+    if point.privacy.bottom_layers is None and point.privacy.top_layers is None:
+        return escape(f"At the trunk's default cut, 2 blocks before it and 2 after it, {share.describe()}.")
+    return escape(f"At this cut {share.describe()}.")
+
+
 def test_the_recommendation_stays_under_the_site_s_ceiling_and_says_what_the_ceiling_ruled_out(
         client, owner, models_dir, settings):
     settings.PRIVACY_MAX_CLIENT_SHARE = 0.35
     page = measured_model_page(client, owner, settings)
+    points = measured.measured_points()
+    rule = measured.recommendation(points, max_client_share=0.35)
+    assert rule.chosen.client_share <= 0.35
     default = " ".join(re.search(r'<p id="privacy-default">(.*?)</p>', page, re.S).group(1).split())
-    assert "<strong>undefended, default cut</strong>" in default
+    assert f"<strong>{escape(rule.chosen.name)}</strong>" in default
     assert ("cost at most 2% validation loss and run at most 35% of each step on your workers (this site's "
             "ceiling)") in default
-    assert "31% of each step on your workers" in default
-    ceiling = re.search(r'<p id="privacy-ceiling">(.*?)</p>', page, re.S).group(1)
-    assert ceiling == escape("Bottom 8 + Top 16 blocks would read 89% instead of 98% but runs 84% of each step on "
-                             "your workers, above this site's 35% ceiling.")
-    # The fields start at the recommended setting: the trunk's default cut, 4 of 30 blocks on the workers.
-    default_cut = compute_share(DEFAULT_CONFIG, 2, 2)
-    assert compute_line(page) == escape(
-        f"At the trunk's default cut, 2 blocks before it and 2 after it, {default_cut.describe()}.")
+    assert f"{rule.chosen.client_share:.0%} of each step on your workers" in default
+    ceiling = re.search(r'<p id="privacy-ceiling">(.*?)</p>', page, re.S)
+    if rule.excluded is None:
+        assert ceiling is None
+    else:
+        assert ceiling.group(1) == escape(
+            f"{rule.excluded.name} would read {rule.excluded.worst_rate:.0%} instead of {rule.chosen.worst_rate:.0%} "
+            f"but runs {rule.excluded.client_share:.0%} of each step on your workers, above this site's 35% "
+            "ceiling.")
+    # The fields start at the recommended setting's cut, and the compute line says what runs where.
+    assert compute_line(page) == cut_line(rule.chosen)
 
-    # Every measured row says its share of the workers; no row has a step time yet, so there is no such column.
+    # Every measured row says its share of the workers, an earlier audit's rows say so.
     table = re.search(r'<table class="audit-table">(.*?)</table>', page, re.S).group(1)
-    assert "<th>Your workers' share</th>" in table and "Step time" not in table
-    deep = re.search(r"<tr data-point=\"\d+\"><td>Bottom 8 \+ Top 16 blocks</td><td>8 \+ 16</td>\s*<td>(.*?)</td>",
-                     table).group(1)
-    assert deep == "84%"
+    assert "<th>Your workers' share</th>" in table
+    deep = re.search(r'<tr data-point="\d+"><td>Bottom 8 \+ Top 16 blocks(.*?)</td><td>8 \+ 16</td>\s*<td>(.*?)</td>',
+                     table)
+    assert deep.group(2) == "84%"
+    deep_point = next(point for point in points if point.name == "Bottom 8 + Top 16 blocks")
+    assert ("(earlier audit)" in deep.group(1)) is not deep_point.strong_audit
 
 
 def test_a_ceiling_of_the_whole_step_keeps_the_rule_as_it_was(client, owner, models_dir, settings):
     settings.PRIVACY_MAX_CLIENT_SHARE = 1.0
     page = measured_model_page(client, owner, settings)
+    chosen = measured.recommendation(measured.measured_points()).chosen
     default = re.search(r'<p id="privacy-default">(.*?)</p>', page, re.S).group(1)
-    assert "<strong>Bottom 8 + Top 16 blocks</strong>" in default and "ceiling" not in default
+    assert f"<strong>{escape(chosen.name)}</strong>" in default and "ceiling" not in default
     assert 'id="privacy-ceiling"' not in page
-    assert compute_line(page) == escape(f"At this cut {compute_share(DEFAULT_CONFIG, 8, 16).describe()}.")
+    assert compute_line(page) == cut_line(chosen)
 
 
 def test_measured_step_times_are_shown_when_the_benchmark_recorded_them(client, owner, models_dir, settings,

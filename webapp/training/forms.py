@@ -10,7 +10,7 @@ from django.conf import settings
 from splitcore import LoraSettings, family_for
 from splitcore.model.lora import ADAPTER_METHODS, check_method
 from splitcore.privacy.measured import measured_meta, measured_points, recommendation
-from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
+from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM, PrivacySettings
 from splitcore.remote.trunk import SessionNeeds
 
 from ..datasets.models import Dataset
@@ -196,9 +196,14 @@ class JobForm(forms.ModelForm):
         self.recommended = None
         if point is None or base_model != measured_meta().get("model"):
             return
+        values = point.privacy.to_dict()
+        defaults = PrivacySettings().to_dict()
+        if any(name not in self.fields and value != defaults[name] for name, value in values.items()):
+            return  # a setting the form cannot express (e.g. a distilled private Bottom) is not offered here
         self.recommended = point
-        for name, value in point.privacy.to_dict().items():
-            self.fields[name].initial = value
+        for name, value in values.items():
+            if name in self.fields:
+                self.fields[name].initial = value
         if not point.privacy.gradients_to_trunk:
             self.fields["train_trunk_lora"].initial = False  # nothing behind the cut can learn without gradients
 
