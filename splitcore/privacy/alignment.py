@@ -26,10 +26,20 @@ How it aligns (all in closed form, no gradient steps):
    are run through the public Bottom after the prefix read so far, and the one nearest the
    aligned received state (in whitened coordinates) wins.
 
-The received states are also read as the public Bottom's own (no alignment); whichever
-reading's public-Bottom states explain the received ones better (the smaller relative
-residual in whitened coordinates) is returned. So with no private Bottom the attack reads
-what the audit's own candidate search reads.
+The received states are also read as the public Bottom's own (the public linear map, then
+``attacks.exact_search``). That reading is kept when the public Bottom's states of the tokens
+it read leave less than all of the received states' variance unexplained, and less than the
+aligned reading leaves of the aligned states': with no private Bottom (or a small one) the
+public Bottom explains them and the attack reads what the audit's candidate search reads.
+
+Measured on the default model (SmolLM2-135M-Instruct), the demo chats, a 2 + 2 cut, 8
+examples (512 tokens, the first 24 of each the chat template's opening), one client secret
+per setting, the aligned states read through the public map (the final search moved it by
+about a point either way): at private Bottom 1 the public linear map read 10% of the tokens,
+the alignment 39% without anchors and 56% with the template's (29% of the tokens after the
+template); at 2, 2% against 2% without anchors and 42% with them, nearly all of it the
+template (8% after it). It costs one candidate search and a few Bottom passes over the
+sample, about as much again as the audit's own search.
 """
 
 from __future__ import annotations
@@ -38,7 +48,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from splitcore.model.parts import Bottom
