@@ -191,7 +191,7 @@ def test_a_deeper_cut_blunts_the_hidden_state_attacks_on_the_default_model(defau
     config = AuditConfig(sample=3, max_tokens=48, candidates=8, public_tokens=2048, seed=0)
     shallow = run_audit((model, tokenizer), demo_examples, n_bottom=1, config=config)
     deep = run_audit((model, tokenizer), demo_examples, n_bottom=8, config=config)
-    for name in HIDDEN_ATTACKS:
+    for name in PUBLIC_BOTTOM_ATTACKS:
         assert shallow.result(name).rate > MOST, shallow.table()
         assert deep.result(name).rate < shallow.result(name).rate - 0.1, (shallow.table(), deep.table())
     assert shallow.result(GRADIENT_LABELS).rate > MOST, shallow.table()
@@ -201,8 +201,10 @@ def test_a_private_bottom_blunts_the_hidden_state_attacks_and_the_candidate_sear
         tiny_llama, demo_examples, undefended):
     # On the tiny model's one block, a change of 1x the weights still leaves each token nearest itself; 3x does not.
     report = run_audit(tiny_llama, demo_examples, private_bottom=3.0)
-    for name in HIDDEN_ATTACKS:
+    for name in PUBLIC_BOTTOM_ATTACKS:
         assert report.result(name).rate < 0.5 < undefended.result(name).rate - 0.3, report.table()
+    # The aligned map fits the states it receives: it reads more of the private Bottom than the public map does.
+    assert report.result(ALIGNED_INVERSION).rate > report.result(LEARNED_INVERSION).rate, report.table()
     assert report.settings["private_bottom"] == 3.0
     assert report.result(GRADIENT_LABELS).rate > MOST, "the Top is public: the gradients still carry the labels"
 
