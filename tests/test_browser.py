@@ -124,8 +124,10 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     # The worker's leakage audit runs before the first step: its panel fills in without a reload.
     audit = page.locator("#privacy-audit .audit[data-moment=first_step]")
     expect(audit).to_have_count(1)
-    expect(audit.locator("tr[data-attack]")).to_have_count(3)
+    # Every attack of the audit without its strong ones: three on the hidden states, two on the gradients.
+    expect(audit.locator("tr[data-attack]")).to_have_count(5)
     expect(audit.locator(".audit-headline")).to_contain_text("could read about")
+    expect(audit.locator(".audit-headline")).to_contain_text("strong attacks not run")
 
     # A reload mid-job draws the whole history at once, with no gaps.
     seen = live_steps(page)

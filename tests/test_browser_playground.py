@@ -62,6 +62,7 @@ def test_each_panel_shows_all_of_its_answer_once(page, django_user_model, regist
     log_in(page, django_user_model)
     owner = django_user_model.objects.get(username="ada")
     job = train_job(owner, celery_worker)
+    page.goto("about:blank")  # the job list's live socket (and any reconnect of it) ends with its page
     sockets = SocketLog(page)
 
     page.goto(f"/playground/?job={job.pk}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import secrets
 import signal
 
 import pytest
@@ -24,13 +25,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from test_web_playground import PROMPT, local_answer, wait_for_generations
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
+from splitcore.privacy.client_secret import KEY_BYTES
 from splitcore.remote.process import start_trunk
 from splitcore.remote.trunk import SessionNeeds
 from webapp.playground.models import Generation
 from webapp.training import events, placement
 from webapp.training.adapter_package import model_card, training_args
 from webapp.training.forms import placement_note
-from webapp.training.models import Job, JobLink, JobLog, MetricPoint
+from webapp.training.models import Job, JobLink, JobLog, JobSecret, MetricPoint
 from webapp.trunks import actions, fleet
 from webapp.trunks.health import check_trunk
 from webapp.trunks.models import TrunkServer
@@ -405,9 +407,17 @@ def web_dir_model():
     return settings.MODELS_DIR / TINY_MODEL_ID
 
 
+def one_key_for_every_job(monkeypatch) -> None:
+    """Jobs created from here on share one key (each job draws its own otherwise), so a faulty run can be
+    compared with an uninterrupted one: the key decides the trunk seed, dropout and noise."""
+    key = secrets.token_bytes(KEY_BYTES)
+    monkeypatch.setattr(JobSecret, "draw", classmethod(lambda cls, job: cls.objects.create(job=job, key=key)))
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_lost_link_is_replaced_and_the_job_goes_on_as_an_uninterrupted_run(owner, chain, celery_worker, web_dirs,
-                                                                            tmp_path):
+                                                                            tmp_path, monkeypatch):
+    one_key_for_every_job(monkeypatch)
     first, second = chain
     spare_process = link_process(web_dirs, tmp_path, "3-4")
     try:
