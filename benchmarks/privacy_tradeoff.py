@@ -35,6 +35,7 @@ from splitcore import LoraSettings  # noqa: E402
 from splitcore.data.formats import load_dataset_file  # noqa: E402
 from splitcore.model import default_model  # noqa: E402
 from splitcore.model.compute_share import compute_share  # noqa: E402
+from splitcore.model.part_loading import CheckpointModel  # noqa: E402
 from splitcore.privacy import ClientSecret, PrivacySettings  # noqa: E402
 from splitcore.privacy.audit import (  # noqa: E402
     ATTACK_TITLES, AuditConfig, AuditReport, audit_privacy,
@@ -86,7 +87,8 @@ SETTINGS = (
 )
 
 
-def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trunk, args, attackers: dict) -> dict:
+def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trunk, args, public: CheckpointModel,
+                    attackers: dict) -> dict:
     config = TrainConfig(lora=LoraSettings(r=8, alpha=16, dropout=0.05), train_trunk_lora=setting.train_trunk_lora,
                          learning_rate=args.lr, epochs=args.epochs, batch_size=4, seq_len=args.seq_len,
                          val_fraction=0.15, seed=0, privacy=setting.privacy)
@@ -101,7 +103,7 @@ def train_and_audit(setting: Setting, model_dir: Path, examples, tokenizer, trun
 
         def audit(bottom) -> AuditReport:
             with engine.session_kept_alive():  # a strong audit outlasts the trunk session's lease
-                report = audit_privacy(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples,
+                report = audit_privacy(public, tokenizer, examples,
                                        setting.privacy, spec.n_bottom, spec.n_top, audit_config,
                                        bottom_adapter=bottom, lora=config.lora, attackers=attackers)
             print(f"  {setting.name}: audit in {report.seconds:.0f} s, worst {report.worst_rate:.1%}", file=sys.stderr,
@@ -183,10 +185,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as log_dir:
         trunk = start_trunk(model_dir, log_dir, "--min-bottom-layers", "1", "--min-top-layers", "1",
                             "--max-sessions", "2")
+        # The trunk owner's public model, one for every audit: each reads only the blocks its cut needs.
+        public = CheckpointModel(model_dir)
         attackers: dict = {}  # the attacker's preparation per (Bottom depth, noise), shared by the rows
         try:
             for setting in chosen:
-                row = train_and_audit(setting, Path(model_dir), examples, tokenizer, trunk, args, attackers)
+                row = train_and_audit(setting, Path(model_dir), examples, tokenizer, trunk, args, public, attackers)
                 rows.append(row)
                 if args.json:  # a long run keeps what it measured so far (--append goes on from there)
                     args.json.write_text(json.dumps({"meta": {}, "rows": rows}, indent=2) + "\n")
