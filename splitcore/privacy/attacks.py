@@ -360,9 +360,11 @@ def gradient_search(top: Top, trunk_output: torch.Tensor, attention_mask: torch.
         expected = implied((logits.float() * probs).sum())  # A(P)
         by_rank = [one_hot(candidates_here[:, rank]) for rank in range(k)]  # A(C_j), each (batch, seq, hidden)
         guess = candidates_here[:, 0]
+        current = by_rank[0]  # A(Y) for the first guess, already computed
         received = received.float()
-        for _ in range(rounds):
-            current = one_hot(guess)  # A(Y)
+        for round_index in range(rounds):
+            if round_index:
+                current = one_hot(guess)  # A(Y) for the new guess
             implied_now = expected - current
             scale = ((received * implied_now)[positions].sum()
                      / (implied_now * implied_now)[positions].sum().clamp_min(1e-30))
