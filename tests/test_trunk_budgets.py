@@ -74,6 +74,97 @@ def test_info_reports_the_budgets(client):
     info = client.info()
     assert (info.max_micro_batches, info.max_tokens_per_request, info.max_saved_graphs, info.max_kv_tokens,
             info.max_lora_rank, info.max_positions) == (4, 1024, 2, 40, 8, 512)
+    assert info.max_session_memory_bytes == 8192 << 20  # the default
+
+
+def test_a_forward_more_than_one_step_ahead_of_the_last_applied_step_is_refused(client, canary):
+    client.open_session(LoraSettings(r=4, alpha=8, dropout=0.0))
+    hidden, mask = hidden_states(1, 4)
+    client.forward(1, 0, hidden, mask)
+    for step in (2, 7):
+        with pytest.raises(TrunkError) as ahead:
+            client.forward(step, 0, hidden, mask)
+        assert ahead.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert ahead.value.reason == Reason.STEP_CONFLICT
+        assert f"step {step} is more than one step ahead of the last applied step 0" in ahead.value.details
+    with pytest.raises(TrunkError, match="step 3 is more than one step ahead"):
+        client.backward(3, 0, torch.ones(1, 4, HIDDEN), hidden, mask)
+    canary()
+    # The refusals kept nothing and lost nothing: the step goes on, and the next one opens once it is applied.
+    client.backward(1, 0, torch.ones(1, 4, HIDDEN), hidden, mask)
+    assert client.step(1, lr=1e-3) == 1
+    assert client.forward(2, 0, hidden, mask).shape == (1, 4, HIDDEN)
+    with pytest.raises(TrunkError, match="step 3 is more than one step ahead of the last applied step 1"):
+        client.forward(3, 0, hidden, mask)
+    canary()
+
+
+def test_a_forward_counts_the_activations_its_graph_keeps(client):
+    """On the CPU, Info reports the sessions' counted bytes: a Forward adds its graph (the activations
+    autograd saved for Backward, far more than the graph's input and output) and its kept reply."""
+    client.open_session(LoraSettings(r=4, alpha=8, dropout=0.0))
+    hidden, mask = hidden_states(1, 256)
+    ends = 2 * hidden.numel() * 4  # the graph's input and output, fp32
+    before = client.info().memory_sessions_bytes
+    client.forward(1, 0, hidden, mask)
+    added = client.info().memory_sessions_bytes - before
+    assert added > 4 * ends + hidden.numel() * 4, (added, ends)
+    client.backward(1, 0, torch.ones(1, 256, HIDDEN), hidden, mask)
+    client.step(1, lr=1e-3)  # the graph went with its Backward, the replies with the Step; gradients and state stay
+    after_step = client.info().memory_sessions_bytes - before
+    assert after_step < added - ends
+
+
+@pytest.fixture(scope="module")
+def graph_bytes(trunk):
+    """What one Forward of 1 x 512 positions keeps on this model (graph and reply), as the trunk counts it."""
+    with TrunkClient(trunk.address, trunk.token) as probe:
+        probe.open_session(LoraSettings(r=4, alpha=8, dropout=0.0))
+        hidden, mask = hidden_states(1, 512)
+        before = probe.info().memory_sessions_bytes
+        probe.forward(1, 0, hidden, mask)
+        return probe.info().memory_sessions_bytes - before
+
+
+def test_kept_replies_and_saved_graphs_count_against_the_session_memory_budget(tiny_dirs, tmp_path_factory,
+                                                                               graph_bytes):
+    """Forward and Backward per micro-batch free each graph, but every Backward's reply is kept until the
+    Step: with a budget of one graph and 32 replies, the replies fill it long before the 64 micro-batches
+    the trunk allows, the call that would pass it is refused, and the session goes on after its Step."""
+    reply = 512 * HIDDEN * 4
+    budget_mb = -(-(graph_bytes + 32 * reply) // (1 << 20))
+    trunk = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("memory-trunk-logs"),
+                        "--max-session-memory-mb", str(budget_mb), "--max-micro-batches", "64")
+    try:
+        with TrunkClient(trunk.address, trunk.token) as client, TrunkClient(trunk.address, trunk.token) as canary:
+            canary.open_session(LoraSettings(r=4, alpha=8, dropout=0.0), seed=3)
+            probe = hidden_states(2, 5, seed=9)
+            expected = canary.evaluate(*probe)
+            client.open_session(LoraSettings(r=4, alpha=8, dropout=0.0))
+            hidden, mask = hidden_states(1, 512)
+            grad = torch.ones(1, 512, HIDDEN)
+            answered = 0
+            with pytest.raises(TrunkError) as full:
+                for micro in range(64):
+                    client.forward(1, micro, hidden, mask)
+                    client.backward(1, micro, grad, hidden, mask)
+                    answered += 1
+            assert 32 <= answered < 64
+            assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and full.value.reason == Reason.BUDGET
+            details = full.value.details
+            assert f"Forward of step 1 micro-batch {answered}" in details, details
+            assert "kept replies" in details and f"budget of {budget_mb} MiB per session" in details, details
+            assert client.info().memory_sessions_bytes <= 2 * (budget_mb << 20)  # two sessions, each within
+            assert torch.equal(canary.evaluate(*probe), expected)
+            # The Step frees the step's replies: the session trains on.
+            assert client.step(1, lr=1e-3) == 1
+            for micro in range(answered):
+                client.forward(2, micro, hidden, mask)
+                client.backward(2, micro, grad, hidden, mask)
+            assert client.step(2, lr=1e-3) == 2
+            assert torch.equal(canary.evaluate(*probe), expected)
+    finally:
+        trunk.stop()
 
 
 def test_a_micro_batch_index_beyond_the_budget_is_refused(client, canary):

@@ -32,6 +32,8 @@ _BUDGET_HELP = {
     "max_saved_graphs": "autograd graphs kept for Backward (older ones: the client resends their inputs)",
     "max_kv_tokens": "rows x positions an inference session's KV cache may hold",
     "max_lora_rank": "LoRA rank of a session's trunk adapter",
+    "max_session_memory_mb": "MiB one session may hold (adapter, gradients, optimizer state, saved graphs, "
+                             "replies kept for retries, KV cache)",
 }
 
 

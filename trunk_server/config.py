@@ -26,6 +26,9 @@ class SessionBudgets:
     max_kv_tokens: int = 32768
     # LoRA rank of a session's trunk adapter.
     max_lora_rank: int = 256
+    # MiB one session may hold: adapter, gradients, optimizer state, the tensors its saved graphs keep
+    # for Backward, the replies kept for retries until the Step, the KV cache.
+    max_session_memory_mb: int = 8192
 
     def __post_init__(self) -> None:
         for name in (budget.name for budget in fields(self)):

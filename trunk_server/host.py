@@ -70,6 +70,7 @@ class TrunkHost:
         self.lock = threading.RLock()
         self._pefts: dict[str, PeftModel] = {}  # by adapter method
         self._method_of: dict[str, str] = {}  # adapter name -> method
+        self._weight_storages: frozenset[int] | None = None  # see weight_storages()
         # The server's counters: the host measures busy time, sessions and the servicer feed the rest.
         self.stats = TrunkStats()
 
@@ -128,6 +129,7 @@ class TrunkHost:
             else:
                 peft.add_adapter(name, peft_config, autocast_adapter_dtype=True)
             self._method_of[name] = settings.method
+            self._weight_storages = None
             init_lora_weights(peft, seed, adapter_name=name)
             # LoRA's weights are named ...q_proj.lora_A.<name>.weight, LoHa's ...q_proj.hada_w1_a.<name>.
             return {
@@ -136,11 +138,23 @@ class TrunkHost:
                 if name in key.split(".")
             }
 
+    def weight_storages(self) -> frozenset[int]:
+        """The addresses of the storages of every weight and buffer the blocks and adapters hold: what
+        autograd saves of them belongs to the model, not to the session whose Forward saved it."""
+        with self.lock:
+            if self._weight_storages is None:
+                modules = [self.trunk, *self._pefts.values()]
+                self._weight_storages = frozenset(
+                    tensor.untyped_storage().data_ptr()
+                    for module in modules for tensor in (*module.parameters(), *module.buffers()))
+            return self._weight_storages
+
     def _peft_of(self, name: str) -> PeftModel:
         return self._pefts[self._method_of[name]]
 
     def remove_adapter(self, name: str) -> None:
         with self.lock:
+            self._weight_storages = None
             method = self._method_of.pop(name, None)
             peft = self._pefts.get(method)
             if peft is None or name not in peft.peft_config:

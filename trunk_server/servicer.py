@@ -123,6 +123,7 @@ class TrunkServicer(pb_grpc.TrunkServicer):
             sessions_closed=stats.sessions_ended["closed"], sessions_expired=stats.sessions_ended["expired"],
             tokens_processed=sum(stats.tokens.values()), busy_s=stats.busy_s,
             adapter_methods=list(methods_for(self.host.family)),
+            max_session_memory_bytes=budgets.max_session_memory_mb << 20,
         )
 
     # -------------------------------------------------------------- RPCs

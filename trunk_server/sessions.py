@@ -5,10 +5,15 @@ request is checked against the session's budgets before it allocates anything.
 ``SessionRegistry`` opens, finds, closes and expires sessions.
 
 Steps are idempotent. Replies to Forward and Backward are kept per (step, micro_batch)
-until the next optimizer step (a Forward's reply until its Backward is answered), so a
+until the step is applied (a Forward's reply until its Backward is answered), so a
 retried call returns the same answer and never accumulates gradients twice; a retried
 Step for an applied step changes nothing. A session lives on a lease that each of its
 calls renews; a retried OpenSession with the same open key returns the same session.
+
+What a session holds is bounded: Forward and Backward run only for the step after the last
+applied one, and the session's memory (adapter, gradients, optimizer state, the tensors its
+saved graphs keep for Backward, the replies kept for retries, the KV cache) stays within
+its budget: a call that would take it beyond is refused before it keeps anything.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from splitcore.process_memory import release_free_memory
 from splitcore.remote import state as trunk_state
 from splitcore.remote.errors import ActivationsGone, BudgetExceeded, SessionGone, StepConflict, TrunkFull
 from splitcore.remote.messages import OptimizerSettings
+from splitcore.remote.wire import encoded_bytes
 from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
 
 from .config import SessionBudgets
@@ -46,10 +52,40 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def _mib(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
+
+
 @dataclass
 class Saved:
     input: torch.Tensor  # (batch, seq, hidden) on the device, requires grad
     output: torch.Tensor  # (batch, seq, hidden), part of the autograd graph
+    nbytes: int = 0  # what the graph keeps: input, output and the activations saved for Backward
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A reply kept for retries, and the bytes its tensor takes."""
+
+    reply: object
+    nbytes: int
+
+
+@contextlib.contextmanager
+def saved_storages(excluded: frozenset[int]):
+    """Record the storages autograd saves for Backward inside the block, each once, leaving out
+    ``excluded`` (the model's weights); yields the dict (address -> bytes) it fills."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        if address not in excluded:
+            seen.setdefault(address, storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield seen
 
 
 @dataclass
@@ -69,6 +105,7 @@ class Session:
     open_key: str = ""
     calls: int = 0  # calls in progress: a session is never expired under one
     counted_bytes: int = 0
+    graph_bytes_per_value: float = 0.0  # what the last Forward's graph kept, per value of its input
     applied_step: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     saved: OrderedDict = field(default_factory=OrderedDict)
@@ -131,19 +168,42 @@ class Session:
                                "with micro-batches")
         if step <= self.applied_step:
             raise StepConflict(f"step {step} was already applied (the last applied step is {self.applied_step})")
+        if step > self.applied_step + 1:
+            raise StepConflict(f"step {step} is more than one step ahead of the last applied step "
+                               f"{self.applied_step}; apply step {self.applied_step + 1} (Step) before sending "
+                               f"step {self.applied_step + 2} or later")
+
+    def _check_memory(self, what: str, more: int) -> None:
+        """BudgetExceeded when ``more`` bytes on top of what the session holds would pass its memory budget."""
+        held = self._held_bytes()
+        total = sum(held.values()) + more
+        budget = self.budgets.max_session_memory_mb << 20
+        if total > budget:
+            parts = ", ".join(f"{name} {_mib(count)}" for name, count in held.items() if count)
+            raise BudgetExceeded(f"{what} would bring this session to {_mib(total)} ({_mib(more)} more on top of "
+                                 f"{parts or 'nothing'}), beyond this trunk's budget of "
+                                 f"{self.budgets.max_session_memory_mb} MiB per session; send smaller "
+                                 "micro-batches, or apply a Step to free the replies kept for retries")
 
     def forward(self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, encode) -> object:
         """Training forward; ``encode(tensor)`` builds the reply message (kept for retries until the Backward)."""
         with self.lock:
             key = (step, micro)
             if key in self.forward_replies:
-                return self.forward_replies[key]
+                return self.forward_replies[key].reply
             self._check_open_step(step)
             if key in self.backward_replies:
                 raise StepConflict(f"step {step} micro-batch {micro} already went backward; "
                                    "its forward cannot run again in this step")
             self.check_request(hidden, micro=micro)
+            what = f"Forward of step {step} micro-batch {micro}"
+            # Keeping its graph drops the oldest ones beyond the budget of saved graphs.
+            evicted = sum(graph.nbytes for graph in list(self.saved.values())[
+                :max(0, len(self.saved) + 1 - self.budgets.max_saved_graphs)])
+            reply_bytes = encoded_bytes(hidden.numel(), self.wire_encoding)
+            self._check_memory(what, reply_bytes - evicted + self._graph_estimate(hidden))
             saved = self._run_forward(step, micro, hidden, mask)
+            self._check_memory(what, reply_bytes - evicted + saved.nbytes)  # a first Forward: checked once it ran
             self._count_tokens("training", hidden)
             self.saved[key] = saved
             while len(self.saved) > self.budgets.max_saved_graphs:
@@ -151,7 +211,7 @@ class Session:
                 log.info("session %s: dropped the graph of step %s micro-batch %s (budget of %s saved graphs); "
                          "its Backward will ask for the inputs", self.id[:8], *dropped, self.budgets.max_saved_graphs)
             reply = encode(saved.output.detach())
-            self.forward_replies[key] = reply
+            self.forward_replies[key] = Kept(reply, reply_bytes)
             return reply
 
     def backward(self, step: int, micro: int, grad_output_decoder,
@@ -159,29 +219,53 @@ class Session:
         with self.lock:
             key = (step, micro)
             if key in self.backward_replies:
-                return self.backward_replies[key]
+                return self.backward_replies[key].reply
             self._check_open_step(step)
-            saved = self.saved.pop(key, None)
+            what = f"Backward of step {step} micro-batch {micro}"
+            saved = self.saved.get(key)
             if saved is None:
                 if resent is None:
                     raise ActivationsGone(f"activations of step {step} micro-batch {micro} are not held; "
                                           "send the hidden states and attention mask again to recompute them")
                 self.check_request(resent[0], micro=micro)
+                inputs = resent[0]
+            else:
+                inputs = saved.input
+            # Its reply is kept until the Step in place of the Forward's, its graph is freed, and the first
+            # Backward of a step allocates the gradients.
+            reply_bytes = encoded_bytes(inputs.numel(), self.wire_encoding)
+            forward_reply = self.forward_replies.get(key)
+            more = (reply_bytes + tensor_bytes(p for p in self.params.values() if p.grad is None)
+                    - (forward_reply.nbytes if forward_reply else 0) - (saved.nbytes if saved else 0))
+            self._check_memory(what, more + (self._graph_estimate(inputs) if saved is None else 0))
+            if saved is None:
                 saved = self._run_forward(step, micro, *resent)
+            else:
+                del self.saved[key]
             grad_output = self.host.to_device(grad_output_decoder(tuple(saved.output.shape)))
             with self.host.memory_guard(self.id, "Backward", saved.output.shape):
                 self.host.backward(self.adapter, saved.output, grad_output)
             reply = encode(saved.input.grad, self.grad_sq_norm())
-            self.backward_replies[key] = reply
+            self.backward_replies[key] = Kept(reply, reply_bytes)
             self.forward_replies.pop(key, None)  # answered: a retry of this Forward cannot come any more
             return reply
 
     def _run_forward(self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor) -> Saved:
         leaf = self.host.to_device(hidden).detach().requires_grad_(True)
-        with self.host.memory_guard(self.id, "Forward", hidden.shape), torch.enable_grad():
+        with (self.host.memory_guard(self.id, "Forward", hidden.shape), torch.enable_grad(),
+              saved_storages(self.host.weight_storages()) as storages):
             output = self.host.forward(self.adapter, self.layers, leaf, self.host.to_device(mask), training=True,
                                        seed=dropout_seed(self.dropout_seed, step, micro, TRUNK))
-        return Saved(input=leaf, output=output)
+        for tensor in (leaf, output):
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage.nbytes())
+        nbytes = sum(storages.values())
+        self.graph_bytes_per_value = nbytes / leaf.numel()
+        return Saved(input=leaf, output=output, nbytes=nbytes)
+
+    def _graph_estimate(self, hidden: torch.Tensor) -> int:
+        """The bytes a graph for ``hidden`` will keep, from this session's last Forward (0 before the first)."""
+        return int(self.graph_bytes_per_value * hidden.numel())
 
     def evaluate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Validation forward of a training session: no gradient, nothing kept."""
@@ -224,8 +308,9 @@ class Session:
                     self.optimizer.zero_grad(set_to_none=True)
             self.applied_step = step
             self.steps_applied += 1
+            # The step's calls are answered (the client sends Step after its last Backward): their replies go.
             for replies in (self.forward_replies, self.backward_replies, self.saved):
-                for key in [k for k in replies if k[0] < step]:
+                for key in [k for k in replies if k[0] <= step]:
                     del replies[key]
             return step
 
@@ -317,7 +402,7 @@ class Session:
     # -------------------------------------------------------------- memory
 
     def memory_bytes(self) -> int:
-        """Bytes of this session's tensors: adapter, gradients, optimizer state, saved graphs' ends, KV cache
+        """Bytes this session holds: adapter, gradients, optimizer state, saved graphs, kept replies, KV cache
         (counted between calls: while one runs, the count from before it)."""
         if not self.lock.acquire(blocking=False):
             return self.counted_bytes
@@ -328,13 +413,23 @@ class Session:
         return self.counted_bytes
 
     def _count_bytes(self) -> int:
-        tensors = [*self.params.values(), *(p.grad for p in self.params.values())]
-        if self.optimizer is not None:
-            tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        tensors += [t for saved in self.saved.values() for t in (saved.input, saved.output)]
-        for layer in getattr(self.cache, "layers", ()):
-            tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
-        return tensor_bytes(t for t in tensors if torch.is_tensor(t))
+        return sum(self._held_bytes().values())
+
+    def _held_bytes(self) -> dict[str, int]:
+        """Under the lock: what the session holds, by kind."""
+        optimizer = [] if self.optimizer is None else [
+            v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        cache = [t for layer in getattr(self.cache, "layers", ())
+                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
+        return {
+            "adapter": tensor_bytes(self.params.values()),
+            "gradients": tensor_bytes(p.grad for p in self.params.values()),
+            "optimizer state": tensor_bytes(optimizer),
+            "saved graphs": sum(saved.nbytes for saved in self.saved.values()),
+            "kept replies": sum(kept.nbytes for replies in (self.forward_replies, self.backward_replies)
+                                for kept in replies.values()),
+            "KV cache": tensor_bytes(cache),
+        }
 
     def release(self) -> None:
         with self.lock:

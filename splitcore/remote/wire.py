@@ -149,6 +149,14 @@ def encoded_size(message: pb.Tensor) -> int:
     return len(message.data) + len(message.scales)
 
 
+def encoded_bytes(count: int, encoding: str) -> int:
+    """Bytes ``count`` float values take on the wire in ``encoding`` (int8: with its per-block scales),
+    known without encoding them."""
+    check_encoding(encoding)
+    scales = 4 * -(-count // INT8_BLOCK_SIZE) if encoding == "int8" else 4 if encoding == "fp16" else 0
+    return count * _BYTES_PER_VALUE[encoding] + scales
+
+
 def _checked_shape(message: pb.Tensor, field: str, max_elements: int,
                    expected_shape: tuple[int | None, ...] | None) -> tuple[int, ...]:
     shape = tuple(int(d) for d in message.shape)

@@ -13,7 +13,7 @@ from ..byte_sizes import format_bytes
 
 # The per-session budgets a trunk reports (the TrunkServer fields of the same names).
 BUDGET_FIELDS = ("max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens",
-                 "max_saved_graphs")
+                 "max_saved_graphs", "max_session_memory_bytes")
 
 
 class TrunkServer(models.Model):
@@ -67,6 +67,8 @@ class TrunkServer(models.Model):
     max_positions = models.PositiveIntegerField(null=True, blank=True)
     max_kv_tokens = models.PositiveBigIntegerField(null=True, blank=True)
     max_saved_graphs = models.PositiveIntegerField(null=True, blank=True)
+    max_session_memory_bytes = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="what one session may hold: adapter, optimizer, saved graphs, kept replies")
     last_error = models.TextField(blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
 

@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s", "min_trunk_start", "max_trunk_end", "device", "memory_total_bytes", "memory_base_bytes", "memory_sessions_bytes", "max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens", "max_saved_graphs", "uptime_s", "sessions_opened", "sessions_closed", "sessions_expired", "tokens_processed", "busy_s", "adapter_methods")
+    __slots__ = ("model_id", "weights_fingerprint", "model_type", "num_layers", "trunk_start", "trunk_end", "hidden_size", "dtype", "max_sessions", "active_sessions", "version", "max_message_bytes", "session_ttl_s", "min_trunk_start", "max_trunk_end", "device", "memory_total_bytes", "memory_base_bytes", "memory_sessions_bytes", "max_lora_rank", "max_micro_batches", "max_tokens_per_request", "max_positions", "max_kv_tokens", "max_saved_graphs", "uptime_s", "sessions_opened", "sessions_closed", "sessions_expired", "tokens_processed", "busy_s", "adapter_methods", "max_session_memory_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class InfoResponse(_message.Message):
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     BUSY_S_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_METHODS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_fingerprint: str
     model_type: str
@@ -102,7 +103,8 @@ class InfoResponse(_message.Message):
     tokens_processed: int
     busy_s: float
     adapter_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., min_trunk_start: _Optional[int] = ..., max_trunk_end: _Optional[int] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_base_bytes: _Optional[int] = ..., memory_sessions_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_micro_batches: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_saved_graphs: _Optional[int] = ..., uptime_s: _Optional[float] = ..., sessions_opened: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., busy_s: _Optional[float] = ..., adapter_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_session_memory_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., trunk_start: _Optional[int] = ..., trunk_end: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., session_ttl_s: _Optional[int] = ..., min_trunk_start: _Optional[int] = ..., max_trunk_end: _Optional[int] = ..., device: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_base_bytes: _Optional[int] = ..., memory_sessions_bytes: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_micro_batches: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_positions: _Optional[int] = ..., max_kv_tokens: _Optional[int] = ..., max_saved_graphs: _Optional[int] = ..., uptime_s: _Optional[float] = ..., sessions_opened: _Optional[int] = ..., sessions_closed: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., busy_s: _Optional[float] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., max_session_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "seed", "method")
