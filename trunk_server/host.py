@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import threading
 import time
 
 import torch
@@ -36,6 +35,7 @@ from splitcore.remote.errors import LayersRefused, OutOfMemory
 
 from .config import TrunkServerConfig
 from .stats import TrunkStats
+from .turns import FairLock, check_deadline
 
 
 def tensor_bytes(tensors) -> int:
@@ -67,7 +67,8 @@ class TrunkHost:
         self.dtype = config.torch_dtype
         self.trunk = trunk.eval()
         self.base_bytes = tensor_bytes(self.trunk.state_dict().values())
-        self.lock = threading.RLock()
+        # Sessions take the model in turn (first come, first served), whoever asks most often.
+        self.lock = FairLock()
         self._pefts: dict[str, PeftModel] = {}  # by adapter method
         self._method_of: dict[str, str] = {}  # adapter name -> method
         self._weight_storages: frozenset[int] | None = None  # see weight_storages()
@@ -194,9 +195,12 @@ class TrunkHost:
 
     @contextlib.contextmanager
     def computing(self):
-        """Hold the model lock for one computation; the time it is held (not the wait for it) counts
-        as busy. On a GPU the clock stops when the device has finished, not when the kernels are queued."""
+        """Hold the model for one computation, in turn with the other calls (first come, first served); a
+        call whose caller's deadline passed while it waited is dropped here (DeadlinePassed), before it
+        changes anything. The time the model is held (not the wait for it) counts as busy. On a GPU the
+        clock stops when the device has finished, not when the kernels are queued."""
         with self.lock:
+            check_deadline("the call")  # its caller gave up while it waited: its retry is queued behind
             started = time.perf_counter()
             try:
                 yield

@@ -31,6 +31,7 @@ from splitcore.remote.wire import (
 from .config import TrunkServerConfig
 from .host import TrunkHost
 from .sessions import SessionRegistry, SessionRequest
+from .turns import call_deadline
 
 log = logging.getLogger("trunk_server")
 
@@ -51,7 +52,8 @@ def _mapped_errors(method):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            return method(self, request, context)
+            with call_deadline(context.time_remaining()):
+                return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             reason = _reason(exc)
             if reason is not None:

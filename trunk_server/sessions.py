@@ -36,7 +36,9 @@ from splitcore.model.lora import LoraSettings
 from splitcore.model.seeding import TRUNK, dropout_seed
 from splitcore.process_memory import release_free_memory
 from splitcore.remote import state as trunk_state
-from splitcore.remote.errors import ActivationsGone, BudgetExceeded, SessionGone, StepConflict, TrunkFull
+from splitcore.remote.errors import (
+    ActivationsGone, BudgetExceeded, DeadlinePassed, SessionGone, StepConflict, TrunkFull,
+)
 from splitcore.remote.messages import OptimizerSettings
 from splitcore.remote.wire import encoded_bytes
 from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
@@ -243,8 +245,12 @@ class Session:
             else:
                 del self.saved[key]
             grad_output = self.host.to_device(grad_output_decoder(tuple(saved.output.shape)))
-            with self.host.memory_guard(self.id, "Backward", saved.output.shape):
-                self.host.backward(self.adapter, saved.output, grad_output)
+            try:
+                with self.host.memory_guard(self.id, "Backward", saved.output.shape):
+                    self.host.backward(self.adapter, saved.output, grad_output)
+            except DeadlinePassed:
+                self.saved[key] = saved  # dropped before it ran: the graph is whole, and its retry uses it
+                raise
             reply = encode(saved.input.grad, self.grad_sq_norm())
             self.backward_replies[key] = Kept(reply, reply_bytes)
             self.forward_replies.pop(key, None)  # answered: a retry of this Forward cannot come any more

@@ -2,12 +2,14 @@
 
 Adds the bearer token to every call, sets deadlines, retries UNAVAILABLE and
 DEADLINE_EXCEEDED with exponential backoff (safe: the server's steps are idempotent),
-streams large tensors in chunks, and counts the bytes that cross the wire.
+waits out gRPC's refusals at the server's cap on concurrent calls (with backoff, for up to a
+call's timeout in all), streams large tensors in chunks, and counts the bytes that cross the wire.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -18,7 +20,7 @@ import grpc
 import torch
 
 from splitcore.model.lora import LoraSettings
-from splitcore.remote.errors import Fault, TrunkError
+from splitcore.remote.errors import Fault, TrunkError, overloaded
 from splitcore.remote.messages import OptimizerSettings, lora_to_proto, optimizer_to_proto
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
@@ -88,6 +90,7 @@ class TrunkClient:
         self.session_id: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.overload_retries = 0  # calls the server turned away at its cap on concurrent calls, then retried
 
     @property
     def channel(self) -> grpc.Channel:
@@ -98,6 +101,7 @@ class TrunkClient:
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         delays = self.retry.delays()
+        busy_waited, busy_delay = 0.0, self.retry.initial_backoff_s
         while True:
             try:
                 return call()
@@ -106,6 +110,15 @@ class TrunkClient:
                 failure.trunk = self.name
                 if failure.fault != Fault.RETRYABLE:
                     raise failure from None
+                if overloaded(failure.code, failure.reason) and busy_waited < self.timeout_s:
+                    # The server turned the call away at its cap on concurrent calls: it is busy, not gone.
+                    delay = busy_delay * random.uniform(0.5, 1.0)  # spread the retries of many clients
+                    busy_waited += delay
+                    busy_delay = min(self.retry.max_backoff_s, busy_delay * self.retry.multiplier)
+                    self.overload_retries += 1
+                    log.info("%s: trunk %s is at its cap on concurrent calls; retrying in %.1fs", what, self.name, delay)
+                    time.sleep(delay)
+                    continue
                 delay = next(delays, None)
                 if delay is None:
                     failure.fault = Fault.LOST  # the retries are used up

@@ -25,6 +25,7 @@ class Reason(str, enum.Enum):
     LAYERS_REFUSED = "layers-refused"  # the layer range is outside the operator's bounds
     ACTIVATIONS_GONE = "activations-gone"  # Backward without saved activations: resend the Forward inputs
     STEP_CONFLICT = "step-conflict"  # a step already applied, or a call out of order
+    DEADLINE_PASSED = "deadline-passed"  # the caller's deadline passed while the call waited for the model
     BAD_REQUEST = "bad-request"  # malformed or invalid
 
 
@@ -36,6 +37,7 @@ STATUS = {
     Reason.LAYERS_REFUSED: grpc.StatusCode.OUT_OF_RANGE,
     Reason.ACTIVATIONS_GONE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.STEP_CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.DEADLINE_PASSED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
@@ -72,6 +74,10 @@ class ActivationsGone(TrunkRefusal):
 
 class StepConflict(TrunkRefusal, ValueError):
     reason = Reason.STEP_CONFLICT
+
+
+class DeadlinePassed(TrunkRefusal):
+    reason = Reason.DEADLINE_PASSED
 
 
 class Fault(enum.Enum):
@@ -112,8 +118,14 @@ def classify(code: grpc.StatusCode, reason: Reason | None = None) -> Fault:
     if reason in (Reason.FULL, Reason.OUT_OF_MEMORY):
         return Fault.FULL
     if reason is None and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Fault.FULL  # grpc's own cap on concurrent calls answers so, without a reason
+        return Fault.RETRYABLE  # grpc's own cap on concurrent calls: the call never started
     return Fault.BAD_REQUEST
+
+
+def overloaded(code: grpc.StatusCode, reason: Reason | None) -> bool:
+    """gRPC refused the call at the server's cap on concurrent calls, before it started (the server's own
+    refusals always carry a reason)."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason is None
 
 
 class TrunkError(RuntimeError):
