@@ -32,7 +32,8 @@ NGINX_IMAGE = "nginx:1.30-alpine"  # the official image, stable branch (nginx 1.
 # The web service's daphne, behind nginx: it trusts nginx's X-Forwarded-For and X-Forwarded-Proto.
 DAPHNE_COMMAND = "daphne --proxy-headers --bind 0.0.0.0 --port 8000 webapp.asgi:application"
 # One Celery worker per queue of webapp/settings.py (name -> queue); only the control worker loads no model.
-WORKER_QUEUES = {"training-worker": "training", "generation-worker": "generation", "control-worker": "control"}
+WORKER_QUEUES = {"training-worker": "training", "generation-worker": "generation", "merge-worker": "merge",
+                 "control-worker": "control"}
 DJANGO_SERVICES = ("web", *WORKER_QUEUES, "beat")
 APP_SERVICES = (*DJANGO_SERVICES, "trunk", "prepare-model")
 TEST_SECRETS = {
@@ -181,7 +182,7 @@ def test_data_lives_on_named_volumes_where_the_settings_point(config):
     services = config["services"]
     assert set(config["volumes"]) >= {"static", "media", "jobs", "models", "postgres-data", "redis-data",
                                       "beat-schedule"}
-    for name in ("web", "training-worker", "generation-worker"):
+    for name in ("web", "training-worker", "generation-worker", "merge-worker"):
         env, mounted = services[name]["environment"], mounts(services[name])
         assert mounted["media"] == env["MEDIA_ROOT"], name
         assert mounted["jobs"] == env["SPLITLEARN_JOBS_DIR"], name
@@ -270,7 +271,7 @@ def test_nginx_follows_the_env_file(docker_compose, tmp_path):
 
 
 def test_one_worker_per_queue_with_its_own_concurrency(example_config, settings):
-    """Generations and control tasks never wait behind training jobs: each queue has its workers."""
+    """Generations and control tasks never wait behind training jobs or merged builds: each queue has its workers."""
     services = example_config["services"]
     assert set(WORKER_QUEUES.values()) == set(settings.ALL_QUEUES)
     values = env_example_values()
@@ -280,7 +281,7 @@ def test_one_worker_per_queue_with_its_own_concurrency(example_config, settings)
         concurrency[queue] = words[words.index("--concurrency") + 1]
         assert words[words.index("-n") + 1] == f"{queue}@%h", "distinct node names on one host"
     assert concurrency == {"training": values["WORKER_CONCURRENCY"], "generation": values["GENERATION_CONCURRENCY"],
-                           "control": "2"}
+                           "merge": "1", "control": "2"}
     assert mounts(services["control-worker"]) == {}, "health checks and sweeps need no model, no data"
     assert "prepare-model" not in services["control-worker"]["depends_on"]
 

@@ -125,12 +125,13 @@ def test_make_run_serves_the_whole_application_and_stops_cleanly(default_model_d
     try:
         output = wait_ready(first, tmp_path / "first.log")
         password = re.search(r"log in as 'admin' with password (\S+) ", output).group(1)
-        # One worker per queue: health checks, sweeps and generations never wait behind training jobs.
+        # One worker per queue: health checks, sweeps and generations never wait behind training jobs or builds.
         assert celery_workers(first.pid) == {"training-worker@%h": ("training", "1"),
                                              "generation-worker@%h": ("generation", "1"),
+                                             "merge-worker@%h": ("merge", "1"),
                                              "control-worker@%h": ("control", "2")}
         logs = data / "run" / "logs"
-        for queue in ("training", "generation", "control"):
+        for queue in ("training", "generation", "merge", "control"):
             assert " ready." in (logs / f"{queue}-worker.log").read_text(), queue
         client = Browserless(f"http://127.0.0.1:{port}")
         client.log_in("admin", password)

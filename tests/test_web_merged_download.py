@@ -248,3 +248,36 @@ def test_a_build_whose_worker_died_does_not_stay_building(owner, celery_worker):
     # A message of an older request (superseded) does nothing.
     assert merged.build(retried.pk, long_ago.isoformat()) == "stale"
     assert Job.objects.get(pk=retried.pk).merged_status == "ready" and builds_of(retried) == 1
+
+
+def test_a_built_merged_model_is_deleted_after_its_retention_and_built_again_on_request(client, owner,
+                                                                                      celery_worker):
+    jobs = [exported_job(owner) for _ in range(2)]
+    for job in jobs:
+        merged.request_merged(job)
+    old, fresh = (wait_for_merged(job, celery_worker) for job in jobs)
+    assert old.merged_status == fresh.merged_status == "ready"
+    assert fresh.merged_expires_at == fresh.merged_built_at + timedelta(hours=settings.MERGED_RETENTION_HOURS)
+    client.force_login(owner)
+    section = merged_section(client.get(f"/jobs/{fresh.pk}/").content.decode())
+    assert "keeps it for 3 days after the build" in section
+    assert f"kept until {timezone.localtime(fresh.merged_expires_at):%Y-%m-%d %H:%M}" in section
+    state = api_for(owner).post(f"/api/jobs/{fresh.pk}/merged/").json()  # built: the state, no second build
+    assert state["merged_expires_at"] == fresh.merged_expires_at.isoformat()
+    assert f"until {fresh.merged_expires_at.isoformat()}, then it is deleted" in state["detail"]
+
+    Job.objects.filter(pk=old.pk).update(
+        merged_built_at=timezone.now() - timedelta(hours=settings.MERGED_RETENTION_HOURS, minutes=1))
+    assert merged.expire_merged() == 1
+    old.refresh_from_db()
+    assert old.merged_status == "none" and old.merged_bytes is None and not old.merged_zip_path.exists()
+    assert JobLog.objects.filter(job=old, message__contains="the merged model was deleted 72 hours after").exists()
+    fresh.refresh_from_db()
+    assert fresh.merged_status == "ready" and fresh.merged_zip_path.is_file(), "a build within its time stays"
+    assert merged.expire_merged() == 0
+    section = merged_section(client.get(f"/jobs/{old.pk}/").content.decode())
+    assert 'id="merged-form"' in section and 'id="merged-download"' not in section
+
+    assert api_for(owner).post(f"/api/jobs/{old.pk}/merged/").status_code == 202  # built again on request
+    old = wait_for_merged(old, celery_worker)
+    assert old.merged_status == "ready" and old.merged_zip_path.is_file() and builds_of(old) == 2

@@ -32,7 +32,7 @@ LONG_JOB = dict(base_model=TINY_MODEL_ID, trunk_auto=False, max_steps=20_000, ba
 EXPECTED_ROUTES = {
     "training.run_job": "training",
     "playground.generate": "generation",
-    "training.build_merged_model": "generation",
+    "training.build_merged_model": "merge",
     "trunks.check_all": "control",
     "trunks.check_one": "control",
     "training.recover_jobs": "control",
@@ -54,8 +54,8 @@ def test_each_task_is_routed_to_its_queue():
             assert queue_of(celery_app, task) == queue == queue_of(sender, task), task
     finally:
         sender.close()
-    assert (settings.TRAINING_QUEUE, settings.GENERATION_QUEUE, settings.CONTROL_QUEUE) == (
-        "training", "generation", "control")
+    assert (settings.TRAINING_QUEUE, settings.GENERATION_QUEUE, settings.MERGE_QUEUE, settings.CONTROL_QUEUE) == (
+        "training", "generation", "merge", "control")
     assert set(EXPECTED_ROUTES.values()) == set(settings.ALL_QUEUES)
 
 

@@ -41,6 +41,8 @@ TRUNK_DTYPE = re.compile(f"^({'|'.join(DTYPES)})$")
 # Control tasks load no model and are short; two, so that a health check waiting on a silent
 # trunk does not hold up the sweeps.
 CONTROL_CONCURRENCY = 2
+# Merged builds read and rewrite a whole model: one at a time, beside (never ahead of) the playground.
+MERGE_CONCURRENCY = 1
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,10 @@ class Launcher:
         if trunk.metrics_url:
             say(f"the trunk server's metrics: {trunk.metrics_url}")
         self._register_trunk(trunk.address, token)
-        say("starting the Celery workers (training, generation, control) and beat...")
+        say("starting the Celery workers (training, generation, merge, control) and beat...")
         for queue, concurrency in ((settings.TRAINING_QUEUE, config.worker_concurrency),
                                    (settings.GENERATION_QUEUE, config.generation_concurrency),
+                                   (settings.MERGE_QUEUE, MERGE_CONCURRENCY),
                                    (settings.CONTROL_QUEUE, CONTROL_CONCURRENCY)):
             self.children.append(start_worker(self.env, self.log_dir / f"{queue}-worker.log", name=f"{queue}-worker",
                                               concurrency=concurrency, queues=[queue]))

@@ -207,6 +207,9 @@ GENERATION_TIMEOUT_S = env_float("GENERATION_TIMEOUT_S", 600.0, minimum=1.0)
 # A merged-model build (base + adapter in one model, zipped) stops after this long; one still building
 # JOB_STALE_AFTER_S after that (or never started by a worker) lost its worker, and the sweep fails it.
 MERGED_BUILD_TIMEOUT_S = env_float("MERGED_BUILD_TIMEOUT_S", 3600.0, minimum=10.0)
+# A built merged model is kept this many hours after its build, then deleted (a model-sized zip per job
+# adds up); asked for again, it is built again.
+MERGED_RETENTION_HOURS = env_float("MERGED_RETENTION_HOURS", 72.0, minimum=0.01)
 # The leakage audit a worker runs on each job: examples of the job's data it attacks (0: no audit).
 PRIVACY_AUDIT_SAMPLE = env_int("PRIVACY_AUDIT_SAMPLE", 8, minimum=0)
 # Whether that audit also runs its strong attacks (an inversion network trained on more public text): a minute
@@ -240,19 +243,23 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBIL
 # here (beat's tasks, any new small task) goes to the control queue.
 TRAINING_QUEUE = "training"
 GENERATION_QUEUE = "generation"
+MERGE_QUEUE = "merge"
 CONTROL_QUEUE = "control"
-ALL_QUEUES = (TRAINING_QUEUE, GENERATION_QUEUE, CONTROL_QUEUE)  # not CELERY_*: Celery would read it as a setting
+# not CELERY_*: Celery would read it as a setting
+ALL_QUEUES = (TRAINING_QUEUE, GENERATION_QUEUE, MERGE_QUEUE, CONTROL_QUEUE)
 CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
 CELERY_TASK_ROUTES = {
     "training.run_job": {"queue": TRAINING_QUEUE},
     "playground.generate": {"queue": GENERATION_QUEUE},
-    # Reads and rewrites a whole model, shard by shard, for seconds to minutes: never on the control queue.
-    "training.build_merged_model": {"queue": GENERATION_QUEUE},
+    # Reads and rewrites a whole model, shard by shard, for seconds to an hour: on a queue of its own, so
+    # neither the control queue's checks nor the playground's answers wait behind a build.
+    "training.build_merged_model": {"queue": MERGE_QUEUE},
 }
 CELERY_BEAT_SCHEDULE = {
     "check-trunks": {"task": "trunks.check_all", "schedule": TRUNK_HEALTH_INTERVAL_S},
     "recover-jobs": {"task": "training.recover_jobs", "schedule": JOB_SWEEP_S},
     "recover-generations": {"task": "playground.recover_generations", "schedule": JOB_SWEEP_S},
+    "expire-merged": {"task": "training.expire_merged", "schedule": JOB_SWEEP_S},
 }
 
 # ---------------------------------------------------------------- Channels (live pages)

@@ -1,9 +1,11 @@
 """The merged model of a succeeded job: its base model with the adapter folded in, as one zip.
 
-A user asks for it (page or API); a worker builds it once, in the background, on the
-generation queue (it reads and rewrites a whole model, shard by shard: minutes for a big
-one, and like a generation it must not hold up the control queue's checks and sweeps); the
-zip is kept beside the job's adapter and streamed from disk on every download.
+A user asks for it (page or API); a worker builds it once, in the background, on the merge
+queue, a queue of its own (it reads and rewrites a whole model, shard by shard: minutes for a
+big one, so it must hold up neither the control queue's checks and sweeps nor the
+playground's answers); the zip is kept beside the job's adapter and streamed from disk on
+every download, for ``MERGED_RETENTION_HOURS`` after its build: then the sweep deletes it
+(``expire_merged``), and asked for again, it is built again.
 
 States (``Job.merged_status``): ``none`` -> ``building`` -> ``ready`` or ``failed`` (with
 ``merged_error``); a failed build can be asked for again. A request claims the build with a
@@ -77,7 +79,7 @@ def request_merged(job: Job) -> tuple[Job, bool]:
         started = Job.objects.filter(pk=job.pk, status=Job.Status.SUCCEEDED).filter(
             Q(merged_status__in=[Merged.NONE, Merged.FAILED]) | _stale_builds(now)).update(
             merged_status=Merged.BUILDING, merged_requested_at=now, merged_started_at=None, merged_error="",
-            merged_bytes=None)
+            merged_bytes=None, merged_built_at=None)
         if started:
             transaction.on_commit(lambda: signature(BUILD_MERGED_TASK, args=(job.pk, now.isoformat())).delay())
     job.refresh_from_db()
@@ -98,7 +100,8 @@ def state(job: Job) -> dict:
     if job.status != Job.Status.SUCCEEDED:
         detail = not_succeeded_message(job)
     elif job.merged_status == Merged.READY and job.has_merged:
-        detail = f"ready: GET {url} downloads it"
+        detail = (f"ready: GET {url} downloads it until {job.merged_expires_at.isoformat()}, then it is deleted "
+                  "(POST builds it again)")
     elif job.merged_status == Merged.BUILDING:
         detail = "a worker is building it; ask again in a while"
     elif job.merged_status == Merged.FAILED:
@@ -109,6 +112,7 @@ def state(job: Job) -> dict:
         "job": job.pk, "merged_status": job.merged_status, "merged_bytes": job.merged_bytes,
         "merged_error": job.merged_error,
         "merged_requested_at": job.merged_requested_at.isoformat() if job.merged_requested_at else None,
+        "merged_expires_at": job.merged_expires_at.isoformat() if job.has_merged else None,
         "merged_url": url if job.has_merged else None, "detail": detail,
     }
 
@@ -140,6 +144,30 @@ def fail_stale_builds() -> int:
     return failed
 
 
+# ------------------------------------------------------------------ retention
+
+
+def expire_merged() -> int:
+    """Delete the merged models built more than MERGED_RETENTION_HOURS ago (the sweep runs this); each job
+    goes back to "not built" and says so in its log. Returns how many were deleted."""
+    cutoff = timezone.now() - timedelta(hours=settings.MERGED_RETENTION_HOURS)
+    expired = 0
+    old = Q(merged_built_at__lt=cutoff) | Q(merged_built_at__isnull=True, merged_requested_at__lt=cutoff)
+    for job in Job.objects.filter(old, merged_status=Merged.READY):
+        # Claimed by its build's name: a build asked for meanwhile is left alone.
+        claimed = Job.objects.filter(pk=job.pk, merged_status=Merged.READY,
+                                     merged_requested_at=job.merged_requested_at).update(
+            merged_status=Merged.NONE, merged_bytes=None, merged_built_at=None)
+        if not claimed:
+            continue
+        job.merged_zip_path.unlink(missing_ok=True)
+        expired += 1
+        events.job_log(job, f"the merged model was deleted {settings.MERGED_RETENTION_HOURS:g} hours after its "
+                            "build (MERGED_RETENTION_HOURS); build it again to download it")
+        events.publish_status(job)
+    return expired
+
+
 # ------------------------------------------------------------------ the build (a worker runs this)
 
 
@@ -165,7 +193,8 @@ def build(job_id: int, requested_at: str) -> str:
         archive = _build_zip(job, staging)
         size = archive.stat().st_size
         with transaction.atomic():
-            if not ours.update(merged_status=Merged.READY, merged_bytes=size, merged_error=""):
+            if not ours.update(merged_status=Merged.READY, merged_bytes=size, merged_error="",
+                               merged_built_at=timezone.now()):
                 return "stale"  # failed by the sweep meanwhile, or asked for again: this result is not wanted
             os.replace(archive, job.merged_zip_path)  # before the commit: whoever sees "ready" finds the file
     except SoftTimeLimitExceeded:

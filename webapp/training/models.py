@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -163,6 +164,7 @@ class Job(models.Model):
     merged_error = models.TextField(blank=True, editable=False)
     merged_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
     merged_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    merged_built_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = JobQuerySet.as_manager()
 
@@ -198,6 +200,14 @@ class Job(models.Model):
     @property
     def merged_zip_path(self) -> Path:
         return self.directory / "merged-model.zip"
+
+    @property
+    def merged_expires_at(self):
+        """When the built merged model is deleted (MERGED_RETENTION_HOURS after its build); None unless built."""
+        built = self.merged_built_at or self.merged_requested_at
+        if self.merged_status != self.MergedStatus.READY or built is None:
+            return None
+        return built + timedelta(hours=settings.MERGED_RETENTION_HOURS)
 
     @property
     def has_merged(self) -> bool:

@@ -26,3 +26,9 @@ def build_merged_model(job_id: int, requested_at: str) -> str:
 def recover_jobs() -> dict[str, int]:
     """Beat runs this every ``JOB_SWEEP_S``: jobs of dead workers and lost messages go back to the queue."""
     return recovery.recover_jobs()
+
+
+@shared_task(name="training.expire_merged")
+def expire_merged() -> int:
+    """Beat runs this every ``JOB_SWEEP_S``: merged models past MERGED_RETENTION_HOURS are deleted."""
+    return merged.expire_merged()

@@ -3,6 +3,7 @@ and merged.py."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
@@ -75,7 +76,17 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         "job": job, "points": points, "logs": logs, "status_line": job.status_line, "chain": job.chain(),
         "hyperparameters": job.labelled_hyperparameters(),
         "privacy": audit_summary(job), "privacy_setting": job.privacy_settings().describe(),
-        "merged_size": format_bytes(job.merged_bytes) if job.merged_bytes is not None else ""})
+        "merged_size": format_bytes(job.merged_bytes) if job.merged_bytes is not None else "",
+        "merged_retention": retention_words(settings.MERGED_RETENTION_HOURS)})
+
+
+def retention_words(hours: float) -> str:
+    """72 -> "3 days", 12 -> "12 hours", 0.5 -> "30 minutes"."""
+    if hours >= 48 and hours % 24 == 0:
+        return f"{hours / 24:g} days"
+    if hours >= 1:
+        return f"{hours:g} hour{'' if hours == 1 else 's'}"
+    return f"{hours * 60:g} minutes"
 
 
 @login_required
