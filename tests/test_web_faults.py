@@ -527,3 +527,53 @@ def test_a_job_waiting_for_a_session_on_a_full_trunk_moves_when_asked(owner, web
     finally:
         holder.close()
         full.stop()
+
+
+def test_a_job_on_a_draining_trunk_goes_on_there_after_its_worker_dies(owner, trunk, second_trunk, workers, beat,
+                                                                      broker, reference):
+    """Draining takes no new work; the work a trunk has goes on there. A job placed automatically on the
+    trunk, drained mid-job, whose worker then dies, resumes on its own trunk, though another one is free."""
+    _, record = trunk
+    _, other = second_trunk
+    TrunkServer.objects.filter(pk=other.pk).update(enabled=False)  # the job is placed on fault-trunk
+    check_trunk(record)
+    first = workers.start("drained-doomed")
+    job = new_job(owner, None, trunk_auto=True)
+    broker(job)
+    job = freeze_mid_job(job, first.process.pid, group=True)
+    assert job.trunk_id == record.pk
+    assert actions.drain(record).ok
+    TrunkServer.objects.filter(pk=other.pk).update(enabled=True)
+    os.killpg(first.process.pid, signal.SIGKILL)
+    first.process.wait()
+
+    second = workers.start("drained-rescuer")
+    job = wait_for_job(job.pk, timeout=300, worker=second)
+    assert_same_run(job, reference)
+    assert job.attempts == 2 and job.trunk_id == record.pk
+    assert [link.trunk_id for link in job.chain()] == [record.pk]
+    text = log_text(job).split("(attempt 2)")[1]
+    assert "connected to the trunk server fault-trunk" in text and "second-trunk" not in text
+
+
+def test_a_job_whose_move_target_vanished_goes_on_on_its_own_trunk(owner, trunk, second_trunk, workers, broker,
+                                                                   reference):
+    """Staff drain a trunk and move its job; the trunk chosen for it stops before the job gets there. The job
+    goes on on its own (draining) trunk instead of failing."""
+    process, record = trunk
+    target_process, target = second_trunk
+    check_trunk(record)
+    worker = workers.start("stranded")
+    job = new_job(owner, record)
+    broker(job)
+    job = freeze_mid_job(job, process.pid)
+    assert actions.drain(record).ok
+    outcome = actions.move_jobs(record)
+    assert outcome.ok and "to second-trunk" in outcome.message, outcome.message
+    target_process.stop()  # its record still says up: the health check has not seen it go
+    process.process.send_signal(signal.SIGCONT)
+    job = wait_for_job(job.pk, timeout=300, worker=worker)
+    assert_same_run(job, reference)
+    assert job.trunk_id == record.pk and job.move_from is None
+    text = log_text(job).split("moving off the trunk server fault-trunk")[1]
+    assert "connected to the trunk server fault-trunk" in text, text

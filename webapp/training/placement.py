@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from ..trunks.models import TrunkServer
-from ..trunks.selection import Link, NoTrunkAvailable, Placement, healthy_trunks, place, substitute
+from ..trunks.selection import Link, NoTrunkAvailable, Placement, healthy_trunks, place, serving_trunks, substitute
 from .models import Job, JobLink
 
 
@@ -39,14 +39,14 @@ def resolved_cut(job: Job) -> tuple[int | None, int | None]:
 
 
 def continue_on(job: Job, avoid: Collection[int] = ()) -> Placement:
-    """Where the job runs now: its recorded links while their trunks are healthy and not in ``avoid`` (trunks
-    that did not answer), with each other link replaced when a trunk can take its place; a fresh placement
-    for a job that never connected. When nothing can replace a trunk in ``avoid``, the job waits for its
-    own trunks (they may answer again)."""
+    """Where the job runs now: its recorded links while their trunks serve (a draining trunk goes on with the
+    jobs it has) and are not in ``avoid`` (trunks that did not answer), with each other link replaced when a
+    trunk can take its place; a fresh placement for a job that never connected. When nothing can replace a
+    trunk in ``avoid``, the job waits for its own trunks (they may answer again)."""
     chain = recorded(job)
     if chain is not None:
-        healthy = set(healthy_trunks(job.base_model).values_list("pk", flat=True))
-        leaving = {trunk.pk for trunk in chain.trunks if trunk.pk in avoid or trunk.pk not in healthy}
+        serving = set(serving_trunks(job.base_model).values_list("pk", flat=True))
+        leaving = {trunk.pk for trunk in chain.trunks if trunk.pk in avoid or trunk.pk not in serving}
         if not leaving:
             return chain
         try:

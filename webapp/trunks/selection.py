@@ -28,8 +28,15 @@ class NoTrunkAvailable(Exception):
 
 
 def healthy_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
-    """Enabled trunks, not draining, whose last check found them up (serving ``model_id`` when given)."""
-    trunks = TrunkServer.objects.filter(enabled=True, draining=False, status=TrunkServer.Status.UP)
+    """Enabled trunks, not draining, whose last check found them up (serving ``model_id`` when given): where
+    new work may go."""
+    return serving_trunks(model_id).filter(draining=False)
+
+
+def serving_trunks(model_id: str | None = None) -> QuerySet[TrunkServer]:
+    """Enabled trunks whose last check found them up, draining ones included: where a job that already runs
+    on one may go on (draining takes no new work; the work it has goes on)."""
+    trunks = TrunkServer.objects.filter(enabled=True, status=TrunkServer.Status.UP)
     if model_id is not None:
         trunks = trunks.filter(model_id=model_id)
     return trunks
