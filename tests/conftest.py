@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny models on disk, a tokenised batch, the default model."""
+"""Shared fixtures: tiny models on disk, a tokenised batch, the default model, real trunk servers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from recording_proxy import start_proxy
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
+from trunk_process import start_trunk
 
 from splitcore.model import default_model
 from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, build_tokenizer, write_tiny_model
@@ -32,6 +35,44 @@ SENTENCES = [
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: write_tiny_model(root / arch, TinyModelSpec(arch=arch)) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def trunk(tiny_dirs, tmp_path_factory):
+    """A real trunk server process of the tiny Llama (up to 6 sessions), one per module that uses it.
+
+    Modules that need a trunk started with other options define a ``trunk`` fixture of their own.
+    """
+    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "6")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def proxied_trunk_process(tiny_dirs, tmp_path_factory):
+    """A real trunk server behind a recording proxy, shared by a module's tests."""
+    trunk = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk"))
+    proxy = start_proxy(trunk.address)
+    yield proxy, trunk
+    proxy.stop()
+    trunk.stop()
+
+
+@pytest.fixture
+def proxied_trunk(proxied_trunk_process):
+    """(the proxy, with an empty record; its address; the trunk's token)."""
+    proxy, trunk = proxied_trunk_process
+    proxy.proxy.clear()
+    return proxy.proxy, proxy.address, trunk.token
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A JSONL file of 30 prompt/completion sums ("Q: what is 4 plus 4?" -> " 8")."""
+    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
+    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 def _in_memory_config(arch: str, tokenizer):

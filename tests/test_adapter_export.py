@@ -8,33 +8,15 @@ import re
 import pytest
 import torch
 from conftest import tokenize
+from lora_helpers import trained_parts
 from peft import PeftModel
 from safetensors import safe_open
-from test_lora_parts import randomise_lora_b
-from test_split_equivalence import run_split
+from split_helpers import run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from splitcore import (
-    LoraSettings,
-    add_lora,
-    export_adapter,
-    export_parts_adapter,
-    family_for,
-    positions_from_mask,
-    split_model,
-)
+from splitcore import LoraSettings, export_adapter, export_parts_adapter, positions_from_mask
 from splitcore.model.adapter_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter_states, part_adapter_state
 from splitcore.model.tiny_models import TINY_ARCHS
-
-
-def trained_parts(model_dir, settings, seed=0):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    family = family_for(model.config)
-    parts = [add_lora(p, family, settings, seed=seed) for p in split_model(model, 2, 2)]
-    for index, part in enumerate(parts):
-        randomise_lora_b(part, seed=10 + index)
-        part.eval()
-    return family, parts
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -12,13 +12,12 @@ import json
 
 import pytest
 import torch
+from cli_helpers import splitcore_cli
 from conftest import local_greedy_tokens, run_concurrently, tokenize
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from test_cli import splitcore_cli
-from test_lora_parts import split_backward
-from test_split_equivalence import run_split
-from test_split_training import SECRET, STEPS, dataset, losses_of, trunk  # noqa: F401 - fixtures
+from split_helpers import run_split, split_backward
+from training_helpers import SECRET, STEPS, losses_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from splitcore import (

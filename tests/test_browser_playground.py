@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 from browser_fixtures import ARTIFACTS, browser, log_in, page  # noqa: F401 - fixtures
+from playground_helpers import assemble, train_job
 from playwright.sync_api import expect
-from test_web_playground import assemble, train_job
 from web_fixtures import TINY_MODEL_ID
 
 from webapp.playground import events

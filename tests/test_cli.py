@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from cli_helpers import splitcore_cli
+from lora_helpers import trained_parts
 from peft import PeftModel
-from test_adapter_export import trained_parts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings, export_parts_adapter
 from splitcore.generation.local import GenerationSettings, generate_text
-
-
-def splitcore_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI; output decoded without newline translation (generated text may hold a bare \\r)."""
-    result = subprocess.run([sys.executable, "-m", "splitcore", *args], capture_output=True,
-                            cwd=PROJECT_ROOT, timeout=timeout, env=env)
-    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
-    return result
 
 
 @pytest.mark.parametrize("arch,model_class", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])

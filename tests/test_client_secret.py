@@ -7,10 +7,8 @@ import json
 
 import pytest
 import torch
-from recording_proxy import RecordingProxy, start_proxy  # noqa: F401 - RecordingProxy: other tests import it here
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trunk_process import start_trunk
 
 from splitcore import LoraSettings
 from splitcore.cli.main import main
@@ -35,24 +33,6 @@ def integers_in(message) -> list[int]:
             elif isinstance(item, int) and not isinstance(item, bool):
                 values.append(item)
     return values
-
-
-@pytest.fixture(scope="module")
-def proxied_trunk_process(tiny_dirs, tmp_path_factory):
-    """A real trunk server behind a recording proxy, shared by a module's tests."""
-    trunk = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk"))
-    proxy = start_proxy(trunk.address)
-    yield proxy, trunk
-    proxy.stop()
-    trunk.stop()
-
-
-@pytest.fixture
-def proxied_trunk(proxied_trunk_process):
-    """(the proxy, with an empty record; its address; the trunk's token)."""
-    proxy, trunk = proxied_trunk_process
-    proxy.proxy.clear()
-    return proxy.proxy, proxy.address, trunk.token
 
 
 def train_two_steps(tiny_dirs, address, token, secret, tmp_path, seed=SEED):

@@ -9,6 +9,7 @@ import json
 import zipfile
 
 import pytest
+from dataset_files import jsonl
 
 from splitcore.data import formats as data_formats
 from splitcore.data.formats import (
@@ -21,10 +22,6 @@ from splitcore.data.formats import (
     load_dataset_file,
     parse_dataset,
 )
-
-
-def jsonl(*rows: object) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
 def rejection(data: bytes | str, filename: str) -> str:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import PROJECT_ROOT, SENTENCES, tokenize
-from test_split_equivalence import full_forward, run_split
+from split_helpers import full_forward, run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import family_for, split_model

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import torch
-from test_client_secret import proxied_trunk, proxied_trunk_process  # noqa: F401 - a proxy in front of a real trunk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitcore import LoraSettings

@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 
 import pytest
+from dataset_files import jsonl
 from fuzzing import examples, mutated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_data_formats import jsonl
 
 from splitcore.data.formats import (
     CHAT_ROLES,

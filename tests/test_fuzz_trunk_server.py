@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from test_trunk_server import HIDDEN, LORA, inputs, raw_stub
+from trunk_calls import HIDDEN, LORA, inputs, raw_stub
 from trunk_process import start_trunk
 
 from splitcore.remote.client import RetryPolicy, TrunkClient

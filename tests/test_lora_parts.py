@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tokenize
+from lora_helpers import canonical, randomise_lora_b
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from split_helpers import split_backward
 
 from splitcore import LoraSettings, add_lora, family_for, init_lora_weights, split_model
 from splitcore.model.tiny_models import TINY_ARCHS
@@ -24,22 +26,6 @@ GRADIENT_CASES = {
 LINEAR_ARCHS = [arch for arch in TINY_ARCHS if arch != "gpt2"]
 
 
-def canonical(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
-def randomise_lora_b(model: torch.nn.Module, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Give every B matrix non-zero values so gradients reach A; returns them by full-model path."""
-    generator = torch.Generator().manual_seed(seed)
-    values = {}
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-                values[canonical(name)] = param.detach().clone()
-    return values
-
-
 def copy_lora_b(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -49,20 +35,6 @@ def copy_lora_b(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None
 
 def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {canonical(n): p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def split_backward(peft_parts, input_ids, attention_mask, labels):
-    """Forward and backward across two cuts the way the network does it: detach, send, return the grad."""
-    bottom, trunk, top = peft_parts
-    sent_to_trunk = bottom(input_ids, attention_mask)
-    trunk_input = sent_to_trunk.detach().requires_grad_(True)
-    sent_to_top = trunk(trunk_input, attention_mask)
-    top_input = sent_to_top.detach().requires_grad_(True)
-    loss = top(top_input, attention_mask, labels=labels).loss
-    loss.backward()
-    sent_to_top.backward(top_input.grad)  # the gradient the client sends back to the trunk
-    sent_to_trunk.backward(trunk_input.grad)  # the gradient the trunk sends back to the client
-    return loss
 
 
 @pytest.mark.parametrize("arch,settings", list(GRADIENT_CASES.values()), ids=list(GRADIENT_CASES))

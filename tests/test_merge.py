@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tokenize
+from lora_helpers import trained_parts
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_adapter_export import trained_parts
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from splitcore import LoraSettings, export_parts_adapter

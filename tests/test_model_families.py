@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 from conftest import SENTENCES, local_greedy_tokens, tokenize
-from test_adapter_export import trained_parts
-from test_split_equivalence import full_forward, run_split
+from lora_helpers import trained_parts
+from split_helpers import full_forward, run_split
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3Config, Gemma3TextConfig, GPTNeoXConfig
 
 from splitcore import LoraSettings, export_parts_adapter, family_for, split_model

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import torch
 from peft import PeftModel
-from test_client_secret import RecordingProxy
-from test_split_training import SECRET
+from recording_proxy import RecordingProxy
+from training_helpers import SECRET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 

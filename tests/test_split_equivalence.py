@@ -5,27 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ARCHS, SENTENCES, tokenize
+from split_helpers import full_forward, run_split
 from transformers import DynamicCache
 
-from splitcore import positions_from_mask, split_model
+from splitcore import split_model
 from splitcore.model.tiny_models import TINY_ARCHS
 
 TOLERANCE = 1e-5
 # Gemma 2 has no SDPA path in transformers (its attention is soft-capped): eager only.
 EAGER_ONLY = {"gemma2"}
 ARCH_ATTN = [(arch, attn) for arch in ARCHS for attn in ("eager", "sdpa") if attn == "eager" or arch not in EAGER_ONLY]
-
-
-def run_split(parts, input_ids, attention_mask, labels=None):
-    bottom, trunk, top = parts
-    hidden = bottom(input_ids, attention_mask)
-    hidden = trunk(hidden, attention_mask)
-    return top(hidden, attention_mask, labels=labels)
-
-
-def full_forward(model, input_ids, attention_mask, labels=None):
-    position_ids = positions_from_mask(attention_mask, input_ids.shape[1])
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -12,9 +12,10 @@ import os
 
 import pytest
 import torch
+from cli_helpers import splitcore_cli
 from conftest import local_greedy_tokens, run_concurrently
 from safetensors.torch import load_file
-from test_cli import splitcore_cli
+from training_helpers import SECRET, STEPS, losses_of, train_cli, trunk_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 
@@ -24,51 +25,9 @@ from splitcore.generation.local import GenerationSettings, encode_prompt
 from splitcore.generation.split import SplitGenerator
 from splitcore.model.part_loading import CheckpointModel, FrozenWeightStore
 from splitcore.model.split_spec import SplitSpec
-from splitcore.privacy import ClientSecret
 from splitcore.remote.client import RetryPolicy, TrunkClient, TrunkError
 from splitcore.training import LocalEngine, SplitEngine, SplitTrainer, StepMetrics, TrainConfig
 from splitcore.training.batches import prepare_training_data
-
-STEPS = 10
-# The data owner's key: the same in every run of a test, so split and local runs start alike and resume.
-SECRET = ClientSecret(bytes(range(32)))
-
-
-@pytest.fixture(scope="module")
-def trunk(tiny_dirs, tmp_path_factory):
-    process = start_trunk(tiny_dirs["llama"], tmp_path_factory.mktemp("trunk-logs"), "--max-sessions", "6")
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(30)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-# Runs compared with each other mix the same nonce into the key file's key (each run draws a fresh one otherwise).
-KEY_NONCE = "5eed" * 8
-
-
-def train_cli(tiny_dirs, dataset, out, *where, extra=()):
-    metrics = out / "metrics.jsonl"
-    result = splitcore_cli(
-        "train", "--model", str(tiny_dirs["llama"]), "--data", str(dataset), "--out", str(out), *where,
-        "--steps", str(STEPS), "--batch-size", "3", "--grad-accum", "2", "--seq-len", "32", "--lr", "2e-2",
-        "--warmup", "2", "--schedule", "cosine", "--max-grad-norm", "0.5", "--lora-r", "4", "--lora-alpha", "8",
-        "--lora-dropout", "0", "--val-fraction", "0.2", "--eval-every", "5", "--metrics-jsonl", str(metrics),
-        "--key-nonce", KEY_NONCE, *extra,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-
-
-def trunk_args(trunk):
-    return ("--trunk", trunk.address, "--token", trunk.token)
 
 
 @pytest.mark.parametrize("trunk_lora", [True, False], ids=["trunk-lora", "frozen-trunk"])
@@ -110,10 +69,6 @@ def make_run(tiny_dirs, dataset, client=None, seed=0, checkpoint_dir=None, callb
               else LocalEngine(model, config, SplitSpec(6, 2, 2), secret=SECRET))
     return SplitTrainer(engine, config, data, tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
                         callbacks=callbacks)
-
-
-def losses_of(events):
-    return {e.step: e.loss for e in events if isinstance(e, StepMetrics)}
 
 
 def test_trunk_killed_mid_run_then_resumed_on_a_new_trunk_equals_an_uninterrupted_run(tiny_dirs, dataset,

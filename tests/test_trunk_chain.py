@@ -14,9 +14,9 @@ import shutil
 
 import pytest
 import torch
+from cli_helpers import splitcore_cli
 from conftest import local_greedy_tokens
 from safetensors.torch import load_file, save_file
-from test_cli import splitcore_cli
 from transformers import AutoTokenizer
 from trunk_process import start_trunk
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_split_training import dataset, train_cli, trunk_args  # noqa: F401 - dataset is a fixture
+from training_helpers import train_cli, trunk_args
 from transformers import AutoModelForCausalLM
 from trunk_process import start_trunk
 

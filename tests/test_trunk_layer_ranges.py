@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from cli_helpers import splitcore_cli
 from conftest import SENTENCES, tokenize
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
-from test_cli import splitcore_cli
-from test_split_training import dataset, train_cli  # noqa: F401 - the shared dataset fixture
+from training_helpers import train_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 

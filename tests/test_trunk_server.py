@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from transformers import AutoModelForCausalLM
+from trunk_calls import HIDDEN, LORA, inputs, raw_stub
 from trunk_process import start_trunk
 
 from splitcore import LoraSettings, add_lora, family_for, split_model
@@ -18,9 +19,6 @@ from splitcore.remote.client import TrunkClient, TrunkError
 from splitcore.remote.proto import trunk_pb2 as pb
 from splitcore.remote.proto import trunk_pb2_grpc as pb_grpc
 from splitcore.remote.wire import encode_mask, encode_tensor
-
-LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,6 @@ def trunk(tiny_dirs, tmp_path_factory):
 def client(trunk):
     with TrunkClient(trunk.address, trunk.token) as c:
         yield c
-
-
-def inputs(seed=0, batch=2, seq=6):
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, HIDDEN, generator=generator)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, :2] = 0  # a left-padded row
-    grad = torch.randn(batch, seq, HIDDEN, generator=generator)
-    return hidden, mask, grad
 
 
 def local_trunk(tiny_dirs, lora=LORA, seed=0):
@@ -281,11 +270,6 @@ def test_large_tensors_stream_through_a_small_message_limit(client):
     client.open_session(None)
     out = client.forward(1, 0, hidden, mask)
     assert out.shape == hidden.shape and torch.isfinite(out).all()
-
-
-def raw_stub(trunk):
-    channel = grpc.insecure_channel(trunk.address)
-    return channel, pb_grpc.TrunkStub(channel), (("authorization", f"Bearer {trunk.token}"),)
 
 
 def malformed_cases(session_id):

@@ -12,10 +12,9 @@ import pytest
 import torch
 from peft import PeftModel
 from rest_framework.test import APIClient
-from test_web_merged_download import exported_job
-from test_web_training import JOB, upload
 from transformers import AutoModelForCausalLM
 from web_fixtures import TINY_MODEL_ID, wait_for_job
+from web_jobs import JOB, exported_job, upload
 
 from splitcore.model import default_model
 from webapp.base_models import model_dir

@@ -19,10 +19,10 @@ import pytest
 import torch
 from django.urls import reverse
 from peft import PeftModel
+from playground_helpers import PROMPT, local_answer, wait_for_generations
 from rest_framework.test import APIClient
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from test_web_playground import PROMPT, local_answer, wait_for_generations
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 
 from splitcore.privacy.client_secret import KEY_BYTES

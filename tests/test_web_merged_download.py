@@ -21,11 +21,10 @@ from django.conf import settings
 from django.utils import timezone
 from peft import PeftModel
 from rest_framework.test import APIClient
-from test_adapter_export import trained_parts
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from web_fixtures import TINY_MODEL_ID, wait_for_job
+from web_jobs import exported_job
 
-from splitcore import LoraSettings, export_parts_adapter
 from webapp.byte_sizes import format_bytes
 from webapp.training import merged
 from webapp.training.models import Job, JobLog
@@ -58,18 +57,6 @@ def trained_job(api, worker) -> Job:
     assert created.status_code == 201, created.content
     job = wait_for_job(created.json()["id"], worker=worker)
     assert job.status == Job.Status.SUCCEEDED, job.error_message
-    return job
-
-
-def exported_job(owner, base_model: str = TINY_MODEL_ID) -> Job:
-    """A succeeded job without training it: an adapter exported from the tiny model's parts, nonzero."""
-    job = Job.objects.create(owner=owner, dataset_name="sums", base_model=base_model, max_steps=2,
-                             status=Job.Status.SUCCEEDED, current_step=2, total_steps=2, train_examples=8,
-                             val_examples=0, last_loss=1.0, finished_at=timezone.now())
-    model_dir = settings.MODELS_DIR / TINY_MODEL_ID
-    lora = LoraSettings(r=4, alpha=8)
-    family, parts = trained_parts(model_dir, lora)
-    export_parts_adapter(parts, job.adapter_dir, family, lora, str(model_dir))
     return job
 
 

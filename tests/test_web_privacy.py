@@ -8,8 +8,8 @@ import zipfile
 import pytest
 from django.utils.html import escape
 from rest_framework.test import APIClient
-from test_web_training import JOB, upload
 from web_fixtures import TINY_MODEL_ID, wait_for_job
+from web_jobs import JOB, upload
 
 from splitcore.privacy import PrivacySettings
 from splitcore.privacy.measured import MAX_RECOMMENDED_COST, measured_meta, measured_points, recommended_point

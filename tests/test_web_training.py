@@ -20,6 +20,7 @@ from rest_framework.test import APIClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trunk_process import start_trunk
 from web_fixtures import TINY_MODEL_ID, WORKER_TRUNK_WAIT_S, wait_for_job
+from web_jobs import JOB, upload
 
 from splitcore.remote.client import TrunkClient
 from webapp.datasets.models import Dataset
@@ -31,31 +32,11 @@ from webapp.trunks.models import TrunkServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} for i in range(24)]
-
-
-def jsonl_file(name="sums.jsonl"):
-    data = ("\n".join(json.dumps(r) for r in ROWS) + "\n").encode()
-    return io.BytesIO(data), name
-
-
 @pytest.fixture
 def api(owner):
     client = APIClient()
     client.force_authenticate(owner)
     return client
-
-
-def upload(api) -> int:
-    content, name = jsonl_file()
-    content.name = name
-    response = api.post("/api/datasets/", {"file": content, "name": "sums"}, format="multipart")
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
-
-
-JOB = {"base_model": TINY_MODEL_ID, "max_steps": 6, "batch_size": 2, "grad_accum_steps": 2, "max_seq_length": 32,
-       "learning_rate": 0.02, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "val_fraction": 0.2}
 
 
 def test_upload_train_download_and_load_the_adapter(client, owner, registered_trunk, celery_worker, tmp_path):
