@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import torch
 from django.conf import settings as django_settings
 from peft import PeftModel
+from polling import wait_until
 from rest_framework.test import APIClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from web_fixtures import TINY_MODEL_ID, wait_for_job
@@ -39,14 +39,19 @@ def train_job(owner, worker) -> Job:
 
 
 def wait_for_generations(ids, worker=None, timeout: float = 120) -> list[Generation]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    generations = []
+
+    def finished() -> bool:
+        nonlocal generations
         generations = [Generation.objects.get(pk=pk) for pk in ids]
-        if all(generation.is_finished for generation in generations):
-            return generations
-        time.sleep(0.2)
-    log = worker.log()[-4000:] if worker else ""
-    raise AssertionError(f"generations {ids} are still {[g.status for g in generations]} after {timeout} s\n{log}")
+        return all(generation.is_finished for generation in generations)
+
+    def seen() -> str:
+        log = worker.log()[-4000:] if worker else ""
+        return f"{[generation.status for generation in generations]}\n{log}"
+
+    wait_until(finished, f"generations {ids} are finished", timeout=timeout, observed=seen, interval=0.2)
+    return generations
 
 
 def local_answer(prompt: str, chat: bool, max_new_tokens: int, adapter_dir=None) -> tuple[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 BOUNDARY = "splitlearn-test-boundary"
 
@@ -41,13 +40,3 @@ def _length(data: bytes) -> int:
         if line.lower().startswith(b"content-length:"):
             return int(line.split(b":")[1])
     return 0
-
-
-def wait_until(condition, what: str, timeout: float = 30, observed=None) -> None:
-    """Poll ``condition`` until it holds; fail saying ``what`` (and ``observed()``, what was seen) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            seen = f" (seen: {observed()!r})" if observed else ""
-            raise AssertionError(f"still not true after {timeout} s: {what}{seen}")
-        time.sleep(0.05)

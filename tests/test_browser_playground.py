@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from urllib.parse import urlsplit
 
+import polling
 import pytest
 from browser_fixtures import ARTIFACTS, browser, log_in, page  # noqa: F401 - fixtures
 from playground_helpers import assemble, train_job
@@ -51,10 +52,8 @@ class SocketLog:
 
     def wait_until(self, page, condition, timeout_s: float = 30) -> None:
         """Frames arrive while Playwright is waiting: wait in short steps until ``condition()`` holds."""
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out; frames so far: {dict(self.frames)}"
-            page.wait_for_timeout(50)
+        polling.wait_until(condition, "the sockets' frames", timeout=timeout_s, observed=lambda: dict(self.frames),
+                   pause=lambda seconds: page.wait_for_timeout(seconds * 1000))
 
 
 def test_each_panel_shows_all_of_its_answer_once(page, django_user_model, registered_trunk, celery_worker):

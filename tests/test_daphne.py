@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from raw_http import wait_until
+from polling import wait_until
 from web_services import start_web_server
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect

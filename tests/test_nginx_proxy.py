@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from nginx_render import render, start_nginx, write_self_signed_certificate
-from raw_http import multipart_body, post_head, read_response, wait_until
+from polling import wait_until
+from raw_http import multipart_body, post_head, read_response
 from rest_framework.authtoken.models import Token
 from web_services import start_web_server
 from websockets.sync.client import connect

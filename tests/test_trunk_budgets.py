@@ -271,13 +271,6 @@ def short_lease_trunk(tiny_dirs, tmp_path_factory):
     process.stop()
 
 
-def wait_for(condition, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_a_session_without_calls_loses_its_lease_and_one_that_calls_keeps_it(short_lease_trunk):
     trunk = short_lease_trunk
     with TrunkClient(trunk.address, trunk.token) as idle, TrunkClient(trunk.address, trunk.token) as busy:

@@ -4,13 +4,13 @@ the session log (open, close, expiry, shutdown) and the Prometheus endpoint (--m
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from polling import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from trunk_process import start_trunk
 
@@ -44,13 +44,6 @@ def plain_trunk(tiny_dirs, tmp_path_factory):
 def hidden_states(rows, positions, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(rows, positions, HIDDEN, generator=generator), torch.ones(rows, positions, dtype=torch.long)
-
-
-def wait_for(condition, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def counters(info: pb.InfoResponse) -> dict[str, float]:
@@ -161,7 +154,8 @@ def test_a_lapsed_lease_is_counted_and_logged_as_an_expiry(plain_trunk):
         before = counters(client.info())
         session_id = client.open_session(None, label="stats-expiry").session_id
         client.forward(1, 0, *hidden_states(1, 3))
-        wait_for(lambda: client.info().sessions_expired == before["sessions_expired"] + 1)
+        wait_until(lambda: client.info().sessions_expired == before["sessions_expired"] + 1,
+                   "the idle session's lease lapses", timeout=60, interval=0.1)
         after = counters(client.info())
         client.session_id = None  # gone already
     assert after["sessions_opened"] == before["sessions_opened"] + 1

@@ -13,7 +13,7 @@ import threading
 import grpc
 import pytest
 import torch
-from raw_http import wait_until
+from polling import wait_until
 
 from splitcore import LoraSettings
 from splitcore.remote.client import RetryPolicy, TrunkClient

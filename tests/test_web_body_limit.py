@@ -26,7 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from raw_http import multipart_body, post_head, read_response, wait_until
+from polling import wait_until
+from raw_http import multipart_body, post_head, read_response
 from web_services import start_web_server
 
 from webapp.datasets.models import Dataset

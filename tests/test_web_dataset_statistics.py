@@ -4,12 +4,12 @@ on the dataset, and shown by its page, which says it is counting meanwhile and r
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
+from polling import wait_until
 from web_fixtures import TINY_MODEL_ID
 
 from splitcore.data.examples import token_stats, tokenize_examples
@@ -26,13 +26,14 @@ DATA = "".join(json.dumps(row) + "\n" for row in ROWS).encode()
 
 def counted(dataset: Dataset, max_length: int, timeout: float = 120) -> dict:
     key = f"{TINY_MODEL_ID}|{max_length}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def counted_yet() -> bool:
         dataset.refresh_from_db()
-        if key in dataset.stats_cache:
-            return dataset.stats_cache[key]
-        time.sleep(0.2)
-    raise AssertionError(f"the worker did not count {key}: {dataset.stats_cache}")
+        return key in dataset.stats_cache
+
+    wait_until(counted_yet, f"the worker counted {key}", timeout=timeout, observed=lambda: dataset.stats_cache,
+               interval=0.2)
+    return dataset.stats_cache[key]
 
 
 def expected(max_length: int):

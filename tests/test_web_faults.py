@@ -24,6 +24,7 @@ import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.utils import timezone
+from polling import wait_until
 from safetensors.torch import load_file
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_services import sender_for_broker, start_redis, start_worker
@@ -272,10 +273,8 @@ def test_a_frozen_worker_that_comes_back_never_runs_the_job_alongside_its_succes
     job = wait_for_job(job.pk, timeout=300)
     assert_same_run(job, reference)
     assert job.attempts == 2
-    deadline = time.monotonic() + 30
-    while "another worker took it over" not in frozen.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "another worker took it over" in frozen.log(), frozen.log()[-3000:]
+    wait_until(lambda: "another worker took it over" in frozen.log(), "the frozen worker says it was taken over",
+               timeout=30, observed=lambda: frozen.log()[-3000:], interval=0.2)
     assert "job %s crashed" % job.pk not in frozen.log()
 
 
@@ -370,13 +369,13 @@ def test_a_lease_taken_over_refuses_every_write_of_the_old_worker(owner):
 
 
 def wait_for_generation(generation: Generation, condition, timeout: float = 60) -> Generation:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         generation.refresh_from_db()
-        if condition(generation):
-            return generation
-        time.sleep(0.05)
-    raise AssertionError(f"generation {generation.pk} is still {generation.status} after {timeout} s")
+        return condition(generation)
+
+    wait_until(reached, f"generation {generation.pk} meets the test's condition", timeout=timeout,
+               observed=lambda: generation.status)
+    return generation
 
 
 def new_generation(owner, trunk_record) -> Generation:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 import zipfile
 
 import pytest
 import torch
+from playground_helpers import wait_for_generations
 from recording_proxy import start_proxy
 from rest_framework.test import APIClient
 from safetensors.torch import load as load_safetensors
@@ -31,7 +31,6 @@ from splitcore.training import SplitEngine, SplitTrainer
 from splitcore.training.batches import prepare_training_data
 from webapp import base_models
 from webapp.playground import services as playground
-from webapp.playground.models import Generation
 from webapp.training import services
 from webapp.training.models import Job, JobSecret, site_client_secret
 from webapp.trunks.health import check_trunk
@@ -177,10 +176,7 @@ def test_the_playground_blurs_a_prompt_and_the_base_answer_beside_it_with_the_jo
     assert job.status == "succeeded", job.error_message
     proxied_trunk.clear()
     generations = playground.start_comparison(owner, PROMPT, job, max_new_tokens=2, chat=False)
-    deadline = time.monotonic() + 120
-    while not all(generation.is_finished for generation in generations) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        generations = [Generation.objects.get(pk=generation.pk) for generation in generations]
+    generations = wait_for_generations([generation.pk for generation in generations], celery_worker, timeout=120)
     assert [generation.status for generation in generations] == ["succeeded", "succeeded"], \
         [generation.error_message for generation in generations]
 

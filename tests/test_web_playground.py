@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from html.parser import HTMLParser
 
 import pytest
@@ -21,6 +20,7 @@ from django.template.defaultfilters import date as date_filter
 from django.test import Client as django_client
 from django.utils.html import escape
 from playground_helpers import PROMPT, apply_token, assemble, local_answer, train_job, wait_for_generations
+from polling import wait_until
 from transformers import AutoTokenizer
 from web_fixtures import TINY_MODEL_ID
 
@@ -348,9 +348,8 @@ def test_a_running_generation_stops_between_tokens_keeping_its_text(client, owne
         os.kill(web_trunk.pid, signal.SIGSTOP)
         try:
             generate.delay(generation.pk)
-            deadline = time.monotonic() + 60
-            while Generation.objects.get(pk=generation.pk).status == "queued" and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: Generation.objects.get(pk=generation.pk).status != "queued",
+                       "the worker takes the generation", timeout=60)
             answer = client.post(stop_url(generation), HTTP_ACCEPT="application/json")
         finally:
             os.kill(web_trunk.pid, signal.SIGCONT)

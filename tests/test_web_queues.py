@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
+from polling import wait_until
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_services import sender_for_broker, start_redis, start_worker
 
@@ -115,14 +117,9 @@ def new_long_job(owner, trunk: TrunkServer) -> Job:
     return Job.objects.create(owner=owner, dataset=dataset, dataset_name=dataset.name, trunk=trunk, **LONG_JOB)
 
 
-def wait_until(condition, what: str, timeout: float = 120, logs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    tails = "\n".join(worker.log()[-3000:] for worker in logs)
-    raise AssertionError(f"{what}: not within {timeout} s\n{tails}")
+def log_tail(worker) -> Callable[[], str]:
+    """What a failed wait shows: the end of ``worker``'s log."""
+    return lambda: worker.log()[-3000:]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -137,7 +134,7 @@ def test_health_checks_and_generations_do_not_wait_behind_training(owner, regist
         sender.send_task("training.run_job", args=[waiting.pk])
         # The only training slot is busy: the second job's message waits on the training queue.
         wait_until(lambda: broker.llen(settings.TRAINING_QUEUE) == 1, "the second job's message is queued",
-                   logs=[training])
+                   timeout=120, observed=log_tail(training), interval=0.1)
 
         checked_before = TrunkServer.objects.get(pk=registered_trunk.pk).last_checked_at
         generation = Generation.objects.create(owner=owner, base_model=TINY_MODEL_ID, prompt="Once upon a time",
@@ -146,9 +143,10 @@ def test_health_checks_and_generations_do_not_wait_behind_training(owner, regist
         sender.send_task("playground.generate", args=[generation.pk])
 
         wait_until(lambda: TrunkServer.objects.get(pk=registered_trunk.pk).last_checked_at != checked_before,
-                   "the health check ran", logs=[queue_workers[settings.CONTROL_QUEUE]])
+                   "the health check ran", timeout=120, observed=log_tail(queue_workers[settings.CONTROL_QUEUE]),
+                   interval=0.1)
         wait_until(lambda: Generation.objects.get(pk=generation.pk).is_finished, "the generation finished",
-                   logs=[queue_workers[settings.GENERATION_QUEUE]])
+                   timeout=120, observed=log_tail(queue_workers[settings.GENERATION_QUEUE]), interval=0.1)
         generation.refresh_from_db()
         assert generation.status == "succeeded", generation.error_message
         assert generation.token_count >= 1

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 from web_services import start_redis, start_web_server, start_worker
 
 from splitcore.remote.process import start_trunk
@@ -132,13 +132,17 @@ def wait_for_job(job_id: int, statuses=("succeeded", "failed", "cancelled"), tim
     """Poll the database until the job reaches one of ``statuses`` (or ``condition(job)`` holds)."""
     from webapp.training.models import Job
 
-    deadline = time.monotonic() + timeout
     job = None
-    while time.monotonic() < deadline:
+
+    def reached() -> bool:
+        nonlocal job
         job = Job.objects.get(pk=job_id)
-        if (condition(job) if condition else job.status in statuses):
-            return job
-        time.sleep(0.2)
-    log = worker.log()[-4000:] if worker else ""
-    raise AssertionError(f"job {job_id} is still {job.status if job else '?'} at step "
-                         f"{job.current_step if job else '?'} after {timeout} s\n{log}")
+        return condition(job) if condition else job.status in statuses
+
+    def seen() -> str:
+        log = worker.log()[-4000:] if worker else ""
+        return f"{job.status if job else '?'} at step {job.current_step if job else '?'}\n{log}"
+
+    what = f"job {job_id} meets the test's condition" if condition else f"job {job_id} is {' or '.join(statuses)}"
+    wait_until(reached, what, timeout=timeout, observed=seen, interval=0.2)
+    return job
