@@ -95,7 +95,9 @@ def make_objects(user, mark: str) -> dict[str, object]:
     point = MetricPoint.objects.create(job=job, step=1, kind="train", loss=2.0, lr=1e-3)
     MetricPoint.objects.create(job=job, step=2, kind="train", loss=1.5, lr=1e-3)
     JobLog.objects.create(job=job, message=f"{mark}-log")
-    queued = Job.objects.create(owner=user, dataset=dataset, dataset_name=f"{mark}-queued", base_model=TINY_MODEL_ID,
+    # Without the dataset: a queued job's dataset cannot be deleted (test_web_deletion.py), and these probes
+    # delete it.
+    queued = Job.objects.create(owner=user, dataset=None, dataset_name=f"{mark}-queued", base_model=TINY_MODEL_ID,
                                 max_steps=2, status=Job.Status.QUEUED)
     cancelled = Job.objects.create(owner=user, dataset=dataset, dataset_name=f"{mark}-cancelled",
                                    base_model=TINY_MODEL_ID, max_steps=2, status=Job.Status.CANCELLED)
@@ -233,6 +235,10 @@ def dataset_gone(world: World) -> bool:
     return not Dataset.objects.filter(pk=world.ids["dataset"]).exists()
 
 
+def job_gone(key: str) -> Callable[[World], bool]:
+    return lambda world: not Job.objects.filter(pk=world.ids[key]).exists()
+
+
 def merged_building(world: World) -> bool:
     return Job.objects.get(pk=world.ids["job"]).merged_status == Job.MergedStatus.BUILDING
 
@@ -270,6 +276,9 @@ PAGE_PROBES = [
     P("jobs/<int:pk>/resume/", "GET", "/jobs/{cancelled_job}/resume/", 405, 405, LOGIN),
     P("jobs/<int:pk>/resume/", "POST", "/jobs/{cancelled_job}/resume/", To("/jobs/"), 404, LOGIN,
       effect=job_status("cancelled_job", "queued")),
+    P("jobs/<int:pk>/delete/", "GET", "/jobs/{cancelled_job}/delete/", 200, 404, LOGIN),
+    P("jobs/<int:pk>/delete/", "POST", "/jobs/{cancelled_job}/delete/", To("/jobs/"), 404, LOGIN,
+      effect=job_gone("cancelled_job")),
     P("jobs/<int:pk>/adapter/", "GET", "/jobs/{job}/adapter/", 200, 404, LOGIN),
     # Not built yet: 404 to its owner too (building and downloading it: test_web_merged_download.py).
     P("jobs/<int:pk>/merged/", "GET", "/jobs/{job}/merged/", 404, 404, LOGIN),
@@ -304,6 +313,8 @@ API_PROBES = [
     P("api/jobs/", "POST", "/api/jobs/", 201, 400, API_REFUSED, data=job_data, json=True,
       effect=jobs_of_owner(4)),
     P("api/jobs/<int:pk>/", "GET", "/api/jobs/{job}/", 200, 404, API_REFUSED),
+    P("api/jobs/<int:pk>/", "DELETE", "/api/jobs/{cancelled_job}/", 204, 404, API_REFUSED,
+      effect=job_gone("cancelled_job")),
     P("api/jobs/<int:pk>/metrics/", "GET", "/api/jobs/{job}/metrics/", 200, 404, API_REFUSED),
     P("api/jobs/<int:pk>/cancel/", "POST", "/api/jobs/{queued_job}/cancel/", 200, 404, API_REFUSED,
       effect=job_status("queued_job", "cancelled")),
@@ -314,6 +325,7 @@ API_PROBES = [
     P("api/jobs/<int:pk>/merged/", "POST", "/api/jobs/{job}/merged/", 202, 404, API_REFUSED, effect=merged_building),
     P("api/trunks/", "GET", "/api/trunks/", 200, 200, API_REFUSED),  # shared: trunks have no owner
     P("api/models/", "GET", "/api/models/", 200, 200, API_REFUSED),
+    P("api/storage/", "GET", "/api/storage/", 200, 200, API_REFUSED),  # each user's own figures
 ]
 
 

@@ -167,6 +167,9 @@ MAX_REQUEST_BYTES = DATASET_MAX_UPLOAD_BYTES + 1024 * 1024
 # Per-user limits (0: no limit): stored datasets, and jobs queued or running at once.
 MAX_DATASETS_PER_USER = env_int("MAX_DATASETS_PER_USER", 100, minimum=0)
 MAX_ACTIVE_JOBS_PER_USER = env_int("MAX_ACTIVE_JOBS_PER_USER", 3, minimum=0)
+# What one user may store, in MiB (0: no limit): datasets, and each job's checkpoints, adapter and merged model.
+# An upload that would pass it is refused; a user past it starts no new job until something is deleted.
+USER_STORAGE_QUOTA_MB = env_int("USER_STORAGE_QUOTA_MB", 10240, minimum=0)
 # The most optimizer steps one job may run, whether set as max steps or reached by epochs over its dataset.
 MAX_JOB_STEPS = env_int("MAX_JOB_STEPS", 100_000, minimum=1)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024

@@ -180,6 +180,7 @@
     error.hidden = !event.error_message;
     $("cancel-form").hidden = !event.can_cancel;
     $("resume-form").hidden = !event.can_resume;
+    $("delete-link").hidden = !event.can_delete;
     $("cancel-pending").hidden = !(event.cancel_requested && event.status === "running");
     $("fact-progress").textContent = `step ${event.current_step}` + (event.total_steps ? ` of ${event.total_steps}` : "");
     $("fact-loss").textContent = event.last_loss != null ? event.last_loss.toFixed(4) : "–";

@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from . import services
 from .models import Dataset
@@ -19,10 +19,13 @@ class DatasetAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False  # uploads are validated by the dataset page and the API
 
-    # Deleting here removes the file too, like the dataset page does.
+    # Deleting here removes the file too, like the dataset page does; a dataset a queued or running job uses stays.
     def delete_model(self, request, obj: Dataset) -> None:
-        services.delete_dataset(obj)
+        self.delete_queryset(request, [obj])
 
     def delete_queryset(self, request, queryset) -> None:
         for dataset in queryset:
-            services.delete_dataset(dataset)
+            try:
+                services.delete_dataset(dataset)
+            except services.DatasetInUse as exc:
+                self.message_user(request, f"{exc}.", messages.ERROR)

@@ -41,5 +41,9 @@ class DatasetListCreate(OwnDatasetsMixin, generics.ListCreateAPIView):
 class DatasetRetrieveDestroy(OwnDatasetsMixin, generics.RetrieveDestroyAPIView):
     serializer_class = DatasetSerializer
 
-    def perform_destroy(self, instance: Dataset) -> None:
-        services.delete_dataset(instance)
+    def destroy(self, request, *args, **kwargs) -> Response:
+        try:
+            services.delete_dataset(self.get_object())
+        except services.DatasetInUse as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -22,7 +22,8 @@ from django.db import transaction
 from splitcore.data.examples import TokenStats, preview_segments, token_stats, tokenize_examples, uses_chat_template
 from splitcore.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
 
-from .. import base_models
+from .. import base_models, storage
+from ..training.models import Job
 from .models import Dataset
 
 NAME_MAX_LENGTH = Dataset._meta.get_field("name").max_length
@@ -60,6 +61,7 @@ def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
     _check_size(original_filename, uploaded_file.size)
     data = b"".join(uploaded_file.chunks())
     _check_size(original_filename, len(data))  # the declared size is the client's word
+    storage.check_room(owner, len(data), original_filename)
     try:
         parsed = parse_dataset(data, original_filename)
     except DatasetFormatError as exc:
@@ -95,13 +97,24 @@ def _check_quota(owner) -> None:
                                         "delete one you no longer need to upload another"]})
 
 
+class DatasetInUse(Exception):
+    """The dataset is read by a job that is queued or running; the message says which."""
+
+
 def delete_dataset(dataset: Dataset) -> None:
-    """Delete the row, then its file once the deletion is committed."""
-    storage, file_name = dataset.file.storage, dataset.file.name
+    """Delete the row, then its file once the deletion is committed. Refused (DatasetInUse) while a queued or
+    running job uses it; the jobs that trained on it keep their records and say the dataset is gone."""
+    file_storage, file_name = dataset.file.storage, dataset.file.name
     with transaction.atomic():
+        active = list(Job.objects.select_for_update().filter(
+            dataset=dataset, status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).values_list("pk", flat=True))
+        if active:
+            jobs = ", ".join(f"job {pk}" for pk in active)
+            raise DatasetInUse(f"{dataset.name} is used by {jobs}, which {'is' if len(active) == 1 else 'are'} "
+                               "queued or running; cancel or wait for it to finish, then delete the dataset")
         dataset.delete()
         if file_name:
-            transaction.on_commit(lambda: storage.delete(file_name))
+            transaction.on_commit(lambda: file_storage.delete(file_name))
 
 
 def _original_filename(raw_name: str | None) -> str:

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from webapp.ownership import get_owned_or_404, owned
 
 from .. import base_models
+from ..storage import usage
 from . import services
 from .forms import StatisticsForm, UploadForm
 from .models import Dataset
@@ -28,6 +29,7 @@ def _render_list(request: HttpRequest, form: UploadForm, status: int = 200) -> H
         "datasets": datasets,
         "form": form,
         "max_upload": services.format_megabytes(settings.DATASET_MAX_UPLOAD_BYTES),
+        "storage": usage(request.user),
     }
     return render(request, "datasets/list.html", context, status=status)
 
@@ -77,8 +79,14 @@ def dataset_detail(request: HttpRequest, dataset_id: int) -> HttpResponse:
 @require_http_methods(["GET", "HEAD", "POST"])
 def dataset_delete(request: HttpRequest, dataset_id: int) -> HttpResponse:
     dataset = _dataset_for(request, dataset_id)
+    in_use = ""
     if request.method == "POST":
-        services.delete_dataset(dataset)
-        messages.success(request, f"Deleted {dataset.name}.")
-        return redirect("datasets:list")
-    return render(request, "datasets/confirm_delete.html", {"dataset": dataset})
+        try:
+            services.delete_dataset(dataset)
+        except services.DatasetInUse as exc:
+            in_use = str(exc)
+        else:
+            messages.success(request, f"Deleted {dataset.name}.")
+            return redirect("datasets:list")
+    return render(request, "datasets/confirm_delete.html", {"dataset": dataset, "in_use": in_use},
+                  status=409 if in_use else 200)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rest_framework import status
 from rest_framework.decorators import api_view
 from rest_framework.exceptions import ValidationError
-from rest_framework.generics import ListCreateAPIView, RetrieveAPIView
+from rest_framework.generics import ListCreateAPIView, RetrieveDestroyAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -40,11 +40,20 @@ class JobList(ListCreateAPIView):
         return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
-class JobDetail(RetrieveAPIView):
+class JobDetail(RetrieveDestroyAPIView):
+    """GET the job; DELETE it and every file it stored (409 while it is queued or running)."""
+
     serializer_class = JobSerializer
 
     def get_queryset(self):
         return owned(Job, self.request.user).select_related("trunk").with_links()
+
+    def destroy(self, request: Request, *args, **kwargs) -> Response:
+        try:
+            services.delete_job(self.get_object())
+        except services.JobStateError as exc:
+            return Response({"non_field_errors": [str(exc)]}, status=status.HTTP_409_CONFLICT)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 def _state_action(action, request: Request, pk: int) -> Response:

@@ -63,6 +63,7 @@ def status_event(job: Job) -> dict:
         "current_step": job.current_step, "total_steps": job.total_steps, "train_examples": job.train_examples,
         "val_examples": job.val_examples, "last_loss": job.last_loss,
         "last_val_loss": job.last_val_loss, "can_cancel": job.can_cancel, "can_resume": job.can_resume,
+        "can_delete": job.is_finished,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

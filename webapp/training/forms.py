@@ -14,6 +14,7 @@ from splitcore.privacy.settings import MAX_NOISE, MAX_NOPEEK, MAX_PRIVATE_BOTTOM
 from splitcore.remote.trunk import SessionNeeds
 
 from ..datasets.models import Dataset
+from .. import storage
 from ..ownership import owned
 from ..trunks.models import TrunkServer
 from ..trunks.selection import NoTrunkAvailable, healthy_trunks, place, served_models
@@ -258,6 +259,7 @@ class JobForm(forms.ModelForm):
         if limit and active >= limit:
             raise forms.ValidationError(f"you have {active} jobs queued or running, the limit per user is {limit}; "
                                         "wait for one to finish or cancel one")
+        storage.check_not_full(self.user)
         if not self.fields["base_model"].choices:
             raise forms.ValidationError("no trunk server is up: an administrator must add or start one")
         trunk = data.get("trunk")

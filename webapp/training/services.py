@@ -1,6 +1,9 @@
-"""What users do with jobs: create, cancel, resume. Views and the API call these."""
+"""What users do with jobs: create, cancel, resume, delete. Views and the API call these."""
 
 from __future__ import annotations
+
+import logging
+import shutil
 
 from celery import signature
 from django.db import transaction
@@ -14,6 +17,7 @@ from .models import NAME_MAX_LENGTH, Job, JobSecret
 # The name tasks.py registers run_job under. Sending by name keeps this module free of an import of
 # tasks.py, which imports recovery.py, which enqueues through this module.
 RUN_JOB_TASK = "training.run_job"
+log = logging.getLogger(__name__)
 
 
 class JobStateError(Exception):
@@ -79,6 +83,9 @@ def cancel_job(job: Job) -> Job:
 
 def resume_job(job: Job) -> Job:
     """Queue a cancelled or failed job again; it continues from its last checkpoint."""
+    if job.dataset_id is None and job.status in (Job.Status.CANCELLED, Job.Status.FAILED):
+        raise JobStateError(f"job {job.pk} cannot be resumed: its dataset ({job.dataset_name}) was deleted; start a "
+                            "new job with another dataset")
     with transaction.atomic():
         resumed = Job.objects.filter(pk=job.pk, status__in=[Job.Status.CANCELLED, Job.Status.FAILED]).update(
             status=Job.Status.QUEUED, cancel_requested=False, error_message="", finished_at=None, phase="",
@@ -90,3 +97,19 @@ def resume_job(job: Job) -> Job:
     events.job_log(job, "queued again: continues from the last checkpoint")
     events.publish_status(job)
     return job
+
+
+def delete_job(job: Job) -> None:
+    """Delete a finished job and everything it stored: its checkpoints, adapter, merged model (and any build's
+    staging), metrics, logs, links and playground generations. A queued or running job is refused (cancel it
+    first: it stops after its step and closes its trunk sessions). The row goes first, in one conditional
+    DELETE, so a resume cannot slip in between; then the files."""
+    directory = job.directory
+    with transaction.atomic():
+        deleted, _ = Job.objects.filter(pk=job.pk, status__in=Job.FINISHED).delete()
+        if not deleted:
+            job.refresh_from_db()
+            raise JobStateError(f"job {job.pk} is {job.status}; cancel it first (it stops after its current step "
+                                "and closes its trunk sessions), then delete it")
+        transaction.on_commit(lambda: shutil.rmtree(directory, ignore_errors=True))
+    log.info("deleted job %s and %s", job.pk, directory)

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from ..byte_sizes import format_bytes
 from ..ownership import get_owned_or_404, owned, possible_pks
+from ..storage import directory_bytes, usage
 from . import merged, presets, services
 from .adapter_package import build_adapter_zip, zip_name
 from .consumers import LOG_TAIL
@@ -24,7 +25,8 @@ from .privacy import audit_summary, measured_context
 @login_required
 def job_list(request: HttpRequest) -> HttpResponse:
     jobs = owned(Job, request.user).select_related("trunk")
-    return render(request, "training/job_list.html", {"jobs": jobs, "own_datasets": request.user.datasets.all()})
+    return render(request, "training/job_list.html", {"jobs": jobs, "own_datasets": request.user.datasets.all(),
+                                                       "storage": usage(request.user)})
 
 
 @login_required
@@ -112,6 +114,25 @@ def job_resume(request: HttpRequest, pk: int) -> HttpResponse:
     except services.JobStateError as exc:
         messages.error(request, str(exc))
     return redirect("training:job-detail", pk=job.pk)
+
+
+@login_required
+@require_http_methods(["GET", "HEAD", "POST"])
+def job_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET asks to confirm; POST deletes the job and every file it stored."""
+    job = get_owned_or_404(Job, request.user, pk=pk)
+    refused = ""
+    if request.method == "POST":
+        try:
+            services.delete_job(job)
+        except services.JobStateError as exc:
+            refused = str(exc)
+        else:
+            messages.success(request, f"Deleted job {job.pk} ({job.display_name}) and everything it stored.")
+            return redirect("training:job-list")
+    return render(request, "training/job_confirm_delete.html",
+                  {"job": job, "refused": refused, "stored": format_bytes(directory_bytes(job.directory))},
+                  status=409 if refused else 200)
 
 
 @login_required
