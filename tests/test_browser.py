@@ -16,6 +16,7 @@ import zipfile
 import pytest
 from browser_fixtures import ARTIFACTS, browser, log_in, page  # noqa: F401 - fixtures
 from playwright.sync_api import expect
+from polling import wait_until
 from web_fixtures import TINY_MODEL_ID
 
 from webapp.training import services
@@ -28,6 +29,12 @@ ROWS = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}"} f
 
 def live_steps(page) -> list[int]:
     return page.evaluate("Array.from(window.jobLive.metrics.keys()).sort((a, b) => a - b)")
+
+
+def job_list_sockets(web_server) -> int:
+    """How many job-list sockets the web server has opened so far. daphne logs WSCONNECT when the consumer
+    accepts a socket, which it does once the socket has joined its user's group (webapp/training/consumers.py)."""
+    return web_server.log().count('"WSCONNECT /ws/jobs/"')
 
 
 # What the status line may say before step 1 (it moves on fast; the page sees at least one of these).
@@ -162,7 +169,8 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
 
     # One socket per page load, plus the one dropped on purpose: no reconnects of its own, not even
-    # across a quiet spell longer than the Redis reads' old 5 s timeout.
+    # across a quiet spell longer than the Redis reads' old 5 s timeout. Waiting is the point here: 12 s
+    # must pass with nothing sent.
     page.wait_for_timeout(12_000)
     assert page.evaluate("window.jobLive.socket.readyState") == 1  # open
     assert len(sockets) == len(loads) + 1, (sockets, loads)
@@ -176,15 +184,19 @@ def test_train_watch_reload_cancel_resume_download(page, django_user_model, regi
     assert "adapter_model.safetensors" in bundle.namelist() and "README.md" in bundle.namelist()
 
 
-def test_job_list_updates_statuses_live(page, django_user_model, registered_trunk, celery_worker, tmp_path):
-    log_in(page, django_user_model)
+def test_job_list_updates_statuses_live(page, django_user_model, registered_trunk, celery_worker, web_server,
+                                        tmp_path):
+    opened = job_list_sockets(web_server)
+    log_in(page, django_user_model)  # it ends on the job list, whose socket opens: counted before the next one
+    wait_until(lambda: job_list_sockets(web_server) > opened, "the job list's socket after logging in is open")
     owner = django_user_model.objects.get(username="ada")
     job = Job.objects.create(owner=owner, dataset_name="sums", base_model=TINY_MODEL_ID, max_steps=3,
                              status=Job.Status.QUEUED)
+    opened = job_list_sockets(web_server)
     page.goto("/jobs/")
     row = page.locator(f"tr[data-job='{job.pk}']")
     expect(row.locator(".status")).to_have_text("queued")
-    page.wait_for_timeout(500)  # the socket is open
+    wait_until(lambda: job_list_sockets(web_server) > opened, "the job list's socket is open")
     # From another thread, as a web process would: this one runs Playwright's event loop.
     canceller = threading.Thread(target=services.cancel_job, args=(job,))
     canceller.start()

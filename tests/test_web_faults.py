@@ -182,7 +182,7 @@ def freeze_mid_job(job: Job, pid: int, group: bool = False) -> Job:
     while holds_the_database_lock():
         assert time.monotonic() < deadline, "the frozen worker kept the database locked at every try"
         send(pid, signal.SIGCONT)
-        time.sleep(0.05)
+        time.sleep(0.05)  # a moment of running (the point: time passes) to finish the write it was frozen in
         send(pid, signal.SIGSTOP)
     job.refresh_from_db()
     assert job.status == "running" and 3 <= job.current_step < STEPS, \
@@ -286,7 +286,7 @@ def test_redis_restarted_mid_job(owner, trunk, workers, broker, fault_redis, ref
     job = wait_for_job(job.pk, condition=reached(3), timeout=300, worker=worker)
     fault_redis.process.send_signal(signal.SIGKILL)
     fault_redis.process.wait()
-    time.sleep(1.0)
+    time.sleep(1.0)  # an outage, not an instant restart: Redis stays away while the worker goes on (time passes)
     restarted = start_redis(fault_redis.directory, port=fault_redis.port)
     fault_redis.process = restarted.process
     job = wait_for_job(job.pk, timeout=300, worker=worker)
@@ -412,6 +412,8 @@ def test_a_generation_past_its_time_limit_stops_and_keeps_its_text(owner, trunk,
     try:
         broker(generation, "playground.generate")
         wait_for_generation(generation, lambda g: g.status == "running")
+        # Time passing is the point: the frozen trunk holds the first token past the 1 s limit, which the
+        # worker can only notice once a token arrives.
         time.sleep(1.5)
     finally:
         process.process.send_signal(signal.SIGCONT)

@@ -219,7 +219,8 @@ def test_a_trunk_at_its_session_cap_makes_the_job_wait_not_fail(api, owner, web_
                           format="json").json()["id"]
         wait_for_job(job_id, worker=celery_worker, timeout=120, condition=lambda j: j.logs.filter(
             message__contains="at its session capacity; waiting").exists())
-        time.sleep(2 * WORKER_TRUNK_WAIT_S)  # longer than a job waits for an unreachable trunk
+        # Time passing is the point: longer than a job waits for an unreachable trunk.
+        time.sleep(2 * WORKER_TRUNK_WAIT_S)
         assert Job.objects.get(pk=job_id).status == "running", "waiting for capacity is not a failure"
         holder.close_session()
         holder.close()
