@@ -19,6 +19,14 @@ from splitcore.model.tiny_models import TINY_ARCHS, TinyModelSpec, build_tokeniz
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Django's key in the test process and in every web and worker process the tests start, whatever the
+# environment's SECRET_KEY (`make test` draws a fresh one): fixed, so that what derives from it (signed
+# sessions, the site's client secret of older jobs) is the same in every process and in every run.
+TEST_SECRET_KEY = "splitlearn-tests-only-secret-key-0123456789"
+# The processes the tests start inherit it. The settings themselves were read before this file (pytest-django
+# sets Django up first, so the environment still needs some SECRET_KEY); pytest_configure pins them.
+os.environ["SECRET_KEY"] = TEST_SECRET_KEY
+
 pytest_plugins = ["web_fixtures"]
 
 # Every family the registry claims; the tiny architectures also exist as tiny models on disk.
@@ -29,6 +37,13 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog, twice.",
     "Split learning keeps the data with its owner.",
 ]
+
+
+def pytest_configure(config) -> None:
+    from django.conf import settings
+
+    if settings.configured:
+        settings.SECRET_KEY = TEST_SECRET_KEY
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ the same (file) test database and the same directories as the test process.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TEST_SECRET_KEY
 from polling import wait_until
 from web_services import start_redis, start_web_server, start_worker
 
@@ -74,7 +74,8 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def service_env(django_db_setup, web_dirs, redis_server) -> dict[str, str]:
-    """The environment of the worker and web processes: the test database, Redis and directories."""
+    """The environment of the worker and web processes: the test database, Redis and directories, and the
+    tests' fixed SECRET_KEY (conftest.py)."""
     from django.conf import settings
 
     return {
@@ -87,7 +88,7 @@ def service_env(django_db_setup, web_dirs, redis_server) -> dict[str, str]:
         "DEFAULT_BASE_MODEL": TINY_MODEL_ID,
         "TRUNK_WAIT_S": str(WORKER_TRUNK_WAIT_S),
         "JOB_CHECKPOINT_EVERY": "2",
-        "SECRET_KEY": os.environ.get("SECRET_KEY", settings.SECRET_KEY),
+        "SECRET_KEY": TEST_SECRET_KEY,
     }
 
 
