@@ -58,7 +58,8 @@ browser:
 			{ systemctl disable --quiet nginx && systemctl unmask --runtime --quiet nginx; }; }; } || \
 		echo "nginx is missing and needs root to install (apt-get install nginx): the nginx tests will fail"
 
-# The web settings need a SECRET_KEY outside debug; tests get a fresh one per run.
+# The web settings need a SECRET_KEY outside debug to load; the tests then pin a fixed test key of their own
+# (tests/conftest.py), so their results repeat.
 test: install browser
 	SECRET_KEY="$${SECRET_KEY:-$$($(VENV_PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')}" \
 		$(VENV_PYTHON) -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,6 @@ import io
 import zipfile
 
 import pytest
-from django.utils.html import escape
 from rest_framework.test import APIClient
 from web_fixtures import TINY_MODEL_ID, wait_for_job
 from web_jobs import JOB, upload
@@ -115,7 +114,7 @@ def test_impossible_privacy_settings_are_refused_with_the_field_and_the_reason(a
     assert not Job.objects.exists()
 
 
-def test_a_cut_the_trunk_does_not_allow_is_refused_before_the_job_starts(api, registered_trunk):
+def test_a_cut_the_trunk_does_not_allow_is_refused_before_the_job_starts(api, registered_trunk, redis_server):
     narrow = TrunkServer.objects.create(
         name="narrow", address="127.0.0.1:9", token="x" * 24, status=TrunkServer.Status.UP, model_id=TINY_MODEL_ID,
         num_layers=6, trunk_start=2, trunk_end=4, min_trunk_start=2, max_trunk_end=4, max_sessions=4,
