@@ -14,7 +14,7 @@ GRADIENT_LABELS = "gradient_labels"
 GRADIENT_SEARCH = "gradient_search"
 ATTACK_TITLES = {
     LEARNED_INVERSION: "linear map fit on public text (hidden states)",
-    NETWORK_INVERSION: "network over a window of positions, fit on public text (hidden states)",
+    NETWORK_INVERSION: "network fit on public text (hidden states)",
     ALIGNED_INVERSION: "map aligned to the received states without their tokens (hidden states)",
     EXACT_SEARCH: "candidate search through the public Bottom (hidden states)",
     GRADIENT_LABELS: "labels read from the gradients (gradients)",
