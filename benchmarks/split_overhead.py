@@ -14,9 +14,12 @@ process on loopback, one per wire encoding. Prints
 
     .venv/bin/python benchmarks/split_overhead.py [--steps 20] [--batch-size 8] [--seq-len 256]
         [--encodings fp32,bf16] [--trunk-device cpu|cuda] [--skip-memory] [--drift-only] [--tiny]
+        [--overhead-only --rounds 3]
 
-``--drift-only`` runs just the split runs and prints the encoding table (no local baseline, bf16
-trunk or memory); ``--tiny`` uses a tiny Llama written to a temporary folder, for a quick table:
+``--overhead-only --rounds N`` measures just split against local (fp32), in N interleaved
+rounds (a local run, then a split run, N times), so a change in the machine's speed falls on
+both; it prints each round's medians and the median of the rounds' ratios. ``--drift-only`` runs
+just the split runs and prints the encoding table (no local baseline, bf16 trunk or memory); ``--tiny`` uses a tiny Llama written to a temporary folder, for a quick table:
 
     .venv/bin/python benchmarks/split_overhead.py --tiny --drift-only --batch-size 4 --seq-len 32
 """
@@ -33,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -79,6 +82,22 @@ def run(engine, config, data, pad_id) -> list[StepMetrics]:
 def median_step_s(steps: list[StepMetrics]) -> float:
     durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:])]  # the first step warms up
     return statistics.median(durations) if durations else steps[0].elapsed_s
+
+
+def overhead_rounds(model_dir: Path, trunk, config: TrainConfig, spec: SplitSpec, data, pad_id, secret,
+                    rounds: int) -> list[tuple[float, float]]:
+    """(local, split) median step seconds of ``rounds`` interleaved rounds with the same data and key."""
+    results = []
+    for number in range(1, rounds + 1):
+        local = run(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, spec, secret=secret), config,
+                    data, pad_id)
+        with TrunkClient(trunk.address, trunk.token) as client:
+            split = run(SplitEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, client, secret=secret),
+                        config, data, pad_id)
+        results.append((median_step_s(local), median_step_s(split)))
+        print(f"round {number}: local {results[-1][0]:.3f} s, split {results[-1][1]:.3f} s, "
+              f"split/local = {results[-1][1] / results[-1][0]:.3f}", flush=True)
+    return results
 
 
 def print_encoding_table(split: dict[str, list[StepMetrics]]) -> None:
@@ -141,6 +160,9 @@ def main() -> int:
     parser.add_argument("--drift-only", action="store_true",
                         help="only the split runs and the encoding table (no local run, bf16 trunk or memory)")
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama written to a temporary folder")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only split against local (fp32), in --rounds interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --overhead-only")
     args = parser.parse_args()
     encodings = ["fp32"] + [e for e in args.encodings.split(",") if e and e != "fp32"]
     if args.tiny:
@@ -163,6 +185,19 @@ def main() -> int:
 
     # One key for every run: the split runs' trunk LoRA starts as the local run's does.
     secret = ClientSecret.generate()
+    if args.overhead_only:
+        spec = SplitSpec(AutoConfig.from_pretrained(model_dir).num_hidden_layers, args.bottom_layers, args.top_layers)
+        with tempfile.TemporaryDirectory() as log_dir:
+            trunk = start_trunk(model_dir, Path(log_dir), "--device", args.trunk_device, n_bottom=args.bottom_layers,
+                                n_top=args.top_layers)
+            try:
+                rounds = overhead_rounds(model_dir, trunk, config("fp32"), spec, data, pad_id, secret, args.rounds)
+            finally:
+                trunk.stop()
+        ratio = statistics.median(split_s / local_s for local_s, split_s in rounds)
+        print(f"\nsplit/local over {len(rounds)} interleaved rounds: median {ratio:.3f} (rounds: "
+              f"{', '.join(f'{split_s / local_s:.3f}' for local_s, split_s in rounds)})")
+        return 0
     if not args.drift_only:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         spec = SplitSpec(model.config.num_hidden_layers, args.bottom_layers, args.top_layers)
