@@ -134,6 +134,7 @@ def test_staff_delete_a_user_and_everything_of_theirs(client, owner, other, djan
     # A running job is asked to stop; the user stays until it has.
     response = client.post(f"/admin/auth/user/{owner.pk}/delete/", {"post": "yes"}, follow=True)
     assert "has 1 running job(s)" in response.content.decode()
+    assert "deleted successfully" not in response.content.decode()
     assert django_user_model.objects.filter(pk=owner.pk).exists() and intact(finished) and intact(running)
     assert Job.objects.get(pk=running.pk).cancel_requested
 
