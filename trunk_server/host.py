@@ -142,13 +142,14 @@ class TrunkHost:
     def weight_storages(self) -> frozenset[int]:
         """The addresses of the storages of every weight and buffer the blocks and adapters hold: what
         autograd saves of them belongs to the model, not to the session whose Forward saved it."""
-        with self.lock:
-            if self._weight_storages is None:
+        storages = self._weight_storages  # read without queueing for the model: a Forward queues once, to compute
+        if storages is None:
+            with self.lock:
                 modules = [self.trunk, *self._pefts.values()]
-                self._weight_storages = frozenset(
+                storages = self._weight_storages = frozenset(
                     tensor.untyped_storage().data_ptr()
                     for module in modules for tensor in (*module.parameters(), *module.buffers()))
-            return self._weight_storages
+        return storages
 
     def _peft_of(self, name: str) -> PeftModel:
         return self._pefts[self._method_of[name]]
