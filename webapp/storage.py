@@ -34,10 +34,6 @@ class StorageUsage:
     def full(self) -> bool:
         return self.quota_bytes is not None and self.total_bytes >= self.quota_bytes
 
-    @property
-    def share(self) -> float | None:
-        return None if not self.quota_bytes else self.total_bytes / self.quota_bytes
-
     def words(self) -> str:
         """"1.2 GiB of 10 GiB (datasets 3 MiB, jobs 1.2 GiB)", or without a quota "1.2 GiB (…)"."""
         quota = f" of {format_bytes(self.quota_bytes)}" if self.quota_bytes is not None else ""

@@ -8,6 +8,7 @@ call's timeout in all), streams large tensors in chunks, and counts the bytes th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import secrets
@@ -49,8 +50,13 @@ class RetryPolicy:
     multiplier: float = 2.0
 
     def delays(self):
+        """The waits between the attempts: ``attempts - 1`` of them."""
+        return itertools.islice(self.backoff(), self.attempts - 1)
+
+    def backoff(self):
+        """Exponential waits, capped at ``max_backoff_s``, without end."""
         delay = self.initial_backoff_s
-        for _ in range(self.attempts - 1):
+        while True:
             yield delay
             delay = min(self.max_backoff_s, delay * self.multiplier)
 
@@ -101,7 +107,7 @@ class TrunkClient:
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         delays = self.retry.delays()
-        busy_waited, busy_delay = 0.0, self.retry.initial_backoff_s
+        busy_waited, busy_delays = 0.0, self.retry.backoff()
         while True:
             try:
                 return call()
@@ -112,9 +118,8 @@ class TrunkClient:
                     raise failure from None
                 if overloaded(failure.code, failure.reason) and busy_waited < self.timeout_s:
                     # The server turned the call away at its cap on concurrent calls: it is busy, not gone.
-                    delay = busy_delay * random.uniform(0.5, 1.0)  # spread the retries of many clients
+                    delay = next(busy_delays) * random.uniform(0.5, 1.0)  # spread the retries of many clients
                     busy_waited += delay
-                    busy_delay = min(self.retry.max_backoff_s, busy_delay * self.retry.multiplier)
                     self.overload_retries += 1
                     log.info("%s: trunk %s is at its cap on concurrent calls; retrying in %.1fs", what, self.name, delay)
                     time.sleep(delay)
