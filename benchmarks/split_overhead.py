@@ -16,9 +16,9 @@ process on loopback, one per wire encoding. Prints
         [--encodings fp32,bf16] [--trunk-device cpu|cuda] [--skip-memory] [--drift-only] [--tiny]
         [--overhead-only --rounds 3]
 
-``--overhead-only --rounds N`` measures just split against local (fp32), in N interleaved
-rounds (a local run, then a split run, N times), so a change in the machine's speed falls on
-both; it prints each round's medians and the median of the rounds' ratios. ``--drift-only`` runs
+``--overhead-only --rounds N`` measures just split against local (fp32) in N rounds; in each, a
+local and a split run train one step at a time in turn, so a change in the machine's speed falls
+on both; it prints each round's medians and the median of the rounds' ratios. ``--drift-only`` runs
 just the split runs and prints the encoding table (no local baseline, bf16 trunk or memory); ``--tiny`` uses a tiny Llama written to a temporary folder, for a quick table:
 
     .venv/bin/python benchmarks/split_overhead.py --tiny --drift-only --batch-size 4 --seq-len 32
@@ -33,6 +33,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -84,16 +85,57 @@ def median_step_s(steps: list[StepMetrics]) -> float:
     return statistics.median(durations) if durations else steps[0].elapsed_s
 
 
+def run_in_turns(runs: list[tuple[object, TrainConfig]], data, pad_id) -> list[list[StepMetrics]]:
+    """Train each (engine, config) of ``runs`` one step at a time in turn, so whatever changes the machine's
+    speed (its other work, a noisy neighbour) falls on every run alike; returns each run's steps.
+
+    Each run trains in a thread of its own that waits for its turn after every step (only the steps are
+    timed: a step's duration is measured inside the trainer, not the wait for the turn)."""
+    turns = [threading.Semaphore(0) for _ in runs]
+    steps: list[list[StepMetrics]] = [[] for _ in runs]
+    errors: list[BaseException] = []
+
+    def train(index: int, engine, config: TrainConfig) -> None:
+        def on_event(event) -> None:
+            if isinstance(event, StepMetrics):
+                steps[index].append(event)
+                turns[(index + 1) % len(runs)].release()
+                if event.step < event.total_steps:
+                    turns[index].acquire()
+
+        turns[index].acquire()
+        try:
+            SplitTrainer(engine, config, data, pad_id, callbacks=[on_event]).run()
+        except BaseException as error:  # reported by the caller; the others must not wait for this run's turn
+            errors.append(error)
+            for turn in turns:
+                turn.release(len(runs) * config.max_steps)
+        finally:
+            engine.close()
+
+    threads = [threading.Thread(target=train, args=(index, engine, config), name=f"run-{index}")
+               for index, (engine, config) in enumerate(runs)]
+    for thread in threads:
+        thread.start()
+    turns[0].release()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return steps
+
+
 def overhead_rounds(model_dir: Path, trunk, config: TrainConfig, spec: SplitSpec, data, pad_id, secret,
                     rounds: int) -> list[tuple[float, float]]:
-    """(local, split) median step seconds of ``rounds`` interleaved rounds with the same data and key."""
+    """(local, split) median step seconds of ``rounds`` rounds with the same data and key, each round a local
+    and a split run stepping in turns."""
     results = []
     for number in range(1, rounds + 1):
-        local = run(LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, spec, secret=secret), config,
-                    data, pad_id)
         with TrunkClient(trunk.address, trunk.token) as client:
-            split = run(SplitEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, client, secret=secret),
-                        config, data, pad_id)
+            local, split = run_in_turns([
+                (LocalEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, spec, secret=secret), config),
+                (SplitEngine(AutoModelForCausalLM.from_pretrained(model_dir), config, client, secret=secret), config),
+            ], data, pad_id)
         results.append((median_step_s(local), median_step_s(split)))
         print(f"round {number}: local {results[-1][0]:.3f} s, split {results[-1][1]:.3f} s, "
               f"split/local = {results[-1][1] / results[-1][0]:.3f}", flush=True)
@@ -161,8 +203,8 @@ def main() -> int:
                         help="only the split runs and the encoding table (no local run, bf16 trunk or memory)")
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama written to a temporary folder")
     parser.add_argument("--overhead-only", action="store_true",
-                        help="only split against local (fp32), in --rounds interleaved rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --overhead-only")
+                        help="only split against local (fp32), in --rounds rounds of runs stepping in turn")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --overhead-only")
     args = parser.parse_args()
     encodings = ["fp32"] + [e for e in args.encodings.split(",") if e and e != "fp32"]
     if args.tiny:

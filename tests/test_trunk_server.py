@@ -194,6 +194,33 @@ def test_training_dropout_masks_depend_on_seed_step_and_micro_batch_only(trunk):
         assert not torch.equal(c.forward(2, 0, hidden, mask), outputs["first"][0]), "another seed, other masks"
 
 
+def test_sessions_in_turn_each_run_with_their_own_adapter_and_dropout_mode(trunk):
+    """The trunk switches the active adapter and the dropout mode only when they change: whatever other
+    sessions ran between, a training forward draws its own masks with its own adapter, and an evaluation
+    (also a new session's first call) runs without dropout."""
+    dropped = LoraSettings(r=4, alpha=8, dropout=0.5)
+    hidden, mask, _ = inputs()
+    with TrunkClient(trunk.address, trunk.token) as alone:
+        alone.open_session(dropped, seed=7)
+        run_steps(alone, 1)  # LoRA B starts at zero, which hides dropout: one step makes it count
+        trained = alone.forward(2, 0, hidden, mask)
+        evaluated = alone.evaluate(hidden, mask)
+    assert not torch.equal(trained, evaluated), "dropout is on in training, off in evaluation"
+    with (TrunkClient(trunk.address, trunk.token) as a, TrunkClient(trunk.address, trunk.token) as b,
+          TrunkClient(trunk.address, trunk.token) as c):
+        a.open_session(dropped, seed=7)
+        run_steps(a, 1)
+        b.open_session(dropped, seed=8)  # a second adapter on the same model
+        run_steps(b, 1)
+        b.evaluate(hidden, mask)  # leaves b's adapter active and dropout off
+        assert torch.equal(a.forward(2, 0, hidden, mask), trained)
+        assert torch.equal(a.evaluate(hidden, mask), evaluated)
+        step, state = a.export_state()
+        c.open_session(dropped, seed=9)  # its modules are new: they start with dropout on
+        c.import_state(step, state)
+        assert torch.equal(c.evaluate(hidden, mask), evaluated)
+
+
 def test_exported_state_restores_into_a_new_session(trunk):
     with TrunkClient(trunk.address, trunk.token) as first:
         first.open_session(LORA, seed=9)

@@ -72,6 +72,10 @@ class TrunkHost:
         self._pefts: dict[str, PeftModel] = {}  # by adapter method
         self._method_of: dict[str, str] = {}  # adapter name -> method
         self._weight_storages: frozenset[int] | None = None  # see weight_storages()
+        # By adapter method (None: the bare trunk), the adapter last made active and the last train() mode:
+        # peft's set_adapter and Module.train walk every module, so each runs only when it changes something.
+        self._active: dict[str, str] = {}
+        self._training: dict[str | None, bool] = {}
         # The server's counters: the host measures busy time, sessions and the servicer feed the rest.
         self.stats = TrunkStats()
 
@@ -129,6 +133,7 @@ class TrunkHost:
                 self._pefts[settings.method] = peft
             else:
                 peft.add_adapter(name, peft_config, autocast_adapter_dtype=True)
+            self._forget_modes(settings.method)  # the new adapter's modules start in their own modes
             self._method_of[name] = settings.method
             self._weight_storages = None
             init_lora_weights(peft, seed, adapter_name=name)
@@ -158,6 +163,7 @@ class TrunkHost:
         with self.lock:
             self._weight_storages = None
             method = self._method_of.pop(name, None)
+            self._forget_modes(method)
             peft = self._pefts.get(method)
             if peft is None or name not in peft.peft_config:
                 return
@@ -210,15 +216,27 @@ class TrunkHost:
             finally:
                 self.stats.add_busy(time.perf_counter() - started)
 
-    @contextlib.contextmanager
-    def _adapter(self, name: str | None):
-        """Run with the session's adapter active, or with no adapter (the trunk itself has no adapter layers)."""
+    def _forget_modes(self, method: str | None) -> None:
+        self._active.pop(method, None)
+        self._training.pop(method, None)
+
+    def _activated(self, name: str | None) -> torch.nn.Module:
+        """The module that runs with the session's adapter active, or with no adapter (the trunk itself has
+        no adapter layers)."""
         if name is None:
-            yield self.trunk
-        else:
-            peft = self._peft_of(name)
+            return self.trunk
+        method = self._method_of[name]
+        peft = self._pefts[method]
+        if self._active.get(method) != name:
             peft.set_adapter(name)
-            yield peft
+            self._active[method] = name
+        return peft
+
+    def _set_training(self, name: str | None, module: torch.nn.Module, training: bool) -> None:
+        method = None if name is None else self._method_of[name]
+        if self._training.get(method) != training:
+            module.train(training)
+            self._training[method] = training
 
     def forward(self, adapter: str | None, layers: range, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 past_key_values: Cache | None = None, training: bool = False, seed: int = 0) -> torch.Tensor:
@@ -228,8 +246,9 @@ class TrunkHost:
         ``training`` switches dropout (the base model's and LoRA's) on, as in the client's parts,
         with masks drawn from ``seed`` on the CPU and CUDA generators alike.
         """
-        with self.computing(), self._adapter(adapter) as module, seeded_dropout(seed, self.device):
-            module.train(training)
+        with self.computing(), seeded_dropout(seed, self.device):
+            module = self._activated(adapter)
+            self._set_training(adapter, module, training)
             use_cache = past_key_values is not None
             return module(hidden, attention_mask, past_key_values=past_key_values, use_cache=use_cache,
                           layers=layers)
@@ -237,7 +256,8 @@ class TrunkHost:
     def backward(self, adapter: str | None, output: torch.Tensor, grad_output: torch.Tensor) -> None:
         # set_adapter() turns requires_grad off for every other adapter, and autograd drops
         # gradients of leaves that no longer require grad: re-activate this session's adapter.
-        with self.computing(), self._adapter(adapter):
+        with self.computing():
+            self._activated(adapter)
             output.backward(grad_output)
 
     @contextlib.contextmanager

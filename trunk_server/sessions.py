@@ -41,7 +41,7 @@ from splitcore.remote.errors import (
 )
 from splitcore.remote.messages import OptimizerSettings
 from splitcore.remote.wire import encoded_bytes
-from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
+from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw
 
 from .config import SessionBudgets
 from .host import TrunkHost, tensor_bytes
@@ -109,6 +109,7 @@ class Session:
     counted_bytes: int = 0
     graph_bytes_per_value: float = 0.0  # what the last Forward's graph kept, per value of its input
     applied_step: int = 0
+    grad_sq: float | None = None  # the gradients' squared norm as the last Backward left them (None: unknown)
     lock: threading.Lock = field(default_factory=threading.Lock)
     saved: OrderedDict = field(default_factory=OrderedDict)
     forward_replies: dict = field(default_factory=dict)
@@ -245,13 +246,15 @@ class Session:
             else:
                 del self.saved[key]
             grad_output = self.host.to_device(grad_output_decoder(tuple(saved.output.shape)))
+            self.grad_sq = None  # a Backward that fails half-way may leave some gradients added
             try:
                 with self.host.memory_guard(self.id, "Backward", saved.output.shape):
                     self.host.backward(self.adapter, saved.output, grad_output)
             except DeadlinePassed:
                 self.saved[key] = saved  # dropped before it ran: the graph is whole, and its retry uses it
                 raise
-            reply = encode(saved.input.grad, self.grad_sq_norm())
+            self.grad_sq = self.grad_sq_norm()
+            reply = encode(saved.input.grad, self.grad_sq)
             self.backward_replies[key] = Kept(reply, reply_bytes)
             self.forward_replies.pop(key, None)  # answered: a retry of this Forward cannot come any more
             return reply
@@ -298,20 +301,22 @@ class Session:
             if self.optimizer is not None:
                 with self.host.computing():
                     # Refused before anything is applied; the gradients stay, so a retry is refused alike.
-                    bad = [p for p in self.params.values()
-                           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                    if bad:
+                    sq_norm = self.grad_sq if self.grad_sq is not None else self.grad_sq_norm()
+                    if not math.isfinite(sq_norm):  # one number; the loop only names the culprits
+                        bad = [p for p in self.params.values()
+                               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
                         raise ValueError(f"the LoRA gradients of step {step} hold NaN or infinite values (in "
                                          f"{len(bad)} of {_counted(len(self.params), 'weight')}); nothing was "
                                          f"applied: the adapter and its optimizer are as after step "
                                          f"{self.applied_step}; lower the learning rate or check the data")
-                    for param in self.params.values():
-                        if param.grad is not None:
-                            param.grad.mul_(clip_coef)
+                    grads = [p.grad for p in self.params.values() if p.grad is not None]
+                    if clip_coef < 1.0 and grads:
+                        torch._foreach_mul_(grads, clip_coef)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.grad_sq = None
             self.applied_step = step
             self.steps_applied += 1
             # The step's calls are answered (the client sends Step after its last Backward): their replies go.
@@ -323,8 +328,7 @@ class Session:
     def grad_sq_norm(self) -> float:
         """Squared norm of the accumulated gradients; inf or nan (never an error) when they are not finite,
         so the client sees it and stops before any Step."""
-        grads = [p.grad.detach().double().pow(2).sum() for p in self.params.values() if p.grad is not None]
-        return float(torch.stack(grads).sum()) if grads else 0.0
+        return grad_sq_norm(self.params.values())
 
     # -------------------------------------------------------------- inference
 
@@ -399,6 +403,7 @@ class Session:
                 raise
             for param in self.params.values():
                 param.grad = None
+            self.grad_sq = None
             self.saved.clear()
             self.forward_replies.clear()
             self.backward_replies.clear()
@@ -544,9 +549,7 @@ class SessionRegistry:
             settings, seed = request.lora
             params = self.host.add_adapter(adapter, settings, seed, request.layers)
             if not request.inference:
-                optimizer = request.optimizer
-                optim = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(optimizer.beta1, optimizer.beta2),
-                                          eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+                optim = new_adamw(params.values(), request.optimizer)
         session = Session(id=session_id, host=self.host, budgets=self.budgets, inference=request.inference,
                           layers=request.layers, adapter=adapter, params=params, optimizer=optim,
                           wire_encoding=request.wire_encoding, label=request.label, last_used=time.monotonic(),

@@ -12,6 +12,7 @@ puts them back, refusing streams that grow beyond what the first message announc
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Iterable, Iterator
@@ -307,12 +308,17 @@ def join_messages(messages: Iterable[M], max_total_bytes: int) -> M:
         first = next(iterator)
     except StopIteration:
         raise WireError("empty request stream") from None
+    total = first.ByteSize()
+    second = next(iterator, None)
+    if second is None:  # the message came whole (most do): no copy
+        if total > max_total_bytes:
+            raise WireError(f"request stream exceeds the limit of {max_total_bytes} bytes")
+        return first
     joined = type(first)()
     joined.CopyFrom(first)
     fields = _chunked_fields(first)
     parts: dict[tuple[str, str], list[bytes]] = {}
-    total = first.ByteSize()
-    for piece in iterator:
+    for piece in itertools.chain((second,), iterator):
         total += piece.ByteSize()
         if total > max_total_bytes:
             raise WireError(f"request stream exceeds the limit of {max_total_bytes} bytes")

@@ -12,7 +12,28 @@ from collections.abc import Mapping
 
 import torch
 
+from splitcore.remote.messages import OptimizerSettings
+
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def new_adamw(params, settings: OptimizerSettings) -> torch.optim.AdamW:
+    """AdamW over ``params`` (learning rate 0: the trainer sets it each step), fused into one kernel per
+    device where torch has one (CPU and CUDA): several times faster than a loop over hundreds of small LoRA
+    tensors, with the same state (``exp_avg``, ``exp_avg_sq``, ``step``)."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=0.0, betas=(settings.beta1, settings.beta2), eps=settings.eps,
+                             weight_decay=settings.weight_decay, fused=fused or None)
+
+
+def grad_sq_norm(params) -> float:
+    """The squared norm of the gradients of ``params`` (those without one count 0), summed in float64: inf or
+    nan, never an error, when a gradient is not finite (its square cannot overflow float64)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum())
 
 
 def adamw_state_tensors(optimizer: torch.optim.Optimizer, named_params: Mapping[str, torch.nn.Parameter],
@@ -44,6 +65,7 @@ def load_adamw_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str
             raise ValueError(f"optimizer state {key!r} does not belong to any trainable parameter")
         seen.add(name)
     optimizer.state.clear()
+    fused = bool(optimizer.defaults.get("fused"))
     for name in seen:
         param = named_params[name]
         state = {}
@@ -56,7 +78,10 @@ def load_adamw_state(optimizer: torch.optim.Optimizer, named_params: Mapping[str
                                  f"the parameter has {list(param.shape)}")
             if field == "step":
                 _check_step_count(name, value)
-            state[field] = value.to(torch.float32).clone() if field == "step" else value.to(param).clone()
+            if field == "step":  # a fused AdamW counts on the parameter's device, the others on the CPU
+                state[field] = value.to(dtype=torch.float32, device=param.device if fused else "cpu").clone()
+            else:
+                state[field] = value.to(param).clone()
         optimizer.state[param] = state
 
 

@@ -27,7 +27,7 @@ from splitcore.training.batches import MicroBatches, TrainingData, evaluation_ba
 from splitcore.training.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from splitcore.training.config import TrainConfig
 from splitcore.training.engines import Engine, SplitEngine
-from splitcore.training.optim_state import adamw_state_tensors, load_adamw_state
+from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw
 from splitcore.training.schedule import learning_rate_at
 
 RNG_KEY = "rng.torch"
@@ -96,9 +96,7 @@ class SplitTrainer:
         self.micro_batches = MicroBatches(data.train, config.batch_size, config.seed, pad_token_id)
         self.val_batches = evaluation_batches(data.val, config.batch_size, pad_token_id)
         self.total_steps = config.total_steps(len(data.train))
-        opt = config.optimizer
-        self.optimizer = torch.optim.AdamW(list(engine.params.values()), lr=0.0, betas=(opt.beta1, opt.beta2),
-                                           eps=opt.eps, weight_decay=opt.weight_decay)
+        self.optimizer = new_adamw(engine.params.values(), config.optimizer)
         self.step = 0
         self.elapsed_s = 0.0
         self.loss: float | None = None
@@ -154,10 +152,9 @@ class SplitTrainer:
         clip_coef = 1.0
         if self.config.max_grad_norm > 0:
             clip_coef = min(1.0, self.config.max_grad_norm / (grad_norm + 1e-6))
-        if clip_coef < 1.0:
-            for param in self.engine.params.values():
-                if param.grad is not None:
-                    param.grad.mul_(clip_coef)
+        grads = [p.grad for p in self.engine.params.values() if p.grad is not None]
+        if clip_coef < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coef)
         lr = learning_rate_at(step, self.total_steps, self.config.learning_rate, self.config.warmup_steps,
                               self.config.schedule)
         for group in self.optimizer.param_groups:
@@ -176,8 +173,7 @@ class SplitTrainer:
         ))
 
     def _client_grad_sq_norm(self) -> float:
-        return sum(float(p.grad.detach().double().pow(2).sum()) for p in self.engine.params.values()
-                   if p.grad is not None)
+        return grad_sq_norm(self.engine.params.values())
 
     def _diverged_gradient(self, step: int, client_sq: float, trunk_sq: float) -> str:
         """What a non-finite gradient norm means: which side, that nothing was applied, what to do."""
