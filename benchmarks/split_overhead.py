@@ -4,7 +4,7 @@ Runs the default model (SmolLM2-135M-Instruct) with a batch of 8 x 256 tokens by
 the local baseline in this process, then split runs against a trunk server in its own
 process on loopback, one per wire encoding. Prints
 
-- median local and split (fp32) step times and their ratio (target: <= 1.05);
+- median local and split (fp32) step times and their ratio (target: <= 1.02);
 - wire bytes per optimizer step for each encoding;
 - how far the bf16 / fp16 / int8 losses drift from the fp32 losses: at the last step and the
   largest over the run, relative and absolute (max |Δloss|);
