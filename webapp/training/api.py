@@ -1,4 +1,4 @@
-"""The jobs API. Creation validates with the same JobForm as the page."""
+"""The jobs API. Creation validates with the same JobForm as the page (api_input.py: which fields it takes)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from rest_framework.generics import ListCreateAPIView, RetrieveDestroyAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from ..api_fields import refuse_other_fields
 from ..ownership import get_owned_or_404, owned
 from ..pagination import MetricsPagination
-from . import merged, services
-from .forms import JobForm
+from . import api_input, merged, services
 from .models import Job, MetricPoint
 from .serializers import JobSerializer, MetricPointSerializer
 from .views import adapter_response, merged_response
@@ -28,11 +28,7 @@ class JobList(ListCreateAPIView):
         if not hasattr(request.data, "get"):
             raise ValidationError({"non_field_errors": ["send a JSON object"]})
         given = request.data.dict() if hasattr(request.data, "dict") else dict(request.data)
-        defaults = JobForm(user=request.user, base_model=given.get("base_model")).fields
-        # Without a preset, the run length is the one given (or the fields' defaults, the balanced preset's).
-        data = {name: field.initial for name, field in defaults.items()
-                if field.initial is not None and name != "preset"}
-        form = JobForm(data={**data, **given}, user=request.user)
+        form = api_input.job_form(given, request.user)
         if not form.is_valid():
             errors = {("non_field_errors" if k == "__all__" else k): v for k, v in form.errors.items()}
             return Response(errors, status=status.HTTP_400_BAD_REQUEST)
@@ -58,6 +54,7 @@ class JobDetail(RetrieveDestroyAPIView):
 
 def _state_action(action, request: Request, pk: int) -> Response:
     job = get_owned_or_404(Job, request.user, pk=pk)
+    refuse_other_fields(request.data, accepted=())
     try:
         job = action(job)
     except services.JobStateError as exc:
@@ -102,6 +99,7 @@ def job_merged(request: Request, pk: int):
     409 with the state (``merged_status``: none, building or failed, and ``detail``: what to do)."""
     job = get_owned_or_404(Job, request.user, pk=pk)
     if request.method == "POST":
+        refuse_other_fields(request.data, accepted=())
         try:
             job, _started = merged.request_merged(job)
         except services.JobStateError as exc:
