@@ -260,7 +260,7 @@ def test_a_draining_trunk_gets_no_new_work(staff_client):
     trunk = make_trunk("only")
     assert pick_trunk(MODEL_ID) == trunk
     post_action(staff_client, trunk, "drain")
-    with pytest.raises(NoTrunkAvailable, match="only served it but is down, disabled or draining"):
+    with pytest.raises(NoTrunkAvailable, match="only, the only trunk server up for llama, is draining for maintenance: it takes no new sessions"):
         pick_trunk(MODEL_ID)
     assert MODEL_ID not in served_models()
 

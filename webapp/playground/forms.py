@@ -7,7 +7,7 @@ from django.conf import settings
 
 from ..ownership import owned
 from ..training.models import Job
-from ..trunks.selection import served_models
+from ..trunks.selection import draining_notice, served_models
 from .models import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_SEED, MAX_TEMPERATURE
 from .services import BASE_MODEL_NOISE_NOTE, PromptFormat, base_model_format, job_format, noise_note
 
@@ -30,6 +30,9 @@ class FormatSelect(forms.Select):
         return option
 
 
+NO_TRUNK_UP = "No trunk server is up, so nothing can be generated now: an administrator must add or start one."
+
+
 class JobChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, job: Job) -> str:
         return job.display_name
@@ -37,19 +40,21 @@ class JobChoiceField(forms.ModelChoiceField):
 
 class PlaygroundForm(forms.Form):
     job = JobChoiceField(queryset=Job.objects.none(), required=False, empty_label="Base model only",
-                         label="Adapter", help_text="a succeeded job: its answer is shown next to the base model's",
+                         label="Adapter", help_text="A succeeded job of yours; its answer is shown next to the base "
+                                                    "model's.",
                          widget=FormatSelect(prompt_format=job_format))
     base_model = forms.ChoiceField(required=False, widget=FormatSelect(prompt_format=base_model_format),
-                                   help_text="for 'base model only' (a job uses the model it was trained on); "
-                                             "models served by a healthy trunk")
+                                   help_text="The models a healthy trunk serves. With an adapter it is the model "
+                                             "its job trained on.")
     prompt = forms.CharField(strip=False, widget=forms.Textarea(attrs={"rows": 6, "maxlength": MAX_PROMPT_CHARS}),
-                             help_text=f"at most {MAX_PROMPT_CHARS} characters")
+                             help_text=f"At most {MAX_PROMPT_CHARS} characters.")
     chat = forms.BooleanField(required=False, label="Apply the chat template",
-                              help_text="send the prompt as a user message of a chat (for chat models)")
+                              help_text="Sends the prompt as a user message of a chat (for chat models).")
     max_new_tokens = forms.IntegerField(min_value=1, max_value=MAX_NEW_TOKENS, initial=64)
     temperature = forms.FloatField(min_value=0.0, max_value=MAX_TEMPERATURE, initial=0.0,
-                                   help_text="0: greedy (always the most likely token)")
-    seed = forms.IntegerField(min_value=0, max_value=MAX_SEED, initial=0, help_text="of the sampling (temperature > 0)")
+                                   help_text="0 is greedy: always the most likely token.")
+    seed = forms.IntegerField(min_value=0, max_value=MAX_SEED, initial=0,
+                              help_text="Of the sampling (with a temperature above 0).")
 
     def __init__(self, *args, user, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -60,15 +65,26 @@ class PlaygroundForm(forms.Form):
         if "base_model" not in self.initial and self.served:
             self.initial["base_model"] = (settings.DEFAULT_BASE_MODEL if settings.DEFAULT_BASE_MODEL in self.served
                                           else self.served[0])
+        jobs = list(self.fields["job"].queryset)
+        # The base model of each job choice: the page's script locks the base model field to it.
+        self.job_models = {str(job.pk): job.base_model for job in jobs}
         self.prompt_format = self._initial_format()
         # Whether prompts are blurred, per choice of the job field ("" for the base model only); the page's
         # script shows the chosen one's.
         self.noise_notes = {"": BASE_MODEL_NOISE_NOTE,
-                            **{str(job.pk): noise_note(job) for job in self.fields["job"].queryset}}
+                            **{str(job.pk): noise_note(job) for job in jobs}}
         chosen = self.data.get("job") if self.is_bound else self.initial.get("job")
         self.noise_note = self.noise_notes.get(str(chosen or ""), BASE_MODEL_NOISE_NOTE)
         if "chat" not in self.initial and self.prompt_format is not None:
             self.initial["chat"] = self.prompt_format.chat
+
+    @property
+    def trunk_notice(self) -> str:
+        """Why nothing can be generated now: no trunk is up, or the only ones up are draining ("" when a trunk
+        can take a playground session)."""
+        if self.served:
+            return ""
+        return draining_notice(None, "playground sessions") or NO_TRUNK_UP
 
     def _initial_format(self) -> PromptFormat | None:
         """How the initially chosen job trained, or what the initial base model's tokenizer suggests."""
@@ -90,15 +106,27 @@ class PlaygroundForm(forms.Form):
                                         "are allowed.")
         return prompt
 
+    def clean_base_model(self) -> str:
+        # An adapter only fits the model its job trained on (the job field is cleaned before this one).
+        base_model = self.cleaned_data["base_model"]
+        job = self.cleaned_data.get("job")
+        if job is not None and base_model and base_model != job.base_model:
+            raise forms.ValidationError(
+                f"The adapter of {job.display_name} (job {job.pk}) was trained on {job.base_model}, so it runs only "
+                f"on that base model, not on {base_model}: choose {job.base_model}, or 'Base model only' under "
+                f"Adapter to ask {base_model} alone.")
+        return base_model
+
     def clean(self):
         data = super().clean()
         job = data.get("job")
         if job is not None:
             if job.base_model not in self.served:
-                self.add_error("job", f"No healthy trunk serves {job.base_model}, the base model of job {job.pk}: "
-                                      "start a trunk server for it (or ask an administrator), then try again.")
+                self.add_error("job", draining_notice(job.base_model, "playground sessions") or
+                               f"No healthy trunk serves {job.base_model}, the base model of job {job.pk}: "
+                               "start a trunk server for it (or ask an administrator), then try again.")
         elif not self.served:
-            raise forms.ValidationError("No trunk server is up: an administrator must add or start one.")
+            raise forms.ValidationError(self.trunk_notice)
         elif "base_model" in data and not data["base_model"]:
             self.add_error("base_model", "Choose a base model.")
         return data

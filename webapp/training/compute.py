@@ -17,7 +17,7 @@ from splitcore.model.compute_share import ComputeShare, ModelCompute, model_comp
 
 from .. import base_models
 from ..trunks.models import TrunkServer
-from ..trunks.selection import healthy_trunks
+from ..trunks.selection import healthy_trunks, serving_trunks
 from .models import Job
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,9 @@ def trunk_default_cut(trunk: TrunkServer) -> Cut | None:
 
 
 def model_default_cut(model_id: str) -> Cut | None:
-    """The default cut every healthy trunk of ``model_id`` shares (None: none reported one, or they differ)."""
-    defaults = {trunk_default_cut(trunk) for trunk in healthy_trunks(model_id)}
+    """The default cut every healthy trunk of ``model_id`` shares (draining ones when none is healthy; None: none
+    reported one, or they differ)."""
+    defaults = {trunk_default_cut(trunk) for trunk in healthy_trunks(model_id) or serving_trunks(model_id)}
     return defaults.pop() if len(defaults) == 1 else None
 
 

@@ -17,11 +17,11 @@ from ..datasets.models import Dataset
 from .. import storage
 from ..ownership import owned
 from ..trunks.models import TrunkServer
-from ..trunks.selection import NoTrunkAvailable, healthy_trunks, place, served_models
+from ..trunks.selection import NoTrunkAvailable, draining_notice, healthy_trunks, place, served_models
 from . import presets
 from .compute import cut_words, form_compute_data
 from .estimates import planned_steps
-from .models import NAME_MAX_LENGTH, Job
+from .models import HYPERPARAMETER_LABELS, NAME_MAX_LENGTH, Job
 
 # A trunk budget a job exceeds: the form field that changes it, and what to do.
 _BUDGET_ADVICE = {
@@ -91,24 +91,24 @@ class JobForm(forms.ModelForm):
                                              "trunks (each serving some of the blocks) when no single one serves "
                                              "the cut")
     adapter_method = _AdapterMethodField(
-        choices=list(ADAPTER_METHODS.items()), required=False, initial="lora", label="Adapter method",
+        choices=list(ADAPTER_METHODS.items()), required=False, initial="lora",
         help_text="peft's method on every projection of all three parts: LoRA (low-rank matrices), LoHa "
                   "(Hadamard product of two low-rank pairs), LoKr (Kronecker product), IA3 (one learned scale per "
                   "module: far fewer weights, no rank, alpha or dropout)")
-    use_dora = forms.BooleanField(required=False, initial=False, label="DoRA",
+    use_dora = forms.BooleanField(required=False, initial=False,
                                   help_text="LoRA only: learn each weight's magnitude apart from its direction")
-    use_rslora = forms.BooleanField(required=False, initial=False, label="rsLoRA",
+    use_rslora = forms.BooleanField(required=False, initial=False,
                                     help_text="LoRA only: scale the update by alpha / √r instead of alpha / r "
                                               "(steadier at high ranks)")
-    lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8, label="LoRA rank r",
+    lora_r = forms.IntegerField(min_value=1, max_value=256, initial=8,
                                 help_text="size of the trained low-rank matrices (LoRA, LoHa, LoKr): higher learns "
                                           "more, costs more")
-    lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0, label="LoRA alpha",
+    lora_alpha = forms.FloatField(min_value=0.01, max_value=4096, initial=16.0,
                                   help_text="scale of the update (alpha / r multiplies it); often 2 × r")
-    lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05, label="LoRA dropout",
+    lora_dropout = forms.FloatField(min_value=0.0, max_value=0.9, initial=0.05,
                                     help_text="share of the LoRA inputs (LoHa and LoKr: of the rank) dropped while "
                                               "training, against overfitting")
-    train_trunk_lora = forms.BooleanField(required=False, initial=True, label="Train LoRA on the trunk too",
+    train_trunk_lora = forms.BooleanField(required=False, initial=True,
                                           help_text="also adapt the trunk's blocks (one adapter over the whole model)")
     learning_rate = forms.FloatField(min_value=1e-7, max_value=1.0, initial=_BALANCED.learning_rate,
                                      help_text="peak step size of AdamW (from 1e-7 to 1); LoRA usually takes 1e-4 to "
@@ -121,45 +121,46 @@ class JobForm(forms.ModelForm):
                                              f"{settings.MAX_JOB_STEPS:,})")
     batch_size = forms.IntegerField(min_value=1, max_value=512, initial=4,
                                     help_text="examples per micro-batch (the trunk's budget may allow fewer)")
-    grad_accum_steps = forms.IntegerField(min_value=1, max_value=512, initial=1, label="Gradient accumulation",
+    grad_accum_steps = forms.IntegerField(min_value=1, max_value=512, initial=1,
                                           help_text="micro-batches per optimizer step: a step uses batch size × "
                                                     "this many examples")
-    max_seq_length = forms.IntegerField(min_value=16, max_value=32768, initial=512, label="Max sequence length",
+    max_seq_length = forms.IntegerField(min_value=16, max_value=32768, initial=512,
                                         help_text="examples are cut to this many tokens (the dataset's page shows "
                                                   "how many would be cut)")
     warmup_steps = forms.IntegerField(min_value=0, max_value=100_000, initial=0,
                                       help_text="steps over which the learning rate rises from 0 to its peak")
     seed = forms.IntegerField(min_value=0, max_value=2**31 - 1, initial=0,
                               help_text="of the LoRA initialisation and the order of the examples: same seed, same run")
-    val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1, label="Validation fraction",
+    val_fraction = forms.FloatField(min_value=0.0, max_value=0.5, initial=0.1,
                                     help_text="share of the examples held out to measure the validation loss (0 to "
                                               "0.5)")
     bottom_layers = forms.IntegerField(
-        min_value=1, max_value=256, required=False, label="Blocks kept before the trunk",
+        min_value=1, max_value=256, required=False,
         help_text="the cut depth: decoder blocks that run on this site's workers before the trunk (empty: the "
                   "trunk's default); the trunk sees the hidden states after them")
     top_layers = forms.IntegerField(
-        min_value=1, max_value=256, required=False, label="Blocks kept after the trunk",
+        min_value=1, max_value=256, required=False,
         help_text="decoder blocks after the trunk (empty: the trunk's default); the trunk sees the gradients "
                   "coming back through them")
     hidden_noise = forms.FloatField(
-        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on hidden states",
+        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False,
         help_text="clipped Gaussian noise on what the trunk receives, as a share of a typical hidden state's "
                   "norm (0: off)")
     grad_noise = forms.FloatField(
-        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False, label="Noise on gradients",
+        min_value=0.0, max_value=MAX_NOISE, initial=0.0, required=False,
         help_text="clipped Gaussian noise on the gradients sent back to the trunk (0: off)")
     private_bottom = forms.FloatField(
-        min_value=0.0, max_value=MAX_PRIVATE_BOTTOM, initial=0.0, required=False, label="Private Bottom",
+        min_value=0.0, max_value=MAX_PRIVATE_BOTTOM, initial=0.0, required=False,
         help_text="the blocks before the trunk start as a secret random variant of the public ones, of this size "
                   "relative to their weights, so the trunk's copy of the base model no longer matches (0: off)")
     # A select rather than a checkbox: a form posted without it keeps the default (yes).
     gradients_to_trunk = forms.NullBooleanField(
-        required=False, initial=True, label="Send gradients to the trunk", widget=_YesNoSelect(),
-        help_text="off: the trunk never receives a gradient (labels cannot be read from them); only the blocks "
-                  "after the trunk train, so trunk LoRA must be off too")
+        required=False, initial=True, widget=_YesNoSelect(),
+        help_text="yes: the trunk receives the gradients of the blocks after it and every part trains; no: the "
+                  "trunk never receives a gradient (labels cannot be read from them), so untick 'Train LoRA on "
+                  "the trunk too'")
     nopeek = forms.FloatField(
-        min_value=0.0, max_value=MAX_NOPEEK, initial=0.0, required=False, label="NoPeek weight",
+        min_value=0.0, max_value=MAX_NOPEEK, initial=0.0, required=False,
         help_text="trains the blocks before the trunk to decorrelate what they send from your tokens (0: off)")
 
     class Meta:
@@ -171,14 +172,22 @@ class JobForm(forms.ModelForm):
         initial model); the measured best compromise applies to the model it was measured on."""
         super().__init__(*args, **kwargs)
         self.user = user
+        for name, label in HYPERPARAMETER_LABELS.items():  # one label per setting: this form, the job and compare pages
+            if name in self.fields:
+                self.fields[name].label = label
         self.fields["dataset"].queryset = owned(Dataset, user)
         self.fields["dataset"].empty_label = None if self.fields["dataset"].queryset.exists() else "no datasets yet"
         self.fields["dataset"].help_text = "the examples to train on (upload more on the Datasets page)"
         self.fields["lr_schedule"].help_text = "how the learning rate falls from its peak to 0 by the last step"
         self.fields["wire_encoding"].help_text = ("how hidden states and gradients travel to the trunk: fp32 is "
                                                   "exact, the others send fewer bytes and round")
-        models = served_models()
-        self.fields["base_model"].choices = [(m, m) for m in models]
+        # A model that only draining trunks serve stays on the list, marked, and its job is refused with the reason.
+        models = served_models(draining=True)
+        self.draining = {m: note for m in models if (note := draining_notice(m, "jobs"))}
+        self.fields["base_model"].choices = [(m, f"{m} (trunk draining: no new jobs now)" if m in self.draining else m)
+                                             for m in models]
+        if self.draining:
+            self.fields["base_model"].help_text = " ".join(self.draining.values())
         if settings.DEFAULT_BASE_MODEL in models:
             self.fields["base_model"].initial = settings.DEFAULT_BASE_MODEL
         elif models:
@@ -262,6 +271,9 @@ class JobForm(forms.ModelForm):
         storage.check_not_full(self.user)
         if not self.fields["base_model"].choices:
             raise forms.ValidationError("no trunk server is up: an administrator must add or start one")
+        if data.get("base_model") in self.draining:
+            self.add_error("base_model", self.draining[data["base_model"]])
+            return data
         trunk = data.get("trunk")
         if trunk is not None and trunk.model_id != data.get("base_model"):
             self.add_error("trunk", f"{trunk.name} serves {trunk.model_id}, not {data.get('base_model')}")

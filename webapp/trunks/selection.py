@@ -283,9 +283,12 @@ def _cut_words(cut: tuple[int | None, int | None]) -> str:
             f"{'the default number' if top is None else top} after it")
 
 
-def served_models() -> list[str]:
-    """Base models that can be trained: served by a healthy trunk AND installed in ``MODELS_DIR``."""
-    served = set(healthy_trunks().values_list("model_id", flat=True))
+def served_models(*, draining: bool = False) -> list[str]:
+    """Base models that can be trained: served by a healthy trunk AND installed in ``MODELS_DIR``; with
+    ``draining``, also those served only by draining trunks (a form still offers them, and says why new work
+    for them cannot start: ``draining_notice``)."""
+    trunks = serving_trunks() if draining else healthy_trunks()
+    served = set(trunks.values_list("model_id", flat=True))
     # Only listed directory names match, so a trunk's self-reported id never turns into a path here.
     return [model_id for model_id in installed_models() if model_id in served]
 
@@ -300,10 +303,32 @@ def served_model_summaries() -> list[dict]:
     return [summaries[model_id] for model_id in models]
 
 
+def draining_notice(model_id: str | None, work: str) -> str:
+    """Why new ``work`` ("jobs", "playground sessions") cannot start for ``model_id`` (None: for any model) when
+    every trunk that is up for it is draining, naming them and what to do; "" when a healthy trunk serves it or
+    none is up at all (then the reason is another one)."""
+    if healthy_trunks(model_id).exists():
+        return ""
+    names = sorted(serving_trunks(model_id).filter(draining=True).values_list("name", flat=True))
+    if not names:
+        return ""
+    several = len(names) > 1
+    which = f"{', '.join(names[:-1])} and {names[-1]}" if several else names[0]
+    server = "servers" if several else "server"
+    up_for = f"up for {model_id}" if model_id else "up"
+    verb, takes = ("are", "take") if several else ("is", "takes")
+    return (f"{which}, the only trunk {server} {up_for}, {verb} draining for maintenance: {'they' if several else 'it'} "
+            f"{takes} no new {work}, so none can start now. An administrator can end the drain on the fleet page "
+            f"or start another trunk server; then try again.")
+
+
 def _why_none(model_id: str) -> str:
     trunks = TrunkServer.objects.all()
     if not trunks.exists():
         return "no trunk server is registered: add one in the admin (Trunk servers), then run 'Check now'"
+    draining = draining_notice(model_id, "sessions")
+    if draining:
+        return draining
     if healthy_trunks(model_id).exists():
         names = ", ".join(healthy_trunks(model_id).values_list("name", flat=True))
         return f"no healthy trunk serves '{model_id}' besides {names}"
