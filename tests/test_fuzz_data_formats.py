@@ -63,20 +63,25 @@ def check_parse(data: bytes, filename: str) -> ParsedDataset | None:
 
 def check_rejection(error: DatasetFormatError, data: bytes, filename: str) -> None:
     assert error.filename == filename
-    assert error.reason.strip(), error
-    where = f"{filename}: {error.location}" if error.location else filename
-    assert str(error) == f"{where}: {error.reason}"
+    assert (error.location, error.reason) == error.problems[0]
+    assert str(error) == "\n".join(error.messages())
     str(error).encode("utf-8")  # shown on a page: must be real text, e.g. no lone surrogates
-    if not error.location:
-        assert error.reason.startswith(_WHOLE_FILE_REASONS), error
+    for location, reason in error.problems:
+        check_problem(location, reason, data, filename)
+
+
+def check_problem(location: str, reason: str, data: bytes, filename: str) -> None:
+    assert reason.strip(), (location, reason)
+    if not location:
+        assert reason.startswith(_WHOLE_FILE_REASONS), reason
         return
-    match = _LOCATION.match(error.location)
-    assert match, f"unexpected location {error.location!r}"
+    match = _LOCATION.match(location)
+    assert match, f"unexpected location {location!r}"
     kind, number, _, block_line = match.groups()
     place = int(number or block_line)
     # A CSV record may end at a lone CR; JSONL and text lines end at LF only.
     lines = data.count(b"\n") + 1 + (data.count(b"\r") if kind == "row" else 0)
-    assert 1 <= place <= lines, (error.location, lines)
+    assert 1 <= place <= lines, (location, lines)
 
 
 def check_dataset(parsed: ParsedDataset, filename: str) -> None:

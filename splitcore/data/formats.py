@@ -12,7 +12,8 @@ Every file holds one kind of example:
 
 Files are UTF-8 (a BOM is fine); UTF-16/UTF-32 text and binary files (a spreadsheet, an
 archive, a PDF) are named as such. A rejected file raises :class:`DatasetFormatError`,
-which names the file, the line or row, and what to change.
+which names the file, the line or row, and what to change: up to ``MAX_REPORTED_PROBLEMS`` problems of
+separate lines or rows at once (and how many more there are), so that one upload shows what to fix.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ ExampleKind = Literal["text", "prompt_completion", "messages"]
 FileFormat = Literal["jsonl", "csv", "txt"]
 
 MAX_EXAMPLES = 1_000_000
+# Problems of single lines or rows one rejection lists; the rest are counted ("and 3 more problems").
+MAX_REPORTED_PROBLEMS = 20
 # csv refuses fields over 128 KiB by default; a long document in one cell is normal here.
 CSV_FIELD_SIZE_LIMIT = 16 * 1024 * 1024
 CHAT_ROLES = ("system", "user", "assistant")
@@ -123,18 +126,37 @@ class ParsedDataset:
 
 
 class DatasetFormatError(ValueError):
-    """A rejected upload: ``location`` is e.g. "line 7" or "row 3", "" for the whole file."""
+    """A rejected upload: ``location`` is e.g. "line 7" or "row 3", "" for the whole file.
 
-    def __init__(self, filename: str, location: str, reason: str) -> None:
+    ``location`` and ``reason`` are the first problem; ``problems`` are all those listed, as (location,
+    reason) pairs in file order (at most ``MAX_REPORTED_PROBLEMS``), and ``unreported`` counts the problems
+    found beyond them. ``messages()`` says each on a line of its own; ``str()`` is those lines joined."""
+
+    def __init__(self, filename: str, location: str, reason: str, *,
+                 more_problems: tuple[tuple[str, str], ...] = (), unreported: int = 0) -> None:
         self.filename = filename
         self.location = location
         self.reason = reason
-        where = f"{filename}: {location}" if location else filename
-        super().__init__(f"{where}: {reason}")
+        self.problems = ((location, reason), *more_problems)
+        self.unreported = unreported
+        super().__init__("\n".join(self.messages()))
+
+    def messages(self) -> list[str]:
+        """One sentence per problem, each naming the file and the place, then "and N more problems"."""
+        lines = [f"{self.filename}: {location}: {reason}" if location else f"{self.filename}: {reason}"
+                 for location, reason in self.problems]
+        if self.unreported:
+            lines.append(f"and {self.unreported} more problem{'s' if self.unreported != 1 else ''} "
+                         f"(only the first {len(self.problems)} are listed)")
+        return lines
 
 
 class _Invalid(Exception):
-    """Raised by the parsers, which do not know the file name; becomes a DatasetFormatError."""
+    """Raised by the parsers, which do not know the file name; becomes a DatasetFormatError.
+
+    Raised, it ends the parsing (a problem of the whole file, or one after which nothing more can be
+    read); yielded by a parser in place of an example, it is one line's or row's problem and the parsing
+    goes on to count the others."""
 
     def __init__(self, location: str, reason: str) -> None:
         super().__init__(location, reason)
@@ -142,7 +164,27 @@ class _Invalid(Exception):
         self.reason = reason
 
 
-Located = Iterator[tuple[str, Example]]
+class _Problems:
+    """The problems of single lines or rows found so far: the first MAX_REPORTED_PROBLEMS, and a count."""
+
+    def __init__(self) -> None:
+        self.listed: list[_Invalid] = []
+        self.total = 0
+
+    def add(self, problem: _Invalid) -> None:
+        self.total += 1
+        if len(self.listed) < MAX_REPORTED_PROBLEMS:
+            self.listed.append(problem)
+
+    def error(self, filename: str) -> DatasetFormatError:
+        first, *rest = self.listed
+        return DatasetFormatError(filename, first.location, first.reason,
+                                  more_problems=tuple((p.location, p.reason) for p in rest),
+                                  unreported=self.total - len(self.listed))
+
+
+# (location, example), or (location, the problem of that line or row).
+Located = Iterator[tuple[str, Union[Example, _Invalid]]]
 
 
 def load_dataset_file(path: str | Path) -> ParsedDataset:
@@ -152,12 +194,16 @@ def load_dataset_file(path: str | Path) -> ParsedDataset:
 
 def parse_dataset(data: bytes, filename: str) -> ParsedDataset:
     """Parse an uploaded file; the extension of ``filename`` picks the format."""
+    problems = _Problems()
     try:
         file_format = _file_format(filename)
         text = _decode_utf8(data)
-        kind, examples = _collect(_PARSERS[file_format](text), file_format)
+        kind, examples = _collect(_PARSERS[file_format](text), file_format, problems)
     except _Invalid as problem:
-        raise DatasetFormatError(filename, problem.location, problem.reason) from None
+        # Whatever was found before it is listed first: it is earlier in the file.
+        problems.add(problem)
+    if problems.total:
+        raise problems.error(filename) from None
     return ParsedDataset(filename=filename, file_format=file_format, kind=kind, examples=examples)
 
 
@@ -238,25 +284,31 @@ def _bomless_wide_encoding(sample: bytes) -> str | None:
     return None
 
 
-def _collect(located: Located, file_format: FileFormat) -> tuple[ExampleKind, tuple[Example, ...]]:
-    """Gather the examples, checking that the file holds one kind and not too many."""
+def _collect(located: Located, file_format: FileFormat,
+             problems: _Problems) -> tuple[ExampleKind, tuple[Example, ...]]:
+    """Gather the examples, checking that the file holds one kind and not too many; the problems of single
+    lines or rows go to ``problems``."""
     examples: list[Example] = []
     first_location = ""
     for location, example in located:
+        if isinstance(example, _Invalid):
+            problems.add(example)
+            continue
         if not examples:
             first_location = location
         elif example.kind != examples[0].kind:
-            raise _Invalid(
+            problems.add(_Invalid(
                 location,
                 f"this row is {_KIND_LABELS[example.kind]} but {first_location} is "
                 f"{_KIND_LABELS[examples[0].kind]}; use one format per file",
-            )
+            ))
+            continue
         examples.append(example)
         if len(examples) > MAX_EXAMPLES:
             raise _Invalid("", f"more than {MAX_EXAMPLES:,} examples; split the data into smaller files")
-    if not examples:
+    if not examples and not problems.total:
         raise _Invalid("", f"no examples found; {_FORMAT_HINTS[file_format]}")
-    return examples[0].kind, tuple(examples)
+    return (examples[0].kind if examples else "text"), tuple(examples)
 
 
 # --- JSONL ---------------------------------------------------------------------------
@@ -272,7 +324,10 @@ def _parse_jsonl(text: str) -> Located:
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             location = f"line {number}"
-            yield location, _example_from_json(_load_json_object(line, location), location)
+            try:
+                yield location, _example_from_json(_load_json_object(line, location), location)
+            except _Invalid as problem:
+                yield location, problem
 
 
 def _load_json_object(line: str, location: str) -> dict:
@@ -425,7 +480,10 @@ def _parse_csv(text: str) -> Located:
         return
     header = _csv_header(*first)
     for number, fields in rows:
-        yield f"row {number}", _csv_example(header, fields, f"row {number}")
+        try:
+            yield f"row {number}", _csv_example(header, fields, f"row {number}")
+        except _Invalid as problem:
+            yield f"row {number}", problem
 
 
 def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
