@@ -18,7 +18,8 @@
   const colors = ["#2f6fdd", "#d9480f", "#2b8a3e", "#7048e8", "#c2255c", "#0b7285", "#e67700", "#495057"];
   let plot = null;
 
-  const smoothed = window.splitlearnCharts.smoothed;
+  const charts = window.splitlearnCharts;
+  const smoothed = charts.smoothed;
 
   function data() {
     const steps = new Set();
@@ -46,17 +47,22 @@
 
   function draw(logScale) {
     if (plot) plot.destroy();
-    const series = [{ label: "step" }];
+    const series = [charts.stepSeries()];
+    const loss = charts.legendValue((v) => v.toFixed(4));
     runs.forEach((r, i) => {
       const color = colors[i % colors.length];
-      series.push({ label: legendLabel(r, "train"), stroke: color, width: 2, spanGaps: true });
+      series.push({ label: legendLabel(r, "train"), stroke: color, width: 2, spanGaps: true, value: loss });
       series.push({ label: legendLabel(r, "val"), stroke: color, width: 2, dash: [6, 4], spanGaps: true,
-                    points: { show: true, size: 5 } });
+                    points: { show: true, size: 5 }, value: loss });
     });
-    plot = new uPlot({ width: Math.max(320, container.clientWidth || 800), height: 340,
+    plot = new uPlot({ width: charts.width(container), height: 340,
                        scales: { x: { time: false }, y: logScale ? { distr: 3 } : {} },
-                       axes: [{ label: "step" }, { label: "loss" }], series: series }, data(), container);
+                       hooks: charts.latestInLegend(),
+                       axes: [charts.stepAxis(), { label: "loss" }], series: series }, data(), container);
+    window.compareChart = plot; // for tests and the console
   }
+
+  window.addEventListener("resize", () => { if (plot) plot.setSize({ width: charts.width(container), height: 340 }); });
 
   document.getElementById("log-scale").addEventListener("change", (e) => draw(e.target.checked));
   draw(false);

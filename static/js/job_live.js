@@ -18,6 +18,7 @@
     retries: 0,
     socket: null,
     clockOffset: 0, // the server's clock minus this browser's, from the last status event
+    chart: null, // the uPlot chart
   };
   const times = window.splitlearnTimes;
   const renderedStatus = root.dataset.status;
@@ -28,7 +29,8 @@
   let plot = null;
   let redrawPending = false;
 
-  const smoothed = window.splitlearnCharts.smoothed;
+  const charts = window.splitlearnCharts;
+  const smoothed = charts.smoothed;
 
   function chartData() {
     const steps = Array.from(new Set([...state.metrics.keys(), ...state.evals.keys()])).sort((a, b) => a - b);
@@ -41,29 +43,33 @@
   function makePlot() {
     const container = $("loss-chart");
     if (plot) plot.destroy();
-    const width = Math.max(320, container.clientWidth || 800);
     const opts = {
-      width: width,
+      width: charts.width(container),
       height: 320,
       scales: { x: { time: false }, y: state.logScale ? { distr: 3 } : {}, lr: {} },
+      hooks: charts.latestInLegend(),
       axes: [
-        { label: "step" },
+        charts.stepAxis(),
         { label: "loss", scale: "y" },
         // Room for ticks like "2.0e-4" between the plot and the axis title.
         { label: "learning rate", scale: "lr", side: 1, size: 70, labelGap: 8, grid: { show: false },
           values: (u, ticks) => ticks.map((t) => t.toExponential(1)) },
       ],
       series: [
-        { label: "step" },
-        { label: "train loss", stroke: "rgba(47,111,221,0.35)", width: 1, scale: "y", spanGaps: true },
-        { label: "train loss (smoothed)", stroke: "#2f6fdd", width: 2, scale: "y", spanGaps: true },
+        charts.stepSeries(),
+        { label: "train loss", stroke: "rgba(47,111,221,0.35)", width: 1, scale: "y", spanGaps: true, value: loss },
+        { label: "train loss (smoothed)", stroke: "#2f6fdd", width: 2, scale: "y", spanGaps: true, value: loss },
         { label: "validation loss", stroke: "#d9480f", width: 2, scale: "y", spanGaps: true,
-          points: { show: true, size: 6 } },
-        { label: "learning rate", stroke: "#2b8a3e", width: 1, dash: [4, 4], scale: "lr", spanGaps: true },
+          points: { show: true, size: 6 }, value: loss },
+        { label: "learning rate", stroke: "#2b8a3e", width: 1, dash: [4, 4], scale: "lr", spanGaps: true,
+          value: charts.legendValue((v) => v.toExponential(2)) },
       ],
     };
     plot = new uPlot(opts, chartData(), container);
+    state.chart = plot;
   }
+
+  const loss = charts.legendValue((v) => v.toFixed(4));
 
   function redraw() {
     if (redrawPending) return;
@@ -344,7 +350,7 @@
   // Lines the server rendered into the page are already shown.
   $("log-tail").querySelectorAll("[data-id]").forEach((line) => state.logs.set(Number(line.dataset.id), null));
   $("log-scale").addEventListener("change", (e) => { state.logScale = e.target.checked; makePlot(); });
-  window.addEventListener("resize", () => { if (plot) plot.setSize({ width: $("loss-chart").clientWidth, height: 320 }); });
+  window.addEventListener("resize", () => { if (plot) plot.setSize({ width: charts.width($("loss-chart")), height: 320 }); });
   makePlot();
   connect();
   window.setInterval(tick, 1000);

@@ -238,6 +238,7 @@
     }
 
     jobSelect.addEventListener("change", follow);
+    lockModelToJob(jobSelect, modelSelect);
     if (modelSelect) {
       modelSelect.addEventListener("change", function () {
         if (!jobSelect.value) {
@@ -246,6 +247,49 @@
       });
     }
     showHint(chosenOption()); // the checkbox keeps what the page was given
+  }
+
+  // An adapter runs only on the base model its job trained on: while a job is chosen the base model field
+  // shows that model and cannot be changed (a disabled field is not sent; the server takes the job's model,
+  // and refuses another one). Choosing "Base model only" again gives back the model chosen before.
+  function lockModelToJob(jobSelect, modelSelect) {
+    const source = document.getElementById("job-models");
+    if (!modelSelect || !source) {
+      return;
+    }
+    const jobModels = JSON.parse(source.textContent);
+    let ownChoice = modelSelect.value;
+
+    function lock() {
+      const model = jobSelect.value ? jobModels[jobSelect.value] : undefined;
+      modelSelect.querySelectorAll("option[data-job-model]").forEach(function (option) {
+        option.remove();
+      });
+      if (model === undefined) {
+        if (modelSelect.disabled) {
+          modelSelect.disabled = false;
+          modelSelect.value = ownChoice;
+        }
+        modelSelect.removeAttribute("title");
+        return;
+      }
+      if (!modelSelect.disabled) {
+        ownChoice = modelSelect.value;
+      }
+      // A job's model no healthy trunk serves is not among the choices: shown all the same (the server
+      // then says that no trunk serves it).
+      if (!Array.from(modelSelect.options).some(function (option) { return option.value === model; })) {
+        const option = new Option(model, model);
+        option.dataset.jobModel = "true";
+        modelSelect.add(option);
+      }
+      modelSelect.value = model;
+      modelSelect.disabled = true;
+      modelSelect.title = "The adapter runs only on " + model + ", the model its job trained on.";
+    }
+
+    jobSelect.addEventListener("change", lock);
+    lock();
   }
 
   if (typeof WebSocket !== "undefined") {
