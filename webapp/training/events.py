@@ -9,7 +9,11 @@ Every event is a JSON object with a ``type``:
   time it ended);
 - ``eval``: one evaluation (step, val_loss);
 - ``log``: one line of the job's log (id, level, message, time);
-- ``done``: the job ended (status, and the download URL when it succeeded).
+- ``done``: the job ended (status, and the download URL when it succeeded);
+- ``progress``: (the job list only) a step landed: the job's step, total steps and last loss.
+
+The job list hears ``status`` and ``progress`` of its user's jobs only (``user_jobs_group``); a
+status event carries what a new row needs (dataset, base model, page URL, creation time).
 
 The consumer replays the stored history first, so a publish that fails (Redis away) costs
 a live update, never data: training goes on and the history is in the database.
@@ -57,6 +61,8 @@ def status_event(job: Job) -> dict:
     links = chain_entries(job)
     return {
         "type": "status", "job": job.pk, "name": job.display_name, "status": job.status,
+        "url": reverse("training:job-detail", args=[job.pk]), "dataset_name": job.dataset_name,
+        "base_model": job.base_model,
         "status_display": job.get_status_display(), "phase": job.phase, "status_line": job.status_line,
         "trunk": trunk_text(job, links), "links": links,
         "error_message": job.error_message, "cancel_requested": job.cancel_requested,
@@ -104,6 +110,13 @@ def _send(group: str, event: dict) -> None:
 
 def publish(job: Job, event: dict) -> None:
     _send(job_group(job.pk), event)
+
+
+def publish_step(job: Job, point: MetricPoint, total_steps: int) -> None:
+    """A training step landed: its point to the job's page, its progress to the owner's job list."""
+    _send(job_group(job.pk), {**point_event(point), "total_steps": total_steps})
+    _send(user_jobs_group(job.owner_id), {"type": "progress", "job": job.pk, "current_step": point.step,
+                                          "total_steps": total_steps, "last_loss": point.loss})
 
 
 def publish_status(job: Job) -> None:

@@ -496,7 +496,7 @@ def _record(job: Job, lease: Lease, event: TrainerEvent) -> None:
             job=job, step=event.step, kind=MetricPoint.Kind.TRAIN, defaults=dict(
                 loss=event.loss, lr=event.lr, grad_norm=event.grad_norm, tokens_per_s=event.tokens_per_s,
                 wire_bytes=event.wire_bytes, elapsed_s=event.elapsed_s))
-        events.publish(job, {**events.point_event(point), "total_steps": event.total_steps})
+        events.publish_step(job, point, event.total_steps)
     elif isinstance(event, EvalMetrics):
         if not lease.mine().update(last_val_loss=event.val_loss):
             raise LeaseLost(f"job {job.pk} was taken over by another worker")
