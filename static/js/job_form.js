@@ -11,6 +11,8 @@
   const data = JSON.parse(source.textContent);
   const form = out.closest("form");
   const RUN_LENGTH = ["epochs", "max_steps", "learning_rate"];
+  const DAY_S = 24 * 3600; // an estimate above this warns and says how to train for less
+  const count = (n) => Number(n).toLocaleString("en-US"); // "87,643", as the server writes counts
   let applying = false;
 
   function value(name) {
@@ -62,7 +64,10 @@
     return `${hours} h ${minutes % 60} min`;
   }
 
+  let longRun = false; // whether the last estimate was over a day (the paragraph then reads as a warning)
+
   function estimate() {
+    longRun = false;
     const dataset = data.datasets[value("dataset")];
     if (!dataset) return "Choose a dataset to see how many steps the job will run.";
     const batch = number("batch_size"), accum = number("grad_accum_steps");
@@ -72,12 +77,13 @@
     const train = trainingExamples(dataset.examples, valFraction);
     const maxSteps = number("max_steps");
     const epochs = number("epochs") || 1;
-    const steps = maxSteps ? maxSteps : Math.max(1, Math.ceil(epochs * train / perStep));
-    const how = maxSteps ? `${steps.toLocaleString()} steps` :
-      `${steps.toLocaleString()} steps (${epochs} epoch${epochs === 1 ? "" : "s"} of ${train} training examples, ` +
-      `${perStep} per step)`;
+    const stepsFor = (passes) => Math.max(1, Math.ceil(passes * train / perStep));
+    const steps = maxSteps ? maxSteps : stepsFor(epochs);
+    const how = maxSteps ? `${count(steps)} steps` :
+      `${count(steps)} steps (${epochs} epoch${epochs === 1 ? "" : "s"} of ${count(train)} training examples, ` +
+      `${count(perStep)} per step)`;
     if (steps > data.max_steps) {
-      return `${how}: more than the ${data.max_steps.toLocaleString()} steps a job may run.`;
+      return `${how}: more than the ${count(data.max_steps)} steps a job may run.`;
     }
     const model = value("base_model"), trunk = value("trunk");
     const rates = data.rates[model] || {};
@@ -86,10 +92,26 @@
       return `${how}. No job has run on ${model} yet, so there is no measured step time: ` +
         "the job's page shows the time left once its first steps are done.";
     }
-    const seconds = (rate.startup_s || 0) + steps * perStep * rate.seconds_per_example;
+    const secondsFor = (n) => (rate.startup_s || 0) + n * perStep * rate.seconds_per_example;
+    const seconds = secondsFor(steps);
     const where = trunk && rates[trunk] ? `on ${data.trunks[trunk]}` : `on ${model}`;
-    return `${how}, about ${duration(seconds)}: measured on ${rate.jobs} recent job${rate.jobs === 1 ? "" : "s"} ` +
+    const text = `${how}, about ${duration(seconds)}: measured on ${rate.jobs} recent job${rate.jobs === 1 ? "" : "s"} ` +
       `${where}.`;
+    if (seconds <= DAY_S) return text;
+    longRun = true;
+    return `${text} ${longRunAdvice(steps, maxSteps, secondsFor, stepsFor)}`;
+  }
+
+  // Over a day: the shortest preset that is shorter (when it is), and the max steps that fit in a day.
+  function longRunAdvice(steps, maxSteps, secondsFor, stepsFor) {
+    const options = [];
+    const shortest = Object.values(data.presets).sort((a, b) => a.epochs - b.epochs)[0];
+    if (shortest && (maxSteps || stepsFor(shortest.epochs) < steps)) {
+      options.push(`choose ${shortest.label} (about ${duration(secondsFor(stepsFor(shortest.epochs)))})`);
+    }
+    const perDay = Math.floor(DAY_S / Math.max(1e-9, secondsFor(1) - secondsFor(0)));
+    if (perDay >= 1) options.push(`set max steps to ${count(perDay)} or fewer under Advanced (about 24 h)`);
+    return `That is more than a day of training: ${options.join(", or ") || "train on fewer examples"}.`;
   }
 
   // The server's note on a chain of trunks (training/forms.py: chain_notes), for the cut it was computed at;
@@ -113,6 +135,7 @@
 
   function update() {
     out.textContent = estimate();
+    out.classList.toggle("warning", longRun);
     updateChainNote();
   }
 
