@@ -7,7 +7,8 @@ job's group. The group is joined
 before the history is read, so nothing published in between is lost; clients drop
 repeated points by step.
 
-``/ws/jobs/``: status changes of the user's jobs.
+``/ws/jobs/``: the user's jobs only: each one's status changes (a new job's first one too, so the list
+can add its row) and a progress event per training step.
 
 Refusals close with 4401 (not logged in) or 4404 (no such job of this user).
 """
