@@ -88,7 +88,7 @@ def test_daphne_spools_a_declared_oversized_body_to_disk_before_the_middleware_r
         status, response = read_response(sock)
     assert status == 413
     assert json.loads(response)["detail"].startswith(
-        "the request body is 3.0 MB; the limit is 2.0 MB (datasets up to 1.0 MB)")
+        "the request body is 3 MiB; the limit is 2 MiB (datasets up to 1 MiB)")
     wait_until(lambda: spooled(small_limit_server, spool_dir) == [], "the temporary file closed (and so gone)")
     assert Dataset.objects.count() == datasets
     assert still_serving(small_limit_server)
@@ -107,7 +107,7 @@ def test_a_chunked_body_is_read_whole_then_cut_off_at_the_limit_by_the_middlewar
         sock.sendall(b"0\r\n\r\n")
         status, response = read_response(sock)
     assert status == 413
-    assert json.loads(response)["detail"].startswith("the request body is larger; the limit is 2.0 MB")
+    assert json.loads(response)["detail"].startswith("the request body is larger; the limit is 2 MiB")
     assert still_serving(small_limit_server)
 
 

@@ -200,7 +200,7 @@ def test_too_large_upload_is_rejected_on_page_and_api(settings, owner_client, ow
 
 
 @pytest.mark.django_db
-def test_size_limit_message_is_in_megabytes(settings, owner):
+def test_size_limit_message_is_in_mebibytes(settings, owner):
     settings.DATASET_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 
     class Declared:  # the size is checked before anything is read
@@ -213,7 +213,7 @@ def test_size_limit_message_is_in_megabytes(settings, owner):
     with pytest.raises(ValidationError) as caught:
         services.create_dataset(owner, Declared())
     assert caught.value.message_dict == {
-        "file": ["huge.jsonl: the file is 60 MB, over the upload limit of 50 MB; split it into smaller files"]
+        "file": ["huge.jsonl: the file is 60 MiB, over the upload limit of 50 MiB; split it into smaller files"]
     }
 
 

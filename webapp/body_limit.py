@@ -9,6 +9,9 @@ parses a multipart one itself and daphne queues all of it at once), with no limi
 Django's ASGI handler copies a whole body into a file before any view runs, and parses it. A declared
 ``Content-Length`` over the limit is refused before Django reads any of it; a chunked body is counted
 as Django reads it and refused the moment it passes the limit.
+
+The refusal is the site's 413 page (templates/413.html) for a browser, JSON with a ``detail`` for an API
+client (webapp/error_pages.py decides which); sizes are in binary units (MiB), as the limit is set.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from __future__ import annotations
 import json
 
 from django.conf import settings
+from django.template.loader import render_to_string
 
-
-def _megabytes(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+from .byte_sizes import format_bytes
+from .error_pages import wants_json
 
 
 class BodySizeLimit:
@@ -32,7 +35,7 @@ class BodySizeLimit:
         limit = settings.MAX_REQUEST_BYTES
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and int(declared) > limit:  # the HTTP parser already refused a malformed one
-            return await _refuse(send, _too_large(int(declared), limit))
+            return await _refuse(scope, send, _too_large(int(declared), limit))
 
         received = 0
         exceeded = False
@@ -58,20 +61,28 @@ class BodySizeLimit:
 
         await self.app(scope, counted_receive, tracked_send)
         if exceeded and not started:
-            await _refuse(send, _too_large(None, limit))
+            await _refuse(scope, send, _too_large(None, limit))
 
 
 def _too_large(size: int | None, limit: int) -> str:
-    what = f"the request body is {_megabytes(size)}" if size is not None else "the request body is larger"
-    return (f"{what}; the limit is {_megabytes(limit)} (datasets up to "
-            f"{_megabytes(settings.DATASET_MAX_UPLOAD_BYTES)}). Split the dataset or ask an administrator to "
+    what = f"the request body is {format_bytes(size)}" if size is not None else "the request body is larger"
+    return (f"{what}; the limit is {format_bytes(limit)} (datasets up to "
+            f"{format_bytes(settings.DATASET_MAX_UPLOAD_BYTES)}). Split the dataset or ask an administrator to "
             "raise DATASET_MAX_UPLOAD_MB")
 
 
-async def _refuse(send, message: str) -> None:
-    """413 Content Too Large, with the reason as JSON, and the connection closed."""
-    body = json.dumps({"detail": message}).encode()
+async def _refuse(scope, send, message: str) -> None:
+    """413 Content Too Large, with the reason (a page or JSON), and the connection closed."""
+    headers = dict(scope.get("headers") or [])
+    if wants_json(scope.get("path", ""), headers.get(b"accept", b"").decode("latin-1")):
+        body, content_type = json.dumps({"detail": message}).encode(), b"application/json"
+    else:
+        # No request: the page needs no session, user or database (the layout shows no navigation).
+        body = render_to_string("413.html", {
+            "detail": message[0].upper() + message[1:],
+            "dataset_limit": format_bytes(settings.DATASET_MAX_UPLOAD_BYTES)}).encode()
+        content_type = b"text/html; charset=utf-8"
     await send({"type": "http.response.start", "status": 413, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})

@@ -33,8 +33,6 @@ from splitcore.model.devices import DEVICE_NAME, DEVICES, DTYPES
 from .env import env_int, env_match, env_path, env_str
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATASET = Path(__file__).resolve().parent / "demo" / "lighthouse_keeper.jsonl"
-DEMO_NAME = "Lighthouse keeper (demo)"
 ADMIN_USERNAME = "admin"
 LOCAL_TRUNK = "local"
 TRUNK_DTYPE = re.compile(f"^({'|'.join(DTYPES)})$")
@@ -141,14 +139,10 @@ class Launcher:
 
     def demo_dataset(self) -> None:
         from django.contrib.auth import get_user_model
-        from django.core.files.base import ContentFile
 
-        from .datasets.models import Dataset
-        from .datasets.services import create_dataset
+        from .datasets.demo import add_demo_dataset
 
-        admin = get_user_model().objects.get(username=ADMIN_USERNAME)
-        if not Dataset.objects.filter(owner=admin, name=DEMO_NAME).exists():
-            create_dataset(admin, ContentFile(DEMO_DATASET.read_bytes(), name=DEMO_DATASET.name), DEMO_NAME)
+        add_demo_dataset(get_user_model().objects.get(username=ADMIN_USERNAME))
 
     def start_services(self) -> None:
         from splitcore.remote.process import start_trunk

@@ -21,3 +21,9 @@ urlpatterns = [
     # Browsers ask for /favicon.ico whatever the page links; the icon is an SVG among the static files.
     path("favicon.ico", RedirectView.as_view(url=lazy(static, str)("favicon.svg"), permanent=False)),
 ]
+
+# Pages in the site's layout for browsers, JSON for API clients (webapp/error_pages.py).
+handler400 = "webapp.error_pages.bad_request"
+handler403 = "webapp.error_pages.permission_denied"
+handler404 = "webapp.error_pages.page_not_found"
+handler500 = "webapp.error_pages.server_error"

@@ -7,6 +7,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from ..byte_sizes import format_bytes
+
 
 def dataset_upload_path(instance: Dataset, filename: str) -> str:
     # Never the user's file name on disk: it cannot escape the media directory.
@@ -43,3 +45,8 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def size_words(self) -> str:
+        """The file's size in binary units, as every size on the site: "3.2 KiB", "50 MiB"."""
+        return format_bytes(self.size_bytes)

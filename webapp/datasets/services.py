@@ -23,6 +23,7 @@ from splitcore.data.examples import TokenStats, preview_segments, token_stats, t
 from splitcore.data.formats import DatasetFormatError, ParsedDataset, parse_dataset
 
 from .. import base_models, storage
+from ..byte_sizes import format_bytes
 from ..training.models import Job
 from .models import Dataset
 
@@ -65,7 +66,8 @@ def create_dataset(owner, uploaded_file, name: str = "") -> Dataset:
     try:
         parsed = parse_dataset(data, original_filename)
     except DatasetFormatError as exc:
-        raise ValidationError({"file": [str(exc)]}) from exc
+        # One message per problem (up to MAX_REPORTED_PROBLEMS, each with its line), then how many more.
+        raise ValidationError({"file": exc.messages()}) from exc
 
     dataset = Dataset(
         owner=owner,
@@ -134,7 +136,7 @@ def _original_filename(raw_name: str | None) -> str:
 def _check_size(filename: str, size: int) -> None:
     limit = settings.DATASET_MAX_UPLOAD_BYTES
     if size > limit:
-        size_text, limit_text = format_megabytes(size), format_megabytes(limit)
+        size_text, limit_text = _size_words(size), _size_words(limit)
         if size_text == limit_text:  # just over the limit: rounding would hide the difference
             size_text, limit_text = f"{size:,} bytes", f"{limit:,} bytes"
         raise ValidationError({"file": [
@@ -142,12 +144,10 @@ def _check_size(filename: str, size: int) -> None:
         ]})
 
 
-def format_megabytes(size: int) -> str:
-    """A byte count for people: "50 MB", "3.2 MB"; exact bytes below 0.1 MB."""
-    megabytes = size / (1024 * 1024)
-    if megabytes < 0.1:
-        return f"{size:,} bytes"
-    return f"{megabytes:,.1f}".removesuffix(".0") + " MB"
+def _size_words(size: int) -> str:
+    """Binary units ("50 MiB", "54.5 MiB"), as the page's limit and the browser's check say; under 1 KiB
+    the bytes."""
+    return f"{size:,} bytes" if size < 1024 else format_bytes(size)
 
 
 def _dataset_name(name: str | None, original_filename: str) -> str:

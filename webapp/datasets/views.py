@@ -13,8 +13,10 @@ from django.views.decorators.http import require_http_methods, require_POST
 from webapp.ownership import get_owned_or_404, owned
 
 from .. import base_models
+from ..byte_sizes import format_bytes
 from ..storage import usage
 from . import services
+from .demo import DEMO_NAME, add_demo_dataset, demo_dataset_of
 from .forms import StatisticsForm, UploadForm
 from .models import Dataset
 
@@ -28,8 +30,11 @@ def _render_list(request: HttpRequest, form: UploadForm, status: int = 200) -> H
     context = {
         "datasets": datasets,
         "form": form,
-        "max_upload": services.format_megabytes(settings.DATASET_MAX_UPLOAD_BYTES),
+        "max_upload": format_bytes(settings.DATASET_MAX_UPLOAD_BYTES),
+        "max_upload_bytes": settings.DATASET_MAX_UPLOAD_BYTES,
         "storage": usage(request.user),
+        "demo_name": DEMO_NAME,
+        "has_demo": demo_dataset_of(request.user) is not None,
     }
     return render(request, "datasets/list.html", context, status=status)
 
@@ -53,6 +58,18 @@ def dataset_upload(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Uploaded {dataset.name}: {dataset.num_examples} examples.")
             return redirect("datasets:detail", dataset_id=dataset.pk)
     return _render_list(request, form, status=400)
+
+
+@login_required
+@require_POST
+def dataset_add_demo(request: HttpRequest) -> HttpResponse:
+    try:
+        dataset = add_demo_dataset(request.user)
+    except ValidationError as exc:
+        messages.error(request, f"Could not add the demo dataset: {' '.join(exc.messages)}")
+        return redirect("datasets:list")
+    messages.success(request, f"Added {dataset.name}: {dataset.num_examples} examples.")
+    return redirect("datasets:detail", dataset_id=dataset.pk)
 
 
 @login_required
