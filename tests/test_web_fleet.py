@@ -221,19 +221,60 @@ def test_disable_enable_drain_and_end_the_drain(staff_client, owner):
     trunk = make_trunk("a")
     running_job(owner, trunk)
     html = post_action(staff_client, trunk, "disable")
-    assert "Trunk a is disabled: no new jobs and no health checks. Its 1 running job(s) go on." in html
+    assert "Trunk a is disabled: no new jobs and no health checks. Its 1 running job goes on." in html
     assert row_of("a")["status"] == "disabled"
     post_action(staff_client, trunk, "enable")
     assert row_of("a")["status"] == "up"
 
     html = post_action(staff_client, trunk, "drain")
-    assert "Trunk a is draining: no new sessions open there; its 1 running job(s) go on" in html
+    assert "Trunk a is draining: no new sessions open there; its 1 running job goes on (or move it)" in html
     trunk.refresh_from_db()
     assert trunk.draining and trunk.draining_since is not None and row_of("a")["status"] == "draining"
     html = post_action(staff_client, trunk, "end-drain")
     assert "Trunk a takes new sessions again." in html
     trunk.refresh_from_db()
     assert not trunk.draining and trunk.draining_since is None
+
+
+def test_an_action_asked_for_json_answers_with_the_outcome_and_the_new_row(staff_client, owner):
+    trunk = make_trunk("a", active_sessions=1)
+    running_job(owner, trunk)
+    url = reverse("trunks:fleet-action", args=[trunk.pk, "drain"])
+    answer = staff_client.post(url, headers={"Accept": "application/json"}).json()
+    assert answer["ok"] and answer["message"].startswith("Trunk a is draining")
+    assert answer["row"]["status"] == "draining" and answer["row"]["drain_state"] == "1 job and 1 session left"
+    assert "end-drain" in answer["row"]["actions"] and "drain" not in answer["row"]["actions"]
+
+    missing = staff_client.post(reverse("trunks:fleet-action", args=[trunk.pk + 99, "drain"]),
+                                headers={"Accept": "application/json"})
+    assert missing.status_code == 404 and missing.json() == {
+        "ok": False, "message": f"Trunk server {trunk.pk + 99} is gone: it was removed meanwhile."}
+
+
+def test_an_action_asked_for_json_without_the_permission_is_refused_in_json(client, django_user_model):
+    viewer = django_user_model.objects.create_user("viewer", password="viewer-pass-1234", is_staff=True)
+    trunk = make_trunk("a")
+    client.force_login(viewer)
+    refused = client.post(reverse("trunks:fleet-action", args=[trunk.pk, "drain"]),
+                          headers={"Accept": "application/json"})
+    assert refused.status_code == 403 and not refused.json()["ok"]
+    assert "needs the permission to change them" in refused.json()["message"]
+    trunk.refresh_from_db()
+    assert not trunk.draining
+
+
+def test_the_drain_state_counts_jobs_and_sessions_in_words(owner):
+    trunk = make_trunk("a", draining=True, active_sessions=2)
+    assert row_of("a")["drain_state"] == "0 jobs and 2 sessions left"
+    running_job(owner, trunk)
+    running_job(owner, trunk, name="second")
+    assert row_of("a")["drain_state"] == "2 jobs and 2 sessions left"
+    TrunkServer.objects.filter(pk=trunk.pk).update(active_sessions=1)
+    Job.objects.filter(name="second").update(status=Job.Status.SUCCEEDED)
+    assert row_of("a")["drain_state"] == "1 job and 1 session left"
+    Job.objects.update(status=Job.Status.SUCCEEDED)
+    TrunkServer.objects.filter(pk=trunk.pk).update(active_sessions=0)
+    assert row_of("a")["drain_state"] == "empty: safe to stop"
 
 
 def test_a_disabled_trunk_is_neither_checked_nor_chosen_until_enabled(staff_client, trunk_process):
@@ -260,7 +301,8 @@ def test_a_draining_trunk_gets_no_new_work(staff_client):
     trunk = make_trunk("only")
     assert pick_trunk(MODEL_ID) == trunk
     post_action(staff_client, trunk, "drain")
-    with pytest.raises(NoTrunkAvailable, match="only, the only trunk server up for llama, is draining for maintenance: it takes no new sessions"):
+    with pytest.raises(NoTrunkAvailable, match="only, the only trunk server up for llama, is draining for "
+                                               "maintenance: it takes no new sessions"):
         pick_trunk(MODEL_ID)
     assert MODEL_ID not in served_models()
 

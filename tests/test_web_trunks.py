@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent import futures
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -399,18 +400,23 @@ def test_admin_add_checks_the_trunk_and_says_what_it_found(admin_client, trunk_p
 
 
 def test_admin_list_fits_a_laptop_screen_and_says_disabled_or_draining(admin_client):
-    make_trunk("plain")
+    checked = datetime(2026, 12, 5, 23, 42, tzinfo=UTC)
+    TrunkServer.objects.filter(pk=make_trunk("plain").pk).update(last_checked_at=checked)
     make_trunk("off", enabled=False)
     TrunkServer.objects.filter(pk=make_trunk("emptying").pk).update(draining=True)
     changelist = admin_page(admin_client, "changelist")
     columns = re.findall(r'<th scope="col"[^>]*class="[^"]*column-(\w+)', changelist)
-    assert columns == ["name", "address", "status_badge", "model_id", "sessions", "latency", "last_checked_at",
+    assert columns == ["name_and_address", "status_badge", "model_id", "sessions", "latency", "last_check",
                        "short_error"]
     for name, status in (("plain", "up"), ("off", "disabled"), ("emptying", "draining")):
-        row = re.search(rf'<tr>.*?>{name}</a>.*?</tr>', changelist, re.S).group(0)
+        row = re.search(rf'<tr>.*?>{name}<br>.*?</tr>', changelist, re.S).group(0)
         assert f">{status}</span>" in row, name
     page = admin_page(admin_client, "change", TrunkServer.objects.get(name="plain").pk)
     assert "Use TLS" in page and "TLS CA certificate" in page and "Use tls" not in page
+    # Dates in the site's format (templates/_time.html), not Django's "Dec. 5, 2026, 11:42 p.m.".
+    assert ('<td class="field-last_check"><time datetime="2026-12-05T23:42:00+00:00">2026-12-05 23:42:00</time>'
+            in changelist)
+    assert re.search(r'<time datetime="[^"]+">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d</time>', page)
     for html in (changelist, page):
         assert f'<a href="{reverse("trunks:fleet")}">Fleet console (live)</a>' in html
 

@@ -90,12 +90,40 @@
   }
 
   // The charts span the window the server sends (the last hour up to its clock), whatever was sampled.
+  // The y axis has its values; hovering a chart reads the sample under the pointer in the line under it.
   let windowEnd = Date.now() / 1000;
   const pad2 = (n) => String(n).padStart(2, "0");
   const clock = (seconds) => {
     const date = new Date(seconds * 1000);
     return `${pad2(date.getHours())}:${pad2(date.getMinutes())}`;
   };
+  const CHART_LABELS = { latency_ms: "Latency", tokens_per_s: "Throughput" };
+  const CHART_COLORS = { latency_ms: ["#8250df", "rgba(130,80,223,.08)"], tokens_per_s: ["#1f6feb", "rgba(31,111,235,.08)"] };
+
+  // 0.25, 12.5, 340, 1.2k, 45k: short enough for the axis.
+  function shortNumber(value) {
+    if (value == null || !isFinite(value)) return "";
+    const size = Math.abs(value);
+    if (size >= 1e6) return `${+(value / 1e6).toFixed(1)}M`;
+    if (size >= 1e3) return `${+(value / 1e3).toFixed(1)}k`;
+    if (size >= 10 || size === 0) return String(Math.round(value));
+    return String(+value.toFixed(2));
+  }
+
+  // Ticks at 1, 2 or 5 times a power of ten, three or four of them from 0 up to the scale's top.
+  function ySplits(u, axisIndex, min, max) {
+    const raw = Math.max(max, 1e-9) / 3;
+    const power = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((candidate) => candidate >= raw);
+    const splits = [];
+    for (let value = 0; value <= max + step * 1e-9; value += step) splits.push(+value.toPrecision(12));
+    return splits;
+  }
+
+  function reading(key, value) {
+    if (value == null) return key === "latency_ms" ? "down or not checked" : "not counted";
+    return key === "latency_ms" ? `${value.toFixed(1)} ms` : `${Math.round(value)} tokens/s`;
+  }
 
   function chart(card, row, key) {
     const box = card.querySelector(`[data-chart="${key}"]`);
@@ -108,20 +136,30 @@
       return;
     }
     box.replaceChildren();
+    const axisFont = "10px system-ui";
     plot = new uPlot({
-      width: Math.max(160, box.clientWidth || 240), height: 90, legend: { show: false }, cursor: { show: false },
+      width: Math.max(160, box.clientWidth || 240), height: 100,
+      legend: { show: true, live: true },
+      cursor: { show: true, x: true, y: false, points: { size: 6 }, drag: { x: false, y: false } },
       scales: {
         x: { time: true, range: () => [windowEnd - WINDOW_S, windowEnd] },
-        y: { range: (u, min, max) => [0, Math.max(1, max * 1.15)] },
+        y: { range: (u, min, max) => [0, max == null || !isFinite(max) || max <= 0 ? 1 : max * 1.15] },
       },
       axes: [
-        { size: 22, font: "10px system-ui", ticks: { show: false }, space: 50,
-          values: (u, splits) => splits.map(clock) },
-        { size: 46, font: "10px system-ui", ticks: { show: false }, label: CHART_UNITS[key], labelSize: 12,
-          labelFont: "10px system-ui" },
+        { size: 22, font: axisFont, ticks: { show: false }, space: 50, values: (u, splits) => splits.map(clock) },
+        { size: 40, font: axisFont, ticks: { show: false }, gap: 3, splits: ySplits,
+          values: (u, splits) => {
+            // The scale in words for the tests and screen readers (the axis itself is drawn on the canvas).
+            box.dataset.yTicks = splits.map(shortNumber).join(" ");
+            box.setAttribute("aria-label", `${CHART_LABELS[key]} (${CHART_UNITS[key]}), 0 to ${shortNumber(splits[splits.length - 1])}`);
+            return splits.map(shortNumber);
+          } },
       ],
-      series: [{}, { stroke: key === "latency_ms" ? "#8250df" : "#1f6feb", width: 1.5,
-                     fill: key === "latency_ms" ? "rgba(130,80,223,.08)" : "rgba(31,111,235,.08)" }],
+      series: [
+        { label: "checked", value: (u, value) => (value == null ? "–" : times.format(new Date(value * 1000), "time")) },
+        { label: `${CHART_LABELS[key]}`, stroke: CHART_COLORS[key][0], width: 1.5, fill: CHART_COLORS[key][1],
+          spanGaps: false, value: (u, value) => (value == null && u.cursor.idx == null ? "–" : reading(key, value)) },
+      ],
     }, data, box);
     charts.set(id, plot);
   }
@@ -132,8 +170,7 @@
     const name = setText(card, "name", row.name);
     name.href = row.change_url;
     setText(card, "address", row.address);
-    const drain = setText(card, "drain_state", row.empty ? "empty: safe to stop"
-      : `${row.jobs.length} job(s) and ${row.active_sessions || 0} session(s) left`);
+    const drain = setText(card, "drain_state", row.drain_state);
     drain.hidden = !row.draining;
     drain.classList.toggle("empty", row.empty);
     setText(card, "model_id", orDash(row.model_id));
@@ -156,6 +193,50 @@
     chart(card, row, "latency_ms");
     chart(card, row, "tokens_per_s");
   }
+
+  // The action buttons post with fetch and update their row from the JSON answer (fleet_action in
+  // webapp/trunks/views.py); the answer, or why the action was refused, shows on the row. The WebSocket
+  // brings the same row to every other open page.
+  function showAnswer(card, answer) {
+    const note = field(card, "action_message");
+    if (!note) return;
+    note.textContent = answer.message;
+    note.classList.toggle("refused", !answer.ok);
+    note.hidden = false;
+  }
+
+  async function send(form) {
+    const card = form.closest("article[data-trunk]");
+    const button = form.querySelector("button");
+    button.disabled = true;
+    button.setAttribute("aria-busy", "true");
+    let answer;
+    try {
+      const response = await fetch(form.action, {
+        method: "POST", body: new FormData(form), credentials: "same-origin",
+        headers: { Accept: "application/json", "X-CSRFToken": form.elements.csrfmiddlewaretoken.value },
+      });
+      const type = response.headers.get("Content-Type") || "";
+      answer = type.startsWith("application/json") ? await response.json()
+        : { ok: false, message: `The server answered ${response.status} ${response.statusText || ""} to `
+            + `"${button.textContent.trim()}": reload the page (you may have been logged out) and try again.` };
+    } catch (error) {
+      answer = { ok: false, message: `"${button.textContent.trim()}" did not reach the server (${error.message}): `
+        + "check the connection and try again." };
+    } finally {
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+    }
+    if (answer.row) fill(card, answer.row);
+    showAnswer(card, answer);
+  }
+
+  container.addEventListener("submit", (event) => {
+    const form = event.target.closest("form[data-action]");
+    if (!form || typeof fetch === "undefined") return; // the plain post: the page reloads with the answer
+    event.preventDefault();
+    send(form);
+  });
 
   function render(snapshot) {
     windowEnd = new Date(snapshot.server_time).getTime() / 1000;

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from ..training import events, placement
 from ..training.models import Job
+from .fleet import counted
 from .health import check_trunk
 from .models import TrunkServer
 from .selection import NoTrunkAvailable, Placement
@@ -51,7 +52,7 @@ def enable(trunk: TrunkServer) -> Outcome:
 def disable(trunk: TrunkServer) -> Outcome:
     TrunkServer.objects.filter(pk=trunk.pk).update(enabled=False)
     running = _running(trunk).count()
-    jobs = f" Its {running} running job(s) go on." if running else ""
+    jobs = f" Its {counted(running, 'running job')} {'goes' if running == 1 else 'go'} on." if running else ""
     return Outcome(f"Trunk {trunk.name} is disabled: no new jobs and no health checks.{jobs}")
 
 
@@ -59,8 +60,9 @@ def drain(trunk: TrunkServer) -> Outcome:
     TrunkServer.objects.filter(pk=trunk.pk, draining=False).update(draining=True, draining_since=timezone.now())
     running = _running(trunk).count()
     if running:
-        return Outcome(f"Trunk {trunk.name} is draining: no new sessions open there; its {running} running job(s) "
-                       "go on (or move them). The page says when it is empty.")
+        return Outcome(f"Trunk {trunk.name} is draining: no new sessions open there; its "
+                       f"{counted(running, 'running job')} {'goes' if running == 1 else 'go'} on (or move "
+                       f"{'it' if running == 1 else 'them'}). The page says when it is empty.")
     return Outcome(f"Trunk {trunk.name} is draining: no new sessions open there. No job runs on it; it is empty "
                    "once its last check counts no session.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.template.loader import render_to_string
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
@@ -58,13 +59,16 @@ class TrunkServerForm(forms.ModelForm):
 @admin.register(TrunkServer)
 class TrunkServerAdmin(admin.ModelAdmin):
     form = TrunkServerForm
-    # Few, short columns: the list fits a 1280 px screen; the fleet page shows the rest.
-    list_display = ("name", "address", "status_badge", "model_id", "sessions", "latency", "last_checked_at",
+    # Few, short columns that wrap (static/css/admin_trunks.css): the list fits a 1280 px screen beside the
+    # admin's menu and the filters; the fleet page shows the rest.
+    list_display = ("name_and_address", "status_badge", "model_id", "sessions", "latency", "last_check",
                     "short_error")
+    list_display_links = ("name_and_address",)
     list_filter = ("status", "enabled", "draining")
     search_fields = ("name", "address", "model_id")
     actions = ("check_now", "enable", "disable")
-    readonly_fields = ("status_badge", "latency", "layers", "cuts", "sessions", "device_and_dtype", "memory") + tuple(
+    readonly_fields = ("status_badge", "latency", "last_check", "layers", "cuts", "sessions", "device_and_dtype",
+                       "memory") + tuple(
         field for field in HEALTH_FIELDS if field not in ("status", "latency_ms"))
     fieldsets = (
         (None, {"fields": ("name", "address", "token", "use_tls", "tls_ca_certificate", "enabled"),
@@ -73,7 +77,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
         ("Health", {
             "classes": ("collapse",),
             "description": "Filled by the health checks (every few seconds by Celery beat, or 'Check now').",
-            "fields": ("status_badge", "latency", "last_checked_at", "last_error", "model_id", "model_type",
+            "fields": ("status_badge", "latency", "last_check", "last_error", "model_id", "model_type",
                        "weights_fingerprint", "layers", "num_layers", "trunk_start", "trunk_end", "cuts",
                        "min_trunk_start", "max_trunk_end", "hidden_size",
                        "sessions", "max_sessions", "active_sessions", "version", "device_and_dtype", "memory"),
@@ -92,6 +96,10 @@ class TrunkServerAdmin(admin.ModelAdmin):
     def cuts(self, trunk: TrunkServer) -> str:
         return trunk.cut_bounds or "the default cut only"
 
+    @admin.display(description="trunk server", ordering="name")
+    def name_and_address(self, trunk: TrunkServer) -> str:
+        return format_html('{}<br><code class="trunk-address">{}</code>', trunk.name, trunk.address)
+
     @admin.display(description="status", ordering="status")
     def status_badge(self, trunk: TrunkServer) -> str:
         return format_html(
@@ -108,7 +116,7 @@ class TrunkServerAdmin(admin.ModelAdmin):
     def layers(self, trunk: TrunkServer) -> str:
         return trunk.layer_range or "-"
 
-    @admin.display(description="sessions (active/max)")
+    @admin.display(description="sessions")
     def sessions(self, trunk: TrunkServer) -> str:
         if trunk.max_sessions is None:
             return "-"
@@ -122,9 +130,16 @@ class TrunkServerAdmin(admin.ModelAdmin):
     def memory(self, trunk: TrunkServer) -> str:
         return trunk.memory_summary or NOT_REPORTED
 
+    @admin.display(description="last check", ordering="last_checked_at")
+    def last_check(self, trunk: TrunkServer) -> str:
+        """In the site's format (templates/_time.html; static/js/times.js shows it in the reader's time zone)."""
+        return render_to_string("_time.html", {"value": trunk.last_checked_at})
+
     @admin.display(description="last error")
     def short_error(self, trunk: TrunkServer) -> str:
-        return Truncator(trunk.last_error).chars(60) if trunk.last_error else ""
+        if not trunk.last_error:
+            return ""
+        return format_html('<span title="{}">{}</span>', trunk.last_error, Truncator(trunk.last_error).chars(40))
 
     # ------------------------------------------------------------ saving
 
@@ -154,11 +169,11 @@ class TrunkServerAdmin(admin.ModelAdmin):
     @admin.action(description="Enable selected trunk servers")
     def enable(self, request, queryset) -> None:
         count = queryset.update(enabled=True)
-        self.message_user(request, f"{count} trunk server(s) enabled.", messages.SUCCESS)
+        self.message_user(request, f"{fleet.counted(count, 'trunk server')} enabled.", messages.SUCCESS)
         fleet.publish()
 
     @admin.action(description="Disable selected trunk servers (no new jobs; health checks stop)")
     def disable(self, request, queryset) -> None:
         count = queryset.update(enabled=False)
-        self.message_user(request, f"{count} trunk server(s) disabled.", messages.SUCCESS)
+        self.message_user(request, f"{fleet.counted(count, 'trunk server')} disabled.", messages.SUCCESS)
         fleet.publish()

@@ -73,7 +73,8 @@ def trunk_row(trunk: TrunkServer, jobs: list[RunningJob], samples: list[HealthSa
         "id": trunk.pk, "name": trunk.name, "address": trunk.address, "status": trunk.fleet_status,
         "checked_status": trunk.status, "enabled": trunk.enabled, "draining": trunk.draining,
         "draining_since": trunk.draining_since.isoformat() if trunk.draining_since else None,
-        "empty": is_empty(trunk, jobs), "model_id": trunk.model_id, "layers": trunk.layer_range,
+        "empty": is_empty(trunk, jobs), "drain_state": drain_state(trunk, jobs),
+        "model_id": trunk.model_id, "layers": trunk.layer_range,
         "device": trunk.device_summary, "memory": trunk.memory_summary,
         "active_sessions": trunk.active_sessions, "max_sessions": trunk.max_sessions,
         "latency_ms": trunk.latency_ms, "version": trunk.version,
@@ -107,6 +108,23 @@ def job_entry(running: RunningJob | Job) -> dict:
             "link": f"link {link.number} of {running.links}, {link.blocks}".rstrip(", ")
             if link is not None and running.links > 1 else "",
             "url": reverse("admin:training_job_change", args=[job.pk])}
+
+
+def counted(number: int, noun: str) -> str:
+    """The count and the noun, plural unless one: 1 job, 2 jobs, 0 sessions."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def drain_state(trunk: TrunkServer, jobs: list) -> str:
+    """What a draining trunk still holds: "1 job and 2 sessions left", or that it can be stopped."""
+    if is_empty(trunk, jobs):
+        return "empty: safe to stop"
+    return f"{counted(len(jobs), 'job')} and {counted(trunk.active_sessions or 0, 'session')} left"
+
+
+def row(trunk_id: int) -> dict | None:
+    """One trunk's row as ``snapshot()`` builds it (None when the trunk is gone)."""
+    return next((row for row in snapshot()["rows"] if row["id"] == trunk_id), None)
 
 
 def is_empty(trunk: TrunkServer, jobs: list) -> bool:

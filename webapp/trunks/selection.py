@@ -317,7 +317,8 @@ def draining_notice(model_id: str | None, work: str) -> str:
     server = "servers" if several else "server"
     up_for = f"up for {model_id}" if model_id else "up"
     verb, takes = ("are", "take") if several else ("is", "takes")
-    return (f"{which}, the only trunk {server} {up_for}, {verb} draining for maintenance: {'they' if several else 'it'} "
+    pronoun = "they" if several else "it"
+    return (f"{which}, the only trunk {server} {up_for}, {verb} draining for maintenance: {pronoun} "
             f"{takes} no new {work}, so none can start now. An administrator can end the drain on the fleet page "
             f"or start another trunk server; then try again.")
 

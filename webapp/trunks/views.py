@@ -12,8 +12,8 @@ from functools import wraps
 from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from . import actions, fleet
@@ -45,12 +45,28 @@ def fleet_page(request: HttpRequest) -> HttpResponse:
 @staff_only
 @require_POST
 def fleet_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    """Perform ``action`` on trunk ``pk``. The page's script asks for JSON (``Accept: application/json``) and
+    gets the outcome and the trunk's new row; a plain form post gets the outcome as a message on the page."""
+    wants_json = request.get_preferred_type(["text/html", "application/json"]) == "application/json"
     perform = actions.ACTIONS.get(action)
     if perform is None:
-        raise Http404(f"no action {action!r}")
+        return _refuse(wants_json, Http404, f"There is no trunk action {action!r}.", 404)
     if not request.user.has_perm(CHANGE_PERMISSION):
-        raise PermissionDenied("changing trunk servers needs the permission to change them")
-    outcome = perform(get_object_or_404(TrunkServer, pk=pk))
-    (messages.success if outcome.ok else messages.warning)(request, outcome.message)
+        return _refuse(wants_json, PermissionDenied, "Changing trunk servers needs the permission to change them "
+                                                     "(trunks | trunk server | Can change); ask an administrator.", 403)
+    trunk = TrunkServer.objects.filter(pk=pk).first()
+    if trunk is None:
+        return _refuse(wants_json, Http404, f"Trunk server {pk} is gone: it was removed meanwhile.", 404)
+    outcome = perform(trunk)
     fleet.publish()
+    if wants_json:
+        return JsonResponse({"ok": outcome.ok, "message": outcome.message, "row": fleet.row(pk)})
+    (messages.success if outcome.ok else messages.warning)(request, outcome.message)
     return redirect("trunks:fleet")
+
+
+def _refuse(wants_json: bool, error: type[Exception], message: str, status: int) -> HttpResponse:
+    """The refusal as JSON for the page's script, else as Django's own error page."""
+    if wants_json:
+        return JsonResponse({"ok": False, "message": message}, status=status)
+    raise error(message)
