@@ -1,8 +1,11 @@
-"""Django's log-in forms (the site's and the admin's) with failed log-ins throttled (see throttle.py)."""
+"""Django's log-in forms (the site's and the admin's) with failed log-ins throttled (see throttle.py), and the form
+that creates an invited user's account (invites.py)."""
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.auth import get_user_model
 from django.contrib.auth.forms import AuthenticationForm
 from django.core.exceptions import ValidationError
 from django.views.decorators.debug import sensitive_variables
@@ -41,3 +44,20 @@ class ThrottledAuthenticationForm(ThrottledLoginMixin, AuthenticationForm):
 
 class ThrottledAdminAuthenticationForm(ThrottledLoginMixin, AdminAuthenticationForm):
     pass
+
+
+class InviteForm(forms.ModelForm):
+    """A new account for an invited user: a name (and an address, for the staff's own records); the password is
+    the invited user's to set."""
+
+    class Meta:
+        model = get_user_model()
+        fields = ["username", "email"]
+        help_texts = {"email": "optional: for your records; nothing is sent"}
+
+    def save(self, commit: bool = True):
+        user = super().save(commit=False)
+        user.set_unusable_password()
+        if commit:
+            user.save()
+        return user
