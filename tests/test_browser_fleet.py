@@ -111,7 +111,7 @@ def test_the_fleet_page_follows_jobs_checks_and_drains_live(page, django_user_mo
     other = page.context.new_page()
     other.goto("/fleet/")
     card(other, idle).locator('form[data-action="drain"] button').click()
-    expect(other.locator(".messages")).to_contain_text(f"Trunk {idle} is draining")
+    expect(card(other, idle).locator('[data-field="action_message"]')).to_contain_text(f"Trunk {idle} is draining")
     expect(card(page, idle).locator('[data-field="status"]')).to_have_text("draining")
     expect(card(page, idle).locator('[data-field="drain_state"]')).to_have_text("empty: safe to stop")
     expect(card(page, idle).locator('form[data-action="end-drain"]')).to_be_visible()
