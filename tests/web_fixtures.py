@@ -34,7 +34,19 @@ def web_dirs(tmp_path_factory, tiny_dirs) -> dict[str, Path]:
     settings.JOBS_DIR = dirs["jobs"]
     settings.MODELS_DIR = dirs["models"]
     settings.DEFAULT_BASE_MODEL = TINY_MODEL_ID
+    # A file storage made before this point keeps the MEDIA_ROOT it first read, unless told of the change.
+    from django.test.signals import setting_changed
+
+    setting_changed.send(sender=type(settings), setting="MEDIA_ROOT", value=settings.MEDIA_ROOT, enter=True)
     return dirs
+
+
+@pytest.fixture(autouse=True)
+def _files_in_the_session_dirs(request):
+    """A test with the database stores its files (datasets, jobs) in the session's directories, never in the
+    project's data/ folder, whichever test made the file storage first."""
+    if request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(request.fixturenames):
+        request.getfixturevalue("web_dirs")
 
 
 @pytest.fixture

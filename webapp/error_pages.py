@@ -7,6 +7,7 @@ webapp/body_limit.py answers 413 before Django and picks the same way (``wants_j
 
 from __future__ import annotations
 
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 
@@ -45,3 +46,12 @@ def server_error(request: HttpRequest) -> HttpResponse:
     if _json_client(request):
         return JsonResponse({"detail": "server error: the failure was logged; try again later"}, status=500)
     return defaults.server_error(request)
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """A form or call without a valid CSRF token: the site's page (templates/403_csrf.html), or JSON that
+    names Django's reason (a missing cookie, a token that does not match)."""
+    if _json_client(request):
+        return JsonResponse({"detail": f"CSRF check failed ({reason or 'no reason given'}): reload the page, "
+                                       "which sets a fresh token, and send again"}, status=403)
+    return defaults.permission_denied(request, PermissionDenied(reason), template_name="403_csrf.html")

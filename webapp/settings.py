@@ -49,6 +49,7 @@ def _secret_key() -> str:
 SECRET_KEY = _secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] + (["testserver"] if DEBUG else []))
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+CSRF_FAILURE_VIEW = "webapp.error_pages.csrf_failure"  # the site's page, or JSON for API clients
 # No SECURE_PROXY_SSL_HEADER: behind nginx (docker-compose.yml) daphne runs with --proxy-headers and hands
 # Django the scheme and client address nginx saw (X-Forwarded-Proto and -For, which nginx sets itself);
 # reached directly (`make run`), it trusts no such header from clients.
