@@ -243,9 +243,20 @@ def test_jsonl_rows_must_be_objects(line, got):
     assert rejection(line + "\n", "d.jsonl") == f"d.jsonl: line 1: expected a JSON object, got {got}"
 
 
-def test_a_pretty_printed_json_file_fails_on_its_first_line():
-    data = json.dumps([{"text": "a"}], indent=2).encode()
-    assert rejection(data, "d.jsonl").splitlines()[0] == "d.jsonl: line 1: invalid JSON: Expecting value (column 2)"
+@pytest.mark.parametrize("document,what", [([{"text": "a"}, {"text": "b"}], "an array"),
+                                           ({"data": [{"text": "a"}]}, "an object")])
+def test_a_pretty_printed_json_file_is_one_problem_of_the_whole_file(document, what):
+    data = json.dumps(document, indent=2)
+    assert rejection(data.encode(), "d.jsonl") == (
+        f"d.jsonl: the file is one JSON document ({what}) over {data.count(chr(10)) + 1} lines, not JSON Lines: write "
+        "each example as one JSON object on a line of its own (jq -c '.[]' data.json > data.jsonl does it for an "
+        "array)")
+
+
+def test_a_broken_pretty_printed_file_still_says_what_is_wrong_line_by_line():
+    data = json.dumps([{"text": "a"}], indent=2)[:-1]  # the closing bracket is missing: not one document
+    assert rejection(data.encode(), "d.jsonl").splitlines()[0] == (
+        "d.jsonl: line 1: invalid JSON: Expecting value (column 2)")
 
 
 @pytest.mark.parametrize(

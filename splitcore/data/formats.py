@@ -321,6 +321,7 @@ _JSON_SCHEMAS: dict[str, tuple[str, ...]] = {
 
 
 def _parse_jsonl(text: str) -> Located:
+    _refuse_one_json_document(text)
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             location = f"line {number}"
@@ -328,6 +329,27 @@ def _parse_jsonl(text: str) -> Located:
                 yield location, _example_from_json(_load_json_object(line, location), location)
             except _Invalid as problem:
                 yield location, problem
+
+
+def _refuse_one_json_document(text: str) -> None:
+    """A pretty-printed JSON file (one array or object over many lines) is one problem of the whole file,
+    not one per line that is not JSON on its own."""
+    first = text.lstrip().split("\n", 1)[0].strip()
+    if not first.startswith(("[", "{")) or text.strip() == first:
+        return  # JSON Lines starts with a whole object on one line; a one-line file is read as such
+    try:
+        json.loads(first)
+        return  # the first line is JSON on its own: this is JSON Lines, checked line by line
+    except (ValueError, RecursionError):
+        pass
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return  # not one document either: each line's problem says what is wrong
+    lines = text.strip().count("\n") + 1
+    raise _Invalid("", f"the file is one JSON document ({_json_type(value)}) over {lines:,} lines, not JSON Lines: write "
+                       "each example as one JSON object on a line of its own (jq -c '.[]' data.json > "
+                       "data.jsonl does it for an array)")
 
 
 def _load_json_object(line: str, location: str) -> dict:
