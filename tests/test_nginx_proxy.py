@@ -109,13 +109,29 @@ def test_an_upload_declared_over_the_limit_gets_nginx_413_before_its_body(proxie
                                                                         expected_refusal):
     path = probe_path()
     declared = 50 * 1024 * 1024
-    with post_head(nginx.port, f"Content-Length: {declared}\r\n", path) as sock:
+    with post_head(nginx.port, f"Content-Length: {declared}\r\nAccept: application/json\r\n", path) as sock:
         status, body = read_response(sock)  # not one byte of the body was sent
     assert status == 413
-    assert json.loads(body) == {"detail": expected_refusal}
+    assert json.loads(body) == {"detail": expected_refusal}  # JSON, as the web app answers a client asking for it
     wait_until(lambda: f"client intended to send too large body: {declared} bytes" in nginx.error_log(),
                "nginx's reason in its error log")
     assert not reached_daphne(proxied_daphne, nginx, path)
+
+
+@pytest.mark.parametrize("path,accept,wants_json", [
+    ("/api/datasets/", "", True),  # an API path: JSON whatever it accepts
+    ("/datasets/upload/", "Accept: application/json\r\n", True),
+    ("/datasets/upload/", "Accept: text/html,application/json\r\n", False),
+    ("/datasets/upload/", "", False),
+])
+def test_nginx_s_413_is_json_or_a_page_as_the_web_app_s_would_be(nginx, expected_refusal, path, accept, wants_json):
+    with post_head(nginx.port, f"Content-Length: {50 * 1024 * 1024}\r\n{accept}", path) as sock:
+        status, body = read_response(sock)
+    assert status == 413
+    if wants_json:
+        assert json.loads(body) == {"detail": expected_refusal}
+    else:
+        assert "<h1>Upload too large (413)</h1>" in body.decode()
 
 
 def test_a_chunked_upload_is_cut_off_at_the_limit_by_nginx(proxied_daphne, nginx, expected_refusal):
@@ -123,7 +139,8 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_by_nginx(proxied_daphne, nginx
     chunk = b"y" * 65536
     framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
     sent = 0
-    with post_head(nginx.port, "Transfer-Encoding: chunked\r\n", path) as sock:
+    browser = "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+    with post_head(nginx.port, f"Transfer-Encoding: chunked\r\n{browser}", path) as sock:
         try:
             while sent < 40 * LIMIT and not select.select([sock], [], [], 0)[0]:  # until nginx answers
                 sock.sendall(framed)
@@ -132,7 +149,9 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_by_nginx(proxied_daphne, nginx
             pass  # nginx closed while we were still sending: its answer is in the socket
         status, body = read_response(sock)
     assert status == 413
-    assert json.loads(body) == {"detail": expected_refusal}
+    page = body.decode()  # a browser gets the site's page, with the web app's words
+    assert "<h1>Upload too large (413)</h1>" in page and 'href="/static/css/app.css"' in page
+    assert f"<p>{expected_refusal[0].upper()}{expected_refusal[1:]}.</p>" in page
     assert sent < 40 * LIMIT, "nginx answered while the body was still coming"
     reason = re.compile(r"client intended to send too large chunked body: (\d+)\+(\d+) bytes")
     wait_until(lambda: reason.search(nginx.error_log()), "nginx's reason in its error log")
