@@ -40,6 +40,7 @@ from rest_framework.authtoken.models import Token
 from web_fixtures import TINY_MODEL_ID
 
 from webapp.datasets import services as dataset_services
+from webapp.datasets.demo import DEMO_NAME
 from webapp.datasets.models import Dataset
 from webapp.playground.models import Generation
 from webapp.routing import websocket_urlpatterns
@@ -256,10 +257,18 @@ PAGE_PROBES = [
     P("accounts/logout/", "POST", "/accounts/logout/", To("/accounts/login/"), To("/accounts/login/"),
       To("/accounts/login/")),
     P("accounts/signup/", "GET", "/accounts/signup/", 404, 404, 404),  # off unless SIGNUP_ENABLED
+    # Invitations: staff who may add users only; to everyone else the page does not exist.
+    P("accounts/invite/", "GET", "/accounts/invite/", 404, 404, 404, staff=200),
+    P("accounts/invite/", "POST", "/accounts/invite/", 404, 404, 404, staff=200, data=lambda w: {"username": "guest"}),
+    # A link that is no invitation (a made-up token) is gone for everyone, logged in or not.
+    P("accounts/invite/<uidb64>/<token>/", "GET", "/accounts/invite/MQ/not-a-token/", 410, 410, 410),
     P("datasets/", "GET", "/datasets/", 200, 200, LOGIN, lists=True),
     P("datasets/upload/", "GET", "/datasets/upload/", 405, 405, LOGIN),
     P("datasets/upload/", "POST", "/datasets/upload/", To("/datasets/"), To("/datasets/"), LOGIN,
       data=upload_data, other_creates=True),
+    P("datasets/demo/", "GET", "/datasets/demo/", 405, 405, LOGIN),
+    P("datasets/demo/", "POST", "/datasets/demo/", To("/datasets/"), To("/datasets/"), LOGIN, other_creates=True,
+      effect=lambda w: Dataset.objects.filter(owner=w.owner, name=DEMO_NAME).count() == 1),
     P("datasets/<int:dataset_id>/", "GET", "/datasets/{dataset}/", 200, 404, LOGIN),
     P("datasets/<int:dataset_id>/delete/", "GET", "/datasets/{dataset}/delete/", 200, 404, LOGIN),
     P("datasets/<int:dataset_id>/delete/", "POST", "/datasets/{dataset}/delete/", To("/datasets/"), 404, LOGIN,
@@ -644,6 +653,10 @@ CSRF_CASES = [
              lambda w, c: not logged_in(c), To("/accounts/login/")),
     CsrfCase("dataset upload", "owner", "/datasets/", "POST", "/datasets/upload/", upload_data,
              lambda w, c: Dataset.objects.filter(owner=w.owner).count() == 2, To("/datasets/")),
+    CsrfCase("demo dataset", "owner", "/datasets/", "POST", "/datasets/demo/", lambda w: {},
+             lambda w, c: Dataset.objects.filter(owner=w.owner, name=DEMO_NAME).exists(), To("/datasets/")),
+    CsrfCase("invite", "staff", "/accounts/invite/", "POST", "/accounts/invite/", lambda w: {"username": "guest"},
+             lambda w, c: w.owner.__class__.objects.filter(username="guest").exists(), 200),
     CsrfCase("dataset delete", "owner", "/datasets/{dataset}/delete/", "POST", "/datasets/{dataset}/delete/",
              lambda w: {}, lambda w, c: dataset_gone(w), To("/datasets/")),
     CsrfCase("job create", "owner", "/jobs/new/", "POST", "/jobs/new/", job_data,
