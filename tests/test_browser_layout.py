@@ -9,10 +9,9 @@ job. Screenshots of each page at both widths go to /tmp/screens/ (outside the re
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from browser_fixtures import browser  # noqa: F401 - fixture
+from browser_fixtures import ARTIFACTS, browser  # noqa: F401 - fixture
 from django.core.files.uploadedfile import SimpleUploadedFile
 from playwright.sync_api import expect
 from served_models import two_served_models, up_trunk
@@ -24,7 +23,7 @@ from webapp.training.models import Job, MetricPoint
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SCREENS = Path("/tmp/screens")
+SCREENS = ARTIFACTS / "screens"  # each main page at each width, for a person to look at
 WIDTHS = (390, 1280)
 PASSWORD = "layout-password-123"
 NAV_LINKS = ["Jobs", "Datasets", "Playground", "Fleet", "Admin", "Log out"]
@@ -95,7 +94,7 @@ def test_main_pages_fit_at_390_and_1280_with_every_link_of_the_bar_on_screen(scr
         "fleet": "/fleet/", "compare": f"/jobs/compare/?ids={first.pk}&ids={second.pk}",
     }
     charted = {"job": "#loss-chart .uplot", "compare": "#compare-chart .uplot"}
-    SCREENS.mkdir(exist_ok=True)
+    SCREENS.mkdir(parents=True, exist_ok=True)
     for width in WIDTHS:
         screen.set_viewport_size({"width": width, "height": 900})
         for name, path in pages.items():

@@ -1,4 +1,4 @@
-// Shared chart helpers for the job and compare pages.
+// Shared chart helpers for the job, compare and fleet pages.
 window.splitlearnCharts = {
   // Exponential moving average with bias correction (as TensorBoard's smoothing); nulls stay gaps.
   smoothed: function (values, weight) {

@@ -140,6 +140,7 @@
     plot = new uPlot({
       width: Math.max(160, box.clientWidth || 240), height: 100,
       legend: { show: true, live: true },
+      hooks: window.splitlearnCharts.latestInLegend(), // the latest check's reading until the pointer is over it
       cursor: { show: true, x: true, y: false, points: { size: 6 }, drag: { x: false, y: false } },
       scales: {
         x: { time: true, range: () => [windowEnd - WINDOW_S, windowEnd] },
