@@ -41,7 +41,7 @@ from splitcore.remote.errors import (
 )
 from splitcore.remote.messages import OptimizerSettings
 from splitcore.remote.wire import encoded_bytes
-from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw
+from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw, scale_grads
 
 from .config import SessionBudgets
 from .host import TrunkHost, tensor_bytes
@@ -309,9 +309,7 @@ class Session:
                                          f"{len(bad)} of {_counted(len(self.params), 'weight')}); nothing was "
                                          f"applied: the adapter and its optimizer are as after step "
                                          f"{self.applied_step}; lower the learning rate or check the data")
-                    grads = [p.grad for p in self.params.values() if p.grad is not None]
-                    if clip_coef < 1.0 and grads:
-                        torch._foreach_mul_(grads, clip_coef)
+                    scale_grads(self.params.values(), clip_coef)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     self.optimizer.step()

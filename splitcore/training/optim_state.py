@@ -36,6 +36,13 @@ def grad_sq_norm(params) -> float:
     return float(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum())
 
 
+def scale_grads(params, coef: float) -> None:
+    """Multiply the gradients of ``params`` by ``coef`` (a clip coefficient) in place; 1 changes nothing."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if coef != 1.0 and grads:
+        torch._foreach_mul_(grads, coef)
+
+
 def adamw_state_tensors(optimizer: torch.optim.Optimizer, named_params: Mapping[str, torch.nn.Parameter],
                         prefix: str = "optimizer.") -> dict[str, torch.Tensor]:
     by_param = {id(p): name for name, p in named_params.items()}

@@ -27,7 +27,7 @@ from splitcore.training.batches import MicroBatches, TrainingData, evaluation_ba
 from splitcore.training.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from splitcore.training.config import TrainConfig
 from splitcore.training.engines import Engine, SplitEngine
-from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw
+from splitcore.training.optim_state import adamw_state_tensors, grad_sq_norm, load_adamw_state, new_adamw, scale_grads
 from splitcore.training.schedule import learning_rate_at
 
 RNG_KEY = "rng.torch"
@@ -152,9 +152,7 @@ class SplitTrainer:
         clip_coef = 1.0
         if self.config.max_grad_norm > 0:
             clip_coef = min(1.0, self.config.max_grad_norm / (grad_norm + 1e-6))
-        grads = [p.grad for p in self.engine.params.values() if p.grad is not None]
-        if clip_coef < 1.0 and grads:
-            torch._foreach_mul_(grads, clip_coef)
+        scale_grads(self.engine.params.values(), clip_coef)
         lr = learning_rate_at(step, self.total_steps, self.config.learning_rate, self.config.warmup_steps,
                               self.config.schedule)
         for group in self.optimizer.param_groups:

@@ -28,11 +28,14 @@ FLEET_GROUP = "fleet"
 CHART_WINDOW_S = 3600
 
 
-def snapshot() -> dict:
-    """Every trunk's row, the running jobs on chains of trunks, and the server's clock (the page shows how old
-    each check is)."""
+def snapshot(trunk_id: int | None = None) -> dict:
+    """Every trunk's row (only trunk ``trunk_id``'s with one), the running jobs on chains of trunks, and the
+    server's clock (the page shows how old each check is)."""
     now = timezone.now()
-    trunks = list(TrunkServer.objects.all())
+    trunks = TrunkServer.objects.all() if trunk_id is None else TrunkServer.objects.filter(pk=trunk_id)
+    samples_since = HealthSample.objects.filter(checked_at__gte=now - timedelta(seconds=CHART_WINDOW_S))
+    if trunk_id is not None:
+        samples_since = samples_since.filter(trunk_id=trunk_id)
     running: dict[int, list[RunningJob]] = defaultdict(list)
     chains = []
     for job in Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").with_links():
@@ -45,7 +48,7 @@ def snapshot() -> dict:
         if len(links) > 1:
             chains.append(chain_entry(job, links))
     samples = defaultdict(list)
-    for sample in HealthSample.objects.filter(checked_at__gte=now - timedelta(seconds=CHART_WINDOW_S)):
+    for sample in samples_since:
         samples[sample.trunk_id].append(sample)
     return {"type": "fleet", "server_time": now.isoformat(), "chains": chains,
             "rows": [trunk_row(trunk, running[trunk.pk], samples[trunk.pk]) for trunk in trunks]}
@@ -124,7 +127,7 @@ def drain_state(trunk: TrunkServer, jobs: list) -> str:
 
 def row(trunk_id: int) -> dict | None:
     """One trunk's row as ``snapshot()`` builds it (None when the trunk is gone)."""
-    return next((row for row in snapshot()["rows"] if row["id"] == trunk_id), None)
+    return next(iter(snapshot(trunk_id)["rows"]), None)
 
 
 def is_empty(trunk: TrunkServer, jobs: list) -> bool:

@@ -16,6 +16,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from ..error_pages import json_client
 from . import actions, fleet
 from .models import TrunkServer
 
@@ -47,7 +48,7 @@ def fleet_page(request: HttpRequest) -> HttpResponse:
 def fleet_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
     """Perform ``action`` on trunk ``pk``. The page's script asks for JSON (``Accept: application/json``) and
     gets the outcome and the trunk's new row; a plain form post gets the outcome as a message on the page."""
-    wants_json = request.get_preferred_type(["text/html", "application/json"]) == "application/json"
+    wants_json = json_client(request)
     perform = actions.ACTIONS.get(action)
     if perform is None:
         return _refuse(wants_json, Http404, f"There is no trunk action {action!r}.", 404)
